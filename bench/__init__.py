@@ -1,0 +1,1 @@
+"""Benchmarks of mlmamba's kernels and models against PyTorch: `python -m bench`."""

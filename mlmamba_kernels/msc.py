@@ -1,0 +1,132 @@
+"""msc_scan (the fused multi-order 2D scan) and scan_orders: public functions and ops."""
+import torch
+
+from . import _checks as ck
+from ._loader import has_cuda_kernel
+from ._registry import (no_double_backward, none_if_empty, nvtx_range, or_empty, reference_vjp,
+                        register_reference)
+from .reference import msc as ref
+
+MERGES = ("mean", "sum", None, "none")
+
+
+def scan_orders(height, width, kind="cross"):
+    """(k, height*width) int64 scan orders: "bidirectional", "cross", or a list of orders,
+    each "row", "col", "row_rev", "col_rev" or a permutation of the raster indices."""
+    return ref.scan_orders(height, width, kind)
+
+
+def _check_orders(op, orders, k, L, dev):
+    ck.check_tensor(op, "orders", orders, shape=(k, L), dtypes=(torch.int64,), device=dev)
+    if torch.compiler.is_compiling() or (dev.type == "cuda" and
+                                         torch.cuda.is_current_stream_capturing()):
+        return
+    want = torch.arange(L, device=dev)
+    srt = orders.sort(dim=1).values
+    bad = (srt != want).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        ck.fail(op, f"orders[{bad[0]}] is not a permutation of range({L})")
+
+
+def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+             dt_limit=(0.0, float("inf")), merge="mean", backend=None):
+    """k scans of a patch grid in one pass.
+
+    xBC (b,L,h*p+2*g*n), dt (b,L,h) in raster order; per scan: conv_weight (k,conv_dim,w),
+    conv_bias (k,conv_dim) or None, A, D, dt_bias (k,h); orders (k,L) int64 permutations.
+    Scan i runs causal_conv1d(silu) then ssd_scan (dt_softplus) along orders[i]; the output
+    lands at raster positions. merge "mean" | "sum" -> (b,L,h,p); None -> (k,b,L,h,p).
+    """
+    op = "msc_scan"
+    ck.check_tensor(op, "xBC", xBC, ndim=3)
+    b, L, conv_dim = xBC.shape
+    dev = xBC.device
+    ck.check_tensor(op, "dt", dt, shape=(b, L, None), device=dev)
+    h = dt.shape[2]
+    if not isinstance(headdim, int) or headdim < 1 or not isinstance(ngroups, int) or ngroups < 1:
+        ck.fail(op, f"headdim and ngroups must be positive ints, got {headdim!r}, {ngroups!r}")
+    if h % ngroups:
+        ck.fail(op, f"ngroups={ngroups} does not divide {h} heads")
+    rest = conv_dim - h * headdim
+    if rest <= 0 or rest % (2 * ngroups):
+        ck.fail(op, f"xBC width {conv_dim} is not h*headdim + 2*ngroups*d_state "
+                    f"(h={h}, headdim={headdim}, ngroups={ngroups})")
+    ck.check_tensor(op, "conv_weight", conv_weight, ndim=3, device=dev)
+    k, w = conv_weight.shape[0], conv_weight.shape[2]
+    ck.check_tensor(op, "conv_weight", conv_weight, shape=(k, conv_dim, None))
+    if not 2 <= w <= 8:
+        ck.fail(op, f"conv_weight width must be between 2 and 8, got {w}")
+    ck.check_tensor(op, "conv_bias", conv_bias, shape=(k, conv_dim), device=dev, optional=True)
+    for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
+        ck.check_tensor(op, name, t, shape=(k, h), device=dev)
+    _check_orders(op, orders, k, L, dev)
+    ck.check_choice(op, "merge", merge, MERGES)
+    lo, hi = ck.dt_limit_pair(op, dt_limit)
+    merge_s = "none" if merge is None else merge
+    use_op = ck.check_backend(op, backend, dev, has_cuda_kernel("msc_scan_fwd"))
+    if not use_op or (dev.type == "cuda" and xBC.dtype == torch.float64):
+        return ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
+                            ngroups, (lo, hi), None if merge_s == "none" else merge_s)
+    with nvtx_range(op):
+        return torch.ops.mlmamba.msc_scan_fwd(xBC, dt, A, D, conv_weight, conv_bias, dt_bias,
+                                              orders, headdim, ngroups, lo, hi, merge_s)
+
+
+# ---- reference kernels of the ops -------------------------------------------------------
+
+def _fwd_ref(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
+             dt_max, merge):
+    return ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+                        (dt_min, dt_max), None if merge == "none" else merge).contiguous()
+
+
+def _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+             dt_min, dt_max, merge):
+    grads = reference_vjp(
+        lambda *t: (ref.msc_scan(*t, orders, headdim, ngroups, (dt_min, dt_max),
+                                 None if merge == "none" else merge),),
+        (xBC, dt, A, D, conv_weight, conv_bias, dt_bias), (dout,))
+    return tuple(or_empty(g, xBC) for g in grads)
+
+
+register_reference("msc_scan_fwd", _fwd_ref)
+register_reference("msc_scan_bwd", _bwd_ref)
+no_double_backward("msc_scan_bwd")
+
+
+@torch.library.register_fake("mlmamba::msc_scan_fwd")
+def _fwd_fake(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
+              dt_max, merge):
+    b, L, _ = xBC.shape
+    h = dt.shape[2]
+    shape = (b, L, h, headdim) if merge != "none" else (orders.shape[0], b, L, h, headdim)
+    return xBC.new_empty(shape)
+
+
+@torch.library.register_fake("mlmamba::msc_scan_bwd")
+def _bwd_fake(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+              dt_min, dt_max, merge):
+    return tuple(or_empty(None if t is None else
+                          torch.empty_like(t, memory_format=torch.contiguous_format), xBC)
+                 for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
+
+
+_FWD_ARGS = ("xBC", "dt", "A", "D", "conv_weight", "conv_bias", "dt_bias", "orders", "headdim",
+             "ngroups", "dt_min", "dt_max", "merge")
+
+
+def _setup(ctx, inputs, output):
+    a = dict(zip(_FWD_ARGS, inputs))
+    ctx.save_for_backward(*(a[k] for k in ("xBC", "dt", "A", "D", "conv_weight", "conv_bias",
+                                            "dt_bias", "orders")))
+    ctx.consts = (a["headdim"], a["ngroups"], a["dt_min"], a["dt_max"], a["merge"])
+
+
+def _backward(ctx, dout):
+    xBC, dt, A, D, cw, cb, dtb, orders = ctx.saved_tensors
+    g = torch.ops.mlmamba.msc_scan_bwd(dout, xBC, dt, A, D, cw, cb, dtb, orders, *ctx.consts)
+    dxBC, ddt, dA, dD, dcw, dcb, ddtb = (none_if_empty(t) for t in g)
+    return dxBC, ddt, dA, dD, dcw, dcb, ddtb, None, None, None, None, None, None
+
+
+torch.library.register_autograd("mlmamba::msc_scan_fwd", _backward, setup_context=_setup)

@@ -1,0 +1,224 @@
+"""The custom-op path on CPU: opcheck on every op, torch.compile, autograd, clear errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mlmamba_kernels as mk
+from mlmamba_kernels import reference as ref
+
+ops = torch.ops.mlmamba
+
+
+def _r(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def ssd_inputs(g, b=2, l=37, h=4, p=8, gr=2, n=8, dtype=torch.float32, grad=False):
+    t = dict(x=_r(g, b, l, h, p), dt=_r(g, b, l, h) * 0.5, A=-torch.rand(h, generator=g) - 0.1,
+             B=_r(g, b, l, gr, n), C=_r(g, b, l, gr, n), D=_r(g, h), z=_r(g, b, l, h, p),
+             dt_bias=_r(g, h) * 0.1, initial_states=_r(g, b, h, p, n))
+    return {k: v.to(dtype).requires_grad_(grad) for k, v in t.items()}
+
+
+def conv_inputs(g, b=2, d=6, l=19, w=4, dtype=torch.float32, grad=False, channel_last=False):
+    x = _r(g, b, l, d).transpose(1, 2) if channel_last else _r(g, b, d, l)
+    t = dict(x=x, weight=_r(g, d, w), bias=_r(g, d), initial_states=_r(g, b, d, w - 1))
+    return {k: v.to(dtype).requires_grad_(grad) for k, v in t.items()}
+
+
+def msc_inputs(g, k=2, b=2, H=3, W=4, h=2, p=4, gr=1, n=4, w=4, grad=False):
+    L, cd = H * W, h * p + 2 * gr * n
+    t = dict(xBC=_r(g, b, L, cd), dt=_r(g, b, L, h) * 0.5, A=-torch.rand(k, h, generator=g) - 0.1,
+             D=_r(g, k, h), conv_weight=_r(g, k, cd, w) * 0.5, conv_bias=_r(g, k, cd) * 0.1,
+             dt_bias=_r(g, k, h) * 0.1)
+    t = {kk: v.requires_grad_(grad) for kk, v in t.items()}
+    return t, dict(orders=mk.scan_orders(H, W, "cross" if k == 4 else "bidirectional"),
+                   headdim=p, ngroups=gr)
+
+
+# ---- opcheck: schema, fake kernel, autograd registration, AOT dispatch -------------------
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_ssd(rng, grad):
+    t = ssd_inputs(rng, grad=grad)
+    seq_idx = torch.tensor([[0] * 20 + [1] * 17] * 2, dtype=torch.int32)
+    torch.library.opcheck(ops.ssd_scan_fwd, (t["x"], t["dt"], t["A"], t["B"], t["C"], 16, t["D"],
+                          t["z"], t["dt_bias"], t["initial_states"], seq_idx, None, True, 0.0,
+                          float("inf"), True))
+    dout = _r(rng, *t["x"].shape)
+    t = {k: v.detach() for k, v in t.items()}  # backward ops are not differentiable again
+    torch.library.opcheck(ops.ssd_scan_bwd, (dout, None, t["x"], t["dt"], t["A"], t["B"], t["C"],
+                          16, None, None, t["dt_bias"], None, None, None, True, 0.0, 0.5))
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        xg = t["x"].clone().requires_grad_(True)
+        g = ops.ssd_scan_bwd(dout, None, xg, t["dt"], t["A"], t["B"], t["C"], 16, None, None,
+                             None, None, None, None, False, 0.0, float("inf"))
+        g[0].sum().backward()
+
+
+def test_opcheck_ssd_cu_seqlens(rng):
+    t = ssd_inputs(rng, b=1, l=30)
+    cu = torch.tensor([0, 7, 7, 30], dtype=torch.int32)
+    init = _r(rng, 3, 4, 8, 8)
+    torch.library.opcheck(ops.ssd_scan_fwd, (t["x"], t["dt"], t["A"], t["B"], t["C"], 8, None,
+                          None, None, init, None, cu, False, 0.0, float("inf"), True))
+
+
+def test_opcheck_state_update(rng):
+    state = _r(rng, 2, 4, 8, 8)
+    torch.library.opcheck(ops.ssd_state_update, (state, _r(rng, 2, 4, 8), _r(rng, 2, 4),
+                          -torch.rand(4), _r(rng, 2, 2, 8), _r(rng, 2, 2, 8), _r(rng, 4, 8),
+                          _r(rng, 2, 4, 8), _r(rng, 4), True))
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_conv(rng, channel_last, grad):
+    t = conv_inputs(rng, grad=grad, channel_last=channel_last)
+    seq_idx = torch.tensor([[0] * 9 + [1] * 10] * 2, dtype=torch.int32)
+    torch.library.opcheck(ops.causal_conv1d_fwd, (t["x"], t["weight"], t["bias"],
+                          t["initial_states"], seq_idx, True, True))
+    torch.library.opcheck(ops.causal_conv1d_fwd, (t["x"], t["weight"], None, None, None, False,
+                          False))
+    torch.library.opcheck(ops.causal_conv1d_update, (_r(rng, 2, 6, 3), _r(rng, 2, 6, 3),
+                          t["weight"].detach(), None, True))
+
+
+@pytest.mark.parametrize("merge", ["mean", "none"])
+def test_opcheck_msc(rng, merge):
+    t, o = msc_inputs(rng, grad=True)
+    torch.library.opcheck(ops.msc_scan_fwd, (t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"],
+                          t["conv_bias"], t["dt_bias"], o["orders"], o["headdim"], o["ngroups"],
+                          0.0, float("inf"), merge))
+
+
+# ---- autograd through the op equals autograd through the reference -----------------------
+
+def test_ssd_grad_matches_reference(rng):
+    t = ssd_inputs(rng, dtype=torch.float64, grad=True)
+    out, fin = mk.ssd_scan(**t, chunk_size=16, dt_softplus=True, return_final_states=True)
+    w1, w2 = torch.randn_like(out), torch.randn_like(fin)
+    g_op = torch.autograd.grad((out * w1).sum() + (fin * w2).sum(), list(t.values()))
+    out, fin = ref.ssd_scan_naive(**t, dt_softplus=True, return_final_states=True)
+    g_ref = torch.autograd.grad((out * w1).sum() + (fin * w2).sum(), list(t.values()))
+    for name, a, b in zip(t, g_op, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_conv_grad_matches_reference(rng):
+    t = conv_inputs(rng, dtype=torch.float64, grad=True, channel_last=True)
+    out, fin = mk.causal_conv1d(**t, activation="silu", return_final_states=True)
+    assert out.stride(1) == 1  # channel-last in, channel-last out
+    w1, w2 = torch.randn_like(out), torch.randn_like(fin)
+    g_op = torch.autograd.grad((out * w1).sum() + (fin * w2).sum(), list(t.values()))
+    xpad = torch.cat([t["initial_states"], t["x"]], dim=-1)
+    ref_out = F.silu(F.conv1d(xpad, t["weight"].unsqueeze(1), t["bias"], groups=6))
+    ref_fin = xpad[..., -3:]
+    g_ref = torch.autograd.grad((ref_out * w1).sum() + (ref_fin * w2).sum(), list(t.values()))
+    for name, a, b in zip(t, g_op, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_backend_reference_equals_op(rng):
+    t = ssd_inputs(rng)
+    a = mk.ssd_scan(**t, chunk_size=8)
+    b = mk.ssd_scan(**t, chunk_size=8, backend="reference")
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        mk.ssd_scan(**t, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mk.ssd_scan(**t, backend="triton")
+
+
+# ---- torch.compile(fullgraph=True) over a small Mamba-2-like composition -----------------
+
+def test_compile_fullgraph(rng):
+    b, l, h, p, n, w = 2, 24, 2, 4, 4, 4
+    d = h * p + 2 * n
+
+    def layer(xBC, dt, weight, bias, A, D):
+        xBC = mk.causal_conv1d(xBC.transpose(1, 2), weight, bias, "silu").transpose(1, 2)
+        x, B, C = torch.split(xBC, [h * p, n, n], dim=-1)
+        y = mk.ssd_scan(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, 1, n),
+                        C.reshape(b, l, 1, n), chunk_size=8, D=D, dt_softplus=True)
+        return y.sum()
+
+    args = (_r(rng, b, l, d), _r(rng, b, l, h), _r(rng, d, w), _r(rng, d), -torch.rand(h),
+            _r(rng, h))
+    args = [a.requires_grad_(True) for a in args]
+    eager = layer(*args)
+    g_eager = torch.autograd.grad(eager, args)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(*args)
+    g_comp = torch.autograd.grad(compiled, args)
+    torch.testing.assert_close(compiled, eager)
+    for a, b2 in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b2)
+
+
+# ---- bad input: a clear error naming the argument ----------------------------------------
+
+def test_ssd_errors(rng):
+    t = ssd_inputs(rng)
+    with pytest.raises(ValueError, match="B has 3 groups, which does not divide 4 heads"):
+        mk.ssd_scan(**{**t, "B": _r(rng, 2, 37, 3, 8), "C": _r(rng, 2, 37, 3, 8)})
+    with pytest.raises(ValueError, match=r"ssd_scan: dt must have shape \(2, 37, 4\)"):
+        mk.ssd_scan(**{**t, "dt": _r(rng, 2, 36, 4)})
+    with pytest.raises(ValueError, match=r"ssd_scan: D must have shape \(4,\) or \(4, 8\)"):
+        mk.ssd_scan(**{**t, "D": _r(rng, 3)})
+    with pytest.raises(ValueError, match="ssd_scan: x must have dtype in"):
+        mk.ssd_scan(**{**t, "x": t["x"].to(torch.int64)})
+    with pytest.raises(ValueError, match="seq_idx must have dtype in \\(int32\\)"):
+        mk.ssd_scan(**t, seq_idx=torch.zeros(2, 37, dtype=torch.int64))
+    with pytest.raises(ValueError, match="cu_seqlens packs sequences into batch 1"):
+        mk.ssd_scan(**t, cu_seqlens=torch.tensor([0, 37], dtype=torch.int32))
+    one = ssd_inputs(rng, b=1)
+    one.pop("initial_states")
+    with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to the length 37"):
+        mk.ssd_scan(**one, cu_seqlens=torch.tensor([0, 20, 10, 37], dtype=torch.int32))
+    with pytest.raises(ValueError, match="dt_limit must satisfy"):
+        mk.ssd_scan(**t, dt_limit=(1.0, 0.5))
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        mk.ssd_scan(**t, chunk_size=0)
+
+
+def test_ssd_state_update_errors(rng):
+    state = _r(rng, 2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"ssd_state_update: x must have shape \(2, 4, 8\)"):
+        mk.ssd_state_update(state, _r(rng, 2, 4), _r(rng, 2, 4), -torch.rand(4),
+                            _r(rng, 2, 1, 8), _r(rng, 2, 1, 8))
+    with pytest.raises(ValueError, match="B has 3 groups, which does not divide 4 heads"):
+        mk.ssd_state_update(state, _r(rng, 2, 4, 8), _r(rng, 2, 4), -torch.rand(4),
+                            _r(rng, 2, 3, 8), _r(rng, 2, 3, 8))
+
+
+def test_conv_errors(rng):
+    t = conv_inputs(rng)
+    with pytest.raises(ValueError, match="weight width must be between 2 and 8, got 9"):
+        mk.causal_conv1d(t["x"], _r(rng, 6, 9))
+    with pytest.raises(ValueError, match=r"weight must have shape \(d=6, width\)"):
+        mk.causal_conv1d(t["x"], _r(rng, 5, 4))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        mk.causal_conv1d(t["x"], t["weight"], activation="relu")
+    with pytest.raises(ValueError, match=r"initial_states must have shape \(2, 6, 3\)"):
+        mk.causal_conv1d(t["x"], t["weight"], initial_states=_r(rng, 2, 6, 4))
+    with pytest.raises(ValueError, match="causal_conv1d: x must have shape"):
+        mk.causal_conv1d(t["x"][0], t["weight"])
+    with pytest.raises(ValueError, match=r"conv_state must have shape \(2, 6, 3\)"):
+        mk.causal_conv1d_update(_r(rng, 2, 6), _r(rng, 2, 6, 4), t["weight"])
+    # nn.Conv1d's (d, 1, w) weight is accepted
+    a = mk.causal_conv1d(t["x"], t["weight"].unsqueeze(1))
+    torch.testing.assert_close(a, mk.causal_conv1d(t["x"], t["weight"]))
+
+
+def test_msc_errors(rng):
+    t, o = msc_inputs(rng)
+    bad = o["orders"].clone()
+    bad[1, 0] = bad[1, 1]
+    with pytest.raises(ValueError, match=r"orders\[1\] is not a permutation of range\(12\)"):
+        mk.msc_scan(**t, **{**o, "orders": bad})
+    with pytest.raises(ValueError, match="ngroups=3 does not divide 2 heads"):
+        mk.msc_scan(**t, **{**o, "ngroups": 3})
+    with pytest.raises(ValueError, match="merge must be one of"):
+        mk.msc_scan(**t, **o, merge="max")
+    with pytest.raises(ValueError, match=r"A must have shape \(2, 2\)"):
+        mk.msc_scan(**{**t, "A": -torch.rand(3, 2)}, **o)
