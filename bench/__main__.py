@@ -38,7 +38,7 @@ def main(argv=None):
         names = [n for n in names if n in want]
     roof = measure_roofline(device)
     print(f"device {roof.device}: copy {roof.copy_gbps:.0f} GB/s, "
-          f"matmul {roof.matmul_tflops:.1f} TFLOP/s (measured in this run)", flush=True)
+          f"matmul {roof.matmul_tflops:.3g} TFLOP/s (measured in this run)", flush=True)
     ctx = Context(device, roof, args.quick or device.type == "cpu")
     failed = []
     for name in names:

@@ -136,6 +136,21 @@ class Context:
     def cuda(self):
         return self.device.type == "cuda"
 
+    def baselines(self, reference, sets):
+        """The PyTorch baselines of a case: `reference` eager, and torch.compile'd where
+        compiling works here (skipped with a note where it fails). `sets` is the list of
+        input sets, each a tuple of arguments; returns {"torch": fn, "torch.compile": fn}
+        with fn(i) = reference(*sets[i]), ready for case(..., baselines=...)."""
+        out = {"torch": lambda i: reference(*sets[i])}
+        if os.environ.get("MLMAMBA_BENCH_NO_COMPILE", "0") in ("", "0"):
+            comp = torch.compile(reference, dynamic=False)
+            try:
+                comp(*sets[0])
+                out["torch.compile"] = lambda i: comp(*sets[i])
+            except Exception as e:  # noqa: BLE001  (a baseline that cannot compile is skipped)
+                print(f"  torch.compile baseline skipped: {type(e).__name__}: {str(e)[:120]}")
+        return out
+
     def case(self, name, ours, baselines=None, bytes_moved=0, flops=0, nsets=1, graph=False,
              extra=None):
         """Time `ours(i)` against each `baselines[name](i)` (i = input set) and add a row.
