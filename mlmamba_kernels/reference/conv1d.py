@@ -19,7 +19,7 @@ def segment_ids(seq_idx):
 
     A segment is a run of equal seq_idx values; the ids are monotone even if seq_idx is not."""
     change = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-    return F.pad(change.cumsum(1), (1, 0))
+    return F.pad(change.cumsum(1), (1, 0))[:, :seq_idx.shape[1]]
 
 
 def conv_out_like(x):
@@ -58,13 +58,13 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None,
     wf = weight.to(cdt)
     if seq_idx is not None:
         seg = segment_ids(seq_idx)
-        # positions before the sequence (initial states) belong to the first segment
-        segp = torch.cat([seg[:, :1].expand(b, w - 1), seg], dim=1)
+        # positions before the sequence (initial states) belong to the first segment (id 0)
+        segp = torch.cat([seg.new_zeros(b, w - 1), seg], dim=1)
     y = None
     for k in range(w):
         term = wf[:, k, None] * xp[:, :, k:k + l]
         if seq_idx is not None:
-            term = term * (segp[:, None, k:k + l] == seg[:, None, :]).to(cdt)
+            term = torch.where(segp[:, None, k:k + l] == seg[:, None, :], term, 0.0)
         y = term if y is None else y + term
     if bias is not None:
         y = y + bias.to(cdt)[:, None]

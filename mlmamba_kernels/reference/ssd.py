@@ -145,7 +145,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, initi
         y = y + _d_term(D.to(cdt), x.to(cdt))
     if z is not None:
         y = y * F.silu(z.to(cdt))
-    out = y.to(x.dtype)
+    out = y.to(x.dtype).contiguous()
     if not return_final_states:
         return out
     if cu_seqlens is None:
@@ -219,7 +219,7 @@ def ssd_scan_naive(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None,
         y = y + _d_term(D.to(cdt), xf)
     if z is not None:
         y = y * F.silu(z.to(cdt))
-    out = y.to(x.dtype)
+    out = y.to(x.dtype).contiguous()
     return (out, final) if return_final_states else out
 
 
