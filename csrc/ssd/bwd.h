@@ -1,0 +1,84 @@
+// SSD chunked scan backward: parameters shared by the host glue (bwd_ops.cpp) and the kernels.
+//
+// Three steps (docs/perf-log.md "ssd_scan backward" has the plan and the numbers):
+//   1. bwd_states.cu  per (sequence, head, direction, 64x64 state tile): walks the chunks in
+//      order carrying the state S (forward) or the adjoint G (backward) in fp32 registers and
+//      stores each chunk's incoming S_prev / G_next as bf16 (the chunk products' operand type).
+//   2. bwd_chunk.cuh  per (chunk, batch, group, head split): every gradient of the chunk, with
+//      dB/dC summed over the split's heads in a fixed order into an fp32 workspace.
+//   3. bwd_reduce.cu  fixed-order sums over head splits (dB, dC) and chunks (dA, dD, ddt_bias).
+// Chunks are kQ = 64 steps whatever chunk_size says (the result does not depend on it); with
+// cu_seqlens, chunks restart at every sequence start, so each chunk belongs to one sequence.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace mlmamba {
+namespace ssd_bwd {
+
+constexpr int kQ = 64;          // chunk length
+constexpr int kNB = 64;         // state columns (n) per block
+constexpr float kMinLogDecay = -60.f;  // dt*A is clamped here for decays: exp(-60) ~ 1e-26
+
+// dtype codes for tensors read or written through a runtime switch (small tensors)
+enum DCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct Params {
+  // sizes
+  int b, l, h, p, g, n, npad, hpg;   // npad: n rounded up to a multiple of kNB
+  int nseq;                          // sequences: b, or cu_seqlens.numel() - 1
+  int nch;                           // chunks per batch row (no cu_seqlens)
+  int nslots;                        // chunk slots (upper bound with cu_seqlens)
+  int nsplit, hsplit;                // head splits per group, heads per split
+  bool varlen, has_seq_idx, has_z, has_D, D_per_p, has_dt_bias, has_init, has_dfinal;
+  bool softplus, clamp;
+  bool vec_x, vec_o, vec_z, vec_B, vec_C;  // rows contiguous and 16-byte aligned: vector loads
+  int ctas_per_sm;                          // resident step-2 blocks per SM (sizing head splits)
+  float dt_min, dt_max;
+
+  // inputs (element strides, 64-bit)
+  const void* x;    int64_t x_sb, x_sl, x_sh, x_sp;     // dtype T
+  const void* dout; int64_t o_sb, o_sl, o_sh, o_sp;     // dtype T
+  const void* z;    int64_t z_sb, z_sl, z_sh, z_sp;     // dtype T
+  const void* B;    int64_t B_sb, B_sl, B_sg, B_sn;     // dtype T
+  const void* C;    int64_t C_sb, C_sl, C_sg, C_sn;     // dtype T
+  const void* dt;   int dt_code; int64_t dt_sb, dt_sl, dt_sh;
+  const void* A;    int A_code;  int64_t A_s;
+  const void* D;    int D_code;  int64_t D_sh, D_sp;
+  const void* dt_bias; int dtb_code; int64_t dtb_s;
+  const void* init;   int init_code;   int64_t i_ss, i_sh, i_sp, i_sn;
+  const void* dfinal; int dfinal_code; int64_t f_ss, f_sh, f_sp, f_sn;
+  const int* seq_idx; int64_t si_sb, si_sl;
+  const int* cu; int64_t cu_s;
+  int* offs;                         // (nseq+1) chunk offsets per sequence (cu_seqlens only)
+
+  // workspaces
+  void* wsS;      // (nslots, h, p, npad) bf16: state entering each chunk
+  void* wsG;      // (nslots, h, p, npad) bf16: adjoint leaving each chunk (from later chunks)
+  float* wsdB;    // (b, l, nsplit, g, npad): per-split partial sums
+  float* wsdC;
+  float* part_dA;    // (nslots, h)
+  float* part_ddtb;  // (nslots, h)
+  float* part_dD;    // (nslots, h, p)
+
+  // outputs (contiguous)
+  void* dx;       // (b,l,h,p) T
+  void* dz;       // (b,l,h,p) T
+  void* ddt;      // (b,l,h) dt_code
+  void* dinit;    // (nseq,h,p,n) init_code
+  void* dB;       // (b,l,g,n) T
+  void* dC;       // (b,l,g,n) T
+  float* dA;      // (h)
+  float* ddtb;    // (h)
+  float* dD;      // (h) or (h,p)
+};
+
+// Launchers (stream = the current CUDA stream). T: 0 fp32, 1 fp16, 2 bf16 for x/dout/z/B/C.
+void launch_chunk_offsets(const Params& prm, void* stream);
+void launch_states(const Params& prm, int tcode, void* stream);
+void launch_chunk(const Params& prm, int tcode, void* stream);
+void launch_reduce(const Params& prm, int tcode, void* stream);
+size_t chunk_smem_bytes(const Params& prm);
+
+}  // namespace ssd_bwd
+}  // namespace mlmamba

@@ -1,0 +1,566 @@
+// SSD backward, step 2: every gradient of one chunk (kQ = 64 steps) for the heads of one
+// (group, head split), given the chunk's incoming state S_prev and the adjoint G_next arriving
+// at its end (step 1). Notation of /work/shared/ssd-math.md; L_ij = exp(lam_i - lam_j) for
+// j <= i in one segment, CB_ij = C_i . B_j, W_ij = dy_i . x_j, per head:
+//   u_j   = G_j B_j = sum_i L_ij CB_ij dy_i + sout_j G_next B_j       dx_j = dt_j u_j + D dy_j
+//   dB_j  = dt_j [ sum_i L_ij W_ij C_i + sout_j G_next^T x_j ]        (summed over heads)
+//   dC_i  = sum_j L_ij W_ij dt_j B_j + sin_i S_prev^T dy_i            (summed over heads)
+//   lam-gradient (all exponents <= 0):
+//   l_t   = sum_{i>=t, j<t} M_ij + sum_{i>=t} sin_i dy_i.(S_prev C_i) + cont <G_next, S_prev>
+//           + sum_{j<t} dt_j sout_j x_j.(G_next B_j),     M_ij = L_ij CB_ij dt_j W_ij
+//   ddt_t = x_t . u_t + A l_t,   dA = sum_t dt_t l_t
+// 8 warps: warp w owns rows 16*(w/2).. of every 64-row product and half (w%2) of its columns.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "ssd/bwd_common.cuh"
+
+namespace mlmamba {
+namespace ssd_bwd {
+
+constexpr int kThreads = 256;
+constexpr int kLdQ = kQ + 8;   // pitch of 64-wide bf16 tiles
+constexpr int kLdCB = kQ + 4;  // pitch of the fp32 CB tile
+
+template <int kP>
+struct ChunkSmem {
+  static constexpr int ldp = kP + 8;
+  static size_t bytes(int npad) {
+    const size_t ldn = npad + 8;
+    return sizeof(bf16) * (2 * kQ * ldn + 2 * kQ * ldp + 2 * kQ * kLdQ + 2 * kP * kLdQ) +
+           sizeof(float) * kQ * kLdCB;
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, int64_t i, float v0, float v1, bool two) {
+  p[i] = from_f<T>(v0);
+  if (two) p[i + 1] = from_f<T>(v1);
+}
+
+template <typename T, int kP>
+__global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Params P) {
+  constexpr int LDP = kP + 8;
+  constexpr int NTP = kP / 16;  // 8-column tiles per warp in the p-wide products
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ ChunkVec cv;
+  __shared__ float rowpart[2][kQ], colpart[4][kQ], t2part[2][kQ], t4part[2][kQ], dinpart[2][kQ];
+  __shared__ float dDw[kThreads / 32][kP];
+  __shared__ float red[kThreads / 32];
+
+  const ChunkPos cp = chunk_pos(P);
+  if (!cp.valid) return;
+  const int npad = P.npad, LDN = npad + 8;
+  bf16* Bs = reinterpret_cast<bf16*>(smem_raw);  // [j][n]
+  bf16* Cs = Bs + kQ * LDN;                       // [i][n]
+  bf16* Xs = Cs + kQ * LDN;                       // [t][p]
+  bf16* Ds = Xs + kQ * LDP;                       // [t][p] dy
+  bf16* T1 = Ds + kQ * LDP;                       // [j][i] L.CB
+  bf16* T2 = T1 + kQ * kLdQ;                      // [j][i] dt_j L.W
+  bf16* Sb = T2 + kQ * kLdQ;                      // [p][n] S_prev block
+  bf16* Gb = Sb + kP * kLdQ;                      // [p][n] G_next block
+  float* CB = reinterpret_cast<float*>(Gb + kP * kLdQ);  // [i][j]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int rw = warp >> 1, cw = warp & 1;
+  const int r = lane >> 2, c2 = 2 * (lane & 3);
+  const int m0 = rw * 16;  // first row of this warp
+  const int gg = blockIdx.z / P.nsplit, split = blockIdx.z % P.nsplit;
+  const int hbeg = gg * P.hpg + split * P.hsplit;
+  const int hend = min(hbeg + P.hsplit, (gg + 1) * P.hpg);
+  const int bb = cp.bb, qc = cp.qc, slot = cp.slot;
+  const int64_t t0 = cp.t0;
+
+  // ---- B, C tiles of the group and CB = C B^T ----
+  for (int e = tid; e < kQ * npad; e += kThreads) {
+    const int i = e / npad, nn = e % npad;
+    float bv = 0.f, cvv = 0.f;
+    if (i < qc && nn < P.n) {
+      const int64_t t = t0 + i;
+      bv = ldg_f<T>(P.B, bb * P.B_sb + t * P.B_sl + gg * P.B_sg + nn * P.B_sn);
+      cvv = ldg_f<T>(P.C, bb * P.C_sb + t * P.C_sl + gg * P.C_sg + nn * P.C_sn);
+    }
+    Bs[i * LDN + nn] = __float2bfloat16_rn(bv);
+    Cs[i * LDN + nn] = __float2bfloat16_rn(cvv);
+  }
+  __syncthreads();
+  const bool qq_on = !(rw == 0 && cw == 1);  // 16x32 tiles of a 64x64 lower triangle
+  if (qq_on) {
+    float acc[4][4] = {};
+    for (int kk = 0; kk < npad / 16; ++kk) {
+      uint32_t a[4];
+      frag_a(a, Cs, LDN, m0, kk * 16);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        uint32_t b0, b1;
+        frag_b_nk(b0, b1, Bs, LDN, cw * 32 + t * 8, kk * 16);
+        mma16816(acc[t], a, b0, b1);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        *reinterpret_cast<float2*>(CB + (m0 + r + 8 * hf) * kLdCB + cw * 32 + t * 8 + c2) =
+            make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
+  }
+
+  for (int hh = hbeg; hh < hend; ++hh) {
+    const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
+    // ---- phase 0: chunk vectors, x and dy tiles, dD partials ----
+    if (warp == 0) chunk_vectors(P, cv, bb, t0, qc, cp.first, hh, Ah);
+    {
+      // thread owns 8-column groups q = tid + 256 k: row q / (kP/8), columns 8 (q % (kP/8)) ..
+      constexpr int G8 = kP / 8, NG = kQ * G8 / kThreads;
+      Vec8<T> xr[NG], orr[NG], zr[NG];
+#pragma unroll
+      for (int u = 0; u < NG; ++u) {
+        const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
+        const int64_t t = t0 + i;
+        const int pc = max(0, min(8, P.p - c8));
+        if (i >= qc) {
+          xr[u].zero(); orr[u].zero(); zr[u].zero();
+          continue;
+        }
+        xr[u].load(P.x, bb * P.x_sb + t * P.x_sl + hh * P.x_sh + c8 * P.x_sp, P.x_sp, pc, P.vec_x);
+        orr[u].load(P.dout, bb * P.o_sb + t * P.o_sl + hh * P.o_sh + c8 * P.o_sp, P.o_sp, pc,
+                    P.vec_o);
+        if (P.has_z)
+          zr[u].load(P.z, bb * P.z_sb + t * P.z_sl + hh * P.z_sh + c8 * P.z_sp, P.z_sp, pc,
+                     P.vec_z);
+      }
+      float dd[8] = {};
+#pragma unroll
+      for (int u = 0; u < NG; ++u) {
+        const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
+        float xv[8], dv[8];
+        const bool row_ok = i < qc;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool ok = row_ok && c8 + e < P.p;
+          xv[e] = ok ? xr[u].get(e) : 0.f;
+          dv[e] = ok ? orr[u].get(e) : 0.f;
+          if (P.has_z && ok) dv[e] *= silu_f(zr[u].get(e));
+          dd[e] += xv[e] * dv[e];
+        }
+        st_bf16x8(Xs + i * LDP + c8, xv);
+        st_bf16x8(Ds + i * LDP + c8, dv);
+        // dx starts as D * dy (exact inputs); phase 3 adds dt * u
+        if (P.has_D && i < qc) {
+          const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (c8 + e < P.p)
+              static_cast<T*>(P.dx)[o + c8 + e] =
+                  from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
+        }
+      }
+      // dD: reduce over the lanes that own the same columns, then per warp
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+#pragma unroll
+        for (int o = G8; o < 32; o <<= 1) dd[e] += __shfl_xor_sync(0xffffffffu, dd[e], o);
+      }
+      if (lane < G8 && lane < 32) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dDw[warp][lane * 8 + e] = dd[e];
+      }
+    }
+    __syncthreads();
+
+    // ---- phase 1: W = dy x^T, the masked tiles T1, T2 and the strict sums of M ----
+    {
+      float w[4][4] = {};
+      if (qq_on) {
+#pragma unroll
+        for (int kk = 0; kk < kP / 16; ++kk) {
+          uint32_t a[4];
+          frag_a(a, Ds, LDP, m0, kk * 16);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            uint32_t b0, b1;
+            frag_b_nk(b0, b1, Xs, LDP, cw * 32 + t * 8, kk * 16);
+            mma16816(w[t], a, b0, b1);
+          }
+        }
+      }
+      float rs[2] = {0.f, 0.f};
+      float cs[4][2] = {};
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = m0 + r + (e >> 1) * 8, j = cw * 32 + t * 8 + c2 + (e & 1);
+          float lcb = 0.f, lw = 0.f;
+          if (j <= i && cv.seg[i] == cv.seg[j]) {
+            const float l = __expf(cv.lam[i] - cv.lam[j]);
+            lcb = l * CB[i * kLdCB + j];
+            lw = l * w[t][e];
+          }
+          const float dtj = cv.dt[j];
+          T1[j * kLdQ + i] = __float2bfloat16_rn(lcb);
+          T2[j * kLdQ + i] = __float2bfloat16_rn(dtj * lw);
+          if (j < i) {
+            const float m = lcb * w[t][e] * dtj;
+            rs[e >> 1] += m;
+            cs[t][e & 1] += m;
+          }
+        }
+      // rows: reduce over the 4 lanes of a quad
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float v = rs[hf];
+        v += __shfl_xor_sync(0xffffffffu, v, 1);
+        v += __shfl_xor_sync(0xffffffffu, v, 2);
+        if ((lane & 3) == 0) rowpart[cw][m0 + r + 8 * hf] = v;
+      }
+      // columns: reduce over the 8 row groups
+#pragma unroll
+      for (int t = 0; t < 4; ++t)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          float v = cs[t][q];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 8);
+          v += __shfl_xor_sync(0xffffffffu, v, 16);
+          if (lane < 4) colpart[rw][cw * 32 + t * 8 + c2 + q] = v;
+        }
+    }
+
+    // ---- phase 2: per 64-column block of the state: u, v (= C S_prev^T), dB, dC ----
+    float u[NTP][4] = {}, v[NTP][4] = {};
+    float gs = 0.f;  // <G_next, S_prev> partial
+    const int64_t wsbase = (int64_t(slot) * P.h + hh) * P.p * npad;
+    const bool first_head = hh == hbeg;
+    const float sin_lo = cv.sin[m0 + r], sin_hi = cv.sin[m0 + r + 8];
+    for (int nb = 0; nb < npad; nb += kNB) {
+      __syncthreads();  // T1/T2/partials written; previous Sb/Gb reads done
+      {
+        constexpr int NV = kP * (kNB / 8) / kThreads;
+        uint4 sv[NV], gv[NV];
+#pragma unroll
+        for (int u = 0; u < NV; ++u) {
+          const int e = tid + kThreads * u, pp = e >> 3, q = e & 7;
+          sv[u] = gv[u] = make_uint4(0, 0, 0, 0);
+          if (pp < P.p) {
+            const int64_t off = wsbase + int64_t(pp) * npad + nb + q * 8;
+            sv[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(P.wsS) + off));
+            gv[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(P.wsG) + off));
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < NV; ++u) {
+          const int e = tid + kThreads * u, pp = e >> 3, q = e & 7;
+          const uint32_t* s4 = reinterpret_cast<const uint32_t*>(&sv[u]);
+          const uint32_t* g4 = reinterpret_cast<const uint32_t*>(&gv[u]);
+#pragma unroll
+          for (int z = 0; z < 4; ++z) {
+            const float2 a = unpack_f2(s4[z]), b = unpack_f2(g4[z]);
+            gs += a.x * b.x + a.y * b.y;
+          }
+          *reinterpret_cast<uint4*>(Sb + pp * kLdQ + q * 8) = sv[u];
+          *reinterpret_cast<uint4*>(Gb + pp * kLdQ + q * 8) = gv[u];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kNB / 16; ++kk) {
+        uint32_t ab[4], ac[4];
+        frag_a(ab, Bs, LDN, m0, nb + kk * 16);
+        frag_a(ac, Cs, LDN, m0, nb + kk * 16);
+#pragma unroll
+        for (int t = 0; t < NTP; ++t) {
+          uint32_t b0, b1;
+          const int pc = cw * (kP / 2) + t * 8;
+          frag_b_nk(b0, b1, Gb, kLdQ, pc, kk * 16);
+          mma16816(u[t], ab, b0, b1);
+          frag_b_nk(b0, b1, Sb, kLdQ, pc, kk * 16);
+          mma16816(v[t], ac, b0, b1);
+        }
+      }
+      // dB rows j: intra (T2 [j][i] times C) + state (dt sout x times G_next)
+      {
+        float acc[4][4] = {};
+        for (int kk = rw; kk < kQ / 16; ++kk) {
+          uint32_t a[4];
+          frag_a(a, T2, kLdQ, m0, kk * 16);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            uint32_t b0, b1;
+            frag_b_kn(b0, b1, Cs, LDN, nb + cw * 32 + t * 8, kk * 16);
+            mma16816(acc[t], a, b0, b1);
+          }
+        }
+        const float so_lo = cv.dt[m0 + r] * cv.sout[m0 + r];
+        const float so_hi = cv.dt[m0 + r + 8] * cv.sout[m0 + r + 8];
+#pragma unroll
+        for (int kk = 0; kk < kP / 16; ++kk) {
+          uint32_t a[4];
+          frag_a_rs(a, Xs, LDP, m0, kk * 16, so_lo, so_hi);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            uint32_t b0, b1;
+            frag_b_kn(b0, b1, Gb, kLdQ, cw * 32 + t * 8, kk * 16);
+            mma16816(acc[t], a, b0, b1);
+          }
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int j = m0 + r + 8 * hf;
+          if (j >= qc) continue;
+          float* dst = P.wsdB +
+                       (((int64_t(bb) * P.l + t0 + j) * P.nsplit + split) * P.g + gg) * npad + nb +
+                       cw * 32 + c2;
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            float2 o = make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
+            float2* q = reinterpret_cast<float2*>(dst + t * 8);
+            if (!first_head) {
+              const float2 prev = *q;
+              o.x += prev.x;
+              o.y += prev.y;
+            }
+            *q = o;
+          }
+        }
+      }
+      // dC rows i: intra (T2^T times B) + state (sin dy times S_prev)
+      {
+        float acc[4][4] = {};
+        for (int kk = 0; kk <= rw; ++kk) {
+          uint32_t a[4];
+          frag_a_t(a, T2, kLdQ, m0, kk * 16);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            uint32_t b0, b1;
+            frag_b_kn(b0, b1, Bs, LDN, nb + cw * 32 + t * 8, kk * 16);
+            mma16816(acc[t], a, b0, b1);
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kP / 16; ++kk) {
+          uint32_t a[4];
+          frag_a_rs(a, Ds, LDP, m0, kk * 16, sin_lo, sin_hi);
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            uint32_t b0, b1;
+            frag_b_kn(b0, b1, Sb, kLdQ, cw * 32 + t * 8, kk * 16);
+            mma16816(acc[t], a, b0, b1);
+          }
+        }
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i = m0 + r + 8 * hf;
+          if (i >= qc) continue;
+          float* dst = P.wsdC +
+                       (((int64_t(bb) * P.l + t0 + i) * P.nsplit + split) * P.g + gg) * npad + nb +
+                       cw * 32 + c2;
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            float2 o = make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
+            float2* q = reinterpret_cast<float2*>(dst + t * 8);
+            if (!first_head) {
+              const float2 prev = *q;
+              o.x += prev.x;
+              o.y += prev.y;
+            }
+            *q = o;
+          }
+        }
+      }
+    }
+
+    // ---- phase 3: u (-> dx, ddt input term), v (-> state-in lambda term, y for dz) ----
+    {
+      const int jl = m0 + r, jh = m0 + r + 8;
+      const float sol = cv.sout[jl], soh = cv.sout[jh];
+      float t4[2] = {0.f, 0.f}, t2[2] = {0.f, 0.f};
+#pragma unroll
+      for (int t = 0; t < NTP; ++t) {
+        const int pc = cw * (kP / 2) + t * 8 + c2;
+        u[t][0] *= sol; u[t][1] *= sol; u[t][2] *= soh; u[t][3] *= soh;
+        const float2 xl = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Xs + jl * LDP + pc));
+        const float2 xh = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Xs + jh * LDP + pc));
+        t4[0] += xl.x * u[t][0] + xl.y * u[t][1];
+        t4[1] += xh.x * u[t][2] + xh.y * u[t][3];
+        const float2 yl = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Ds + jl * LDP + pc));
+        const float2 yh = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Ds + jh * LDP + pc));
+        t2[0] += yl.x * v[t][0] + yl.y * v[t][1];
+        t2[1] += yh.x * v[t][2] + yh.y * v[t][3];
+      }
+      // intra part of u: sum_i L_ij CB_ij dy_i  (T1[j][i], i >= j)
+      for (int kk = rw; kk < kQ / 16; ++kk) {
+        uint32_t a[4];
+        frag_a(a, T1, kLdQ, m0, kk * 16);
+#pragma unroll
+        for (int t = 0; t < NTP; ++t) {
+          uint32_t b0, b1;
+          frag_b_kn(b0, b1, Ds, LDP, cw * (kP / 2) + t * 8, kk * 16);
+          mma16816(u[t], a, b0, b1);
+        }
+      }
+      float din[2] = {0.f, 0.f};
+      const float dtl = cv.dt[jl], dth = cv.dt[jh];
+      T* dxp = static_cast<T*>(P.dx);
+      // D * dy, written in phase 0 (read back first, all loads in flight together)
+      float dprev[NTP][4];
+#pragma unroll
+      for (int t = 0; t < NTP; ++t) {
+        const int pc = cw * (kP / 2) + t * 8 + c2;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = e < 2 ? jl : jh, pq = pc + (e & 1);
+          dprev[t][e] = (P.has_D && j < qc && pq < P.p)
+                            ? to_f(dxp[((int64_t(bb) * P.l + t0 + j) * P.h + hh) * P.p + pq])
+                            : 0.f;
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < NTP; ++t) {
+        const int pc = cw * (kP / 2) + t * 8 + c2;
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int j = hf ? jh : jl;
+          const float dtj = hf ? dth : dtl;
+          const float u0 = u[t][2 * hf], u1 = u[t][2 * hf + 1];
+          const float2 xv =
+              __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(Xs + j * LDP + pc));
+          din[hf] += xv.x * u0 + xv.y * u1;
+          if (j < qc && pc < P.p) {
+            store_pair(dxp, ((int64_t(bb) * P.l + t0 + j) * P.h + hh) * P.p + pc,
+                       dtj * u0 + dprev[t][2 * hf], dtj * u1 + dprev[t][2 * hf + 1],
+                       pc + 1 < P.p);
+          }
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float a = t4[hf], d = din[hf], s = t2[hf];
+        a += __shfl_xor_sync(0xffffffffu, a, 1);
+        a += __shfl_xor_sync(0xffffffffu, a, 2);
+        d += __shfl_xor_sync(0xffffffffu, d, 1);
+        d += __shfl_xor_sync(0xffffffffu, d, 2);
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        if ((lane & 3) == 0) {
+          const int j = hf ? jh : jl;
+          t4part[cw][j] = a * cv.dt[j];
+          dinpart[cw][j] = d;
+          t2part[cw][j] = s * cv.sin[j];
+        }
+      }
+
+      if (P.has_z) {
+        // y = sin_i S_prev C_i + sum_j L_ij CB_ij dt_j x_j + D x_i;  dz = dout y silu'(z)
+#pragma unroll
+        for (int t = 0; t < NTP; ++t) {
+          v[t][0] *= sin_lo; v[t][1] *= sin_lo; v[t][2] *= sin_hi; v[t][3] *= sin_hi;
+        }
+        for (int kk = 0; kk <= rw; ++kk) {
+          uint32_t a[4];
+          frag_a_t(a, T1, kLdQ, m0, kk * 16);
+#pragma unroll
+          for (int t = 0; t < NTP; ++t) {
+            uint32_t b0, b1;
+            frag_b_kn_ks(b0, b1, Xs, LDP, cw * (kP / 2) + t * 8, kk * 16, cv.dt);
+            mma16816(v[t], a, b0, b1);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < NTP; ++t) {
+          const int pc = cw * (kP / 2) + t * 8 + c2;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = hf ? jh : jl;
+            if (i >= qc || pc >= P.p) continue;
+            const int64_t tt = t0 + i;
+            const bool two = pc + 1 < P.p;
+            float dz[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              dz[q] = 0.f;
+              if (q == 1 && !two) continue;
+              const int pq = pc + q;
+              float y = v[t][2 * hf + q];
+              if (P.has_D)
+                y += ld_code(P.D, P.D_code, hh * P.D_sh + pq * P.D_sp) *
+                     ldg_f<T>(P.x, bb * P.x_sb + tt * P.x_sl + hh * P.x_sh + pq * P.x_sp);
+              const float o = ldg_f<T>(P.dout, bb * P.o_sb + tt * P.o_sl + hh * P.o_sh + pq * P.o_sp);
+              const float zz = ldg_f<T>(P.z, bb * P.z_sb + tt * P.z_sl + hh * P.z_sh + pq * P.z_sp);
+              const float sg = sigmoid_f(zz);
+              dz[q] = o * y * sg * (1.f + zz * (1.f - sg));
+            }
+            store_pair(static_cast<T*>(P.dz), ((int64_t(bb) * P.l + tt) * P.h + hh) * P.p + pc,
+                       dz[0], dz[1], two);
+          }
+        }
+      }
+    }
+    gs = warp_sum(gs);
+    if (lane == 0) red[warp] = gs;
+    __syncthreads();
+
+    // ---- phase 4: lambda, ddt, and the per-(chunk, head) partials of dA, ddt_bias, dD ----
+    if (warp == 0) {
+      float g3 = 0.f;
+#pragma unroll
+      for (int q = 0; q < kThreads / 32; ++q) g3 += red[q];
+      const float term3 = cv.cont * g3;
+      float dlt[2], t2v[2], t4v[2];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int i = 2 * lane + q;
+        dlt[q] = (colpart[0][i] + colpart[1][i] + colpart[2][i] + colpart[3][i]) -
+                 (rowpart[0][i] + rowpart[1][i]);
+        t2v[q] = t2part[0][i] + t2part[1][i];
+        t4v[q] = t4part[0][i] + t4part[1][i];
+      }
+      float R0, R1, Rt, S0, S1, St, F0, F1, Ft;
+      warp_scan2(dlt[0], dlt[1], R0, R1, Rt);
+      warp_scan2(t2v[0], t2v[1], S0, S1, St);
+      warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
+      const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
+      float da = 0.f, db = 0.f;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int i = 2 * lane + q;
+        if (i < qc) {
+          const float ddt = dinpart[0][i] + dinpart[1][i] + Ah * lam_g[q];
+          const float graw = ddt * cv.gfac[i];
+          st_code(P.ddt, P.dt_code, (int64_t(bb) * P.l + t0 + i) * P.h + hh, graw);
+          da += cv.dt[i] * lam_g[q];
+          db += graw;
+        }
+      }
+      da = warp_sum(da);
+      db = warp_sum(db);
+      if (lane == 0) {
+        P.part_dA[int64_t(slot) * P.h + hh] = da;
+        P.part_ddtb[int64_t(slot) * P.h + hh] = db;
+      }
+    } else if (warp >= 4 && tid - 128 < kP) {
+      const int pp = tid - 128;
+      float s = 0.f;
+#pragma unroll
+      for (int q = 0; q < kThreads / 32; ++q) s += dDw[q][pp];
+      if (pp < P.p) P.part_dD[(int64_t(slot) * P.h + hh) * P.p + pp] = s;
+    }
+    __syncthreads();
+  }
+}
+
+template <int kP>
+void launch_chunk_impl(const Params& prm, int tcode, cudaStream_t st) {
+  const size_t smem = ChunkSmem<kP>::bytes(prm.npad);
+  dim3 grid(prm.varlen ? prm.nslots : prm.nch, prm.varlen ? 1 : prm.b, prm.g * prm.nsplit);
+  auto go = [&](auto kernel) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    kernel<<<grid, kThreads, smem, st>>>(prm);
+  };
+  if (tcode == kF32) go(chunk_kernel<float, kP>);
+  else if (tcode == kF16) go(chunk_kernel<__half, kP>);
+  else go(chunk_kernel<bf16, kP>);
+}
+
+}  // namespace ssd_bwd
+}  // namespace mlmamba

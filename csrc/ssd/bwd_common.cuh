@@ -1,0 +1,333 @@
+// Device helpers of the SSD backward: bf16 mma.sync fragments read from padded shared-memory
+// tiles with plain loads, typed global loads, and the per-chunk vectors (dt, cumulative decay,
+// segment masks) that every kernel recomputes from the raw inputs.
+//
+// mma.m16n8k16 fragments (r = lane / 4, c = 2 * (lane % 4)):
+//   A 16x16  a0 (r, c..c+1)  a1 (r+8, c..)  a2 (r, c+8..)  a3 (r+8, c+8..)
+//   B 16x8   b0 (k c..c+1, n r)   b1 (k c+8..c+9, n r)
+//   C 16x8   c0,c1 (r, c..c+1)    c2,c3 (r+8, c..c+1)
+// Tiles are stored with a row pitch of (cols + 8) bf16, which keeps every fragment read below
+// free of bank conflicts for the pitches used here (40, 72, 136, 264).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "ssd/bwd.h"
+
+namespace mlmamba {
+namespace ssd_bwd {
+
+using bf16 = __nv_bfloat16;
+
+// ---- typed global loads / stores -----------------------------------------------------------
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(bf16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ bf16 from_f<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ float ldg_f(const void* p, int64_t i) {
+  return to_f(static_cast<const T*>(p)[i]);
+}
+
+// small tensors whose dtype is only known at run time
+__device__ __forceinline__ float ld_code(const void* p, int code, int64_t i) {
+  if (code == kF32) return static_cast<const float*>(p)[i];
+  if (code == kF16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const bf16*>(p)[i]);
+}
+__device__ __forceinline__ void st_code(void* p, int code, int64_t i, float v) {
+  if (code == kF32) static_cast<float*>(p)[i] = v;
+  else if (code == kF16) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else static_cast<bf16*>(p)[i] = __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
+__device__ __forceinline__ float silu_f(float v) { return v * sigmoid_f(v); }
+
+// ---- mma and fragments --------------------------------------------------------------------
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t lds32(const bf16* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+__device__ __forceinline__ uint32_t pack_pair(const bf16* lo, const bf16* hi) {
+  return uint32_t(*reinterpret_cast<const uint16_t*>(lo)) |
+         (uint32_t(*reinterpret_cast<const uint16_t*>(hi)) << 16);
+}
+__device__ __forceinline__ uint32_t pack_f2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ float2 unpack_f2(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+__device__ __forceinline__ uint32_t scale_pair(uint32_t v, float s) {
+  float2 f = unpack_f2(v);
+  return pack_f2(f.x * s, f.y * s);
+}
+
+// A (16x16 at m0,k0) from row-major storage [m][k]
+__device__ __forceinline__ void frag_a(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0) {
+  const int lane = threadIdx.x & 31;
+  const bf16* q = s + (m0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
+  a[0] = lds32(q);
+  a[1] = lds32(q + 8 * ld);
+  a[2] = lds32(q + 8);
+  a[3] = lds32(q + 8 * ld + 8);
+}
+// the same with rows scaled: row m0+r by s_lo, row m0+r+8 by s_hi
+__device__ __forceinline__ void frag_a_rs(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0,
+                                          float s_lo, float s_hi) {
+  frag_a(a, s, ld, m0, k0);
+  a[0] = scale_pair(a[0], s_lo);
+  a[1] = scale_pair(a[1], s_hi);
+  a[2] = scale_pair(a[2], s_lo);
+  a[3] = scale_pair(a[3], s_hi);
+}
+// A (16x16 at m0,k0) from transposed storage [k][m]
+__device__ __forceinline__ void frag_a_t(uint32_t (&a)[4], const bf16* s, int ld, int m0,
+                                         int k0) {
+  const int lane = threadIdx.x & 31;
+  const bf16* q = s + (k0 + 2 * (lane & 3)) * ld + m0 + (lane >> 2);
+  a[0] = pack_pair(q, q + ld);
+  a[1] = pack_pair(q + 8, q + ld + 8);
+  a[2] = pack_pair(q + 8 * ld, q + 9 * ld);
+  a[3] = pack_pair(q + 8 * ld + 8, q + 9 * ld + 8);
+}
+// B (16x8 at k0,n0) from storage [n][k]
+__device__ __forceinline__ void frag_b_nk(uint32_t& b0, uint32_t& b1, const bf16* s, int ld,
+                                          int n0, int k0) {
+  const int lane = threadIdx.x & 31;
+  const bf16* q = s + (n0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
+  b0 = lds32(q);
+  b1 = lds32(q + 8);
+}
+// B (16x8 at k0,n0) from storage [k][n]
+__device__ __forceinline__ void frag_b_kn(uint32_t& b0, uint32_t& b1, const bf16* s, int ld,
+                                          int n0, int k0) {
+  const int lane = threadIdx.x & 31;
+  const bf16* q = s + (k0 + 2 * (lane & 3)) * ld + n0 + (lane >> 2);
+  b0 = pack_pair(q, q + ld);
+  b1 = pack_pair(q + 8 * ld, q + 9 * ld);
+}
+// the same with each k row scaled by sc[k]
+__device__ __forceinline__ void frag_b_kn_ks(uint32_t& b0, uint32_t& b1, const bf16* s, int ld,
+                                             int n0, int k0, const float* sc) {
+  const int lane = threadIdx.x & 31;
+  const int k = k0 + 2 * (lane & 3);
+  const bf16* q = s + k * ld + n0 + (lane >> 2);
+  b0 = pack_f2(__bfloat162float(q[0]) * sc[k], __bfloat162float(q[ld]) * sc[k + 1]);
+  b1 = pack_f2(__bfloat162float(q[8 * ld]) * sc[k + 8], __bfloat162float(q[9 * ld]) * sc[k + 9]);
+}
+
+// ---- warp scans -------------------------------------------------------------------------
+// Each lane holds two consecutive values (v0 at 2*lane, v1 at 2*lane+1). Returns the exclusive
+// prefix sums e0, e1 and the warp total. Fixed order: deterministic.
+__device__ __forceinline__ void warp_scan2(float v0, float v1, float& e0, float& e1,
+                                           float& total) {
+  const int lane = threadIdx.x & 31;
+  float s = v0 + v1, inc = s;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    float t = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += t;
+  }
+  e0 = inc - s;
+  e1 = e0 + v0;
+  total = __shfl_sync(0xffffffffu, inc, 31);
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- per-chunk vectors ------------------------------------------------------------------
+// Positions i >= qc (past the sequence end) get dt = 0: no decay, no input, nothing written.
+struct ChunkVec {
+  float dt[kQ];    // dt after bias, softplus and clamp
+  float gfac[kQ];  // d dt / d dt_raw (0 where clamped)
+  float lam[kQ];   // inclusive cumulative log-decay inside the chunk (all <= 0 for A <= 0)
+  float sin[kQ];   // state-in weight: exp(lam_i) where the incoming state reaches i, else 0
+  float sout[kQ];  // state-out weight: exp(lam_last - lam_i) where i reaches the chunk end
+  int seg[kQ];     // resets seen up to i (inclusive); same value = same segment
+  float cont;      // exp(lam_last) when the incoming state reaches the chunk end, else 0
+};
+
+// Raw per-lane inputs of chunk_vectors (lane holds positions 2*lane and 2*lane+1), so the
+// loads of the next chunk can be issued early.
+struct DtRaw {
+  float v[2];
+  int s_prev, s[2];  // seq_idx at 2*lane-1, 2*lane, 2*lane+1
+};
+
+__device__ __forceinline__ void fetch_dt(const Params& P, DtRaw& d, int bb, int64_t t0, int qc,
+                                         bool first, int hh) {
+  const int lane = threadIdx.x & 31;
+  const int* si = P.seq_idx + bb * P.si_sb;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int i = 2 * lane + u;
+    d.v[u] = 0.f;
+    d.s[u] = 0;
+    if (i < qc) {
+      const int64_t t = t0 + i;
+      d.v[u] = ld_code(P.dt, P.dt_code, bb * P.dt_sb + t * P.dt_sl + hh * P.dt_sh);
+      if (P.has_seq_idx) d.s[u] = si[t * P.si_sl];
+    }
+  }
+  d.s_prev = d.s[0];
+  if (P.has_seq_idx && 2 * lane < qc && (lane > 0 || !first))
+    d.s_prev = si[(t0 + 2 * lane - 1) * P.si_sl];
+}
+
+// Called by one whole warp.
+__device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv, const DtRaw& d,
+                                                   int qc, int hh, float Ah) {
+  const int lane = threadIdx.x & 31;
+  const float bias = P.has_dt_bias ? ld_code(P.dt_bias, P.dtb_code, hh * P.dtb_s) : 0.f;
+  float a[2];
+  int rs[2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int i = 2 * lane + u;
+    float dv = 0.f, gf = 0.f;
+    if (i < qc) {
+      float v = d.v[u] + bias;
+      gf = 1.f;
+      if (P.softplus && v <= 20.f) {
+        gf = sigmoid_f(v);
+        v = log1pf(__expf(v));
+      }
+      if (P.clamp) {
+        if (v < P.dt_min || v > P.dt_max) gf = 0.f;
+        v = fminf(fmaxf(v, P.dt_min), P.dt_max);
+      }
+      dv = v;
+    }
+    cv.dt[i] = dv;
+    cv.gfac[i] = gf;
+    a[u] = fmaxf(dv * Ah, kMinLogDecay);
+    rs[u] = (i < qc) ? int(d.s[u] != (u == 0 ? d.s_prev : d.s[0])) : 0;
+  }
+  float e0, e1, tot;
+  warp_scan2(a[0], a[1], e0, e1, tot);
+  const float lam0 = e0 + a[0], lam1 = e1 + a[1];
+  float r0, r1, rtot;
+  warp_scan2(float(rs[0]), float(rs[1]), r0, r1, rtot);
+  const int seg0 = int(r0) + rs[0], seg1 = int(r1) + rs[1];
+  const float lam_last = __shfl_sync(0xffffffffu, lam1, 31);
+  const int seg_last = __shfl_sync(0xffffffffu, seg1, 31);
+  cv.lam[2 * lane] = lam0;
+  cv.lam[2 * lane + 1] = lam1;
+  cv.seg[2 * lane] = seg0;
+  cv.seg[2 * lane + 1] = seg1;
+  cv.sin[2 * lane] = seg0 == 0 ? __expf(lam0) : 0.f;
+  cv.sin[2 * lane + 1] = seg1 == 0 ? __expf(lam1) : 0.f;
+  cv.sout[2 * lane] = seg0 == seg_last ? __expf(lam_last - lam0) : 0.f;
+  cv.sout[2 * lane + 1] = seg1 == seg_last ? __expf(lam_last - lam1) : 0.f;
+  if (lane == 0) cv.cont = seg_last == 0 ? __expf(lam_last) : 0.f;
+  (void)tot;
+  (void)rtot;
+}
+
+__device__ __forceinline__ void chunk_vectors(const Params& P, ChunkVec& cv, int bb, int64_t t0,
+                                              int qc, bool first, int hh, float Ah) {
+  DtRaw d;
+  fetch_dt(P, d, bb, t0, qc, first, hh);
+  chunk_vectors_from(P, cv, d, qc, hh, Ah);
+}
+
+// Eight consecutive elements of a row: one or two 16-byte loads when the row is contiguous and
+// aligned (vec), else eight independent scalar loads. Missing elements read as 0.
+template <typename T>
+struct Vec8 {
+  T e[8];
+  __device__ __forceinline__ void load(const void* base, int64_t off, int64_t stride, int count,
+                                       bool vec) {
+    const T* q = static_cast<const T*>(base) + off;
+    if (vec && count == 8) {
+      constexpr int kWords = 8 * int(sizeof(T)) / 16;
+#pragma unroll
+      for (int k = 0; k < kWords; ++k) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(q) + k);
+        memcpy(&e[k * 16 / int(sizeof(T))], &v, 16);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) e[k] = k < count ? q[k * stride] : from_f<T>(0.f);
+    }
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) e[k] = from_f<T>(0.f);
+  }
+  __device__ __forceinline__ float get(int k) const { return to_f(e[k]); }
+};
+
+// 8 floats -> 8 bf16 in one 16-byte shared-memory store
+__device__ __forceinline__ void st_bf16x8(bf16* dst, const float (&v)[8]) {
+  uint4 o;
+  o.x = pack_f2(v[0], v[1]);
+  o.y = pack_f2(v[2], v[3]);
+  o.z = pack_f2(v[4], v[5]);
+  o.w = pack_f2(v[6], v[7]);
+  *reinterpret_cast<uint4*>(dst) = o;
+}
+
+// Where chunk slot / block coordinates land in the sequence.
+struct ChunkPos {
+  int bb, seq, slot, qc;
+  int64_t t0;
+  bool first, valid;
+};
+
+// Kernel-2 block: blockIdx.x = chunk (or slot with cu_seqlens), blockIdx.y = batch row.
+__device__ __forceinline__ ChunkPos chunk_pos(const Params& P) {
+  ChunkPos c;
+  if (!P.varlen) {
+    const int k = blockIdx.x;
+    c.bb = blockIdx.y;
+    c.seq = c.bb;
+    c.slot = c.bb * P.nch + k;
+    c.t0 = int64_t(k) * kQ;
+    c.qc = int(min(int64_t(kQ), P.l - c.t0));
+    c.first = k == 0;
+    c.valid = true;
+    return c;
+  }
+  const int slot = blockIdx.x;
+  c.bb = 0;
+  c.slot = slot;
+  c.valid = slot < P.offs[P.nseq];
+  if (!c.valid) return c;
+  int lo = 0, hi = P.nseq - 1;  // last s with offs[s] <= slot
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (P.offs[mid] <= slot) lo = mid; else hi = mid - 1;
+  }
+  // skip empty sequences that share the offset
+  while (lo + 1 <= P.nseq - 1 && P.offs[lo + 1] <= slot) ++lo;
+  const int k = slot - P.offs[lo];
+  c.seq = lo;
+  c.t0 = int64_t(P.cu[lo * P.cu_s]) + int64_t(k) * kQ;
+  c.qc = int(min(int64_t(kQ), int64_t(P.cu[(lo + 1) * P.cu_s]) - c.t0));
+  c.first = k == 0;
+  return c;
+}
+
+}  // namespace ssd_bwd
+}  // namespace mlmamba

@@ -1,0 +1,283 @@
+// Host glue of the SSD scan backward: checks, workspaces, the three launches (bwd.h).
+// Schema: csrc/registration.cpp; semantics: docs/ops.md (ssd_scan_bwd).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "common/check.h"
+#include "ssd/bwd.h"
+
+namespace mlmamba {
+namespace ssd_bwd {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor, at::Tensor>;
+constexpr const char* kOp = "ssd_scan_bwd";
+
+int code_of(at::ScalarType t) { return t == at::kHalf ? kF16 : t == at::kBFloat16 ? kBF16 : kF32; }
+
+bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+void check_arg(const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
+               bool floating = true) {
+  MLM_CHECK(t.is_cuda() && t.device() == x.device(), kOp, ": ", name, " must be on ", x.device(),
+            " like x, got ", t.device());
+  MLM_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  if (floating)
+    MLM_CHECK(is_float(t), kOp, ": ", name, " must be float32, float16 or bfloat16, got ",
+              t.scalar_type());
+}
+
+at::Tensor empty_of(const at::Tensor& x) { return at::empty({0}, x.options()); }
+
+// Rows contiguous in the last dim, every row start 16-byte aligned: 16-byte vector loads.
+bool rows16(const at::Tensor& t) {
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
+  for (int d = 0; d < t.dim() - 1; ++d)
+    if (t.size(d) > 1 && t.stride(d) % 8) return false;
+  return true;
+}
+
+Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at::Tensor& x,
+                        const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B_in,
+                        const at::Tensor& C_in, int64_t chunk_size, const OptT& D, const OptT& z_in,
+                        const OptT& dt_bias, const OptT& initial_states, const OptT& seq_idx_in,
+                        const OptT& cu_seqlens, bool dt_softplus, double dt_min, double dt_max) {
+  MLM_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
+  MLM_CHECK(x.dim() == 4, kOp, ": x must have 4 dims (batch, seqlen, nheads, headdim), got ",
+            x.sizes());
+  MLM_CHECK(is_float(x), kOp, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  const int64_t b = x.size(0), l = x.size(1), h = x.size(2), p = x.size(3);
+  check_arg("dout", dout_in, x, {b, l, h, p});
+  check_arg("dt", dt, x, {b, l, h});
+  check_arg("A", A, x, {h});
+  MLM_CHECK(B_in.dim() == 4, kOp, ": B must have 4 dims (batch, seqlen, ngroups, dstate), got ",
+            B_in.sizes());
+  const int64_t g = B_in.size(2), n = B_in.size(3);
+  check_arg("B", B_in, x, {b, l, g, n});
+  check_arg("C", C_in, x, {b, l, g, n});
+  MLM_CHECK(g >= 1 && h % g == 0, kOp, ": B has ", g, " groups, which does not divide ", h,
+            " heads");
+  MLM_CHECK(p >= 1 && p <= 128, kOp, ": the CUDA kernel supports headdim 1..128, got ", p);
+  MLM_CHECK(n >= 1 && n <= 256, kOp, ": the CUDA kernel supports dstate 1..256, got ", n);
+  MLM_CHECK(chunk_size >= 1, kOp, ": chunk_size must be positive, got ", chunk_size);
+  if (D)
+    MLM_CHECK(D->is_cuda() && D->device() == x.device() && is_float(*D) &&
+                  ((D->dim() == 1 && D->size(0) == h) ||
+                   (D->dim() == 2 && D->size(0) == h && D->size(1) == p)),
+              kOp, ": D must be a float CUDA tensor of shape (", h, ",) or (", h, ", ", p,
+              ") on ", x.device(), ", got ", D->sizes(), " ", D->scalar_type(), " on ",
+              D->device());
+  if (z_in) check_arg("z", *z_in, x, {b, l, h, p});
+  if (dt_bias) check_arg("dt_bias", *dt_bias, x, {h});
+  const bool varlen = cu_seqlens.has_value();
+  at::Tensor cu;
+  int64_t nseq = b;
+  if (varlen) {
+    MLM_CHECK(cu_seqlens->is_cuda() && cu_seqlens->device() == x.device(), kOp,
+              ": cu_seqlens must be on ", x.device(), " like x, got ", cu_seqlens->device());
+    MLM_CHECK(cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 2 &&
+                  cu_seqlens->scalar_type() == at::kInt,
+              kOp, ": cu_seqlens must be a 1-D int32 tensor of at least 2 offsets, got ",
+              cu_seqlens->sizes(), " ", cu_seqlens->scalar_type());
+    MLM_CHECK(b == 1, kOp, ": cu_seqlens packs sequences into batch 1, but x has batch ", b);
+    MLM_CHECK(!seq_idx_in, kOp, ": give seq_idx or cu_seqlens, not both");
+    cu = *cu_seqlens;
+    nseq = cu.numel() - 1;
+  }
+  if (seq_idx_in) {
+    check_arg("seq_idx", *seq_idx_in, x, {b, l}, false);
+    MLM_CHECK(seq_idx_in->scalar_type() == at::kInt, kOp, ": seq_idx must be int32, got ",
+              seq_idx_in->scalar_type());
+  }
+  if (initial_states) check_arg("initial_states", *initial_states, x, {nseq, h, p, n});
+  if (dfinal) check_arg("dfinal_states", *dfinal, x, {nseq, h, p, n});
+
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto T = x.scalar_type();
+  // dout, z, B, C are read in x's dtype (kernels are instantiated per dtype, not per mix)
+  const at::Tensor dout = dout_in.scalar_type() == T ? dout_in : dout_in.to(T);
+  const at::Tensor B = B_in.scalar_type() == T ? B_in : B_in.to(T);
+  const at::Tensor C = C_in.scalar_type() == T ? C_in : C_in.to(T);
+  at::Tensor z;
+  if (z_in) z = z_in->scalar_type() == T ? *z_in : z_in->to(T);
+
+  auto fopt = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty({b, l, h, p}, x.options());
+  at::Tensor ddt = at::empty({b, l, h}, dt.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dB = at::empty({b, l, g, n}, x.options());
+  at::Tensor dC = at::empty({b, l, g, n}, x.options());
+  at::Tensor dz = z_in ? at::empty({b, l, h, p}, x.options()) : empty_of(x);
+  at::Tensor dinit = initial_states ? at::empty({nseq, h, p, n}, initial_states->options())
+                                    : empty_of(x);
+  at::Tensor dA32 = at::empty({h}, fopt);
+  at::Tensor ddtb32 = dt_bias ? at::empty({h}, fopt) : at::empty({0}, fopt);
+  at::Tensor dD32 = D ? at::empty(D->sizes(), fopt) : at::empty({0}, fopt);
+
+  auto finish = [&]() -> Grads {
+    at::Tensor dz_out = z_in ? (dz.scalar_type() == z_in->scalar_type() ? dz : dz.to(z_in->scalar_type()))
+                             : dz;
+    return {dx,
+            ddt,
+            dA32.to(A.scalar_type()),
+            dB.scalar_type() == B_in.scalar_type() ? dB : dB.to(B_in.scalar_type()),
+            dC.scalar_type() == C_in.scalar_type() ? dC : dC.to(C_in.scalar_type()),
+            D ? dD32.to(D->scalar_type()) : empty_of(x),
+            dz_out,
+            dt_bias ? ddtb32.to(dt_bias->scalar_type()) : empty_of(x),
+            dinit};
+  };
+  if (l == 0 || h == 0 || p == 0 || n == 0) {
+    dx.zero_(); ddt.zero_(); dB.zero_(); dC.zero_(); dA32.zero_(); ddtb32.zero_(); dD32.zero_();
+    if (z_in) dz.zero_();
+    if (initial_states) {
+      if (dfinal) dinit.copy_(*dfinal);
+      else dinit.zero_();
+    }
+    return finish();
+  }
+
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  MLM_CHECK(prop.major >= 8, kOp, ": the CUDA kernel needs compute capability 8.0 or newer, got ",
+            prop.major, ".", prop.minor);
+
+  Params P{};
+  P.b = int(b); P.l = int(l); P.h = int(h); P.p = int(p); P.g = int(g); P.n = int(n);
+  P.npad = int((n + kNB - 1) / kNB * kNB);
+  P.hpg = int(h / g);
+  P.nseq = int(nseq);
+  P.nch = int((l + kQ - 1) / kQ);
+  P.nslots = varlen ? int((l + kQ - 1) / kQ + nseq) : int(b) * P.nch;
+  MLM_CHECK(nseq * 2 < (int64_t(1) << 31) && P.nslots <= (1 << 30), kOp, ": too many sequences");
+  MLM_CHECK(varlen || b <= 65535, kOp, ": at most 65535 batch rows, got ", b);
+  // head splits: the fewest waves times heads per block (step 2 sums dB/dC over a split's heads)
+  P.ctas_per_sm = p <= 64 ? 2 : 1;
+  {
+    const int64_t base = int64_t(P.nslots) * g, slots = int64_t(P.ctas_per_sm) * prop.multiProcessorCount;
+    int64_t best = -1, best_ns = 1;
+    for (int ns = 1; ns <= std::min(P.hpg, 16); ++ns) {
+      const int64_t hs = (P.hpg + ns - 1) / ns, ctas = base * ((P.hpg + hs - 1) / hs);
+      const int64_t cost = (ctas + slots - 1) / slots * hs;
+      if (best < 0 || cost < best) { best = cost; best_ns = ns; }
+    }
+    P.hsplit = int((P.hpg + best_ns - 1) / best_ns);
+    P.nsplit = (P.hpg + P.hsplit - 1) / P.hsplit;
+  }
+  P.varlen = varlen;
+  P.has_seq_idx = seq_idx_in.has_value();
+  P.has_z = z_in.has_value();
+  P.has_D = D.has_value();
+  P.D_per_p = D && D->dim() == 2;
+  P.has_dt_bias = dt_bias.has_value();
+  P.has_init = initial_states.has_value();
+  P.has_dfinal = dfinal.has_value();
+  P.softplus = dt_softplus;
+  P.clamp = !(dt_min == 0.0 && dt_max == std::numeric_limits<double>::infinity());
+  P.dt_min = float(dt_min);
+  P.dt_max = float(dt_max);
+  P.vec_x = rows16(x); P.vec_o = rows16(dout); P.vec_z = z_in && rows16(z);
+  P.vec_B = rows16(B); P.vec_C = rows16(C);
+
+  P.x = x.data_ptr();
+  P.x_sb = x.stride(0); P.x_sl = x.stride(1); P.x_sh = x.stride(2); P.x_sp = x.stride(3);
+  P.dout = dout.data_ptr();
+  P.o_sb = dout.stride(0); P.o_sl = dout.stride(1); P.o_sh = dout.stride(2); P.o_sp = dout.stride(3);
+  if (z_in) {
+    P.z = z.data_ptr();
+    P.z_sb = z.stride(0); P.z_sl = z.stride(1); P.z_sh = z.stride(2); P.z_sp = z.stride(3);
+  }
+  P.B = B.data_ptr();
+  P.B_sb = B.stride(0); P.B_sl = B.stride(1); P.B_sg = B.stride(2); P.B_sn = B.stride(3);
+  P.C = C.data_ptr();
+  P.C_sb = C.stride(0); P.C_sl = C.stride(1); P.C_sg = C.stride(2); P.C_sn = C.stride(3);
+  P.dt = dt.data_ptr(); P.dt_code = code_of(dt.scalar_type());
+  P.dt_sb = dt.stride(0); P.dt_sl = dt.stride(1); P.dt_sh = dt.stride(2);
+  P.A = A.data_ptr(); P.A_code = code_of(A.scalar_type()); P.A_s = A.stride(0);
+  if (D) {
+    P.D = D->data_ptr(); P.D_code = code_of(D->scalar_type());
+    P.D_sh = D->stride(0); P.D_sp = D->dim() == 2 ? D->stride(1) : 0;
+  }
+  if (dt_bias) {
+    P.dt_bias = dt_bias->data_ptr(); P.dtb_code = code_of(dt_bias->scalar_type());
+    P.dtb_s = dt_bias->stride(0);
+  }
+  if (initial_states) {
+    const auto& s = *initial_states;
+    P.init = s.data_ptr(); P.init_code = code_of(s.scalar_type());
+    P.i_ss = s.stride(0); P.i_sh = s.stride(1); P.i_sp = s.stride(2); P.i_sn = s.stride(3);
+  }
+  if (dfinal) {
+    const auto& s = *dfinal;
+    P.dfinal = s.data_ptr(); P.dfinal_code = code_of(s.scalar_type());
+    P.f_ss = s.stride(0); P.f_sh = s.stride(1); P.f_sp = s.stride(2); P.f_sn = s.stride(3);
+  }
+  if (seq_idx_in) {
+    P.seq_idx = seq_idx_in->data_ptr<int>();
+    P.si_sb = seq_idx_in->stride(0); P.si_sl = seq_idx_in->stride(1);
+  }
+  at::Tensor offs;
+  if (varlen) {
+    P.cu = cu.data_ptr<int>(); P.cu_s = cu.stride(0);
+    offs = at::empty({nseq + 1}, x.options().dtype(at::kInt));
+    P.offs = offs.data_ptr<int>();
+  }
+
+  // workspaces: per-chunk states (bf16), per-split dB/dC partials and per-chunk scalars (fp32)
+  auto bopt = x.options().dtype(at::kBFloat16);
+  const int64_t wsn = int64_t(P.nslots) * h * p * P.npad;
+  at::Tensor wsS = at::empty({wsn}, bopt), wsG = at::empty({wsn}, bopt);
+  const int64_t wbc = b * l * P.nsplit * g * P.npad;
+  at::Tensor wsdB = at::empty({wbc}, fopt), wsdC = at::empty({wbc}, fopt);
+  at::Tensor parts = at::empty({int64_t(P.nslots) * h * (2 + p)}, fopt);
+  P.wsS = wsS.data_ptr(); P.wsG = wsG.data_ptr();
+  P.wsdB = wsdB.data_ptr<float>(); P.wsdC = wsdC.data_ptr<float>();
+  P.part_dA = parts.data_ptr<float>();
+  P.part_ddtb = P.part_dA + int64_t(P.nslots) * h;
+  P.part_dD = P.part_ddtb + int64_t(P.nslots) * h;
+
+  P.dx = dx.data_ptr(); P.ddt = ddt.data_ptr(); P.dB = dB.data_ptr(); P.dC = dC.data_ptr();
+  P.dz = z_in ? dz.data_ptr() : nullptr;
+  P.dinit = initial_states ? dinit.data_ptr() : nullptr;
+  P.dA = dA32.data_ptr<float>();
+  P.ddtb = dt_bias ? ddtb32.data_ptr<float>() : nullptr;
+  P.dD = D ? dD32.data_ptr<float>() : nullptr;
+
+  const size_t smem = chunk_smem_bytes(P);
+  MLM_CHECK(smem <= prop.sharedMemPerBlockOptin, kOp, ": headdim ", p, " with dstate ", n,
+            " needs ", smem, " bytes of shared memory per block; this GPU has ",
+            prop.sharedMemPerBlockOptin);
+
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int tcode = code_of(T);
+  if (varlen) {
+    launch_chunk_offsets(P, stream);
+    MLM_CHECK_LAUNCH();
+  }
+  launch_states(P, tcode, stream);
+  MLM_CHECK_LAUNCH();
+  launch_chunk(P, tcode, stream);
+  MLM_CHECK_LAUNCH();
+  launch_reduce(P, tcode, stream);
+  MLM_CHECK_LAUNCH();
+  return finish();
+}
+
+}  // namespace
+}  // namespace ssd_bwd
+}  // namespace mlmamba
+
+TORCH_LIBRARY_IMPL(mlmamba, CUDA, m) {
+  m.impl("ssd_scan_bwd", &mlmamba::ssd_bwd::ssd_scan_bwd_cuda);
+}

@@ -1,0 +1,205 @@
+// SSD backward, step 1: the states entering each chunk (forward direction) and the adjoint
+// arriving at each chunk's end from later chunks (backward direction), for one 64x64 tile of
+// the (p, n) state per block. The tile is carried in fp32 mma accumulators across the chunks
+// of one sequence; each chunk adds its own contribution with one tensor-core product:
+//   forward:  S <- cont * S + sum_j sout_j dt_j x_j B_j^T      (S_prev stored before the update)
+//   backward: G <- cont * G + sum_i sin_i dy_i C_i^T           (G_next stored before the update)
+// The backward direction ends with dinitial_states = G.
+#include <cuda_runtime.h>
+
+#include "ssd/bwd_common.cuh"
+
+namespace mlmamba {
+namespace ssd_bwd {
+
+// chunk offsets of the packed sequences: offs[s+1] = offs[s] + ceil(len_s / kQ)
+__global__ void chunk_offsets_kernel(Params P) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int acc = 0;
+  P.offs[0] = 0;
+  for (int s = 0; s < P.nseq; ++s) {
+    const int len = P.cu[(s + 1) * P.cu_s] - P.cu[s * P.cu_s];
+    acc += len > 0 ? (len + kQ - 1) / kQ : 0;
+    P.offs[s + 1] = acc;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(128, sizeof(T) == 4 ? 2 : 4) states_kernel(Params P) {
+  __shared__ ChunkVec cv;
+  __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
+  __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
+  constexpr int LD = kNB + 8;
+  const int dir = blockIdx.x & 1;  // 0: states, 1: adjoint
+  const int s = blockIdx.x >> 1;
+  const int hh = blockIdx.y;
+  const int ntn = P.npad / kNB;
+  const int p0 = (blockIdx.z / ntn) * 64, n0 = (blockIdx.z % ntn) * kNB;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int r = lane >> 2, c2 = 2 * (lane & 3);
+  const int gg = hh / P.hpg;
+
+  int bb, nk, slot0;
+  int64_t tbeg, tend;
+  if (P.varlen) {
+    bb = 0;
+    tbeg = P.cu[s * P.cu_s];
+    tend = P.cu[(s + 1) * P.cu_s];
+    slot0 = P.offs[s];
+    nk = P.offs[s + 1] - slot0;
+  } else {
+    bb = s;
+    tbeg = 0;
+    tend = P.l;
+    slot0 = s * P.nch;
+    nk = P.nch;
+  }
+  const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
+  const int prow = p0 + warp * 16;  // first state row of this warp
+  const bool warp_on = prow < P.p;
+
+  // the carried tile, starting from initial_states (forward) or dfinal_states (backward)
+  float acc[8][4];
+  {
+    const bool has0 = dir == 0 ? P.has_init : P.has_dfinal;
+    const void* src = dir == 0 ? P.init : P.dfinal;
+    const int code = dir == 0 ? P.init_code : P.dfinal_code;
+    const int64_t ss = dir == 0 ? P.i_ss : P.f_ss, sh = dir == 0 ? P.i_sh : P.f_sh;
+    const int64_t sp = dir == 0 ? P.i_sp : P.f_sp, sn = dir == 0 ? P.i_sn : P.f_sn;
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int pp = prow + r + (e >> 1) * 8, nn = n0 + t * 8 + c2 + (e & 1);
+        acc[t][e] = (has0 && pp < P.p && nn < P.n)
+                        ? ld_code(src, code, s * ss + hh * sh + pp * sp + nn * sn)
+                        : 0.f;
+      }
+  }
+
+  bf16* ws = static_cast<bf16*>(dir == 0 ? P.wsS : P.wsG);
+  // raw tiles of the next chunk, loaded while the current one is multiplied:
+  // thread owns 8-column groups q = tid + 128 k (row q / 8, columns 8 (q % 8) ..)
+  Vec8<T> xr[4], zr[4], yr[4];
+  DtRaw dr;
+  auto fetch = [&](int k) {
+    const int64_t t0 = tbeg + int64_t(k) * kQ;
+    const int qc = int(min(int64_t(kQ), tend - t0));
+    if (warp == 0) fetch_dt(P, dr, bb, t0, qc, k == 0, hh);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
+      const int64_t t = t0 + i;
+      const int pc = max(0, min(8, P.p - (p0 + c8))), nc = max(0, min(8, P.n - (n0 + c8)));
+      if (i >= qc) {
+        xr[u].zero(); zr[u].zero(); yr[u].zero();
+        continue;
+      }
+      if (dir == 0) {
+        xr[u].load(P.x, bb * P.x_sb + t * P.x_sl + hh * P.x_sh + (p0 + c8) * P.x_sp, P.x_sp, pc,
+                   P.vec_x);
+        yr[u].load(P.B, bb * P.B_sb + t * P.B_sl + gg * P.B_sg + (n0 + c8) * P.B_sn, P.B_sn, nc,
+                   P.vec_B);
+      } else {
+        xr[u].load(P.dout, bb * P.o_sb + t * P.o_sl + hh * P.o_sh + (p0 + c8) * P.o_sp, P.o_sp,
+                   pc, P.vec_o);
+        if (P.has_z)
+          zr[u].load(P.z, bb * P.z_sb + t * P.z_sl + hh * P.z_sh + (p0 + c8) * P.z_sp, P.z_sp, pc,
+                     P.vec_z);
+        yr[u].load(P.C, bb * P.C_sb + t * P.C_sl + gg * P.C_sg + (n0 + c8) * P.C_sn, P.C_sn, nc,
+                   P.vec_C);
+      }
+    }
+  };
+  if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
+
+  for (int it = 0; it < nk; ++it) {
+    const int k = dir == 0 ? it : nk - 1 - it;
+    const int64_t t0 = tbeg + int64_t(k) * kQ;
+    const int qc = int(min(int64_t(kQ), tend - t0));
+
+    // store the tile as this chunk's S_prev / G_next
+    if (warp_on) {
+      bf16* dst = ws + ((int64_t(slot0 + k) * P.h + hh) * P.p) * P.npad;
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int pp = prow + r + hf * 8, nn = n0 + t * 8 + c2;
+          if (pp < P.p)
+            *reinterpret_cast<__nv_bfloat162*>(dst + int64_t(pp) * P.npad + nn) =
+                __floats2bfloat162_rn(acc[t][2 * hf], acc[t][2 * hf + 1]);
+        }
+    }
+    if (warp == 0) chunk_vectors_from(P, cv, dr, qc, hh, Ah);
+    __syncthreads();
+
+    // operand tiles: Xs[t][p] = scaled x (or dy), Ys[t][n] = B (or C)
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
+      const float sc = dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i];
+      float xv[8], yv[8];
+      const bool row_ok = i < qc;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool pok = row_ok && p0 + c8 + e < P.p, nok = row_ok && n0 + c8 + e < P.n;
+        float v = pok ? xr[u].get(e) : 0.f;
+        if (dir == 1 && P.has_z && pok) v *= silu_f(zr[u].get(e));
+        xv[e] = v * sc;
+        yv[e] = nok ? yr[u].get(e) : 0.f;
+      }
+      st_bf16x8(Xs + i * LD + c8, xv);
+      st_bf16x8(Ys + i * LD + c8, yv);
+    }
+    __syncthreads();
+    if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
+
+    const float cont = cv.cont;
+    if (warp_on) {
+#pragma unroll
+      for (int t = 0; t < 8; ++t)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][e] *= cont;
+#pragma unroll
+      for (int kk = 0; kk < kQ / 16; ++kk) {
+        uint32_t a[4];
+        frag_a_t(a, Xs, LD, warp * 16, kk * 16);
+#pragma unroll
+        for (int t = 0; t < 8; ++t) {
+          uint32_t b0, b1;
+          frag_b_kn(b0, b1, Ys, LD, t * 8, kk * 16);
+          mma16816(acc[t], a, b0, b1);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  if (dir == 1 && P.has_init && warp_on) {
+#pragma unroll
+    for (int t = 0; t < 8; ++t)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int pp = prow + r + (e >> 1) * 8, nn = n0 + t * 8 + c2 + (e & 1);
+        if (pp < P.p && nn < P.n)
+          st_code(P.dinit, P.init_code, ((int64_t(s) * P.h + hh) * P.p + pp) * P.n + nn,
+                  acc[t][e]);
+      }
+  }
+}
+
+void launch_chunk_offsets(const Params& prm, void* stream) {
+  chunk_offsets_kernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(prm);
+}
+
+void launch_states(const Params& prm, int tcode, void* stream) {
+  dim3 grid(prm.nseq * 2, prm.h, ((prm.p + 63) / 64) * (prm.npad / kNB));
+  auto st = static_cast<cudaStream_t>(stream);
+  if (tcode == kF32) states_kernel<float><<<grid, 128, 0, st>>>(prm);
+  else if (tcode == kF16) states_kernel<__half><<<grid, 128, 0, st>>>(prm);
+  else states_kernel<bf16><<<grid, 128, 0, st>>>(prm);
+}
+
+}  // namespace ssd_bwd
+}  // namespace mlmamba

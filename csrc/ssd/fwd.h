@@ -1,0 +1,85 @@
+// SSD forward and decode step: the plain parameter structs shared by host glue and kernels.
+// Pointers plus element strides (64-bit); A, D and dt_bias arrive as contiguous float32.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace mlmamba {
+namespace ssd {
+
+struct FwdParams {
+  int64_t seqlen, nheads, headdim, ngroups;
+  int64_t nrows;              // batch, or the number of packed sequences with cu_seqlens
+  int heads_per_group;
+  const void* x;
+  const void* dt;
+  const float* A;
+  const void* B;
+  const void* C;
+  const float* D;             // nullptr, or (h) / (h, p) via D_h, D_p
+  const void* z;              // nullptr or (b, l, h, p)
+  const float* dt_bias;       // nullptr or (h)
+  const void* init;           // nullptr or (rows, h, p, n)
+  const int* seq_idx;         // nullptr or (b, l)
+  const int* cu_seqlens;      // nullptr or (nrows + 1)
+  void* out;                  // (b, l, h, p) in x's dtype
+  float* final_states;        // nullptr or (rows, h, p, n) contiguous
+  int64_t x_b, x_l, x_h, x_p;
+  int64_t dt_b, dt_l, dt_h;
+  int64_t B_b, B_l, B_g, B_n;
+  int64_t C_b, C_l, C_g, C_n;
+  int64_t z_b, z_l, z_h, z_p;
+  int64_t out_b, out_l, out_h, out_p;
+  int64_t init_b, init_h, init_p, init_n;
+  int64_t seq_b, seq_l;
+  int64_t D_h, D_p;
+  int dt_dtype, z_dtype, init_dtype;  // DType codes (common.cuh)
+  bool dt_softplus, has_dt_limit;
+  float dt_min, dt_max;
+  bool vec_loads;             // x, B, C rows are 16-byte aligned and contiguous in p / n
+  bool one_cta_regs;          // dstate 128: registers budgeted for 1 CTA per SM (no spills)
+};
+
+// Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.
+// Return false for a d_state without a kernel.
+bool launch_ssd_fwd_bf16(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
+bool launch_ssd_fwd_f16(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
+bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
+
+// Dynamic shared memory of one CTA (bytes); mirrors FwdTraits::SMEM (fwd_kernel.cuh).
+constexpr int ssd_fwd_smem_bytes(bool bf16_inputs, int dstate, int pt) {
+  const int q = 64, nbuf = bf16_inputs ? 2 : 1, nspl = bf16_inputs ? 1 : 2;
+  const int load_el = q * pt + 2 * q * dstate;
+  return (nbuf * nspl * load_el + nspl * (pt * dstate + q * q)) * 2 + 5 * q * 4 + 16 + 64 * 4;
+}
+
+struct UpdateParams {
+  int64_t batch, nheads, headdim, dstate;
+  int heads_per_group;
+  void* state;                // (b, h, p, n), n contiguous, rows 16-byte aligned
+  const void* x;
+  const void* dt;
+  const float* A;
+  const void* B;
+  const void* C;
+  const float* D;
+  const void* z;
+  const float* dt_bias;
+  void* out;                  // (b, h, p) contiguous, x's dtype
+  int64_t s_b, s_h, s_p;
+  int64_t x_b, x_h, x_p;
+  int64_t dt_b, dt_h;
+  int64_t B_b, B_g, B_n;
+  int64_t C_b, C_g, C_n;
+  int64_t z_b, z_h, z_p;
+  int64_t D_h, D_p;
+  int x_dtype, dt_dtype, bc_dtype, z_dtype;
+  bool dt_softplus;
+  bool bc_vec;                // B and C contiguous in n, rows 16-byte aligned
+};
+
+// Return false for a d_state without a kernel.
+bool launch_ssd_update(const UpdateParams& p, bool bf16_state, cudaStream_t stream);
+
+}  // namespace ssd
+}  // namespace mlmamba
