@@ -1,4 +1,6 @@
 """Argument checks shared by every public op: one clear message naming op and argument."""
+import warnings
+
 import torch
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -51,6 +53,23 @@ def check_backend(op, backend, device, has_kernel):
             why = LOAD_ERROR or "this op has no CUDA kernel in this build"
             fail(op, f"backend='cuda' was asked for but the CUDA kernel is unavailable ({why})")
     return True
+
+
+_WARNED = set()
+
+
+def kernel_fits(op, backend, gap):
+    """True when the CUDA kernel takes these inputs (gap is None). Otherwise the reference
+    serves them, with a one-time warning; backend="cuda" makes that an error instead."""
+    if gap is None:
+        return True
+    if backend == "cuda":
+        fail(op, f"backend='cuda' was asked for, but the CUDA kernel does not take {gap}")
+    if (op, gap) not in _WARNED:
+        _WARNED.add((op, gap))
+        warnings.warn(f"{op}: the CUDA kernel does not take {gap}; running the PyTorch "
+                      "reference instead (slow)", stacklevel=3)
+    return False
 
 
 def dt_limit_pair(op, dt_limit):

@@ -28,6 +28,14 @@ def _check(op, x, weight, bias, activation, initial_states=None, seq_idx=None):
                     optional=True)
 
 
+def _kernel_gap(x, weight, bias, initial_states=None):
+    """Why the CUDA conv kernels cannot take these inputs, or None."""
+    for t in (x, weight, bias, initial_states):
+        if t is not None and t.dtype == torch.float64:
+            return "float64 inputs"
+    return None
+
+
 def _weight_2d(weight):
     # nn.Conv1d stores depthwise weights as (d, 1, w); accept that too
     return weight.squeeze(1) if weight is not None and weight.dim() == 3 and weight.shape[1] == 1 else weight
@@ -45,7 +53,10 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_states=None,
     weight = _weight_2d(weight)
     _check(op, x, weight, bias, activation, initial_states, seq_idx)
     silu = activation is not None
-    if not ck.check_backend(op, backend, x.device, has_cuda_kernel("causal_conv1d_fwd")):
+    use_op = ck.check_backend(op, backend, x.device, has_cuda_kernel("causal_conv1d_fwd"))
+    if use_op and x.is_cuda and has_cuda_kernel("causal_conv1d_fwd"):
+        use_op = ck.kernel_fits(op, backend, _kernel_gap(x, weight, bias, initial_states))
+    if not use_op:
         return ref.causal_conv1d(x, weight, bias, "silu" if silu else None, initial_states,
                                  return_final_states, seq_idx)
     with nvtx_range(op):
@@ -67,7 +78,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
     ck.check_tensor(op, "conv_state", conv_state, shape=(b, d, weight.shape[1] - 1),
                     device=x.device)
     silu = activation is not None
-    if not ck.check_backend(op, backend, x.device, has_cuda_kernel("causal_conv1d_update")):
+    use_op = ck.check_backend(op, backend, x.device, has_cuda_kernel("causal_conv1d_update"))
+    if use_op and x.is_cuda and has_cuda_kernel("causal_conv1d_update"):
+        use_op = ck.kernel_fits(op, backend, _kernel_gap(x, weight, bias, conv_state))
+    if not use_op:
         return ref.causal_conv1d_update(x, conv_state, weight, bias, "silu" if silu else None)
     with nvtx_range(op):
         return torch.ops.mlmamba.causal_conv1d_update(x, conv_state, weight, bias, silu)

@@ -8,6 +8,37 @@ from ._registry import (empty, no_double_backward, none_if_empty, nvtx_range, or
 from .reference import ssd as ref
 
 
+_DSTATES = (16, 32, 64, 128, 256)
+
+
+def _kernel_gap(x, B, C, nrows):
+    """Why the CUDA scan kernels (forward and backward) cannot take these inputs, or None."""
+    p, n = x.shape[-1], B.shape[-1]
+    if x.dtype == torch.float64:
+        return "float64 inputs"
+    if p % 32 or p > 128:
+        return f"headdim {p} (the kernels take 32, 64, 96 or 128)"
+    if n not in _DSTATES:
+        return f"d_state {n} (the kernels take {', '.join(map(str, _DSTATES))})"
+    if B.dtype != x.dtype or C.dtype != x.dtype:
+        return f"B/C dtype {B.dtype}/{C.dtype} differing from x's {x.dtype}"
+    if nrows > 65535:
+        return f"{nrows} batch rows (the kernels take at most 65535)"
+    return None
+
+
+def _update_gap(state, x, B, C):
+    if x.dtype == torch.float64:
+        return "float64 inputs"
+    if state.shape[-1] not in _DSTATES:
+        return f"d_state {state.shape[-1]} (the kernel takes {', '.join(map(str, _DSTATES))})"
+    if state.dtype not in (torch.float32, torch.bfloat16):
+        return f"a {state.dtype} state (the kernel takes float32 or bfloat16)"
+    if B.dtype != C.dtype:
+        return f"B/C dtypes {B.dtype}/{C.dtype} differ"
+    return None
+
+
 def _state_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -77,7 +108,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None,
                     optional=True)
     lo, hi = ck.dt_limit_pair(op, dt_limit)
     use_op = ck.check_backend(op, backend, dev, has_cuda_kernel("ssd_scan_fwd"))
-    if not use_op or (dev.type == "cuda" and x.dtype == torch.float64):
+    if use_op and dev.type == "cuda" and has_cuda_kernel("ssd_scan_fwd"):
+        use_op = ck.kernel_fits(op, backend, _kernel_gap(x, B, C, nstates))
+    if not use_op:
         return ref.ssd_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                             cu_seqlens, dt_softplus, (lo, hi), return_final_states)
     with nvtx_range(op):
@@ -107,7 +140,9 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     ck.check_tensor(op, "z", z, shape=(b, h, p), device=dev, optional=True)
     ck.check_tensor(op, "dt_bias", dt_bias, shape=(h,), device=dev, optional=True)
     use_op = ck.check_backend(op, backend, dev, has_cuda_kernel("ssd_state_update"))
-    if not use_op or (dev.type == "cuda" and x.dtype == torch.float64):
+    if use_op and dev.type == "cuda" and has_cuda_kernel("ssd_state_update"):
+        use_op = ck.kernel_fits(op, backend, _update_gap(state, x, B, C))
+    if not use_op:
         return ref.ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     with nvtx_range(op):
         return torch.ops.mlmamba.ssd_state_update(state, x, dt, A, B, C, D, z, dt_bias,

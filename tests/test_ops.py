@@ -222,3 +222,23 @@ def test_msc_errors(rng):
         mk.msc_scan(**t, **o, merge="max")
     with pytest.raises(ValueError, match=r"A must have shape \(2, 2\)"):
         mk.msc_scan(**{**t, "A": -torch.rand(3, 2)}, **o)
+
+
+def test_kernel_gaps_route_to_reference():
+    from mlmamba_kernels import _checks, conv1d, ssd
+    x = torch.zeros(1, 4, 2, 64, dtype=torch.bfloat16)
+    B = torch.zeros(1, 4, 1, 128, dtype=torch.bfloat16)
+    assert ssd._kernel_gap(x, B, B, 1) is None
+    assert "headdim 48" in ssd._kernel_gap(x[..., :48], B, B, 1)
+    assert "d_state 100" in ssd._kernel_gap(x, B[..., :100], B[..., :100], 1)
+    assert "B/C dtype" in ssd._kernel_gap(x, B.float(), B.float(), 1)
+    assert "65536 batch rows" in ssd._kernel_gap(x, B, B, 65536)
+    st = torch.zeros(1, 2, 64, 128, dtype=torch.float16)
+    assert "float16 state" in ssd._update_gap(st, x[:, 0], B[:, 0], B[:, 0])
+    assert conv1d._kernel_gap(torch.zeros(1, 2, 3, dtype=torch.float64), torch.zeros(2, 4),
+                              None) == "float64 inputs"
+    assert _checks.kernel_fits("op", None, None)
+    with pytest.warns(UserWarning, match="op: the CUDA kernel does not take thing"):
+        assert not _checks.kernel_fits("op", None, "thing")
+    with pytest.raises(ValueError, match="backend='cuda' was asked for, but the CUDA kernel"):
+        _checks.kernel_fits("op", "cuda", "thing")
