@@ -67,9 +67,25 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     if not use_op or (dev.type == "cuda" and xBC.dtype == torch.float64):
         return ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                             ngroups, (lo, hi), None if merge_s == "none" else merge_s)
+    if dev.type == "cuda" and not has_cuda_kernel("msc_scan_fwd"):
+        return composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
+                                 headdim, ngroups, (lo, hi), merge)
     with nvtx_range(op):
         return torch.ops.mlmamba.msc_scan_fwd(xBC, dt, A, D, conv_weight, conv_bias, dt_bias,
                                               orders, headdim, ngroups, lo, hi, merge_s)
+
+
+def composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+                      dt_limit, merge):
+    """Until the fused kernel lands: k unfused scans through the public causal_conv1d and
+    ssd_scan (CUDA kernels), in the input dtype. This writes k permuted copies of the grid,
+    which the fused msc_scan kernel (issue 8) exists to avoid."""
+    from .conv1d import causal_conv1d
+    from .ssd import ssd_scan
+    with nvtx_range("msc_scan (unfused)"):
+        return ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
+                            ngroups, dt_limit, merge, conv=causal_conv1d, scan=ssd_scan,
+                            upcast=False)
 
 
 # ---- reference kernels of the ops -------------------------------------------------------

@@ -242,3 +242,14 @@ def test_kernel_gaps_route_to_reference():
         assert not _checks.kernel_fits("op", None, "thing")
     with pytest.raises(ValueError, match="backend='cuda' was asked for, but the CUDA kernel"):
         _checks.kernel_fits("op", "cuda", "thing")
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum", None])
+def test_composed_msc_equals_reference(rng, merge):
+    # the unfused CUDA path of msc_scan composes the public ops; on CPU they run the references
+    from mlmamba_kernels.msc import composed_msc_scan
+    t, o = msc_inputs(rng, k=4, H=3, W=5)
+    t = {k: v.double() for k, v in t.items()}
+    a = composed_msc_scan(**t, **o, dt_limit=(0.0, float("inf")), merge=merge)
+    b = mk.msc_scan(**t, **o, merge=merge)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

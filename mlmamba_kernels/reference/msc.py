@@ -50,25 +50,28 @@ def scan_orders(height, width, kind):
 
 
 def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-             dt_limit=_NO_LIMIT, merge="mean"):
+             dt_limit=_NO_LIMIT, merge="mean", conv=causal_conv1d, scan=ssd_scan, upcast=True):
     """xBC (b,L,h*p+2*g*n), dt (b,L,h) in raster order; A, D, dt_bias (k,h); conv_weight (k,cd,w);
     conv_bias (k,cd) or None; orders (k,L). Per scan i: gather along orders[i], causal conv + silu,
-    ssd_scan (softplus on), scatter back. merge "mean"/"sum" -> (b,L,h,p); None/"none" -> (k,b,L,h,p)."""
+    ssd_scan (softplus on), scatter back. merge "mean"/"sum" -> (b,L,h,p); None/"none" -> (k,b,L,h,p).
+
+    `conv`/`scan` are the conv and scan to compose (the references by default; the public ops
+    give the unfused CUDA path); `upcast` keeps the activations in fp32 between them."""
     b, L, cd = xBC.shape
     h = dt.shape[2]
     p, g = headdim, ngroups
     n = (cd - h * p) // (2 * g)
-    src = xBC.to(torch.float64 if xBC.dtype == torch.float64 else torch.float32)
+    src = xBC.to(torch.float64 if xBC.dtype == torch.float64 else torch.float32) if upcast else xBC
     ys = []
     for i in range(orders.shape[0]):
         idx = orders[i].to(device=xBC.device, dtype=torch.int64)
         xs = src[:, idx].transpose(1, 2)                          # (b, cd, L) channel-last
         bias = None if conv_bias is None else conv_bias[i]
-        xs = causal_conv1d(xs, conv_weight[i], bias, "silu").transpose(1, 2)
+        xs = conv(xs, conv_weight[i], bias, "silu").transpose(1, 2)
         x, B, C = torch.split(xs, [h * p, g * n, g * n], dim=-1)
-        y = ssd_scan(x.reshape(b, L, h, p), dt[:, idx], A[i], B.reshape(b, L, g, n),
-                     C.reshape(b, L, g, n), _CHUNK, D=D[i], dt_bias=dt_bias[i],
-                     dt_softplus=True, dt_limit=dt_limit)
+        y = scan(x.reshape(b, L, h, p), dt[:, idx], A[i], B.reshape(b, L, g, n),
+                 C.reshape(b, L, g, n), _CHUNK, D=D[i], dt_bias=dt_bias[i],
+                 dt_softplus=True, dt_limit=dt_limit)
         ys.append(y[:, torch.argsort(idx)])                       # back to raster positions
     y = torch.stack(ys)
     if merge in ("mean", "sum"):
