@@ -9,6 +9,8 @@ width instead, so with ngroups > 1 the two differ (all published Mamba-2 LMs hav
 The block norm is mamba_ssm's fused add + norm: the norm reads the fp32 residual (transformers
 rounds it to the model dtype first), which only matters in bf16/fp16."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -114,6 +116,23 @@ class Mamba2LM(nn.Module):
         self.backbone = Mamba2Backbone(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, std=0.02):
+        """mamba_ssm's initialisation for training from scratch: embeddings N(0, std), linear
+        biases zero, out_proj scaled by 1/sqrt(n_layer) (the prenorm-residual rescale).
+        (nn.Embedding's default N(0, 1) gives a tied model logits of size sqrt(d_model).)"""
+        nn.init.normal_(self.backbone.embedding.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for layer in self.backbone.layers:
+            for lin in (layer.mixer.in_proj, layer.mixer.out_proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.kaiming_uniform_(layer.mixer.out_proj.weight, a=math.sqrt(5))
+            layer.mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
 
     def tie_weights(self):
         if self.config.tie_embeddings:
