@@ -1,0 +1,217 @@
+// Causal conv1d backward, channel-last layout (the math and the determinism: bwd_lcontig.cuh).
+#pragma once
+#include <c10/cuda/CUDAException.h>
+
+#include "common/check.h"
+#include "conv1d/conv1d.h"
+#include "conv1d/switch.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+// Channel-last: a lane owns C channels and walks rows t = t0 .. t1+H-1 upward, keeping the
+// last H+1 rows of x and g; dx for row u = t - H is complete once g[t] is known.
+template <int W, typename T, bool kSeq>
+__global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
+  using R = typename RawOf<T>::type;
+  constexpr int C = 4, H = W - 1, RW = 4;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t L = p.seqlen, D = p.dim;
+  const int64_t b = blockIdx.x / cgroups;
+  const int64_t cg = blockIdx.x - b * cgroups;
+  const int64_t t0 = (cg * 4 + warp) * p.chunk;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * C;
+  // No early return: the block meets at a barrier for the dweight sums. Idle lanes add zeros.
+  const bool active = t0 < L && c0 < D;
+  const int64_t t1 = !active ? t0 : (t0 + p.chunk < L ? t0 + p.chunk : L);
+  const int64_t nc = D - c0;
+  const R* xb = static_cast<const R*>(p.x) + b * p.x_b + c0;
+  const R* dob = static_cast<const R*>(p.dout) + b * p.dout_b + c0;
+  R* dxb = static_cast<R*>(p.out) + b * p.out_b + c0;
+  constexpr bool has_seq = kSeq;  // without seq_idx every mask folds away
+  const int* sr = has_seq ? p.seq + b * p.seq_b : nullptr;
+  const int seq0 = has_seq ? sr[0] : 0;
+  const int64_t fin0 = L - H;
+  const int64_t u_first = (t0 == 0 && p.dinit != nullptr) ? -H : t0;
+
+  float wr[W][C], bias[C], dw[W][C], db[C];
+  #pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const bool ok = i < nc;
+    #pragma unroll
+    for (int k = 0; k < W; ++k) {
+      wr[k][i] = ok ? load_any(p.weight, (c0 + i) * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype) : 0.f;
+      dw[k][i] = 0.f;
+    }
+    bias[i] = ok && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
+    db[i] = 0.f;
+  }
+  float xw[H + RW][C], gw[H + RW][C];
+  int sw[H + RW];
+  const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l) && vec_ok<C>(dob, p.dout_l);
+  const bool vec_out = nc >= C && vec_ok<C>(dxb, p.out_l);
+  #pragma unroll
+  for (int j = 0; j < H; ++j) {
+    #pragma unroll
+    for (int i = 0; i < C; ++i) gw[j][i] = 0.f;  // never read for a row < t0 that is emitted
+  }
+  if (active && t0 >= H && vec_in) {  // the common case: straight-line loads
+    #pragma unroll
+    for (int j = 0; j < H; ++j) load_vec<C>(xb + (t0 - H + j) * p.x_l, xw[j]);
+    #pragma unroll
+    for (int j = 0; j < H; ++j) sw[j] = has_seq ? sr[t0 - H + j] : 0;
+  } else {  // first chunk (initial states), idle warps, or rows not whole aligned words
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const int64_t q = t0 - H + j;
+      if (q >= 0 && q < L) {  // q >= L only for an idle warp
+        load_checked<C>(xb + q * p.x_l, nc, xw[j]);
+        sw[j] = has_seq ? sr[q] : 0;
+      } else {
+        #pragma unroll
+        for (int i = 0; i < C; ++i)
+          xw[j][i] = q < 0 && p.init != nullptr && i < nc
+                         ? load_any(p.init, b * p.init_b + (c0 + i) * p.init_d + (H + q) * p.init_k,
+                                    p.init_dtype)
+                         : 0.f;
+        sw[j] = seq0;
+      }
+    }
+  }
+  const int64_t t_last = active ? t1 + H : t0;  // exclusive; rows >= t1 are look-ahead
+  // Full groups of RW rows are loaded one group ahead (raw words), so a group's loads are in
+  // flight while the previous group computes.
+  const int64_t t_stop = t_last < L ? t_last : L;  // rows to read in this chunk
+  RawRun<C, R> nx[RW], nd[RW];
+  if (vec_in && t0 + RW <= t_stop) {
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      nx[r].load(xb + (t0 + r) * p.x_l);
+      nd[r].load(dob + (t0 + r) * p.dout_l);
+    }
+  }
+  for (int64_t tg = t0; tg < t_last; tg += RW) {
+    float dv[RW][C];
+    if (vec_in && tg + RW <= t_stop) {
+      #pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        nx[r].to_float(xw[H + r]);
+        nd[r].to_float(dv[r]);
+      }
+      const int64_t tn = tg + RW;
+      if (tn + RW <= t_stop) {
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          nx[r].load(xb + (tn + r) * p.x_l);
+          nd[r].load(dob + (tn + r) * p.dout_l);
+        }
+      }
+    } else {
+      #pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        if (tg + r < t_stop) {
+          load_checked<C>(xb + (tg + r) * p.x_l, nc, xw[H + r]);
+          load_checked<C>(dob + (tg + r) * p.dout_l, nc, dv[r]);
+        } else {
+          #pragma unroll
+          for (int i = 0; i < C; ++i) { xw[H + r][i] = 0.f; dv[r][i] = 0.f; }
+        }
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) sw[H + r] = !has_seq ? 0 : (tg + r < t_stop ? sr[tg + r] : -1);
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      const int64_t t = tg + r;
+      const bool own = t < t1;
+      #pragma unroll
+      for (int i = 0; i < C; ++i) {
+        float xm[W];
+        float acc = bias[i];
+        bool ok = true;
+        #pragma unroll
+        for (int k = 0; k < W; ++k) {
+          ok = ok && sw[H + r - k] == sw[H + r];
+          xm[k] = ok ? xw[H + r - k][i] : 0.f;
+          acc = fmaf(wr[k][i], xm[k], acc);
+        }
+        const float gi = dv[r][i] * act_grad(acc, p.silu);
+        gw[H + r][i] = gi;
+        if (own) {
+          db[i] += gi;
+          #pragma unroll
+          for (int k = 0; k < W; ++k) dw[k][i] = fmaf(gi, xm[k], dw[k][i]);
+        }
+      }
+      const int64_t u = t - H;  // window row r
+      if (u >= u_first && u < t1) {
+        float o[C];
+        #pragma unroll
+        for (int i = 0; i < C; ++i) {
+          float acc = 0.f;
+          bool ok = true;
+          #pragma unroll
+          for (int k = 0; k < W; ++k) {
+            ok = ok && sw[r + k] == sw[r];
+            if (ok) acc = fmaf(wr[k][i], gw[r + k][i], acc);
+          }
+          o[i] = acc;
+        }
+        if (p.dfinal != nullptr && u >= fin0) {  // the last w-1 positions
+          #pragma unroll
+          for (int i = 0; i < C; ++i)
+            if (i < nc)
+              o[i] += load_any(p.dfinal, b * p.dfinal_b + (c0 + i) * p.dfinal_d +
+                                             (u - fin0) * p.dfinal_k, p.dfinal_dtype);
+        }
+        if (u >= 0) {
+          if (vec_out) store_vec<C>(dxb + u * p.out_l, o);
+          else store_checked<C>(dxb + u * p.out_l, nc, o);
+        } else {
+          #pragma unroll
+          for (int i = 0; i < C; ++i)
+            if (i < nc) store_any(p.dinit, (b * D + c0 + i) * H + (u + H), p.init_dtype, o[i]);
+        }
+      }
+    }
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      #pragma unroll
+      for (int i = 0; i < C; ++i) { xw[j][i] = xw[RW + j][i]; gw[j][i] = gw[RW + j][i]; }
+      sw[j] = sw[RW + j];
+    }
+  }
+  // Sum the 4 warps' partials in a fixed order; one workspace slot per block.
+  constexpr int kItems = C * (W + 1);
+  __shared__ float red[4][kItems][32];
+  #pragma unroll
+  for (int i = 0; i < C; ++i) {
+    #pragma unroll
+    for (int k = 0; k < W; ++k) red[warp][i * (W + 1) + k][lane] = dw[k][i];
+    red[warp][i * (W + 1) + W][lane] = db[i];
+  }
+  __syncthreads();
+  if (c0 >= D) return;
+  float* slot = p.partial + ((b * cgroups + cg) * D + c0) * (W + 1);
+  for (int it = warp; it < kItems; it += 4) {
+    if (it / (W + 1) >= nc) break;
+    slot[it] = ((red[0][it][lane] + red[1][it][lane]) + red[2][it][lane]) + red[3][it][lane];
+  }
+}
+
+template <bool kSeq>
+void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
+  const int64_t cgroups = p.nslots_per_batch;
+  const int64_t gx = p.batch * cgroups, gy = (p.dim + 127) / 128;
+  MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536, "causal_conv1d_bwd: input too large");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(p.width, W, [&] {
+      bwd_chlast_kernel<W, T, kSeq><<<grid, 128, 0, s>>>(p, cgroups);
+      MLM_CHECK_LAUNCH();
+    });
+  });
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba

@@ -1,0 +1,243 @@
+// Causal depthwise conv1d: the parameter struct shared by the host glue and the kernels, and
+// the small device helpers the kernels share.
+//
+//   out[b,c,t] = act(bias[c] + sum_{j<w} weight[c,j] * x[b,c,t-(w-1)+j])
+//
+// Kernels use the reversed taps wr[k] = weight[c, w-1-k], so out[t] = sum_k wr[k] * x[t-k].
+// A tap x[t-k] counts only if seq_idx does not change between t-k and t; positions t-k < 0
+// read initial_states and carry seq_idx[0] (initial states feed the first segment only).
+// All strides are in elements and 64-bit.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+#include <cuda_runtime_api.h>
+
+namespace mlmamba {
+namespace conv1d {
+
+constexpr unsigned kFull = 0xffffffffu;  // all lanes of a warp
+
+// Runtime dtype tag for the small side tensors (weight, bias, states): they may differ from x.
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct ConvParams {
+  int64_t batch, dim, seqlen;
+  int width;
+  bool silu;
+
+  const void* x;  // x dtype (kernel template T)
+  int64_t x_b, x_d, x_l;
+  const void* weight;  // (d, w)
+  int64_t w_d, w_k;
+  int w_dtype;
+  const void* bias;  // (d,) or null
+  int64_t bias_s;
+  int bias_dtype;
+  const void* init;  // (b, d, w-1) or null
+  int64_t init_b, init_d, init_k;
+  int init_dtype;
+  const int* seq;  // (b, l) int32 or null
+  int64_t seq_b, seq_l;
+
+  void* out;  // fwd: out; bwd: dx (x dtype)
+  int64_t out_b, out_d, out_l;
+  void* final_states;  // fwd: contiguous (b, d, w-1), x dtype, or null
+
+  // backward only
+  const void* dout;  // x dtype, same fast dim as x
+  int64_t dout_b, dout_d, dout_l;
+  const void* dfinal;  // (b, d, w-1) or null
+  int64_t dfinal_b, dfinal_d, dfinal_k;
+  int dfinal_dtype;
+  void* dinit;  // contiguous (b, d, w-1), init dtype, or null
+  float* partial;  // (slots, d, w+1) fp32: per-tile dweight (reversed taps) then dbias
+  int64_t nslots_per_batch;  // l-contig: tiles per row; channel-last: blocks (4 chunks) per row
+
+  int64_t chunk;  // channel-last: rows per warp
+};
+
+void fwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
+void fwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
+void bwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
+void bwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
+// Sums the partial workspace in a fixed order into dweight (d, w) and dbias (d,).
+void reduce_dweight(const ConvParams& p, int64_t nslots, void* dweight, void* dbias, cudaStream_t s);
+
+// Tile sizes the host needs to size the workspace.
+constexpr int kFwdLVecs = 4;  // 8-element vectors per lane, l-contiguous forward
+constexpr int kBwdLVecs = 2;  // same, backward
+inline int64_t bwd_lcontig_tiles(int64_t seqlen) {
+  const int64_t tile = 32 * 8 * kBwdLVecs;
+  return (seqlen + tile - 1) / tile;
+}
+
+struct UpdateParams {
+  int64_t batch, dim, seqlen;
+  int width;
+  bool silu;
+  const void* x;
+  int64_t x_b, x_d, x_l;
+  void* state;  // (b, d, w-1), updated in place
+  int64_t st_b, st_d, st_k;
+  int st_dtype;
+  const void* weight;
+  int64_t w_d, w_k;
+  int w_dtype;
+  const void* bias;
+  int64_t bias_s;
+  int bias_dtype;
+  void* out;  // x's shape, contiguous
+  int64_t out_b, out_d, out_l;
+};
+void update(const UpdateParams& p, int xdtype, cudaStream_t s);
+
+}  // namespace conv1d
+}  // namespace mlmamba
+
+#ifdef __CUDACC__
+#include "common/device_utils.cuh"
+
+namespace mlmamba {
+namespace conv1d {
+
+// Element i of a float32/float16/bfloat16 tensor as float. Written without branches around
+// the load, so that a kernel's prologue issues all of these loads before waiting on any.
+__device__ __forceinline__ float load_any(const void* p, int64_t i, int dt) {
+  const uint32_t v = dt == kF32 ? __ldg(static_cast<const unsigned int*>(p) + i)
+                                : static_cast<uint32_t>(__ldg(static_cast<const unsigned short*>(p) + i));
+  if (dt == kF32) return __uint_as_float(v);
+  if (dt == kF16) return __half2float(__ushort_as_half(static_cast<unsigned short>(v)));
+  return __uint_as_float(v << 16);
+}
+
+__device__ __forceinline__ void store_any(void* p, int64_t i, int dt, float v) {
+  if (dt == kF32) static_cast<float*>(p)[i] = v;
+  else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half_rn(v);
+  else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+}
+
+// Native element <-> float, keyed on the raw CUDA type; RawOf maps the c10 type to it.
+template <typename T> struct RawOf { using type = T; };
+template <> struct RawOf<at::Half> { using type = __half; };
+template <> struct RawOf<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename R> struct Elem;
+template <> struct Elem<float> {
+  static __device__ __forceinline__ float tof(float v) { return v; }
+  static __device__ __forceinline__ float fromf(float v) { return v; }
+};
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float tof(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half fromf(float v) { return __float2half_rn(v); }
+};
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float tof(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 fromf(float v) { return __float2bfloat16_rn(v); }
+};
+
+// N consecutive elements (unit stride) as whole 16-byte (or 8-byte) words.
+template <int N, typename R>
+struct Words {
+  static constexpr int kBytes = N * static_cast<int>(sizeof(R));
+  static_assert(kBytes % 8 == 0, "a run must fill whole 8-byte words");
+  using W = typename std::conditional<kBytes % 16 == 0, uint4, uint2>::type;
+  static constexpr int kCount = kBytes / static_cast<int>(sizeof(W));
+};
+
+// True when p may be read as Words<N, R> (every run at p + k * step too, step in elements).
+template <int N, typename R>
+__device__ __forceinline__ bool vec_ok(const R* p, int64_t step = 0) {
+  using W = typename Words<N, R>::W;
+  return (reinterpret_cast<uintptr_t>(p) % sizeof(W)) == 0 &&
+         (step * static_cast<int64_t>(sizeof(R))) % static_cast<int64_t>(sizeof(W)) == 0;
+}
+
+// N elements held as raw words: load now, convert later (a prefetch that costs N*size bytes of
+// registers, not N floats).
+template <int N, typename R>
+struct RawRun {
+  typename Words<N, R>::W w[Words<N, R>::kCount];
+  __device__ __forceinline__ void load(const R* p) {
+    #pragma unroll
+    for (int i = 0; i < Words<N, R>::kCount; ++i)
+      w[i] = reinterpret_cast<const typename Words<N, R>::W*>(p)[i];
+  }
+  __device__ __forceinline__ void to_float(float (&v)[N]) const {
+    const R* e = reinterpret_cast<const R*>(w);
+    #pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
+  }
+};
+
+// Fast path: N elements with whole-word loads; the caller checked vec_ok and the range. Call it
+// for all runs of a step before using any value, so the loads are all in flight together.
+template <int N, typename R>
+__device__ __forceinline__ void load_vec(const R* p, float (&v)[N]) {
+  using Wd = Words<N, R>;
+  typename Wd::W w[Wd::kCount];
+  #pragma unroll
+  for (int i = 0; i < Wd::kCount; ++i) w[i] = reinterpret_cast<const typename Wd::W*>(p)[i];
+  const R* e = reinterpret_cast<const R*>(w);
+  #pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
+}
+
+// Slow path: element loads, n of them valid (the rest read as 0).
+template <int N, typename R>
+__device__ __forceinline__ void load_checked(const R* p, int64_t n, float (&v)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = i < n ? Elem<R>::tof(p[i]) : 0.f;
+}
+
+template <int N, typename R>
+__device__ __forceinline__ void store_vec(R* p, const float (&v)[N]) {
+  using Wd = Words<N, R>;
+  typename Wd::W w[Wd::kCount];
+  R* e = reinterpret_cast<R*>(w);
+  #pragma unroll
+  for (int i = 0; i < N; ++i) e[i] = Elem<R>::fromf(v[i]);
+  #pragma unroll
+  for (int i = 0; i < Wd::kCount; ++i) reinterpret_cast<typename Wd::W*>(p)[i] = w[i];
+}
+
+template <int N, typename R>
+__device__ __forceinline__ void store_checked(R* p, int64_t n, const float (&v)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (i < n) p[i] = Elem<R>::fromf(v[i]);
+}
+
+// 8 consecutive int32 seq_idx values, n valid (the rest repeat `fill`).
+__device__ __forceinline__ void load_seq8(const int* p, int64_t n, int fill, int (&v)[8]) {
+  if (n >= 8 && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+    const int4 a = reinterpret_cast<const int4*>(p)[0];
+    const int4 b = reinterpret_cast<const int4*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = i < n ? p[i] : fill;
+  }
+}
+
+// sigmoid through the hardware exp2 and reciprocal (a few ulp; no IEEE-division slow path):
+// these kernels are memory-bound only while the arithmetic per element stays this short.
+__device__ __forceinline__ float fast_sigmoid(float x) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -1.4426950408889634f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  return r;
+}
+__device__ __forceinline__ float act_fwd(float pre, bool silu) {
+  return silu ? pre * fast_sigmoid(pre) : pre;
+}
+// d act / d pre
+__device__ __forceinline__ float act_grad(float pre, bool silu) {
+  if (!silu) return 1.f;
+  const float s = fast_sigmoid(pre);
+  return s * fmaf(pre, 1.f - s, 1.f);
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
+#endif

@@ -1,0 +1,164 @@
+// Causal conv1d forward, channel-last x (d contiguous; l contiguous: fwd_lcontig.cuh).
+// A lane owns 8 channels (one 16-byte load per row) and walks a chunk of rows, keeping the
+// last w-1 rows in registers; only the chunk's first w-1 rows are read twice (hits in L2).
+#pragma once
+#include <c10/cuda/CUDAException.h>
+
+#include "common/check.h"
+#include "conv1d/conv1d.h"
+#include "conv1d/switch.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+template <int W, typename T, bool kSeq>
+__global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
+  using R = typename RawOf<T>::type;
+  constexpr int C = 8, H = W - 1, RW = 4;  // channels per lane, rows per step
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t L = p.seqlen, D = p.dim;
+  const int64_t b = blockIdx.x / cgroups;
+  const int64_t t0 = ((blockIdx.x - b * cgroups) * 4 + warp) * p.chunk;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * C;
+  if (t0 >= L || c0 >= D) return;
+  const int64_t t1 = t0 + p.chunk < L ? t0 + p.chunk : L;
+  const int64_t nc = D - c0;
+  const R* xb = static_cast<const R*>(p.x) + b * p.x_b + c0;
+  R* ob = static_cast<R*>(p.out) + b * p.out_b + c0;
+  constexpr bool has_seq = kSeq;  // without seq_idx every mask folds away
+  const int* sr = has_seq ? p.seq + b * p.seq_b : nullptr;
+  const int seq0 = has_seq ? sr[0] : 0;
+
+  float wr[W][C], bias[C];
+  #pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const bool ok = i < nc;
+    #pragma unroll
+    for (int k = 0; k < W; ++k)
+      wr[k][i] = ok ? load_any(p.weight, (c0 + i) * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype) : 0.f;
+    bias[i] = ok && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
+  }
+  // Window of rows t-H .. t+RW-1: the first H rows are the look-back.
+  float xw[H + RW][C];
+  int sw[H + RW];
+  // Rows as whole 16-byte words when this lane's C channels exist and every row is aligned.
+  const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l);
+  const bool vec_out = nc >= C && vec_ok<C>(ob, p.out_l);
+  if (t0 >= H && vec_in) {  // the common case: straight-line loads
+    #pragma unroll
+    for (int j = 0; j < H; ++j) load_vec<C>(xb + (t0 - H + j) * p.x_l, xw[j]);
+    #pragma unroll
+    for (int j = 0; j < H; ++j) sw[j] = has_seq ? sr[t0 - H + j] : 0;
+  } else {  // first chunk (initial states), or rows that are not whole aligned words
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const int64_t q = t0 - H + j;
+      if (q >= 0) {
+        load_checked<C>(xb + q * p.x_l, nc, xw[j]);
+        sw[j] = has_seq ? sr[q] : 0;
+      } else {
+        #pragma unroll
+        for (int i = 0; i < C; ++i)
+          xw[j][i] = p.init != nullptr && i < nc
+                         ? load_any(p.init, b * p.init_b + (c0 + i) * p.init_d + (H + q) * p.init_k,
+                                    p.init_dtype)
+                         : 0.f;
+        sw[j] = seq0;
+      }
+    }
+  }
+  // Full groups of RW rows are loaded one group ahead (raw words), so a group's loads are in
+  // flight while the previous group computes.
+  RawRun<C, R> next[RW];
+  if (vec_in && t0 + RW <= t1) {
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) next[r].load(xb + (t0 + r) * p.x_l);
+  }
+  for (int64_t tg = t0; tg < t1; tg += RW) {
+    if (vec_in && tg + RW <= t1) {
+      #pragma unroll
+      for (int r = 0; r < RW; ++r) next[r].to_float(xw[H + r]);
+      const int64_t tn = tg + RW;
+      if (tn + RW <= t1) {
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) next[r].load(xb + (tn + r) * p.x_l);
+      }
+    } else {
+      #pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        if (tg + r < t1) load_checked<C>(xb + (tg + r) * p.x_l, nc, xw[H + r]);
+        else {
+          #pragma unroll
+          for (int i = 0; i < C; ++i) xw[H + r][i] = 0.f;
+        }
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) sw[H + r] = has_seq && tg + r < t1 ? sr[tg + r] : 0;
+    #pragma unroll
+    for (int r = 0; r < RW; ++r) {
+      const int64_t t = tg + r;
+      if (t >= t1) break;
+      float o[C];
+      #pragma unroll
+      for (int i = 0; i < C; ++i) {
+        float acc = bias[i];
+        bool ok = true;
+        #pragma unroll
+        for (int k = 0; k < W; ++k) {
+          ok = ok && sw[H + r - k] == sw[H + r];
+          const float xval = ok ? xw[H + r - k][i] : 0.f;
+          acc = fmaf(wr[k][i], xval, acc);
+        }
+        o[i] = act_fwd(acc, p.silu);
+      }
+      if (vec_out) store_vec<C>(ob + t * p.out_l, o);
+      else store_checked<C>(ob + t * p.out_l, nc, o);
+    }
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      #pragma unroll
+      for (int i = 0; i < C; ++i) xw[j][i] = xw[RW + j][i];
+      sw[j] = sw[RW + j];
+    }
+  }
+  if (p.final_states != nullptr && t1 == L) {  // last w-1 inputs, initial states in front
+    R* fr = static_cast<R*>(p.final_states) + (b * D + c0) * H;
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const int64_t q = L - H + j;
+      float v[C];
+      if (q >= 0) {
+        load_checked<C>(xb + q * p.x_l, nc, v);
+      } else {
+        #pragma unroll
+        for (int i = 0; i < C; ++i)
+          v[i] = p.init != nullptr && i < nc
+                     ? load_any(p.init, b * p.init_b + (c0 + i) * p.init_d + (H + q) * p.init_k,
+                                p.init_dtype)
+                     : 0.f;
+      }
+      #pragma unroll
+      for (int i = 0; i < C; ++i)
+        if (i < nc) fr[i * H + j] = Elem<R>::fromf(v[i]);
+    }
+  }
+}
+
+template <bool kSeq>
+void fwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
+  const int64_t nchunks = (p.seqlen + p.chunk - 1) / p.chunk;
+  const int64_t cgroups = (nchunks + 3) / 4;
+  const int64_t gx = p.batch * cgroups, gy = (p.dim + 255) / 256;
+  MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536, "causal_conv1d_fwd: input too large");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(p.width, W, [&] {
+      fwd_chlast_kernel<W, T, kSeq><<<grid, 128, 0, s>>>(p, cgroups);
+      MLM_CHECK_LAUNCH();
+    });
+  });
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba

@@ -1,0 +1,330 @@
+// Host glue for the causal conv1d ops: argument checks, layout choice, output allocation,
+// launch on the current stream. Schemas: csrc/registration.cpp; contract: docs/ops.md.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+
+#include "common/check.h"
+#include "conv1d/conv1d.h"
+
+namespace mlmamba {
+namespace conv1d {
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+int dtag(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kHalf: return kF16;
+    default: return kBF16;
+  }
+}
+
+bool present(const OptT& t) { return t.has_value() && t->defined(); }
+
+void check_float(const char* op, const Tensor& t, const char* name) {
+  MLM_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+                t.scalar_type() == at::kBFloat16,
+            op, ": ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+}
+
+void check_device(const char* op, const Tensor& x, const Tensor& t, const char* name) {
+  MLM_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+            x.device());
+}
+
+// out (or dx) in x's layout rule: channel-last if x.stride(1) == 1 and d > 1.
+bool is_chlast(const Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1; }
+
+Tensor like_layout(const Tensor& x, bool chlast) {
+  const auto b = x.size(0), d = x.size(1), l = x.size(2);
+  return chlast ? at::empty({b, l, d}, x.options()).transpose(1, 2) : at::empty({b, d, l}, x.options());
+}
+
+// Tensor t with the same fast dim as the chosen kernel (copy only if needed).
+Tensor fast_dim(const Tensor& t, bool chlast) {
+  if (chlast) return t.stride(1) == 1 ? t : t.transpose(1, 2).contiguous().transpose(1, 2);
+  return (t.stride(2) == 1 || t.size(2) == 1) ? t : t.contiguous();
+}
+
+// Checks shared by fwd and bwd; returns the width.
+int check_common(const char* op, const Tensor& x, const Tensor& weight, const OptT& bias,
+                 const OptT& init, const OptT& seq) {
+  MLM_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  MLM_CHECK(x.dim() == 3, op, ": x must have shape (batch, dim, seqlen), got ", x.sizes());
+  MLM_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                x.scalar_type() == at::kBFloat16,
+            op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  const auto b = x.size(0), d = x.size(1), l = x.size(2);
+  MLM_CHECK(weight.dim() == 2 && weight.size(0) == d, op, ": weight must have shape (", d,
+            ", width), got ", weight.sizes());
+  const int w = static_cast<int>(weight.size(1));
+  MLM_CHECK(w >= 2 && w <= 8, op, ": width (weight.size(1)) must be 2..8, got ", w);
+  check_float(op, weight, "weight");
+  check_device(op, x, weight, "weight");
+  if (present(bias)) {
+    MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d, "), got ",
+              bias->sizes());
+    check_float(op, *bias, "bias");
+    check_device(op, x, *bias, "bias");
+  }
+  if (present(init)) {
+    MLM_CHECK(init->dim() == 3 && init->size(0) == b && init->size(1) == d && init->size(2) == w - 1,
+              op, ": initial_states must have shape (", b, ", ", d, ", ", w - 1, "), got ",
+              init->sizes());
+    check_float(op, *init, "initial_states");
+    check_device(op, x, *init, "initial_states");
+  }
+  if (present(seq)) {
+    MLM_CHECK(seq->dim() == 2 && seq->size(0) == b && seq->size(1) == l, op,
+              ": seq_idx must have shape (", b, ", ", l, "), got ", seq->sizes());
+    MLM_CHECK(seq->scalar_type() == at::kInt, op, ": seq_idx must be int32, got ",
+              seq->scalar_type());
+    check_device(op, x, *seq, "seq_idx");
+  }
+  return w;
+}
+
+// Fills the fields shared by fwd and bwd. x must already have its kernel's fast dim.
+ConvParams make_params(const Tensor& x, const Tensor& weight, const OptT& bias, const OptT& init,
+                       const Tensor& seq, bool silu, const Tensor& out) {
+  ConvParams p{};
+  p.batch = x.size(0);
+  p.dim = x.size(1);
+  p.seqlen = x.size(2);
+  p.width = static_cast<int>(weight.size(1));
+  p.silu = silu;
+  p.x = x.data_ptr();
+  p.x_b = x.stride(0);
+  p.x_d = x.stride(1);
+  p.x_l = x.size(2) == 1 ? 1 : x.stride(2);
+  p.weight = weight.data_ptr();
+  p.w_d = weight.stride(0);
+  p.w_k = weight.stride(1);
+  p.w_dtype = dtag(weight);
+  p.bias_dtype = p.w_dtype;
+  if (present(bias)) {
+    p.bias = bias->data_ptr();
+    p.bias_s = bias->stride(0);
+    p.bias_dtype = dtag(*bias);
+  }
+  p.init_dtype = dtag(x);
+  if (present(init)) {
+    p.init = init->data_ptr();
+    p.init_b = init->stride(0);
+    p.init_d = init->stride(1);
+    p.init_k = init->stride(2);
+    p.init_dtype = dtag(*init);
+  }
+  if (seq.defined()) {
+    p.seq = seq.data_ptr<int>();
+    p.seq_b = seq.stride(0);
+    p.seq_l = 1;
+  }
+  p.out = out.data_ptr();
+  p.out_b = out.stride(0);
+  p.out_d = out.stride(1);
+  p.out_l = out.size(2) == 1 ? 1 : out.stride(2);
+  return p;
+}
+
+// Rows per warp for channel-last: enough warps to fill the GPU, but long enough runs that
+// the w-1 re-read rows at each chunk start stay a small fraction.
+// MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
+int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels) {
+  if (const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK")) return std::max<int64_t>(1, std::atoll(e));
+  const int64_t cgroups = (d + lanes_channels - 1) / lanes_channels;
+  // ~24 warps per SM of an H100 is 3+ waves at the 8-12 resident warps these kernels allow.
+  int64_t chunk = 64;
+  while (chunk > 16 && b * ((l + chunk - 1) / chunk) * cgroups < 132 * 24) chunk /= 2;
+  return chunk;
+}
+
+Tensor seq_contig(const OptT& seq) {
+  if (!present(seq)) return Tensor();
+  return (seq->stride(1) == 1 || seq->size(1) == 1) ? *seq : seq->contiguous();
+}
+
+std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& weight,
+                                             const OptT& bias, const OptT& init, const OptT& seq_in,
+                                             bool silu, bool return_final_states) {
+  const char* op = "causal_conv1d_fwd";
+  const int w = check_common(op, x_in, weight, bias, init, seq_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto b = x_in.size(0), d = x_in.size(1), l = x_in.size(2);
+  const bool chlast = is_chlast(x_in);
+  Tensor out = like_layout(x_in, chlast);
+  Tensor final_states = return_final_states ? at::empty({b, d, w - 1}, x_in.options())
+                                            : at::empty({0}, x_in.options());
+  if (b == 0 || d == 0) return {out, final_states};
+  if (l == 0) {  // nothing to convolve: final states are the initial states (or zeros)
+    if (return_final_states) {
+      if (present(init)) final_states.copy_(*init);
+      else final_states.zero_();
+    }
+    return {out, final_states};
+  }
+  const Tensor x = fast_dim(x_in, chlast);
+  const Tensor seq = seq_contig(seq_in);
+  ConvParams p = make_params(x, weight, bias, init, seq, silu, out);
+  if (return_final_states) p.final_states = final_states.data_ptr();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (chlast) {
+    p.chunk = pick_chunk(b, d, l, 256);
+    fwd_chlast(p, dtag(x), stream);
+  } else {
+    fwd_lcontig(p, dtag(x), stream);
+  }
+  return {out, final_states};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
+    const Tensor& x_in, const Tensor& weight, const OptT& bias, const OptT& init,
+    const OptT& seq_in, const Tensor& dout_in, const OptT& dfinal, bool silu) {
+  const char* op = "causal_conv1d_bwd";
+  const int w = check_common(op, x_in, weight, bias, init, seq_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const auto b = x_in.size(0), d = x_in.size(1), l = x_in.size(2);
+  MLM_CHECK(dout_in.sizes() == x_in.sizes(), op, ": dout must have shape ", x_in.sizes(), ", got ",
+            dout_in.sizes());
+  check_device(op, x_in, dout_in, "dout");
+  const bool has_dfinal = present(dfinal) && dfinal->numel() > 0;
+  if (has_dfinal) {
+    MLM_CHECK(dfinal->dim() == 3 && dfinal->size(0) == b && dfinal->size(1) == d &&
+                  dfinal->size(2) == w - 1,
+              op, ": dfinal_states must have shape (", b, ", ", d, ", ", w - 1, "), got ",
+              dfinal->sizes());
+    check_float(op, *dfinal, "dfinal_states");
+    check_device(op, x_in, *dfinal, "dfinal_states");
+  }
+  const bool chlast = is_chlast(x_in);
+  Tensor dx = like_layout(x_in, chlast);
+  Tensor dweight = at::empty({d, w}, weight.options());
+  Tensor dbias = present(bias) ? at::empty({d}, bias->options()) : at::empty({0}, x_in.options());
+  Tensor dinit = present(init) ? at::empty({b, d, w - 1}, init->options())
+                               : at::empty({0}, x_in.options());
+  if (d == 0) return {dx, dweight, dbias, dinit};
+  if (b == 0 || l == 0) {  // only dfinal flows (into dinit when l == 0)
+    dweight.zero_();
+    if (dbias.numel()) dbias.zero_();
+    if (dinit.numel()) {
+      if (has_dfinal) dinit.copy_(*dfinal);
+      else dinit.zero_();
+    }
+    return {dx, dweight, dbias, dinit};
+  }
+  const Tensor x = fast_dim(x_in, chlast);
+  const Tensor dout = fast_dim(dout_in.scalar_type() == x.scalar_type() ? dout_in
+                                                                       : dout_in.to(x.scalar_type()),
+                               chlast);
+  const Tensor seq = seq_contig(seq_in);
+  ConvParams p = make_params(x, weight, bias, init, seq, silu, dx);
+  p.dout = dout.data_ptr();
+  p.dout_b = dout.stride(0);
+  p.dout_d = dout.stride(1);
+  p.dout_l = dout.size(2) == 1 ? 1 : dout.stride(2);
+  p.dfinal_dtype = p.init_dtype;
+  if (has_dfinal) {
+    p.dfinal = dfinal->data_ptr();
+    p.dfinal_b = dfinal->stride(0);
+    p.dfinal_d = dfinal->stride(1);
+    p.dfinal_k = dfinal->stride(2);
+    p.dfinal_dtype = dtag(*dfinal);
+  }
+  if (dinit.numel()) p.dinit = dinit.data_ptr();
+  if (chlast) {  // one slot per block of 4 chunks
+    p.chunk = pick_chunk(b, d, l, 128);
+    p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
+  } else {
+    p.nslots_per_batch = bwd_lcontig_tiles(l);
+  }
+  Tensor partial = at::empty({b * p.nslots_per_batch, d, w + 1}, x.options().dtype(at::kFloat));
+  p.partial = partial.data_ptr<float>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (chlast) bwd_chlast(p, dtag(x), stream);
+  else bwd_lcontig(p, dtag(x), stream);
+  reduce_dweight(p, b * p.nslots_per_batch, dweight.data_ptr(),
+                 dbias.numel() ? dbias.data_ptr() : nullptr, stream);
+  return {dx, dweight, dbias, dinit};
+}
+
+Tensor causal_conv1d_update(const Tensor& x, Tensor& conv_state, const Tensor& weight,
+                            const OptT& bias, bool silu) {
+  const char* op = "causal_conv1d_update";
+  MLM_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  MLM_CHECK(x.dim() == 2 || x.dim() == 3, op, ": x must have shape (batch, dim) or (batch, dim, seqlen), got ",
+            x.sizes());
+  check_float(op, x, "x");
+  const auto b = x.size(0), d = x.size(1), l = x.dim() == 3 ? x.size(2) : 1;
+  MLM_CHECK(weight.dim() == 2 && weight.size(0) == d, op, ": weight must have shape (", d,
+            ", width), got ", weight.sizes());
+  const int w = static_cast<int>(weight.size(1));
+  MLM_CHECK(w >= 2 && w <= 8, op, ": width (weight.size(1)) must be 2..8, got ", w);
+  check_float(op, weight, "weight");
+  check_device(op, x, weight, "weight");
+  MLM_CHECK(conv_state.dim() == 3 && conv_state.size(0) == b && conv_state.size(1) == d &&
+                conv_state.size(2) == w - 1,
+            op, ": conv_state must have shape (", b, ", ", d, ", ", w - 1, "), got ",
+            conv_state.sizes());
+  check_float(op, conv_state, "conv_state");
+  check_device(op, x, conv_state, "conv_state");
+  if (present(bias)) {
+    MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d, "), got ",
+              bias->sizes());
+    check_float(op, *bias, "bias");
+    check_device(op, x, *bias, "bias");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor out = at::empty(x.sizes(), x.options());
+  if (b == 0 || d == 0 || l == 0) return out;
+  UpdateParams p{};
+  p.batch = b;
+  p.dim = d;
+  p.seqlen = l;
+  p.width = w;
+  p.silu = silu;
+  p.x = x.data_ptr();
+  p.x_b = x.stride(0);
+  p.x_d = x.stride(1);
+  p.x_l = x.dim() == 3 ? x.stride(2) : 0;
+  p.state = conv_state.data_ptr();
+  p.st_b = conv_state.stride(0);
+  p.st_d = conv_state.stride(1);
+  p.st_k = conv_state.stride(2);
+  p.st_dtype = dtag(conv_state);
+  p.weight = weight.data_ptr();
+  p.w_d = weight.stride(0);
+  p.w_k = weight.stride(1);
+  p.w_dtype = dtag(weight);
+  p.bias_dtype = p.w_dtype;
+  if (present(bias)) {
+    p.bias = bias->data_ptr();
+    p.bias_s = bias->stride(0);
+    p.bias_dtype = dtag(*bias);
+  }
+  p.out = out.data_ptr();
+  p.out_b = out.stride(0);
+  p.out_d = out.stride(1);
+  p.out_l = x.dim() == 3 ? out.stride(2) : 0;
+  update(p, dtag(x), c10::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mlmamba, CUDA, m) {
+  m.impl("causal_conv1d_fwd", &causal_conv1d_fwd);
+  m.impl("causal_conv1d_bwd", &causal_conv1d_bwd);
+  m.impl("causal_conv1d_update", &causal_conv1d_update);
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba

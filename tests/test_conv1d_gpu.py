@@ -1,0 +1,372 @@
+"""GPU tests of the CUDA causal conv1d ops (causal_conv1d_fwd / _bwd / _update) against the
+float64 reference (mlmamba_kernels.reference.conv1d).
+
+Tolerances: one table by dtype. The kernels read the same rounded inputs as the reference and
+accumulate in fp32, so the error is the rounding of the output to its dtype (half an ulp, which
+PyTorch's own kernels make too) plus fp32 arithmetic: we allow one ulp of the output dtype
+relative, plus 5% of that times the tensor's largest value for entries that cancel to near
+zero (in fp32 that is 1e-6 * max: a sum of up to 8 products loses ~16 fp32 ulps of its terms).
+Reductions over the batch and sequence (dweight, dbias) are compared norm-wise.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available():
+    import mlmamba_kernels as mk
+    from mlmamba_kernels import _loader
+    from mlmamba_kernels.reference import conv1d as ref
+
+    HAVE = all(_loader.has_cuda_kernel(op) for op in
+               ("causal_conv1d_fwd", "causal_conv1d_bwd", "causal_conv1d_update"))
+else:
+    HAVE = False
+
+need = pytest.mark.skipif(not HAVE, reason="causal_conv1d CUDA kernels not built")
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# one ulp of the output dtype (fp32: fp32 arithmetic and the fast exp in SiLU)
+TOL = {torch.float32: 2e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+TOL_SUM = {torch.float32: 5e-5, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}
+LENGTHS = [1, 2, 3, 7, 127, 128, 129, 1000, 4096]
+
+
+def ops():
+    return torch.ops.mlmamba
+
+
+def gen(rng):
+    return torch.Generator(DEV).manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+
+
+def close(name, out, want, dtype):
+    """Elementwise: |out - want| <= tol * (|want| + 0.05 * max|want|)."""
+    assert out.shape == want.shape, f"{name}: shape {tuple(out.shape)} != {tuple(want.shape)}"
+    assert out.dtype == dtype, f"{name}: dtype {out.dtype} != {dtype}"
+    o, w = out.double(), want.double()
+    assert torch.isfinite(o).all(), f"{name}: non-finite values"
+    tol = TOL[dtype]
+    bound = tol * (w.abs() + 0.05 * w.abs().max().clamp_min(1e-30))
+    bad = (o - w).abs() > bound
+    if bad.any():
+        i = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} entries off; first at {i}: "
+                             f"got {o[tuple(i)].item():.6g}, want {w[tuple(i)].item():.6g}")
+
+
+def close_sum(name, out, want, dtype):
+    assert out.shape == want.shape and out.dtype == dtype, f"{name}: {out.shape} {out.dtype}"
+    o, w = out.double(), want.double()
+    err = ((o - w).norm() / w.norm().clamp_min(1e-30)).item()
+    assert err <= TOL_SUM[dtype], f"{name}: relative error {err:.3g} > {TOL_SUM[dtype]:.3g}"
+
+
+def make_x(g, b, d, l, dtype, layout):
+    """x (b, d, l) in a layout: 'l' (l contiguous), 'cl' (d contiguous), 'l_slice' / 'cl_slice'
+    (slices of larger tensors: unaligned rows), 'strided' (neither dim contiguous)."""
+    r = lambda *s: torch.randn(*s, device=DEV, generator=g).to(dtype)  # noqa: E731
+    if layout == "l":
+        return r(b, d, l)
+    if layout == "cl":
+        return r(b, l, d).transpose(1, 2)
+    if layout == "l_slice":
+        return r(b, d + 3, l + 5)[:, 1:1 + d, 3:3 + l]
+    if layout == "cl_slice":
+        return r(b, l + 2, d + 7)[:, 1:1 + l, 3:3 + d].transpose(1, 2)
+    if layout == "strided":
+        return r(b, l, d, 2)[..., 1].transpose(1, 2)
+    raise ValueError(layout)
+
+
+def inputs(g, b, d, l, w, dtype, layout, bias=True, init=False, seq=False, wdtype=None):
+    r = lambda *s, dt=dtype: torch.randn(*s, device=DEV, generator=g).to(dt)  # noqa: E731
+    wdtype = wdtype or dtype
+    x = make_x(g, b, d, l, dtype, layout)
+    weight = r(w, d, dt=wdtype).t()  # non-contiguous (d, w)
+    kw = dict(x=x, weight=weight, bias=r(2 * d, dt=wdtype)[::2] if bias else None,
+              initial_states=r(b, w - 1, d).transpose(1, 2) if init else None, seq_idx=None)
+    if seq:
+        # a few random restarts per row; not monotone in general
+        cuts = torch.rand(b, l, device=DEV, generator=g) < 0.05
+        s = cuts.int().cumsum(1)
+        s[:, l // 2:] = s[:, l // 2:] % 2  # values repeat after a change
+        kw["seq_idx"] = s.to(torch.int32)
+    return kw
+
+
+def reference_fwd_bwd(kw, silu, dout, dfinal):
+    """float64 reference output, final states and gradients of every input."""
+    act = "silu" if silu else None
+    leaves = {k: (v.detach().double().requires_grad_(True)
+                  if v is not None and v.is_floating_point() else v) for k, v in kw.items()}
+    out, fin = ref.causal_conv1d(leaves["x"], leaves["weight"], leaves["bias"], act,
+                                 leaves["initial_states"], True, leaves["seq_idx"])
+    names = [k for k in ("x", "weight", "bias", "initial_states") if leaves[k] is not None]
+    grads = torch.autograd.grad([out, fin], [leaves[k] for k in names],
+                                [dout.double(), dfinal.double()], allow_unused=True)
+    gd = {k: (gr if gr is not None else torch.zeros_like(leaves[k])) for k, gr in zip(names, grads)}
+    return out.detach(), fin.detach(), gd
+
+
+def check_case(kw, silu, dtype, with_final=True):
+    x = kw["x"]
+    b, d, l = x.shape
+    w = kw["weight"].shape[1]
+    out, fin = ops().causal_conv1d_fwd(x, kw["weight"], kw["bias"], kw["initial_states"],
+                                       kw["seq_idx"], silu, with_final)
+    dout = torch.randn_like(out)
+    dfinal = torch.randn(b, d, w - 1, device=DEV, dtype=dtype)
+    want, want_fin, gd = reference_fwd_bwd(kw, silu, dout, dfinal if with_final else
+                                           torch.zeros_like(dfinal))
+    close("out", out, want, dtype)
+    # layout rule: channel-last output iff x.stride(1) == 1 and d > 1
+    assert (out.stride(1) == 1 and d > 1) == (x.stride(1) == 1 and d > 1) or l == 1
+    if with_final:
+        assert fin.is_contiguous()
+        close("final_states", fin, want_fin, dtype)
+    else:
+        assert fin.numel() == 0
+    dx, dw, db, dinit = ops().causal_conv1d_bwd(
+        x, kw["weight"], kw["bias"], kw["initial_states"], kw["seq_idx"], dout,
+        dfinal if with_final else None, silu)
+    close("dx", dx, gd["x"], dtype)
+    assert (dx.stride(1) == 1) == (out.stride(1) == 1) or l == 1 or d == 1
+    close_sum("dweight", dw, gd["weight"], kw["weight"].dtype)
+    if kw["bias"] is not None:
+        close_sum("dbias", db, gd["bias"], kw["bias"].dtype)
+    else:
+        assert db.numel() == 0
+    if kw["initial_states"] is not None:
+        close("dinitial_states", dinit, gd["initial_states"], kw["initial_states"].dtype)
+    else:
+        assert dinit.numel() == 0
+
+
+FEATURES = {  # (bias, initial_states, seq_idx, return_final_states)
+    "plain": (False, False, False, False),
+    "bias_final": (True, False, False, True),
+    "init_final": (True, True, False, True),
+    "seq": (True, False, True, False),
+    "seq_init_final": (False, True, True, True),
+}
+
+
+@need
+@pytest.mark.parametrize("feat", list(FEATURES))
+@pytest.mark.parametrize("layout", ["l", "cl"])
+@pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fwd_bwd_matches_reference(rng, dtype, width, layout, feat):
+    g = gen(rng)
+    bias, init, seq, final = FEATURES[feat]
+    for i, l in enumerate(LENGTHS):
+        d = (37, 64)[i % 2]  # odd channel count, and one that takes the 16-byte paths
+        kw = inputs(g, 2, d, l, width, dtype, layout, bias=bias, init=init, seq=seq)
+        try:
+            check_case(kw, silu=(i % 3 != 0), dtype=dtype, with_final=final)
+        except AssertionError as e:
+            raise AssertionError(f"l={l} d={d}: {e}") from None
+
+
+@need
+@pytest.mark.parametrize("layout", ["l_slice", "cl_slice", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_inputs(rng, dtype, layout):
+    g = gen(rng)
+    for l, d, w in ((1, 5, 4), (129, 37, 4), (1000, 29, 3), (513, 264, 8)):
+        kw = inputs(g, 3, d, l, w, dtype, layout, bias=True, init=True, seq=True)
+        check_case(kw, silu=True, dtype=dtype)
+
+
+@need
+@pytest.mark.parametrize("wdtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_mixed_weight_dtype(rng, dtype, wdtype):
+    g = gen(rng)
+    for layout in ("l", "cl"):
+        kw = inputs(g, 2, 40, 300, 4, dtype, layout, bias=True, init=True, wdtype=wdtype)
+        check_case(kw, silu=True, dtype=dtype)
+
+
+@need
+def test_single_channel_and_long_rows(rng):
+    g = gen(rng)
+    for b, d, l in ((1, 1, 5000), (2, 1, 3), (1, 3, 20000)):
+        for layout in ("l", "cl"):
+            kw = inputs(g, b, d, l, 4, torch.float32, layout, bias=True, init=True, seq=True)
+            check_case(kw, silu=True, dtype=torch.float32)
+
+
+@need
+def test_backward_bitwise_deterministic(rng):
+    g = gen(rng)
+    for layout in ("l", "cl"):
+        kw = inputs(g, 3, 300, 3000, 4, torch.bfloat16, layout, bias=True, init=True)
+        dout = torch.randn(3, 300, 3000, device=DEV, generator=g).to(torch.bfloat16)
+        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, dout, None, True)
+        a = ops().causal_conv1d_bwd(*args)
+        for _ in range(3):
+            bb = ops().causal_conv1d_bwd(*args)
+            for name, u, v in zip(("dx", "dweight", "dbias", "dinit"), a, bb):
+                assert torch.equal(u, v), f"{layout}: {name} differs between runs"
+
+
+@need
+def test_every_output_written(rng):
+    """Outputs come from torch.empty: poison the allocator's memory first, then check that
+    no NaN survives (every element written)."""
+    g = gen(rng)
+    for layout in ("l", "cl"):
+        for l in (1, 7, 129, 2049):
+            junk = torch.full((1 << 22,), float("nan"), device=DEV)
+            del junk
+            kw = inputs(g, 2, 37, l, 4, torch.bfloat16, layout, bias=True, init=True)
+            out, fin = ops().causal_conv1d_fwd(kw["x"], kw["weight"], kw["bias"],
+                                               kw["initial_states"], None, True, True)
+            dx, dw, db, di = ops().causal_conv1d_bwd(kw["x"], kw["weight"], kw["bias"],
+                                                     kw["initial_states"], None,
+                                                     torch.randn_like(out), None, True)
+            for name, t in (("out", out), ("final", fin), ("dx", dx), ("dw", dw), ("db", db),
+                            ("dinit", di)):
+                assert torch.isfinite(t).all(), f"{layout} l={l}: {name} has unwritten entries"
+
+
+@need
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("width", [2, 4, 5, 8])
+def test_update_matches_reference(rng, dtype, width):
+    g = gen(rng)
+    b, d = 3, 37
+    for l in (None, 1, 3, 9):
+        for sdtype in (dtype, torch.float32):
+            x = (torch.randn(b, d, device=DEV, generator=g) if l is None else
+                 torch.randn(b, l, d, device=DEV, generator=g).transpose(1, 2)).to(dtype)
+            state = torch.randn(b, width - 1, d, device=DEV, generator=g).to(sdtype).transpose(1, 2)
+            weight = torch.randn(d, width, device=DEV, generator=g).to(dtype)
+            bias = torch.randn(d, device=DEV, generator=g).to(dtype)
+            want_state = state.double().clone()
+            want = ref.causal_conv1d_update(x.double(), want_state, weight.double(),
+                                            bias.double(), "silu")
+            out = ops().causal_conv1d_update(x, state, weight, bias, True)
+            close(f"update out l={l}", out, want, dtype)
+            assert out.shape == x.shape and out.is_contiguous()
+            close(f"update state l={l}", state, want_state, sdtype)
+
+
+@need
+def test_update_in_cuda_graph(rng):
+    g = gen(rng)
+    b, d, w = 2, 5376, 4
+    x = torch.randn(b, d, device=DEV, generator=g).to(torch.bfloat16)
+    weight = torch.randn(d, w, device=DEV, generator=g).to(torch.bfloat16)
+    bias = torch.randn(d, device=DEV, generator=g).to(torch.bfloat16)
+    state0 = torch.randn(b, d, w - 1, device=DEV, generator=g).to(torch.bfloat16)
+    state = state0.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops().causal_conv1d_update(x, state, weight, bias, True)  # warm-up
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops().causal_conv1d_update(x, state, weight, bias, True)
+    eager_state = state0.clone()
+    state.copy_(state0)
+    for step in range(3):
+        x.copy_(torch.randn(b, d, device=DEV, generator=g))
+        graph.replay()
+        want = ops().causal_conv1d_update(x, eager_state, weight, bias, True)
+        assert torch.equal(out, want), f"step {step}: graph output differs from eager"
+        assert torch.equal(state, eager_state), f"step {step}: graph state differs from eager"
+
+
+@need
+@pytest.mark.parametrize("channel_last", [False, True])
+def test_opcheck_cuda(rng, channel_last):
+    g = gen(rng)
+    kw = inputs(g, 2, 19, 33, 4, torch.float32, "cl" if channel_last else "l", bias=True,
+                init=True, seq=True)
+    for k in ("x", "weight", "bias", "initial_states"):
+        kw[k] = kw[k].detach().requires_grad_(True)
+    torch.library.opcheck(ops().causal_conv1d_fwd,
+                          (kw["x"], kw["weight"], kw["bias"], kw["initial_states"],
+                           kw["seq_idx"], True, True))
+    torch.library.opcheck(ops().causal_conv1d_fwd,
+                          (kw["x"], kw["weight"], None, None, None, False, False))
+    dout = torch.randn(2, 19, 33, device=DEV, generator=g)
+    torch.library.opcheck(ops().causal_conv1d_bwd,
+                          (kw["x"].detach(), kw["weight"].detach(), None, None, None, dout, None,
+                           True), test_utils=("test_schema", "test_faketensor"))
+    state = torch.randn(2, 19, 3, device=DEV, generator=g)
+    torch.library.opcheck(ops().causal_conv1d_update,
+                          (torch.randn(2, 19, device=DEV, generator=g), state,
+                           kw["weight"].detach(), None, True))
+
+
+@need
+def test_public_api_autograd_and_compile(rng):
+    g = gen(rng)
+    kw = inputs(g, 2, 48, 257, 4, torch.bfloat16, "cl", bias=True, init=True)
+    leaves = {k: (v.detach().requires_grad_(True) if v is not None else None)
+              for k, v in kw.items() if k != "seq_idx"}
+    out, fin = mk.causal_conv1d(**leaves, activation="silu", return_final_states=True)
+    dout, dfin = torch.randn_like(out), torch.randn_like(fin)
+    torch.autograd.backward([out, fin], [dout, dfin])
+    want, want_fin, gd = reference_fwd_bwd(kw, True, dout, dfin)
+    close("api out", out, want, torch.bfloat16)
+    close("api dx", leaves["x"].grad, gd["x"], torch.bfloat16)
+    close("api dinit", leaves["initial_states"].grad, gd["initial_states"], torch.bfloat16)
+    close_sum("api dweight", leaves["weight"].grad, gd["weight"], torch.bfloat16)
+
+    def f(x, weight, bias):
+        return mk.causal_conv1d(x, weight, bias, activation="silu")
+
+    comp = torch.compile(f, fullgraph=True)
+    got = comp(kw["x"], kw["weight"], kw["bias"])
+    assert torch.equal(got, f(kw["x"], kw["weight"], kw["bias"]))
+
+
+# Run in a child process: a crash while raising (seen on one GPU box when the extension's C++
+# ABI did not match torch's) then fails this test instead of killing the whole session.
+ERROR_CASES = r"""
+import torch, mlmamba_kernels
+ops, dev = torch.ops.mlmamba, "cuda"
+x, w = torch.randn(2, 8, 16, device=dev), torch.randn(8, 4, device=dev)
+cases = [
+    ("causal_conv1d_fwd: weight must have shape",
+     lambda: ops.causal_conv1d_fwd(x, torch.randn(7, 4, device=dev), None, None, None, True, False)),
+    ("causal_conv1d_fwd: width (weight.size(1)) must be 2..8",
+     lambda: ops.causal_conv1d_fwd(x, torch.randn(8, 9, device=dev), None, None, None, True, False)),
+    ("causal_conv1d_fwd: initial_states must have shape",
+     lambda: ops.causal_conv1d_fwd(x, w, None, torch.randn(2, 8, 4, device=dev), None, True, False)),
+    ("causal_conv1d_fwd: seq_idx must be int32",
+     lambda: ops.causal_conv1d_fwd(x, w, None, None, torch.zeros(2, 16, device=dev), True, False)),
+    ("causal_conv1d_bwd: dout must have shape",
+     lambda: ops.causal_conv1d_bwd(x, w, None, None, None, x[:, :, :3], None, True)),
+    ("causal_conv1d_update: conv_state must have shape",
+     lambda: ops.causal_conv1d_update(x[:, :, 0], torch.randn(2, 8, 4, device=dev), w, None, True)),
+]
+for want, fn in cases:
+    try:
+        fn()
+        print("NO-ERROR", want)
+    except RuntimeError as e:
+        print("OK" if want in str(e) else "WRONG " + str(e).splitlines()[0])
+"""
+
+
+@need
+def test_bad_arguments_name_the_argument():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-c", ERROR_CASES], capture_output=True, text=True,
+                       timeout=300, cwd=root, env=env)
+    assert r.returncode == 0, f"crashed (rc {r.returncode}) raising argument errors:\n{r.stderr[-3000:]}"
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 6 and all(ln == "OK" for ln in lines), r.stdout
