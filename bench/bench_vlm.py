@@ -13,26 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mlmamba.tokenizer import byte_tokenizer
 from mlmamba.vlm import MLMamba, MLMambaConfig
 
 PROMPT = "Describe this image in detail."
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer (no merges): <|endoftext|> = 0, then the 256 bytes. Random weights
-    make the text meaningless anyway; only the token counts matter here."""
-    from tokenizers import Tokenizer as Tok, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-
-    from mlmamba.tokenizer import Tokenizer
-    vocab = {"<|endoftext|>": 0}
-    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
-        vocab[ch] = i + 1
-    tok = Tok(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return Tokenizer(tok)
 
 
 def linear_flops(module, tokens):

@@ -5,7 +5,7 @@ EleutherAI/gpt-neox-20b's tokenizer.json into the checkpoint directory."""
 import os
 import sys
 
-__all__ = ["Tokenizer", "TextStreamer"]
+__all__ = ["Tokenizer", "TextStreamer", "byte_tokenizer"]
 
 
 class Tokenizer:
@@ -66,3 +66,18 @@ class TextStreamer:
 
     def text(self):
         return getattr(self, "done_text", "") + self.tokenizer.decode(self.ids)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer without merges: <|endoftext|> = 0, then the 256 bytes. For
+    tests, benchmarks and random-weight models, where the text carries no meaning."""
+    from tokenizers import Tokenizer as _Tok, decoders, models
+    from tokenizers.pre_tokenizers import ByteLevel
+    vocab = {"<|endoftext|>": 0}
+    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
+        vocab[ch] = i + 1
+    tok = _Tok(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return Tokenizer(tok)

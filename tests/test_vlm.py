@@ -7,22 +7,8 @@ import torch
 
 from mlmamba.checkpoint import CheckpointKeyError
 from mlmamba.prompt import ZephyrPrompt, build_prompt
-from mlmamba.tokenizer import Tokenizer
+from mlmamba.tokenizer import Tokenizer, byte_tokenizer
 from mlmamba.vlm import MLMamba, MLMambaConfig, UnsupportedCheckpointError
-
-
-def byte_tokenizer():
-    """A byte-level BPE tokenizer without merges: <|endoftext|> = 0, then the 256 bytes."""
-    from tokenizers import Tokenizer as Tok, decoders, models
-    from tokenizers.pre_tokenizers import ByteLevel
-    vocab = {"<|endoftext|>": 0}
-    for i, ch in enumerate(sorted(ByteLevel.alphabet())):
-        vocab[ch] = i + 1
-    tok = Tok(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return Tokenizer(tok)
 
 
 def tiny_model(seed, **overrides):
