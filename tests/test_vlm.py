@@ -7,7 +7,7 @@ import torch
 
 from mlmamba.checkpoint import CheckpointKeyError
 from mlmamba.prompt import ZephyrPrompt, build_prompt
-from mlmamba.tokenizer import Tokenizer, byte_tokenizer
+from mlmamba.tokenizer import byte_tokenizer
 from mlmamba.vlm import MLMamba, MLMambaConfig, UnsupportedCheckpointError
 
 
