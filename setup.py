@@ -52,12 +52,20 @@ def cuda_archs():
 
 
 def pip_nvidia_dirs(sub):
-    """include/ or lib/ folders of pip-installed NVIDIA packages (nvidia/cu13/include, ...)."""
-    out = []
+    """include/ or lib/ folders of pip-installed NVIDIA packages (nvidia/cu13/include, ...),
+    wherever the `nvidia` namespace package lives (a venv's site-packages, or the system's
+    beside torch in a venv with --system-site-packages)."""
+    import importlib.util
+    bases = set()
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        bases.update(spec.submodule_search_locations)
     for sp in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
-        base = Path(sp) / "nvidia"
-        if base.is_dir():
-            out += sorted(str(p) for p in base.glob(f"*/{sub}") if p.is_dir())
+        bases.add(str(Path(sp) / "nvidia"))
+    out = []
+    for base in sorted(bases):
+        if Path(base).is_dir():
+            out += sorted(str(p) for p in Path(base).glob(f"*/{sub}") if p.is_dir())
     return out
 
 
