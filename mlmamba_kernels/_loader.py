@@ -1,4 +1,6 @@
 """Loads the CUDA extension if it was built, and says which backend each op uses."""
+from pathlib import Path
+
 import torch
 
 try:
@@ -6,7 +8,11 @@ try:
     LOAD_ERROR = None
 except ImportError as e:  # not built (pure-Python install) or built against another torch
     _C = None
-    LOAD_ERROR = str(e)
+    if not list(Path(__file__).parent.glob("_C.*")):
+        LOAD_ERROR = ("not built: a pure-Python install (no CUDA toolkit or CUDA torch at "
+                      "install time, or MLMAMBA_SKIP_CUDA_BUILD=1)")
+    else:
+        LOAD_ERROR = f"built but cannot be loaded (rebuild against this torch): {e}"
 
 
 def has_cuda_kernel(op):
