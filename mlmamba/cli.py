@@ -130,6 +130,8 @@ def _generate(args):
                          callback=streamer, cuda_graph=not args.no_cuda_graph)
     if streamer is None:
         sys.stdout.write(out.texts[0])
+    else:
+        streamer.end()
     sys.stdout.write("\n")
     sys.stdout.flush()
     t = out.timing

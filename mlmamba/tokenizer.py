@@ -64,6 +64,14 @@ class TextStreamer:
             self.done_text = getattr(self, "done_text", "") + text
             self.ids, self.printed = [], 0
 
+    def end(self):
+        """After generation: print what was held back (a trailing partial UTF-8 sequence shows
+        as U+FFFD, as decode() of the whole answer has it)."""
+        text = self.tokenizer.decode(self.ids)
+        self.file.write(text[self.printed:])
+        self.file.flush()
+        self.printed = len(text)
+
     def text(self):
         return getattr(self, "done_text", "") + self.tokenizer.decode(self.ids)
 

@@ -181,3 +181,19 @@ def test_decode_memory_constant(rng):
         model.generate(prompt, max_new_tokens=n)
         peaks.append(torch.cuda.max_memory_allocated())
     assert peaks[1] - peaks[0] <= 3000 * 8 + 4096  # only the output buffer grows
+
+
+def test_streamer_holds_back_partial_utf8_until_end():
+    import io
+
+    from mlmamba.tokenizer import TextStreamer, byte_tokenizer
+    tok = byte_tokenizer()
+    ids = tok.encode("aé")                 # "a" then the two bytes of "é"
+    assert len(ids) == 3
+    out = io.StringIO()
+    s = TextStreamer(tok, file=out)
+    for i in ids[:2]:                      # "a" and the first byte of "é"
+        s(torch.tensor([i]))
+    assert out.getvalue() == "a"           # the partial character is held back
+    s.end()
+    assert out.getvalue() == tok.decode(ids[:2]) == "a\ufffd"
