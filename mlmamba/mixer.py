@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from mlmamba_kernels import causal_conv1d, causal_conv1d_update, ssd_scan, ssd_state_update
 
@@ -223,13 +222,9 @@ class Mamba2Mixer(nn.Module):
                                    activation="silu")
         x, B, C = split_xbc(xBC, self.d_inner, self.ngroups, self.d_state)
         A, D, dt_bias = self._decode_params()
-        softplus = True
-        if self.dt_limit != NO_LIMIT:  # ssd_state_update has no clamp: bias, softplus and clamp here
-            dt = F.softplus(dt.float() + dt_bias).clamp(*self.dt_limit)
-            dt_bias, softplus = None, False
         y = ssd_state_update(cache.ssm_state, x.view(b, self.nheads, self.headdim), dt, A,
                              B.view(b, self.ngroups, self.d_state), C.view(b, self.ngroups, self.d_state),
-                             D=D, dt_bias=dt_bias, dt_softplus=softplus)
+                             D=D, dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit)
         out = decode_linear(self.norm(y.reshape(b, self.d_inner), z), self.out_proj)
         return out[:, None] if squeeze else out
 

@@ -121,9 +121,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None,
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     backend=None):
+                     dt_limit=(0.0, float("inf")), backend=None):
     """One decode step. state (b,h,p,n) updated in place; x (b,h,p), dt (b,h), B,C (b,g,n).
-    Returns out (b,h,p) (gated by silu(z) when z is given)."""
+    Returns out (b,h,p) (gated by silu(z) when z is given). dt_limit clamps dt after dt_bias
+    and softplus, as in ssd_scan, so decoding matches the scan."""
     op = "ssd_state_update"
     ck.check_tensor(op, "state", state, ndim=4)
     b, h, p, n = state.shape
@@ -139,6 +140,10 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     _check_D(op, D, h, p, dev)
     ck.check_tensor(op, "z", z, shape=(b, h, p), device=dev, optional=True)
     ck.check_tensor(op, "dt_bias", dt_bias, shape=(h,), device=dev, optional=True)
+    lo, hi = ck.dt_limit_pair(op, dt_limit)
+    if (lo, hi) != (0.0, float("inf")):  # the kernel has no clamp: bias, softplus, clamp here
+        dt = ref.process_dt(dt, dt_bias, dt_softplus, (lo, hi))
+        dt_bias, dt_softplus = None, False
     use_op = ck.check_backend(op, backend, dev, has_cuda_kernel("ssd_state_update"))
     if use_op and dev.type == "cuda" and has_cuda_kernel("ssd_state_update"):
         use_op = ck.kernel_fits(op, backend, _update_gap(state, x, B, C))

@@ -253,3 +253,21 @@ def test_composed_msc_equals_reference(rng, merge):
     a = composed_msc_scan(**t, **o, dt_limit=(0.0, float("inf")), merge=merge)
     b = mk.msc_scan(**t, **o, merge=merge)
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_state_update_dt_limit(rng):
+    # the public decode step clamps dt like ssd_scan does (the kernel itself has no clamp)
+    b, h, p, n = 2, 4, 8, 8
+    state = _r(rng, b, h, p, n, dtype=torch.float64)
+    args = (_r(rng, b, h, p, dtype=torch.float64), _r(rng, b, h, dtype=torch.float64) * 3,
+            -torch.rand(h, dtype=torch.float64), _r(rng, b, 1, n, dtype=torch.float64),
+            _r(rng, b, 1, n, dtype=torch.float64))
+    kw = dict(D=_r(rng, h, dtype=torch.float64), dt_bias=_r(rng, h, dtype=torch.float64),
+              dt_softplus=True)
+    s1, s2 = state.clone(), state.clone()
+    y1 = mk.ssd_state_update(s1, *args, **kw, dt_limit=(0.05, 0.5))
+    y2 = ref.ssd_state_update(s2, *args, **kw, dt_limit=(0.05, 0.5))
+    torch.testing.assert_close(y1, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s1, s2, rtol=1e-12, atol=1e-12)
+    y3 = mk.ssd_state_update(state.clone(), *args, **kw)
+    assert not torch.allclose(y1, y3)  # the clamp is active on these inputs

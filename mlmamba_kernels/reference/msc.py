@@ -2,7 +2,6 @@
 visiting order, sharing one in_proj output. The fused kernel reads the grid through the order;
 this reference gathers a permuted copy, which is what the kernel must be equal to."""
 import torch
-import torch.nn.functional as F
 
 from .conv1d import causal_conv1d
 from .ssd import ssd_scan
