@@ -30,6 +30,21 @@ int dtag(const Tensor& t) {
 
 bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
+// The weight/bias fields shared by the conv and the update params.
+template <typename Params>
+void set_weight_bias(Params& p, const Tensor& weight, const OptT& bias) {
+  p.weight = weight.data_ptr();
+  p.w_d = weight.stride(0);
+  p.w_k = weight.stride(1);
+  p.w_dtype = dtag(weight);
+  p.bias_dtype = p.w_dtype;
+  if (present(bias)) {
+    p.bias = bias->data_ptr();
+    p.bias_s = bias->stride(0);
+    p.bias_dtype = dtag(*bias);
+  }
+}
+
 void check_float(const char* op, const Tensor& t, const char* name) {
   MLM_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
                 t.scalar_type() == at::kBFloat16,
@@ -106,16 +121,7 @@ ConvParams make_params(const Tensor& x, const Tensor& weight, const OptT& bias, 
   p.x_b = x.stride(0);
   p.x_d = x.stride(1);
   p.x_l = x.size(2) == 1 ? 1 : x.stride(2);
-  p.weight = weight.data_ptr();
-  p.w_d = weight.stride(0);
-  p.w_k = weight.stride(1);
-  p.w_dtype = dtag(weight);
-  p.bias_dtype = p.w_dtype;
-  if (present(bias)) {
-    p.bias = bias->data_ptr();
-    p.bias_s = bias->stride(0);
-    p.bias_dtype = dtag(*bias);
-  }
+  set_weight_bias(p, weight, bias);
   p.init_dtype = dtag(x);
   if (present(init)) {
     p.init = init->data_ptr();
@@ -300,16 +306,7 @@ Tensor causal_conv1d_update(const Tensor& x, Tensor& conv_state, const Tensor& w
   p.st_d = conv_state.stride(1);
   p.st_k = conv_state.stride(2);
   p.st_dtype = dtag(conv_state);
-  p.weight = weight.data_ptr();
-  p.w_d = weight.stride(0);
-  p.w_k = weight.stride(1);
-  p.w_dtype = dtag(weight);
-  p.bias_dtype = p.w_dtype;
-  if (present(bias)) {
-    p.bias = bias->data_ptr();
-    p.bias_s = bias->stride(0);
-    p.bias_dtype = dtag(*bias);
-  }
+  set_weight_bias(p, weight, bias);
   p.out = out.data_ptr();
   p.out_b = out.stride(0);
   p.out_d = out.stride(1);
