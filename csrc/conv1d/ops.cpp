@@ -56,6 +56,14 @@ void check_device(const char* op, const Tensor& x, const Tensor& t, const char* 
             x.device());
 }
 
+void check_bias(const char* op, const Tensor& x, const OptT& bias, int64_t d) {
+  if (!present(bias)) return;
+  MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d, "), got ",
+            bias->sizes());
+  check_float(op, *bias, "bias");
+  check_device(op, x, *bias, "bias");
+}
+
 // out (or dx) in x's layout rule: channel-last if x.stride(1) == 1 and d > 1.
 bool is_chlast(const Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1; }
 
@@ -85,12 +93,7 @@ int check_common(const char* op, const Tensor& x, const Tensor& weight, const Op
   MLM_CHECK(w >= 2 && w <= 8, op, ": width (weight.size(1)) must be 2..8, got ", w);
   check_float(op, weight, "weight");
   check_device(op, x, weight, "weight");
-  if (present(bias)) {
-    MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d, "), got ",
-              bias->sizes());
-    check_float(op, *bias, "bias");
-    check_device(op, x, *bias, "bias");
-  }
+  check_bias(op, x, bias, d);
   if (present(init)) {
     MLM_CHECK(init->dim() == 3 && init->size(0) == b && init->size(1) == d && init->size(2) == w - 1,
               op, ": initial_states must have shape (", b, ", ", d, ", ", w - 1, "), got ",
@@ -282,12 +285,7 @@ Tensor causal_conv1d_update(const Tensor& x, Tensor& conv_state, const Tensor& w
             conv_state.sizes());
   check_float(op, conv_state, "conv_state");
   check_device(op, x, conv_state, "conv_state");
-  if (present(bias)) {
-    MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d, "), got ",
-              bias->sizes());
-    check_float(op, *bias, "bias");
-    check_device(op, x, *bias, "bias");
-  }
+  check_bias(op, x, bias, d);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty(x.sizes(), x.options());
   if (b == 0 || d == 0 || l == 0) return out;
