@@ -56,12 +56,22 @@ void check_device(const char* op, const Tensor& x, const Tensor& t, const char* 
             x.device());
 }
 
-void check_bias(const char* op, const Tensor& x, const OptT& bias, int64_t d) {
-  if (!present(bias)) return;
-  MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d, "), got ",
-            bias->sizes());
-  check_float(op, *bias, "bias");
-  check_device(op, x, *bias, "bias");
+// weight (d, w) with 2 <= w <= 8 and bias (d,): float, on x's device. Returns w.
+int check_weight_bias(const char* op, const Tensor& x, const Tensor& weight, const OptT& bias,
+                      int64_t d) {
+  MLM_CHECK(weight.dim() == 2 && weight.size(0) == d, op, ": weight must have shape (", d,
+            ", width), got ", weight.sizes());
+  const int w = static_cast<int>(weight.size(1));
+  MLM_CHECK(w >= 2 && w <= 8, op, ": width (weight.size(1)) must be 2..8, got ", w);
+  check_float(op, weight, "weight");
+  check_device(op, x, weight, "weight");
+  if (present(bias)) {
+    MLM_CHECK(bias->dim() == 1 && bias->size(0) == d, op, ": bias must have shape (", d,
+              "), got ", bias->sizes());
+    check_float(op, *bias, "bias");
+    check_device(op, x, *bias, "bias");
+  }
+  return w;
 }
 
 // out (or dx) in x's layout rule: channel-last if x.stride(1) == 1 and d > 1.
@@ -83,17 +93,9 @@ int check_common(const char* op, const Tensor& x, const Tensor& weight, const Op
                  const OptT& init, const OptT& seq) {
   MLM_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
   MLM_CHECK(x.dim() == 3, op, ": x must have shape (batch, dim, seqlen), got ", x.sizes());
-  MLM_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                x.scalar_type() == at::kBFloat16,
-            op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  check_float(op, x, "x");
   const auto b = x.size(0), d = x.size(1), l = x.size(2);
-  MLM_CHECK(weight.dim() == 2 && weight.size(0) == d, op, ": weight must have shape (", d,
-            ", width), got ", weight.sizes());
-  const int w = static_cast<int>(weight.size(1));
-  MLM_CHECK(w >= 2 && w <= 8, op, ": width (weight.size(1)) must be 2..8, got ", w);
-  check_float(op, weight, "weight");
-  check_device(op, x, weight, "weight");
-  check_bias(op, x, bias, d);
+  const int w = check_weight_bias(op, x, weight, bias, d);
   if (present(init)) {
     MLM_CHECK(init->dim() == 3 && init->size(0) == b && init->size(1) == d && init->size(2) == w - 1,
               op, ": initial_states must have shape (", b, ", ", d, ", ", w - 1, "), got ",
@@ -273,19 +275,13 @@ Tensor causal_conv1d_update(const Tensor& x, Tensor& conv_state, const Tensor& w
             x.sizes());
   check_float(op, x, "x");
   const auto b = x.size(0), d = x.size(1), l = x.dim() == 3 ? x.size(2) : 1;
-  MLM_CHECK(weight.dim() == 2 && weight.size(0) == d, op, ": weight must have shape (", d,
-            ", width), got ", weight.sizes());
-  const int w = static_cast<int>(weight.size(1));
-  MLM_CHECK(w >= 2 && w <= 8, op, ": width (weight.size(1)) must be 2..8, got ", w);
-  check_float(op, weight, "weight");
-  check_device(op, x, weight, "weight");
+  const int w = check_weight_bias(op, x, weight, bias, d);
   MLM_CHECK(conv_state.dim() == 3 && conv_state.size(0) == b && conv_state.size(1) == d &&
                 conv_state.size(2) == w - 1,
             op, ": conv_state must have shape (", b, ", ", d, ", ", w - 1, "), got ",
             conv_state.sizes());
   check_float(op, conv_state, "conv_state");
   check_device(op, x, conv_state, "conv_state");
-  check_bias(op, x, bias, d);
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor out = at::empty(x.sizes(), x.options());
   if (b == 0 || d == 0 || l == 0) return out;
