@@ -50,7 +50,7 @@ bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t str
 constexpr int ssd_fwd_smem_bytes(bool bf16_inputs, int dstate, int pt) {
   const int q = 64, nbuf = bf16_inputs ? 2 : 1, nspl = bf16_inputs ? 1 : 2;
   const int load_el = q * pt + 2 * q * dstate;
-  return (nbuf * nspl * load_el + nspl * (pt * dstate + q * q)) * 2 + 5 * q * 4 + 16 + 64 * 4;
+  return (nbuf * nspl * load_el + nspl * (pt * dstate + q * q)) * 2 + 2 * (5 * q * 4 + 16) + 64 * 4;
 }
 
 struct UpdateParams {

@@ -31,7 +31,9 @@ struct FwdTraits {
   static constexpr int X_EL = Q * PT, B_EL = Q * N, S_EL = PT * N, M_EL = Q * Q;
   static constexpr int LOAD_EL = X_EL + 2 * B_EL;  // one buffer of X, B, C
   static constexpr int BF_EL = NBUF * NSPL * LOAD_EL + NSPL * (S_EL + M_EL);
-  static constexpr int SMEM = BF_EL * 2 + 5 * Q * 4 + 16 + 64 * 4;
+  // two buffers of the chunk vectors (dt, Lambda, w, e, last reset; decay), then D
+  static constexpr int VEC_BYTES = 5 * Q * 4 + 16;
+  static constexpr int SMEM = BF_EL * 2 + 2 * VEC_BYTES + 64 * 4;
   // state tile: WM_S m-tiles of 16 p rows, WN_S warps along n, NT_S n8 tiles each
   static constexpr int WM_S = PT / 16, WN_S = NW / WM_S;
   static constexpr int NCOL_S = N / WN_S >= 8 ? N / WN_S : 8;
@@ -138,13 +140,12 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
   Ss[1] = Ss[0] + K::S_EL;
   bf16* Ms[2] = {Ss[0] + K::NSPL * K::S_EL, nullptr};
   Ms[1] = Ms[0] + K::M_EL;
-  float* dts = reinterpret_cast<float*>(sm + K::BF_EL);  // dt_j
-  float* lam = dts + Q;                                   // Lambda_j (inclusive cumsum)
-  float* wv = lam + Q;                                    // weight of token j in S_end
-  float* ev = wv + Q;                                     // weight of S_prev in y_i
-  int* lr = reinterpret_cast<int*>(ev + Q);               // last reset <= j in the chunk, or -1
-  float* chunk_decay = reinterpret_cast<float*>(lr + Q);
-  float* Dsm = chunk_decay + 4;                           // D of this CTA's PT channels
+  // chunk vectors of buffer v: dt_j, Lambda_j (inclusive cumsum), w_j (weight of token j in
+  // S_end), e_i (weight of S_prev in y_i), last reset <= j in the chunk (or -1), chunk decay
+  unsigned char* vec0 = smem_raw + K::BF_EL * 2;
+  auto dts_of = [&](int v) { return reinterpret_cast<float*>(vec0 + v * K::VEC_BYTES); };
+  float* Dsm = reinterpret_cast<float*>(vec0 + 2 * K::VEC_BYTES);  // D of this CTA's channels
+  constexpr int kDtWarp = 4;  // idle in phase A: computes the next chunk's vectors there
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g8 = lane >> 2, t4 = lane & 3;
@@ -235,67 +236,85 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     }
   };
 
+  // dt phase of chunk c (one warp): dt_j (bias, softplus, clamp), Lambda, w, e, resets -> buffer
+  // c & 1; then fetches the raw dt of chunk c + 1.
+  auto dt_phase = [&](int c) {
+    const int64_t c0 = static_cast<int64_t>(c) * Q;
+    const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+    float* dts = dts_of(c & 1);
+    float* lam = dts + Q;
+    float* wv = lam + Q;
+    float* ev = wv + Q;
+    int* lr = reinterpret_cast<int*>(ev + Q);
+    float* chunk_decay = reinterpret_cast<float*>(lr + Q);
+    float d[2], a[2];
+    bool rs[2];
+    const int prev_of_first = __shfl_up_sync(0xffffffffu, sq[1], 1);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = 2 * lane + e;
+      float v = dtr[e] + dtb;
+      if (p.dt_softplus) v = v <= 20.f ? log1pf(expf(v)) : v;
+      if (p.has_dt_limit) v = fminf(fmaxf(v, p.dt_min), p.dt_max);
+      d[e] = j < nvalid ? v : 0.f;
+      a[e] = d[e] * Ah;
+      const int prev = e == 1 ? sq[0] : (lane == 0 ? sqprev : prev_of_first);
+      rs[e] = p.seq_idx != nullptr && j < nvalid && (c0 + j) > 0 && sq[e] != prev;
+    }
+    // inclusive scans over the 64 tokens: sum of a, max of reset positions
+    const float s = a[0] + a[1];
+    float inc = s;
+    int v0 = rs[0] ? 2 * lane : -1;
+    int v1 = rs[1] ? 2 * lane + 1 : v0;
+    int mx = v1;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const float tf = __shfl_up_sync(0xffffffffu, inc, off);
+      const int ti = __shfl_up_sync(0xffffffffu, mx, off);
+      if (lane >= off) {
+        inc += tf;
+        mx = max(mx, ti);
+      }
+    }
+    int ex_mx = __shfl_up_sync(0xffffffffu, mx, 1);
+    if (lane == 0) ex_mx = -1;
+    const float l0 = (inc - s) + a[0], l1 = l0 + a[1];
+    const int lr0 = max(ex_mx, v0), lr1 = max(ex_mx, v1);
+    const float lamQ = __shfl_sync(0xffffffffu, l1, 31);
+    const int lrQ = __shfl_sync(0xffffffffu, lr1, 31);
+    const float lv[2] = {l0, l1};
+    const int lrv[2] = {lr0, lr1};
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int j = 2 * lane + e;
+      dts[j] = d[e];
+      lam[j] = lv[e];
+      lr[j] = lrv[e];
+      wv[j] = j >= lrQ ? expf(lamQ - lv[e]) * d[e] : 0.f;
+      ev[j] = lrv[e] < 0 ? expf(lv[e]) : 0.f;
+    }
+    if (lane == 0) *chunk_decay = lrQ < 0 ? expf(lamQ) : 0.f;
+    if (c + 1 < nchunks) fetch_dt(c + 1);
+  };
+
   if (nchunks > 0) {
     issue_async(0, 0);
-    if (warp == 0) fetch_dt(0);
+    if (warp == kDtWarp) {
+      fetch_dt(0);
+      dt_phase(0);
+    }
   }
 
   for (int c = 0; c < nchunks; ++c) {
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     const int buf = K::ASYNC ? (c & 1) : 0;
-
-    // ---- dt phase (warp 0) ----
-    if (warp == 0) {
-      float d[2], a[2];
-      bool rs[2];
-      const int prev_of_first = __shfl_up_sync(0xffffffffu, sq[1], 1);
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = 2 * lane + e;
-        float v = dtr[e] + dtb;
-        if (p.dt_softplus) v = v <= 20.f ? log1pf(expf(v)) : v;
-        if (p.has_dt_limit) v = fminf(fmaxf(v, p.dt_min), p.dt_max);
-        d[e] = j < nvalid ? v : 0.f;
-        a[e] = d[e] * Ah;
-        const int prev = e == 1 ? sq[0] : (lane == 0 ? sqprev : prev_of_first);
-        rs[e] = p.seq_idx != nullptr && j < nvalid && (c0 + j) > 0 && sq[e] != prev;
-      }
-      // inclusive scans over the 64 tokens: sum of a, max of reset positions
-      const float s = a[0] + a[1];
-      float inc = s;
-      int v0 = rs[0] ? 2 * lane : -1;
-      int v1 = rs[1] ? 2 * lane + 1 : v0;
-      int mx = v1;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const float tf = __shfl_up_sync(0xffffffffu, inc, off);
-        const int ti = __shfl_up_sync(0xffffffffu, mx, off);
-        if (lane >= off) {
-          inc += tf;
-          mx = max(mx, ti);
-        }
-      }
-      int ex_mx = __shfl_up_sync(0xffffffffu, mx, 1);
-      if (lane == 0) ex_mx = -1;
-      const float l0 = (inc - s) + a[0], l1 = l0 + a[1];
-      const int lr0 = max(ex_mx, v0), lr1 = max(ex_mx, v1);
-      const float lamQ = __shfl_sync(0xffffffffu, l1, 31);
-      const int lrQ = __shfl_sync(0xffffffffu, lr1, 31);
-      const float lv[2] = {l0, l1};
-      const int lrv[2] = {lr0, lr1};
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = 2 * lane + e;
-        dts[j] = d[e];
-        lam[j] = lv[e];
-        lr[j] = lrv[e];
-        wv[j] = j >= lrQ ? expf(lamQ - lv[e]) * d[e] : 0.f;
-        ev[j] = lrv[e] < 0 ? expf(lv[e]) : 0.f;
-      }
-      if (lane == 0) *chunk_decay = lrQ < 0 ? expf(lamQ) : 0.f;
-      if (c + 1 < nchunks) fetch_dt(c + 1);
-    }
+    const float* dts = dts_of(c & 1);
+    const float* lam = dts + Q;
+    const float* wv = lam + Q;
+    const float* ev = wv + Q;
+    const int* lr = reinterpret_cast<const int*>(ev + Q);
+    const float* chunk_decay = reinterpret_cast<const float*>(lr + Q);
 
     if constexpr (K::ASYNC) {
       cp_async_wait_all();
@@ -308,7 +327,7 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
       load_tile_sync<T, Q, N, SPLIT, NT>(Cs(0, 0), Cs(0, 1), Cg, p.C_l, p.C_n, rows, nvalid,
                                          p.vec_loads, tid);
     }
-    __syncthreads();  // chunk c tiles, dt arrays and S_prev visible
+    __syncthreads();  // chunk c tiles, chunk vectors and S_prev visible
     if (c + 1 < nchunks) issue_async(c + 1, buf ^ 1);
 
     const bf16* Xh = Xs(buf, 0);
@@ -321,6 +340,7 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     // ---- phase A: M = (C B^T) o decay o dt, rows 16 mt.., columns 32 ch.. ----
     {
       const int mt = warp & 3, ch = warp >> 2;
+      if (warp == kDtWarp && c + 1 < nchunks) dt_phase(c + 1);  // off the critical path
       if (ch * 32 <= mt * 16 + 15) {
         float acc[4][4];
 #pragma unroll

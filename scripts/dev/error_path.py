@@ -39,8 +39,9 @@ TORCH_LIBRARY_IMPL(errtest, CompositeExplicitAutograd, m) {
 
 BUILD = r"""
 import sys, torch.utils.cpp_extension as ce
-ce.load_inline(name="errtest", cpp_sources=[open(sys.argv[1]).read()], extra_cflags=["-std=c++20"],
-               is_python_module=False, build_directory=sys.argv[2], verbose=False)
+ce.load_inline(name=sys.argv[3], cpp_sources=[open(sys.argv[1]).read()], extra_cflags=["-std=c++20"],
+               extra_ldflags=sys.argv[4:], is_python_module=False, build_directory=sys.argv[2],
+               verbose=False)
 """
 
 CHILD = r"""
@@ -51,6 +52,29 @@ try:
     print("returned")
 except Exception as e:
     print("raised:", type(e).__name__, str(e).splitlines()[0][:60])
+"""
+
+
+PROVIDERS = r"""
+import ctypes, os, sys, torch
+class Info(ctypes.Structure):
+    _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]
+libc = ctypes.CDLL(None)
+libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(Info)]
+lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+handles = {"global": libc, "errtest.so": ctypes.CDLL(sys.argv[1]),
+           "libc10.so": ctypes.CDLL(os.path.join(lib, "libc10.so"))}
+for name in ("_Unwind_Resume", "_Unwind_RaiseException", "__gxx_personality_v0", "__cxa_throw"):
+    for hn, h in handles.items():
+        try:
+            addr = ctypes.cast(getattr(h, name), ctypes.c_void_p).value
+            info = Info()
+            libc.dladdr(addr, ctypes.byref(info))
+            where = os.path.basename(info.fname.decode())
+        except AttributeError:
+            where = "-"
+        print(f"{name} via {hn}: {where}")
 """
 
 
@@ -70,8 +94,22 @@ def main():
         src = os.path.join(tmp, "errtest.cpp")
         with open(src, "w") as f:
             f.write(CPP)
-        subprocess.run([sys.executable, "-c", BUILD, src, tmp], check=True)
+        subprocess.run([sys.executable, "-c", BUILD, src, tmp, "errtest"], check=True)
+        # the same, linked to the shared C++ runtime by its full path (what CMakeLists.txt does)
+        subprocess.run([sys.executable, "-c", BUILD, src, tmp, "errtest_rt", libstdcxx], check=True)
+        so_rt = os.path.join(tmp, "errtest_rt.so")
         so = os.path.join(tmp, "errtest.so")
+        import torch
+        c10 = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+        for cmd in (["readelf", "-d", so], ["readelf", "-d", so_rt], ["readelf", "-d", c10]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            print(os.path.basename(cmd[-1]), "NEEDED:",
+                  " ".join(l.split()[-1] for l in r.stdout.splitlines() if "NEEDED" in l))
+        r = subprocess.run([sys.executable, "-c", PROVIDERS, so], capture_output=True, text=True)
+        print("providers after import torch:", r.stdout.replace(chr(10), "; "), r.stderr[-300:])
+        r = subprocess.run(["nm", "-D", "--defined-only", c10], capture_output=True, text=True)
+        print("libc10.so defines:", [l.split()[-1] for l in r.stdout.splitlines()
+                                     if re.search("_Unwind_|__cxa_throw|personality", l)])
         r = subprocess.run(["ldd", so], capture_output=True, text=True)
         print("ldd:", " ".join(l.split()[0] + "=>" + (l.split()[2] if len(l.split()) > 2 else "")
                               for l in r.stdout.splitlines() if re.search("stdc|gcc_s|c10", l)))
@@ -84,9 +122,12 @@ def main():
                  ("TORCH_CHECK, TORCH_SHOW_CPP_STACKTRACES=1", "fail_check",
                   {"TORCH_SHOW_CPP_STACKTRACES": "1"}),
                  ("TORCH_CHECK, LD_PRELOAD compiler's libstdc++ + libgcc_s", "fail_check",
-                  {"LD_PRELOAD": f"{libstdcxx}:{libgcc}"})]
+                  {"LD_PRELOAD": f"{libstdcxx}:{libgcc}"}),
+                 ("TORCH_CHECK, shared libstdc++ named on the link line", "fail_check", "rt")]
         for name, op, env in cases:
-            r = subprocess.run([sys.executable, "-c", CHILD, so, op], capture_output=True,
+            lib = so_rt if env == "rt" else so
+            env = {} if env == "rt" else env
+            r = subprocess.run([sys.executable, "-c", CHILD, lib, op], capture_output=True,
                                text=True, timeout=120, env={**os.environ, **env})
             verdict = r.stdout.strip() or f"CRASHED (rc {r.returncode}) {r.stderr.strip()[-200:]}"
             print(f"{name:<58} {verdict}", flush=True)
