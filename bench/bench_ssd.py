@@ -4,7 +4,10 @@ Bytes are the fewest one call must move: x, dt, B, C read once and out written o
 the state read and written, plus the small inputs (decode). Flops are the chunked algorithm's
 useful products at 64-token chunks, per token and head: 2NP (state in) + 2NP (state update)
 + 64N (C B^T, causal half) + 64P (masked product, causal half).
+MLMAMBA_BENCH_SSD=update (or =scan) runs only the decode (or only the scan) rows.
 """
+import os
+
 import torch
 
 # (name, batch, seqlen, heads, headdim, dstate, with the PyTorch reference as baseline)
@@ -14,8 +17,10 @@ FWD_CASES = [
     ("b8 L2048 h24 p64 n128", 8, 2048, 24, 64, 128, False),
     ("b32 L576 h32 p64 n128 (connector)", 32, 576, 32, 64, 128, True),
 ]
-# (name, batch, steps per graph, each on its own state)
-DECODE_CASES = [("b1 h80 p64 n128", 1, 64), ("b64 h80 p64 n128", 64, 4)]
+# (name, batch, steps per graph, each on its own state, state dtype)
+DECODE_CASES = [("b1 h80 p64 n128", 1, 64, torch.float32),
+                ("b64 h80 p64 n128", 64, 4, torch.float32),
+                ("b64 h80 p64 n128", 64, 8, torch.bfloat16)]
 
 
 def fwd_inputs(b, l, h, p, n, device, seed):
@@ -32,7 +37,8 @@ def run(ctx):
     dev = ctx.device
     if not ctx.cuda:
         return
-    for name, b, l, h, p, n, with_ref in FWD_CASES:
+    only = os.environ.get("MLMAMBA_BENCH_SSD", "")
+    for name, b, l, h, p, n, with_ref in FWD_CASES if only != "update" else []:
         if ctx.quick and b * l * h > 4 * 2048 * 80:
             continue
         nsets = 2
@@ -55,12 +61,13 @@ def run(ctx):
                  bytes_moved=nbytes, flops=flops, nsets=nsets)
         del sets
 
-    for name, b, nstates in DECODE_CASES:
+    for name, b, nstates, sdtype in DECODE_CASES if only != "scan" else []:
         # one graph replays `nstates` steps, each on its own state (as the layers of a model
         # do), so the states come from HBM, not L2, and launch gaps stay out of the time
         h, p, n = 80, 64, 128
         g = torch.Generator(dev).manual_seed(0)
-        states = [torch.randn(b, h, p, n, device=dev, generator=g) for _ in range(nstates)]
+        states = [torch.randn(b, h, p, n, device=dev, generator=g).to(sdtype)
+                  for _ in range(nstates)]
         x = torch.randn(b, h, p, device=dev, generator=g).bfloat16()
         dt = torch.randn(b, h, device=dev, generator=g)
         A = -torch.rand(h, device=dev, generator=g) - 0.5
@@ -73,9 +80,11 @@ def run(ctx):
             for st in states:
                 ssd_state_update(st, x, dt, A, B, C, D=D, dt_bias=bias, dt_softplus=True)
 
-        nbytes = 2 * states[0].numel() * 4 + b * h * p * 2 * 2 + 2 * b * n * 2 + b * h * 4
-        row = ctx.case(f"ssd_state_update {name} fp32 state, {nstates} steps (graph)", steps,
+        sbytes = states[0].numel() * states[0].element_size()
+        nbytes = 2 * sbytes + b * h * p * 2 * 2 + 2 * b * n * 2 + b * h * 4
+        sname = "fp32" if sdtype == torch.float32 else "bf16"
+        row = ctx.case(f"ssd_state_update {name} {sname} state, {nstates} steps (graph)", steps,
                        bytes_moved=nstates * nbytes, flops=nstates * 4 * states[0].numel(),
                        graph=True)
-        ctx.note(f"ssd_state_update {name} per step", us=row.us / nstates)
+        ctx.note(f"ssd_state_update {name} {sname} state per step", us=row.us / nstates)
         del states
