@@ -250,17 +250,17 @@ def decode_linear(x, linear):
     n, k = w.shape
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     wide = k >= 4096 or n >= 32768
+    bias = linear.bias
     _gemv_kernel[(triton.cdiv(n, 4 if wide else 8),)](
-        x, w, y, n, k, w.stride(0), BLOCK_N=4 if wide else 8, BLOCK_K=512,
-        num_warps=8 if k >= 4096 else 4, num_stages=3)
-    if linear.bias is not None:
-        y += linear.bias
+        x, w, bias if bias is not None else y, y, n, k, w.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_N=4 if wide else 8, BLOCK_K=512, num_warps=8 if k >= 4096 else 4, num_stages=3)
     return y
 
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(X, W, Y, N, K, sw, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(X, W, Bias, Y, N, K, sw, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -272,4 +272,7 @@ if triton is not None:
                         eviction_policy="evict_first")
             xv = tl.load(X + ks, mask=kmask, other=0.0)
             acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        tl.store(Y + rows, tl.sum(acc, axis=1).to(Y.dtype.element_ty), mask=rmask)
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:  # in fp32, before the one rounding (as cuBLAS's epilogue does)
+            y += tl.load(Bias + rows, mask=rmask, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=rmask)

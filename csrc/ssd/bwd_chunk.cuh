@@ -38,6 +38,27 @@ __device__ __forceinline__ void store_pair(T* p, int64_t i, float v0, float v1, 
   if (two) p[i + 1] = from_f<T>(v1);
 }
 
+// dst rows (r0, r0 + 8) += acc: the split's running sum over heads (the first head stores).
+// A row's four previous values (written by this thread one head earlier, so in L1) are loaded
+// before its stores: one round trip per row instead of one per pair.
+__device__ __forceinline__ void add_partial(float* ws, const float (&acc)[4][4], int bb, int64_t t0,
+                                            int qc, int r0, int split, int gg, int col, int npad,
+                                            const Params& P, bool first) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int j = r0 + 8 * hf;
+    if (j >= qc) continue;
+    float2* dst = reinterpret_cast<float2*>(
+        ws + (((int64_t(bb) * P.l + t0 + j) * P.nsplit + split) * P.g + gg) * npad + col);
+    float2 prev[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) prev[t] = first ? make_float2(0.f, 0.f) : dst[t * 4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      dst[t * 4] = make_float2(acc[t][2 * hf] + prev[t].x, acc[t][2 * hf + 1] + prev[t].y);
+  }
+}
+
 template <typename T, int kP>
 __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Params P) {
   constexpr int LDP = kP + 8;
@@ -304,25 +325,8 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
             mma16816(acc[t], a, b0, b1);
           }
         }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int j = m0 + r + 8 * hf;
-          if (j >= qc) continue;
-          float* dst = P.wsdB +
-                       (((int64_t(bb) * P.l + t0 + j) * P.nsplit + split) * P.g + gg) * npad + nb +
-                       cw * 32 + c2;
-#pragma unroll
-          for (int t = 0; t < 4; ++t) {
-            float2 o = make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
-            float2* q = reinterpret_cast<float2*>(dst + t * 8);
-            if (!first_head) {
-              const float2 prev = *q;
-              o.x += prev.x;
-              o.y += prev.y;
-            }
-            *q = o;
-          }
-        }
+        add_partial(P.wsdB, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
+                    first_head);
       }
       // dC rows i: intra (T2^T times B) + state (sin dy times S_prev)
       {
@@ -348,25 +352,8 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
             mma16816(acc[t], a, b0, b1);
           }
         }
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int i = m0 + r + 8 * hf;
-          if (i >= qc) continue;
-          float* dst = P.wsdC +
-                       (((int64_t(bb) * P.l + t0 + i) * P.nsplit + split) * P.g + gg) * npad + nb +
-                       cw * 32 + c2;
-#pragma unroll
-          for (int t = 0; t < 4; ++t) {
-            float2 o = make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
-            float2* q = reinterpret_cast<float2*>(dst + t * 8);
-            if (!first_head) {
-              const float2 prev = *q;
-              o.x += prev.x;
-              o.y += prev.y;
-            }
-            *q = o;
-          }
-        }
+        add_partial(P.wsdC, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
+                    first_head);
       }
     }
 

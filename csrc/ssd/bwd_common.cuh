@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "ssd/bwd.h"
+#include "ssd/common.cuh"  // ldmatrix helpers
 
 namespace mlmamba {
 namespace ssd_bwd {
@@ -60,13 +61,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t lds32(const bf16* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-__device__ __forceinline__ uint32_t pack_pair(const bf16* lo, const bf16* hi) {
-  return uint32_t(*reinterpret_cast<const uint16_t*>(lo)) |
-         (uint32_t(*reinterpret_cast<const uint16_t*>(hi)) << 16);
-}
 __device__ __forceinline__ uint32_t pack_f2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -79,14 +73,12 @@ __device__ __forceinline__ uint32_t scale_pair(uint32_t v, float s) {
   return pack_f2(f.x * s, f.y * s);
 }
 
+// Fragments by ldmatrix (rows 16-byte aligned: every pitch here is a multiple of 8 elements).
 // A (16x16 at m0,k0) from row-major storage [m][k]
 __device__ __forceinline__ void frag_a(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0) {
   const int lane = threadIdx.x & 31;
-  const bf16* q = s + (m0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
-  a[0] = lds32(q);
-  a[1] = lds32(q + 8 * ld);
-  a[2] = lds32(q + 8);
-  a[3] = lds32(q + 8 * ld + 8);
+  ssd::ldsm_x4(a, ssd::smem_u32(s + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 +
+                                (lane >> 4) * 8));
 }
 // the same with rows scaled: row m0+r by s_lo, row m0+r+8 by s_hi
 __device__ __forceinline__ void frag_a_rs(uint32_t (&a)[4], const bf16* s, int ld, int m0, int k0,
@@ -101,27 +93,26 @@ __device__ __forceinline__ void frag_a_rs(uint32_t (&a)[4], const bf16* s, int l
 __device__ __forceinline__ void frag_a_t(uint32_t (&a)[4], const bf16* s, int ld, int m0,
                                          int k0) {
   const int lane = threadIdx.x & 31;
-  const bf16* q = s + (k0 + 2 * (lane & 3)) * ld + m0 + (lane >> 2);
-  a[0] = pack_pair(q, q + ld);
-  a[1] = pack_pair(q + 8, q + ld + 8);
-  a[2] = pack_pair(q + 8 * ld, q + 9 * ld);
-  a[3] = pack_pair(q + 8 * ld + 8, q + 9 * ld + 8);
+  ssd::ldsm_x4_t(a, ssd::smem_u32(s + (k0 + (lane & 7) + (lane >> 4) * 8) * ld + m0 +
+                                  ((lane >> 3) & 1) * 8));
 }
 // B (16x8 at k0,n0) from storage [n][k]
 __device__ __forceinline__ void frag_b_nk(uint32_t& b0, uint32_t& b1, const bf16* s, int ld,
                                           int n0, int k0) {
   const int lane = threadIdx.x & 31;
-  const bf16* q = s + (n0 + (lane >> 2)) * ld + k0 + 2 * (lane & 3);
-  b0 = lds32(q);
-  b1 = lds32(q + 8);
+  uint32_t b[2];
+  ssd::ldsm_x2(b, ssd::smem_u32(s + (n0 + (lane & 7)) * ld + k0 + ((lane >> 3) & 1) * 8));
+  b0 = b[0];
+  b1 = b[1];
 }
 // B (16x8 at k0,n0) from storage [k][n]
 __device__ __forceinline__ void frag_b_kn(uint32_t& b0, uint32_t& b1, const bf16* s, int ld,
                                           int n0, int k0) {
   const int lane = threadIdx.x & 31;
-  const bf16* q = s + (k0 + 2 * (lane & 3)) * ld + n0 + (lane >> 2);
-  b0 = pack_pair(q, q + ld);
-  b1 = pack_pair(q + 8 * ld, q + 9 * ld);
+  uint32_t b[2];
+  ssd::ldsm_x2_t(b, ssd::smem_u32(s + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0));
+  b0 = b[0];
+  b1 = b[1];
 }
 // the same with each k row scaled by sc[k]
 __device__ __forceinline__ void frag_b_kn_ks(uint32_t& b0, uint32_t& b1, const bf16* s, int ld,

@@ -125,6 +125,24 @@ __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* base, int
   }
 }
 
+// The same, issued by one warp in a rolled loop: the row addresses are recomputed per
+// iteration instead of being hoisted out of the chunk loop into (spilled) registers.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_async_warp(bf16* dst, const bf16* base, int64_t rs,
+                                                     int64_t first, int nvalid, int lane) {
+  constexpr int CPR = COLS / 8, TOTAL = ROWS * CPR;
+  static_assert(TOTAL % 64 == 0, "tile must split into pairs of warp-wide steps");
+#pragma unroll 1
+  for (int ch = lane; ch < TOTAL; ch += 64) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int r = (ch + 32 * u) / CPR, c = ((ch + 32 * u) % CPR) * 8;
+      const bool ok = r < nvalid;
+      cp_async16(dst + swz<COLS>(r, c), ok ? base + (first + r) * rs + c : base, ok);
+    }
+  }
+}
+
 // MINB: CTAs per SM the registers are budgeted for (2 caps them at 128 per thread).
 template <typename T, int N, int PT, int MINB>
 __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
@@ -224,14 +242,34 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     sqprev = (p.seq_idx && c0 > 0) ? p.seq_idx[bidx * p.seq_b + (tstart + c0 - 1) * p.seq_l] : 0;
   };
 
-  auto issue_async = [&](int c, int buf) {
+  // Tiles of chunk c into buffer c & 1. With registers for two CTAs per SM (MINB 2), the two
+  // warps idle in phase A issue them (warp kDtWarp X, the next B and C) in rolled loops: issued
+  // by every thread, the per-thread row pointers were hoisted out of the chunk loop and spilled.
+  // With one CTA per SM nothing spills and every thread issues right after the chunk barrier
+  // (faster there: the two warps' copy loops would sit on the critical path of phase A).
+  constexpr bool kWarpCopy = MINB > 1;
+  auto issue_async = [&](int c) {
     if constexpr (K::ASYNC) {
       const int64_t c0 = static_cast<int64_t>(c) * Q;
       const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-      const LinearRows rows{tstart + c0};
-      load_tile_async<Q, PT, NT>(Xs(buf, 0), reinterpret_cast<const bf16*>(xg), p.x_l, rows, nv, tid);
-      load_tile_async<Q, N, NT>(Bs(buf, 0), reinterpret_cast<const bf16*>(Bg), p.B_l, rows, nv, tid);
-      load_tile_async<Q, N, NT>(Cs(buf, 0), reinterpret_cast<const bf16*>(Cg), p.C_l, rows, nv, tid);
+      const int buf = c & 1;
+      if constexpr (!kWarpCopy) {
+        const LinearRows rows{tstart + c0};
+        load_tile_async<Q, PT, NT>(Xs(buf, 0), reinterpret_cast<const bf16*>(xg), p.x_l, rows,
+                                   nv, tid);
+        load_tile_async<Q, N, NT>(Bs(buf, 0), reinterpret_cast<const bf16*>(Bg), p.B_l, rows, nv,
+                                  tid);
+        load_tile_async<Q, N, NT>(Cs(buf, 0), reinterpret_cast<const bf16*>(Cg), p.C_l, rows, nv,
+                                  tid);
+      } else if (warp == kDtWarp) {
+        load_tile_async_warp<Q, PT>(Xs(buf, 0), reinterpret_cast<const bf16*>(xg), p.x_l,
+                                    tstart + c0, nv, lane);
+      } else {
+        load_tile_async_warp<Q, N>(Bs(buf, 0), reinterpret_cast<const bf16*>(Bg), p.B_l,
+                                   tstart + c0, nv, lane);
+        load_tile_async_warp<Q, N>(Cs(buf, 0), reinterpret_cast<const bf16*>(Cg), p.C_l,
+                                   tstart + c0, nv, lane);
+      }
       cp_async_commit();
     }
   };
@@ -298,7 +336,7 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
   };
 
   if (nchunks > 0) {
-    issue_async(0, 0);
+    if (!kWarpCopy || warp == kDtWarp || warp == kDtWarp + 1) issue_async(0);
     if (warp == kDtWarp) {
       fetch_dt(0);
       dt_phase(0);
@@ -328,7 +366,7 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
                                          p.vec_loads, tid);
     }
     __syncthreads();  // chunk c tiles, chunk vectors and S_prev visible
-    if (c + 1 < nchunks) issue_async(c + 1, buf ^ 1);
+    if (!kWarpCopy && c + 1 < nchunks) issue_async(c + 1);
 
     const bf16* Xh = Xs(buf, 0);
     const bf16* Xl = Xs(buf, SPLIT ? 1 : 0);
@@ -340,7 +378,10 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     // ---- phase A: M = (C B^T) o decay o dt, rows 16 mt.., columns 32 ch.. ----
     {
       const int mt = warp & 3, ch = warp >> 2;
-      if (warp == kDtWarp && c + 1 < nchunks) dt_phase(c + 1);  // off the critical path
+      if ((warp == kDtWarp || warp == kDtWarp + 1) && c + 1 < nchunks) {  // off the critical path
+        if (kWarpCopy) issue_async(c + 1);
+        if (warp == kDtWarp) dt_phase(c + 1);
+      }
       if (ch * 32 <= mt * 16 + 15) {
         float acc[4][4];
 #pragma unroll
