@@ -175,6 +175,25 @@ def test_fwd_bwd_matches_reference(rng, dtype, width, layout, feat):
 
 
 @need
+@pytest.mark.parametrize("layout", ["l", "cl"])
+@pytest.mark.parametrize("width", [2, 4, 5, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_streaming_kernels_match_reference(rng, monkeypatch, dtype, width, layout):
+    """The opt-in streaming kernels (MLMAMBA_CONV1D_IMPL=pipe), which take 16-byte aligned
+    inputs without seq_idx: whole and partial tiles, warp ranges that cross rows and batches,
+    initial and final states."""
+    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "pipe")
+    g = gen(rng)
+    for i, (b, d, l) in enumerate(((2, 64, 128), (3, 64, 1000), (2, 72, 4096), (1, 8, 24),
+                                   (5, 16, 200))):
+        kw = inputs(g, b, d, l, width, dtype, layout, bias=i != 3, init=i % 2 == 1)
+        try:
+            check_case(kw, silu=i % 2 == 0, dtype=dtype, with_final=i != 4)
+        except AssertionError as e:
+            raise AssertionError(f"b={b} d={d} l={l}: {e}") from None
+
+
+@need
 @pytest.mark.parametrize("layout", ["l_slice", "cl_slice", "strided"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_noncontiguous_inputs(rng, dtype, layout):
@@ -204,11 +223,14 @@ def test_single_channel_and_long_rows(rng):
 
 
 @need
-def test_backward_bitwise_deterministic(rng):
+@pytest.mark.parametrize("impl", ["default", "pipe"])
+def test_backward_bitwise_deterministic(rng, monkeypatch, impl):
+    if impl == "pipe":
+        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "pipe")
     g = gen(rng)
     for layout in ("l", "cl"):
-        kw = inputs(g, 3, 300, 3000, 4, torch.bfloat16, layout, bias=True, init=True)
-        dout = torch.randn(3, 300, 3000, device=DEV, generator=g).to(torch.bfloat16)
+        kw = inputs(g, 3, 304, 3000, 4, torch.bfloat16, layout, bias=True, init=True)
+        dout = torch.randn(3, 304, 3000, device=DEV, generator=g).to(torch.bfloat16)
         args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, dout, None, True)
         a = ops().causal_conv1d_bwd(*args)
         for _ in range(3):

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/check.h"
@@ -159,6 +160,14 @@ int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels) {
   return chunk;
 }
 
+// The streaming kernels (pipe.cuh), where they apply, only with MLMAMBA_CONV1D_IMPL=pipe: they
+// are not yet validated on a GPU (docs/perf-log.md, causal_conv1d v3). Read per call (A/B timing).
+bool use_pipe(const ConvParams& p, const Tensor& x, bool chlast, bool bwd) {
+  const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
+  return e != nullptr && std::string(e) == "pipe" &&
+         pipe_ok(p, static_cast<int>(x.element_size()), chlast, bwd);
+}
+
 Tensor seq_contig(const OptT& seq) {
   if (!present(seq)) return Tensor();
   return (seq->stride(1) == 1 || seq->size(1) == 1) ? *seq : seq->contiguous();
@@ -188,9 +197,14 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   ConvParams p = make_params(x, weight, bias, init, seq, silu, out);
   if (return_final_states) p.final_states = final_states.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (chlast) {
+  const bool pipe = use_pipe(p, x, chlast, false);
+  if (chlast && pipe) {
+    fwd_chlast_pipe(p, dtag(x), stream);
+  } else if (chlast) {
     p.chunk = pick_chunk(b, d, l, 256);
     fwd_chlast(p, dtag(x), stream);
+  } else if (pipe) {
+    fwd_lcontig_pipe(p, dtag(x), stream);
   } else {
     fwd_lcontig(p, dtag(x), stream);
   }
@@ -251,19 +265,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.dfinal_dtype = dtag(*dfinal);
   }
   if (dinit.numel()) p.dinit = dinit.data_ptr();
-  if (chlast) {  // one slot per block of 4 chunks
+  const bool pipe = use_pipe(p, x, chlast, true);
+  int64_t nslots;  // dweight/dbias workspace slots
+  if (chlast && pipe) {  // one slot per block; blocks share a channel group
+    p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
+    nslots = p.nslots_per_batch;
+  } else if (chlast) {  // one slot per block of 4 chunks
     p.chunk = pick_chunk(b, d, l, 128);
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
-  } else {
+    nslots = b * p.nslots_per_batch;
+  } else {  // one slot per tile
     p.nslots_per_batch = bwd_lcontig_tiles(l);
+    nslots = b * p.nslots_per_batch;
   }
-  Tensor partial = at::empty({b * p.nslots_per_batch, d, w + 1}, x.options().dtype(at::kFloat));
+  Tensor partial = at::empty({nslots, d, w + 1}, x.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (chlast) bwd_chlast(p, dtag(x), stream);
+  if (chlast && pipe) bwd_chlast_pipe(p, dtag(x), stream);
+  else if (chlast) bwd_chlast(p, dtag(x), stream);
+  else if (pipe) bwd_lcontig_pipe(p, dtag(x), stream);
   else bwd_lcontig(p, dtag(x), stream);
-  reduce_dweight(p, b * p.nslots_per_batch, dweight.data_ptr(),
-                 dbias.numel() ? dbias.data_ptr() : nullptr, stream);
+  reduce_dweight(p, nslots, dweight.data_ptr(), dbias.numel() ? dbias.data_ptr() : nullptr, stream);
   return {dx, dweight, dbias, dinit};
 }
 

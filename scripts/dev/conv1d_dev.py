@@ -4,6 +4,8 @@
                                            # mlmamba_kernels/_C.so (only the conv1d family)
   python scripts/dev/conv1d_dev.py sweep   # time fwd/bwd over channel-last chunk sizes
   python scripts/dev/conv1d_dev.py ptxas   # print the ptxas register report of the build log
+  python scripts/dev/conv1d_dev.py pipe    # A/B: general (v2) vs streaming kernels, grid sizes,
+                                           # against a plain copy of the same bytes
 
 The real build is setup.py/CMake; this exists so the conv1d kernels can be tested while the
 other families are still being written.
@@ -93,7 +95,63 @@ def sweep():
                   f"({3 * n / t['bwd'] / 1e9:5.0f} GB/s)", flush=True)
 
 
+def pipe():
+    """bf16 w4 silu bias: fwd and bwd, v2 kernels vs the streaming ones (MLMAMBA_CONV1D_IMPL,
+    grid size MLMAMBA_CONV1D_WAVES), against torch's copy and SiLU of the same bytes. Three
+    rounds with fresh buffers (one session's timings of the same kernel moved by 10-15%); per
+    variant: the median of each round, and their minimum."""
+    import torch
+    import torch.nn.functional as F
+    import mlmamba_kernels  # noqa: F401  (loads _C)
+    from bench.common import time_variants
+    ops = torch.ops.mlmamba
+    dev = torch.device("cuda")
+    d, w = 5376, 4
+    variants = [("fwd", "v2", "1"), ("fwd", "pipe", "1"), ("fwd", "pipe", "2"),
+                ("bwd", "v2", "1"), ("bwd", "pipe", "1"), ("bwd", "pipe", "2")]
+
+    def env(impl, waves):
+        os.environ["MLMAMBA_CONV1D_IMPL"] = impl
+        os.environ["MLMAMBA_CONV1D_WAVES"] = waves
+
+    for b, l in ((4, 2048), (1, 16384)):
+        for cl in (False, True):
+            n = b * d * l * 2
+            res = {}
+            for rnd in range(3):
+                sets = []
+                for _ in range(2):
+                    x = (torch.randn(b, l, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) if cl
+                         else torch.randn(b, d, l, device=dev, dtype=torch.bfloat16))
+                    sets.append((x, torch.randn(d, w, device=dev, dtype=torch.bfloat16),
+                                 torch.randn(d, device=dev, dtype=torch.bfloat16), torch.randn_like(x),
+                                 torch.empty_like(x)))
+                fns = {"copy": lambda i, sets=sets: sets[i][4].copy_(sets[i][0]),
+                       "torch silu": lambda i, sets=sets: F.silu(sets[i][0])}
+                for kind, impl, waves in variants:
+                    def f(i, kind=kind, impl=impl, waves=waves, sets=sets):
+                        env(impl, waves)
+                        x_, w_, b_, do_, _ = sets[i]
+                        if kind == "fwd":
+                            return ops.causal_conv1d_fwd(x_, w_, b_, None, None, True, False)
+                        return ops.causal_conv1d_bwd(x_, w_, b_, None, None, do_, None, True)
+                    fns[f"{kind} {impl} w{waves}"] = f
+                t = time_variants(fns, dev, nsets=2)
+                env("", "")
+                for k, v in t.items():
+                    res.setdefault(k, []).append(v)
+                del sets, fns
+                torch.cuda.empty_cache()
+            tc = min(res["copy"])
+            print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'} (us per round; min; % of the "
+                  f"same-size copy {tc * 1e6:.1f} us = {2 * n / tc / 1e9:.0f} GB/s)", flush=True)
+            for k, v in res.items():
+                nb = (3 if k.startswith("bwd") else 2) * n
+                print(f"  {k:<18} {' '.join(f'{u * 1e6:7.1f}' for u in v)}  min {min(v) * 1e6:7.1f}"
+                      f"  {100 * nb / min(v) / (2 * n / tc):5.1f}%", flush=True)
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    {"build": build, "ptxas": ptxas, "sweep": sweep}[sys.argv[1]]()
+    {"build": build, "ptxas": ptxas, "sweep": sweep, "pipe": pipe}[sys.argv[1]]()

@@ -1,0 +1,183 @@
+// Helpers of the streaming ("pipe") conv1d kernels: a per-lane queue of cp.async copies into
+// shared memory. A lane copies the words it will itself consume, S-1 stages ahead, so the bytes
+// in flight are bounded by shared memory, not by registers (Little's law at ~3 TB/s wants
+// ~25 KB in flight per SM). Each lane reads back only its own words: cp.async.wait_group is
+// the only synchronisation the queue needs.
+#pragma once
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "common/check.h"
+#include "conv1d/conv1d.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+// 16 bytes global -> shared; bytes < 16 zero-fill the rest (0: nothing is read from src).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
+               : "memory");
+}
+// 8 bytes; bytes < 8 zero-fill.
+__device__ __forceinline__ void cp_async8(void* dst, const void* src, int bytes) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Wait until at most N of this thread's groups are pending.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Copies n (<= N) valid elements of a run of N at src into dst as N*sizeof(R)/16 16-byte words
+// (or one 8-byte word when N*sizeof(R) == 8); the rest is zero-filled. src (when n > 0) and dst
+// must be aligned to the word size; with n <= 0 src is not read (it only has to be a pointer).
+template <int N, typename R>
+__device__ __forceinline__ void cp_async_run(void* dst, const R* src, int64_t n) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(R));
+  constexpr int kWord = kBytes >= 16 ? 16 : 8;
+  constexpr int E = kWord / static_cast<int>(sizeof(R));  // elements per word
+  #pragma unroll
+  for (int i = 0; i < kBytes / kWord; ++i) {
+    const int64_t m = n - i * E;
+    const int bytes = m >= E ? kWord : (m > 0 ? static_cast<int>(m) * static_cast<int>(sizeof(R)) : 0);
+    const R* s = bytes > 0 ? src + i * E : src;
+    char* d = static_cast<char*>(dst) + i * kWord;
+    if (kWord == 16) cp_async16(d, s, bytes);
+    else cp_async8(d, s, bytes);
+  }
+}
+
+// The same for a run known to be whole and in range (no zero-fill arithmetic).
+template <int N, typename R>
+__device__ __forceinline__ void cp_async_whole(void* dst, const R* src) {
+  constexpr int kBytes = N * static_cast<int>(sizeof(R));
+  constexpr int kWord = kBytes >= 16 ? 16 : 8;
+  constexpr int E = kWord / static_cast<int>(sizeof(R));
+  #pragma unroll
+  for (int i = 0; i < kBytes / kWord; ++i) {
+    char* d = static_cast<char*>(dst) + i * kWord;
+    if (kWord == 16) cp_async16(d, src + i * E, 16);
+    else cp_async8(d, src + i * E, 8);
+  }
+}
+
+// N elements from shared memory (written by cp_async_run) as floats.
+template <int N, typename R>
+__device__ __forceinline__ void smem_run_to_float(const void* src, float (&v)[N]) {
+  RawRun<N, R> r;
+  #pragma unroll
+  for (int i = 0; i < Words<N, R>::kCount; ++i)
+    r.w[i] = static_cast<const typename Words<N, R>::W*>(src)[i];
+  r.to_float(v);
+}
+
+// N floats -> global memory as whole words (N*sizeof(R) a multiple of 8 bytes; p aligned to
+// 16, or 8 for an 8-byte run). Vector stores written out: with plain word stores the compiler
+// split them into 4-byte stores here.
+__device__ __forceinline__ void st_words(uint4* p, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+}
+__device__ __forceinline__ void st_words(uint2* p, uint2 v) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(p), "r"(v.x), "r"(v.y));
+}
+template <int N, typename R>
+__device__ __forceinline__ void store_run(R* p, const float (&v)[N]) {
+  using Wd = Words<N, R>;
+  typename Wd::W w[Wd::kCount];
+  R* e = reinterpret_cast<R*>(w);
+  #pragma unroll
+  for (int i = 0; i < N; ++i) e[i] = Elem<R>::fromf(v[i]);
+  #pragma unroll
+  for (int i = 0; i < Wd::kCount; ++i) st_words(reinterpret_cast<typename Wd::W*>(p) + i, w[i]);
+}
+
+// l-contiguous streaming: a warp walks a contiguous range of tiles gt = (b * D + c) * nseg + seg
+// (warp_range), kept as (seg, c, b) so that a step needs no division.
+struct TileIter {
+  int64_t gt;
+  int seg, c, b;  // each < 2^30 (the launch checks it)
+  __device__ __forceinline__ void begin(int64_t g, int64_t nseg, int64_t D) {
+    gt = g;
+    const int64_t row = g / nseg;
+    seg = static_cast<int>(g - row * nseg);
+    b = static_cast<int>(row / D);
+    c = static_cast<int>(row - b * D);
+  }
+  __device__ __forceinline__ void next(int nseg, int D) {
+    ++gt;
+    if (++seg == nseg) {
+      seg = 0;
+      if (++c == D) { c = 0; ++b; }
+    }
+  }
+};
+
+// Warp w's share [g0, g1) of n items split evenly over nw warps.
+__device__ __forceinline__ void warp_range(int64_t n, int64_t nw, int64_t w, int64_t& g0, int64_t& g1) {
+  const int64_t per = n / nw, extra = n % nw;
+  g0 = w * per + (w < extra ? w : extra);
+  g1 = g0 + per + (w < extra ? 1 : 0);
+}
+
+// Channel-last streaming: the rows of one channel group, flattened over (batch, l), split into
+// equal ranges, one per warp; a range is walked as segments (one per batch row it touches),
+// each in stages of RW rows from t0 - lead to t1 + tail. Producer and consumer each step their
+// own copy of this iterator through the same sequence.
+template <int RW>
+struct SegIter {
+  int64_t r, r1, L;        // flattened row of the current segment's start, range end, seqlen
+  int64_t b, t0, t1, ts;   // segment: batch, [t0, t1), first row of the current stage
+  int lead, tail;
+  __device__ __forceinline__ void begin(int64_t r0, int64_t r_end, int64_t seqlen, int lead_, int tail_) {
+    r = r0; r1 = r_end; L = seqlen; lead = lead_; tail = tail_;
+    set_segment();
+  }
+  __device__ __forceinline__ void set_segment() {
+    b = r / L;
+    t0 = r - b * L;
+    t1 = t0 + (r1 - r) < L ? t0 + (r1 - r) : L;
+    ts = t0 - lead;
+  }
+  __device__ __forceinline__ bool done() const { return r >= r1; }
+  __device__ __forceinline__ void next() {
+    ts += RW;
+    if (ts >= t1 + tail) {
+      r += t1 - t0;
+      if (r < r1) set_segment();
+    }
+  }
+};
+
+// Blocks per SM of a kernel (call once per instantiation: keep it in a static).
+template <typename K>
+int occupancy(K kernel, int threads) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0));
+  return n > 0 ? n : 1;
+}
+
+// The grid of a persistent launch: every SM full once. MLMAMBA_CONV1D_WAVES scales it (tuning).
+inline int64_t persistent_grid(int per_sm) {
+  const char* e = std::getenv("MLMAMBA_CONV1D_WAVES");
+  const double waves = e != nullptr && std::atof(e) > 0 ? std::atof(e) : 1.0;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t g = static_cast<int64_t>(waves * per_sm * sms);
+  return g > 0 ? g : 1;
+}
+
+// Channel-last: blocks per channel group (ncg groups of rows rows each). Fills the GPU once,
+// but gives each warp >= 16 rows.
+inline int64_t chlast_pipe_bpc(int occ, int64_t rows, int64_t ncg) {
+  return std::max<int64_t>(1, std::min(persistent_grid(occ) / ncg, (rows + 63) / 64));
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
