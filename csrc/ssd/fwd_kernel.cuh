@@ -5,8 +5,10 @@
 //   phase A    M = (C B^T) o exp(Lambda_i - Lambda_j) dt_j, masked causal / same segment -> smem
 //   phase Y    y = exp(Lambda_i) C S_prev^T + M X + D x, then * silu(z)        (mma)
 //   phase S    S = exp(Lambda_Q) S + (w o X)^T B,  w_j = exp(Lambda_Q - Lambda_j) dt_j  (mma)
-// bf16 inputs are copied into shared memory with cp.async, one chunk ahead. fp16 and fp32
-// inputs are split into bf16 hi + lo (three products per mma step, ~16 mantissa bits).
+// The dt phase of chunk c + 1 runs on warp 4 during phase A of chunk c (warp 4 has no phase A
+// tile), into the second of two buffers of chunk vectors. bf16 inputs are copied into shared
+// memory with cp.async, one chunk ahead. fp16 and fp32 inputs are split into bf16 hi + lo
+// (three products per mma step, ~16 mantissa bits).
 // Rows are read through a row map (token -> row of the tensor), so a later caller can feed a
 // scan order instead of the identity.
 #pragma once
