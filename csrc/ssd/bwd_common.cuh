@@ -1,5 +1,5 @@
 // Device helpers of the SSD backward: bf16 mma.sync fragments read from padded shared-memory
-// tiles with plain loads, typed global loads, and the per-chunk vectors (dt, cumulative decay,
+// tiles with ldmatrix, typed global loads, and the per-chunk vectors (dt, cumulative decay,
 // segment masks) that every kernel recomputes from the raw inputs.
 //
 // mma.m16n8k16 fragments (r = lane / 4, c = 2 * (lane % 4)):
