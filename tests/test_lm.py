@@ -86,8 +86,9 @@ def test_greedy_generation_matches_transformers(rng, tmp_path):
     hf = hf_model(rng, n_layer=2)
     ours = ours_from_hf(hf, tmp_path)
     ids = random_ids(rng, 1, 9, 97)
-    ref = hf.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None,
-                      pad_token_id=0)[0, 9:]
+    # an explicit mask: without one, transformers takes a random token 0 (= pad_token_id) for padding
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, 9:]
     out = ours.generate(ids, max_new_tokens=12)
     assert out.new_tokens[0].tolist() == ref.tolist()
     assert out.sequences.shape == (1, 21)
@@ -98,8 +99,8 @@ def test_repetition_penalty_generation_matches_transformers(rng, tmp_path):
     hf = hf_model(rng, n_layer=1)
     ours = ours_from_hf(hf, tmp_path)
     ids = random_ids(rng, 1, 6, 97)
-    ref = hf.generate(ids, max_new_tokens=10, do_sample=False, repetition_penalty=1.7,
-                      eos_token_id=None, pad_token_id=0)[0, 6:]
+    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                      repetition_penalty=1.7, eos_token_id=None, pad_token_id=0)[0, 6:]
     out = ours.generate(ids, max_new_tokens=10, repetition_penalty=1.7)
     assert out.new_tokens[0].tolist() == ref.tolist()
 
