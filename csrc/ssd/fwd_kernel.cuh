@@ -17,6 +17,7 @@
 #include "common/device_utils.cuh"
 #include "ssd/common.cuh"
 #include "ssd/fwd.h"
+#include "ssd/fwd_vectors.cuh"
 
 namespace mlmamba {
 namespace ssd {
@@ -33,9 +34,8 @@ struct FwdTraits {
   static constexpr int X_EL = Q * PT, B_EL = Q * N, S_EL = PT * N, M_EL = Q * Q;
   static constexpr int LOAD_EL = X_EL + 2 * B_EL;  // one buffer of X, B, C
   static constexpr int BF_EL = NBUF * NSPL * LOAD_EL + NSPL * (S_EL + M_EL);
-  // two buffers of the chunk vectors (dt, Lambda, w, e, last reset; decay), then D
-  static constexpr int VEC_BYTES = 5 * Q * 4 + 16;
-  static constexpr int SMEM = BF_EL * 2 + 2 * VEC_BYTES + 64 * 4;
+  // two buffers of the chunk vectors (fwd_vectors.cuh), then D
+  static constexpr int SMEM = BF_EL * 2 + 2 * kVecBytes + 64 * 4;
   // state tile: WM_S m-tiles of 16 p rows, WN_S warps along n, NT_S n8 tiles each
   static constexpr int WM_S = PT / 16, WN_S = NW / WM_S;
   static constexpr int NCOL_S = N / WN_S >= 8 ? N / WN_S : 8;
@@ -160,11 +160,8 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
   Ss[1] = Ss[0] + K::S_EL;
   bf16* Ms[2] = {Ss[0] + K::NSPL * K::S_EL, nullptr};
   Ms[1] = Ms[0] + K::M_EL;
-  // chunk vectors of buffer v: dt_j, Lambda_j (inclusive cumsum), w_j (weight of token j in
-  // S_end), e_i (weight of S_prev in y_i), last reset <= j in the chunk (or -1), chunk decay
-  unsigned char* vec0 = smem_raw + K::BF_EL * 2;
-  auto dts_of = [&](int v) { return reinterpret_cast<float*>(vec0 + v * K::VEC_BYTES); };
-  float* Dsm = reinterpret_cast<float*>(vec0 + 2 * K::VEC_BYTES);  // D of this CTA's channels
+  unsigned char* vec0 = smem_raw + K::BF_EL * 2;  // two buffers of chunk vectors
+  float* Dsm = reinterpret_cast<float*>(vec0 + 2 * kVecBytes);  // D of this CTA's channels
   constexpr int kDtWarp = 4;  // idle in phase A: computes the next chunk's vectors there
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -188,7 +185,6 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
   const T* Cg = static_cast<const T*>(p.C) + bidx * p.C_b + grp * p.C_g;
   const float Ah = p.A[h];
   const float dtb = p.dt_bias ? p.dt_bias[h] : 0.f;
-  const DType dt_t = static_cast<DType>(p.dt_dtype);
   if (tid < PT) Dsm[tid] = p.D ? p.D[h * p.D_h + (p0 + tid) * p.D_p] : 0.f;
 
   // ---- state accumulators (phase S tiling) ----
@@ -228,21 +224,8 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
 
   const int nchunks = static_cast<int>((len + Q - 1) / Q);
 
-  // raw dt and seq_idx of the next chunk, prefetched by warp 0 (tokens 2 lane, 2 lane + 1)
-  float dtr[2] = {0.f, 0.f};
-  int sq[2] = {0, 0}, sqprev = 0;
-  auto fetch_dt = [&](int c) {
-    const int64_t c0 = static_cast<int64_t>(c) * Q;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int64_t tk = c0 + 2 * lane + e;
-      const bool ok = tk < len;
-      dtr[e] = ok ? load_as_float(p.dt, bidx * p.dt_b + (tstart + tk) * p.dt_l + h * p.dt_h, dt_t)
-                  : 0.f;
-      sq[e] = (ok && p.seq_idx) ? p.seq_idx[bidx * p.seq_b + (tstart + tk) * p.seq_l] : 0;
-    }
-    sqprev = (p.seq_idx && c0 > 0) ? p.seq_idx[bidx * p.seq_b + (tstart + c0 - 1) * p.seq_l] : 0;
-  };
+  RawDt raw;  // raw dt and seq_idx of the next chunk (warp kDtWarp)
+  auto fetch_dt = [&](int c) { raw.fetch(p, bidx, tstart, len, h, static_cast<int64_t>(c) * Q, lane); };
 
   // Tiles of chunk c into buffer c & 1. With registers for two CTAs per SM (MINB 2), the two
   // warps idle in phase A issue them (warp kDtWarp X, the next B and C) in rolled loops: issued
@@ -276,64 +259,11 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     }
   };
 
-  // dt phase of chunk c (one warp): dt_j (bias, softplus, clamp), Lambda, w, e, resets -> buffer
-  // c & 1; then fetches the raw dt of chunk c + 1.
+  // dt phase of chunk c (one warp) into buffer c & 1, then the raw dt of chunk c + 1
   auto dt_phase = [&](int c) {
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-    float* dts = dts_of(c & 1);
-    float* lam = dts + Q;
-    float* wv = lam + Q;
-    float* ev = wv + Q;
-    int* lr = reinterpret_cast<int*>(ev + Q);
-    float* chunk_decay = reinterpret_cast<float*>(lr + Q);
-    float d[2], a[2];
-    bool rs[2];
-    const int prev_of_first = __shfl_up_sync(0xffffffffu, sq[1], 1);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int j = 2 * lane + e;
-      float v = dtr[e] + dtb;
-      if (p.dt_softplus) v = v <= 20.f ? log1pf(expf(v)) : v;
-      if (p.has_dt_limit) v = fminf(fmaxf(v, p.dt_min), p.dt_max);
-      d[e] = j < nvalid ? v : 0.f;
-      a[e] = d[e] * Ah;
-      const int prev = e == 1 ? sq[0] : (lane == 0 ? sqprev : prev_of_first);
-      rs[e] = p.seq_idx != nullptr && j < nvalid && (c0 + j) > 0 && sq[e] != prev;
-    }
-    // inclusive scans over the 64 tokens: sum of a, max of reset positions
-    const float s = a[0] + a[1];
-    float inc = s;
-    int v0 = rs[0] ? 2 * lane : -1;
-    int v1 = rs[1] ? 2 * lane + 1 : v0;
-    int mx = v1;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const float tf = __shfl_up_sync(0xffffffffu, inc, off);
-      const int ti = __shfl_up_sync(0xffffffffu, mx, off);
-      if (lane >= off) {
-        inc += tf;
-        mx = max(mx, ti);
-      }
-    }
-    int ex_mx = __shfl_up_sync(0xffffffffu, mx, 1);
-    if (lane == 0) ex_mx = -1;
-    const float l0 = (inc - s) + a[0], l1 = l0 + a[1];
-    const int lr0 = max(ex_mx, v0), lr1 = max(ex_mx, v1);
-    const float lamQ = __shfl_sync(0xffffffffu, l1, 31);
-    const int lrQ = __shfl_sync(0xffffffffu, lr1, 31);
-    const float lv[2] = {l0, l1};
-    const int lrv[2] = {lr0, lr1};
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int j = 2 * lane + e;
-      dts[j] = d[e];
-      lam[j] = lv[e];
-      lr[j] = lrv[e];
-      wv[j] = j >= lrQ ? expf(lamQ - lv[e]) * d[e] : 0.f;
-      ev[j] = lrv[e] < 0 ? expf(lv[e]) : 0.f;
-    }
-    if (lane == 0) *chunk_decay = lrQ < 0 ? expf(lamQ) : 0.f;
+    chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nvalid, lane);
     if (c + 1 < nchunks) fetch_dt(c + 1);
   };
 
@@ -349,12 +279,13 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     const int buf = K::ASYNC ? (c & 1) : 0;
-    const float* dts = dts_of(c & 1);
-    const float* lam = dts + Q;
-    const float* wv = lam + Q;
-    const float* ev = wv + Q;
-    const int* lr = reinterpret_cast<const int*>(ev + Q);
-    const float* chunk_decay = reinterpret_cast<const float*>(lr + Q);
+    const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
+    const float* dts = cv.dt();
+    const float* lam = cv.lam();
+    const float* wv = cv.w();
+    const float* ev = cv.e();
+    const int* lr = cv.lr();
+    const float* chunk_decay = cv.decay();
 
     if constexpr (K::ASYNC) {
       cp_async_wait_all();
