@@ -54,11 +54,21 @@ def run(ctx):
             return ssd_scan(k["x"], k["dt"], k["A"], k["B"], k["C"], D=k["D"],
                             dt_bias=k["dt_bias"], dt_softplus=True, backend="reference")
 
+        def wgmma(i):  # the opt-in sm_90a kernel, timed A/B against the default in one run
+            os.environ["MLMAMBA_SSD_FWD_IMPL"] = "wgmma"
+            try:
+                return ours(i)
+            finally:
+                del os.environ["MLMAMBA_SSD_FWD_IMPL"]
+
+        base = {"torch": torch_ref} if with_ref else {}
+        if os.environ.get("MLMAMBA_BENCH_SSD_WGMMA", "0") not in ("", "0"):
+            base["wgmma"] = wgmma  # the speed-up column then reads default / wgmma time
         tokens = b * l
         nbytes = tokens * (h * p * 2 * 2 + 2 * n * 2 + h * 4)
         flops = tokens * h * (4 * n * p + 64 * (n + p))
-        ctx.case(f"ssd_scan fwd {name}", ours, {"torch": torch_ref} if with_ref else None,
-                 bytes_moved=nbytes, flops=flops, nsets=nsets)
+        ctx.case(f"ssd_scan fwd {name}", ours, base or None, bytes_moved=nbytes, flops=flops,
+                 nsets=nsets)
         del sets
 
     for name, b, nstates, sdtype in DECODE_CASES if only != "scan" else []:

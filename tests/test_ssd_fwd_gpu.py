@@ -152,6 +152,24 @@ def test_both_channel_splits(rng, monkeypatch, pt, minb):
 
 
 @need_fwd
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="the wgmma kernel needs sm_90")
+@pytest.mark.parametrize("n", [64, 128])
+@pytest.mark.parametrize("l", [1, 64, 200])
+def test_wgmma_kernel(rng, monkeypatch, n, l):
+    """The opt-in sm_90a kernel (MLMAMBA_SSD_FWD_IMPL=wgmma): headdim 64, bf16, every feature."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "wgmma")
+    kw = make(rng, 2, l, 3, 64, n, init=True)
+    check(kw, dt_limit=(0.002, 0.5))
+    b = 2
+    seq = torch.zeros(b, l, dtype=torch.int32, device=DEV)
+    for t in (5, 64, 65, 130):   # resets inside a chunk and on its boundary
+        if t < l:
+            seq[0, t:] += 1
+    check(make(rng, b, l, 3, 64, n, D="hp"), seq_idx=seq)
+
+
+@need_fwd
 @pytest.mark.parametrize("g", [1, 2, 8])
 def test_ngroups(rng, g):
     check(make(rng, 2, 150, 8, 32, 64, g=g))

@@ -202,6 +202,13 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
             prop.sharedMemPerBlockOptin);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int code = dtype_code(x.scalar_type());
+  // developer opt-in until it has run on a GPU (docs/perf-log.md): the sm_90a wgmma kernel
+  const char* impl = std::getenv("MLMAMBA_SSD_FWD_IMPL");
+  if (impl && std::string(impl) == "wgmma" && code == 2 && prop.major == 9 &&
+      launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream)) {
+    MLM_CHECK_LAUNCH();
+    return {out, final_states};
+  }
   const bool ok = code == 2   ? launch_ssd_fwd_bf16(prm, static_cast<int>(n), pt, stream)
                   : code == 1 ? launch_ssd_fwd_f16(prm, static_cast<int>(n), pt, stream)
                               : launch_ssd_fwd_f32(prm, static_cast<int>(n), pt, stream);

@@ -1,0 +1,283 @@
+// SSD chunked scan forward on sm_90a warpgroup MMA (wgmma): one CTA = one warpgroup per
+// (row, head), headdim 64, bf16 x/B/C, d_state 64 or 128. Opt-in (MLMAMBA_SSD_FWD_IMPL=wgmma)
+// until it has run on a GPU: see docs/perf-log.md, "ssd_scan forward: the next design".
+// Per 64-token chunk (the same math as fwd_kernel.cuh):
+//   batch 1  M = C B^T and Y = C S_prev^T                          (shared x shared, async)
+//            meanwhile warp 0 computes the next chunk's vectors
+//   between  M -> decay mask, dt, causal / segment mask, bf16 A fragments; Y *= e_i
+//   batch 2  Y += M X (A from registers); S = decay S + (w o X)^T B (A: X^T scaled by w)
+//   then     y = Y + D x, * silu(z), stored; S (bf16) -> shared for the next chunk's batch 1.
+// Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by cp.async one chunk ahead.
+#include <cuda_runtime.h>
+
+#include "common/device_utils.cuh"
+#include "ssd/fwd.h"
+#include "ssd/fwd_vectors.cuh"
+#include "ssd/wgmma.cuh"
+
+namespace mlmamba {
+namespace ssd {
+namespace {
+
+using bf16 = __nv_bfloat16;
+constexpr int Q = kChunk, P = 64, NT = 128;
+
+template <int N>
+struct WgLayout {
+  static constexpr int NP = N / 64;             // panels of a 64 x N tile
+  static constexpr int X_B = Q * P * 2;         // bytes of one X tile
+  static constexpr int BC_B = Q * N * 2;        // of one B or C tile
+  static constexpr int STAGE_B = X_B + 2 * BC_B;
+  static constexpr int S_B = P * N * 2;         // the state, bf16
+  static constexpr int VEC_OFF = 2 * STAGE_B + S_B;
+  static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
+  static constexpr int SMEM = D_OFF + P * 4 + 1024;  // + alignment slack
+};
+
+// 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout
+template <int COLS>
+__device__ __forceinline__ void load_tile(unsigned char* dst, const bf16* base, int64_t rs,
+                                          int64_t first, int nvalid, int tid) {
+  constexpr int CPR = COLS / 8;
+#pragma unroll
+  for (int k = 0; k < Q * CPR / NT; ++k) {
+    const int ch = tid + k * NT, r = ch / CPR, c = (ch % CPR) * 8;
+    const bool ok = r < nvalid;
+    cp_async16(dst + sw128_offset<Q>(r, c), ok ? base + (first + r) * rs + c : base, ok);
+  }
+}
+
+// K-major operand tile (64 rows): k-step s of 16 columns; MN-major: rows 16 s of panel 0
+__device__ __forceinline__ uint64_t desc_k(const unsigned char* t, int s) {
+  return wgmma_desc(t + (s >> 2) * (Q * 128) + (s & 3) * 32, 16, 1024);
+}
+__device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
+  return wgmma_desc(t + s * 16 * 128, Q * 128, 1024);
+}
+
+template <int N>
+__global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p) {
+  using Lt = WgLayout<N>;
+  constexpr int NP = Lt::NP;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* sm = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  auto Xs = [&](int b) { return sm + b * Lt::STAGE_B; };
+  auto Bs = [&](int b) { return sm + b * Lt::STAGE_B + Lt::X_B; };
+  auto Cs = [&](int b) { return sm + b * Lt::STAGE_B + Lt::X_B + Lt::BC_B; };
+  unsigned char* Ss = sm + 2 * Lt::STAGE_B;
+  unsigned char* vec0 = sm + Lt::VEC_OFF;
+  float* Dsm = reinterpret_cast<float*>(sm + Lt::D_OFF);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.x, row = blockIdx.y, grp = h / p.heads_per_group;
+  int64_t bidx = row, tstart = 0, len = p.seqlen;
+  if (p.cu_seqlens) {
+    bidx = 0;
+    tstart = p.cu_seqlens[row];
+    len = p.cu_seqlens[row + 1] - tstart;
+  }
+  const bf16* xg = static_cast<const bf16*>(p.x) + bidx * p.x_b + h * p.x_h;
+  const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g;
+  const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
+  const float Ah = p.A[h];
+  const float dtb = p.dt_bias ? p.dt_bias[h] : 0.f;
+  if (tid < P) Dsm[tid] = p.D ? p.D[h * p.D_h + tid * p.D_p] : 0.f;
+
+  // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
+  // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
+  float sacc[NP][32];
+#pragma unroll
+  for (int np = 0; np < NP; ++np)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      float v = 0.f;
+      if (p.init) {
+        const int pr = 16 * warp + g + 8 * ((i & 3) >> 1), nc = 64 * np + 8 * (i >> 2) + 2 * t + (i & 1);
+        v = load_as_float(p.init, row * p.init_b + h * p.init_h + pr * p.init_p + nc * p.init_n,
+                          static_cast<DType>(p.init_dtype));
+      }
+      sacc[np][i] = v;
+    }
+  auto store_state = [&]() {  // S (bf16) as a K-major operand: rows p, columns n
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          *reinterpret_cast<uint32_t*>(Ss + sw128_offset<P>(16 * warp + g + 8 * hf, 64 * np + 8 * j + 2 * t)) =
+              pack_bf16(sacc[np][4 * j + 2 * hf], sacc[np][4 * j + 2 * hf + 1]);
+  };
+  store_state();
+
+  const int nchunks = static_cast<int>((len + Q - 1) / Q);
+  auto issue = [&](int c) {
+    const int64_t c0 = static_cast<int64_t>(c) * Q;
+    const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+    load_tile<P>(Xs(c & 1), xg, p.x_l, tstart + c0, nv, tid);
+    load_tile<N>(Bs(c & 1), Bg, p.B_l, tstart + c0, nv, tid);
+    load_tile<N>(Cs(c & 1), Cg, p.C_l, tstart + c0, nv, tid);
+    cp_async_commit();
+  };
+  RawDt raw;
+  auto vectors = [&](int c) {  // warp 0: chunk c's vectors into buffer c & 1, then fetch c + 1
+    const int64_t c0 = static_cast<int64_t>(c) * Q;
+    const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+    chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nv, lane);
+    if (c + 1 < nchunks) raw.fetch(p, bidx, tstart, len, h, c0 + Q, lane);
+  };
+  if (nchunks > 0) {
+    issue(0);
+    if (warp == 0) {
+      raw.fetch(p, bidx, tstart, len, h, 0, lane);
+      vectors(0);
+    }
+  }
+
+  for (int c = 0; c < nchunks; ++c) {
+    const int64_t c0 = static_cast<int64_t>(c) * Q;
+    const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+    const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
+    const unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
+    cp_async_wait_all();
+    fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
+    __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
+    if (c + 1 < nchunks) issue(c + 1);
+
+    // ---- batch 1: M = C B^T, Y = C S_prev^T ----
+    float macc[32], yacc[32];
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, s), desc_k(B, s), s > 0);
+#pragma unroll
+    for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
+    wgmma_commit();
+    if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
+    wgmma_wait<0>();
+
+    // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
+    uint32_t ma[4][4];
+    {
+      const int i0 = 16 * warp + g, i1 = i0 + 8;
+      const float li[2] = {cv.lam()[i0], cv.lam()[i1]};
+      const int lri[2] = {cv.lr()[i0], cv.lr()[i1]};
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8) {
+        float m[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e < 2 ? i0 : i1, j = 8 * j8 + 2 * t + (e & 1);
+          const float v = macc[4 * j8 + e] * exp2_approx((li[e >> 1] - cv.lam()[j]) * kLog2e) *
+                          cv.dt()[j];
+          m[e] = (j <= i && j >= lri[e >> 1]) ? v : 0.f;  // select, never multiply by the mask
+        }
+        // n8 block j8 of the accumulator = half (j8 & 1) of k-step j8 / 2
+        ma[j8 >> 1][(j8 & 1) * 2 + 0] = pack_bf16(m[0], m[1]);
+        ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
+      }
+      const float e0 = cv.e()[i0], e1 = cv.e()[i1];
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8) {
+        yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
+        yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
+      }
+    }
+    // ---- X^T scaled by w (A of the state update; k-step s = tokens 16 s ..) ----
+    uint32_t xa[4][4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int r = 16 * s + (lane & 7) + (lane >> 4) * 8, col = 16 * warp + ((lane >> 3) & 1) * 8;
+      ldsm_x4_t(xa[s], smem_u32(X + sw128_offset<Q>(r, col)));
+      const float w0 = cv.w()[16 * s + 2 * t], w1 = cv.w()[16 * s + 2 * t + 1];
+      const float w2 = cv.w()[16 * s + 8 + 2 * t], w3 = cv.w()[16 * s + 9 + 2 * t];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = unpack_bf16(xa[s][q]);
+        xa[s][q] = q < 2 ? pack_bf16(f.x * w0, f.y * w1) : pack_bf16(f.x * w2, f.y * w3);
+      }
+    }
+    const float dec = *cv.decay();
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
+
+    // ---- batch 2: Y += M X, S += (w o X)^T B ----
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // ---- epilogue: + D x, * silu(z), store; S for the next chunk ----
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = 16 * warp + g + 8 * hf;
+      if (i >= nvalid) continue;
+      const int64_t tok = tstart + c0 + i;
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8) {
+        const int pc = 8 * j8 + 2 * t;
+        float y0 = yacc[4 * j8 + 2 * hf], y1 = yacc[4 * j8 + 2 * hf + 1];
+        if (p.D) {
+          const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(X + sw128_offset<Q>(i, pc)));
+          y0 += Dsm[pc] * xv.x;
+          y1 += Dsm[pc + 1] * xv.y;
+        }
+        if (p.z) {
+          const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + pc * p.z_p;
+          const DType zt = static_cast<DType>(p.z_dtype);
+          y0 *= silu(load_as_float(p.z, zo, zt));
+          y1 *= silu(load_as_float(p.z, zo + p.z_p, zt));
+        }
+        bf16* o = static_cast<bf16*>(p.out) + bidx * p.out_b + tok * p.out_l + h * p.out_h + pc;
+        *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(y0, y1);
+      }
+    }
+    store_state();  // batch 1 (the only reader of S_prev) has completed
+  }
+
+  if (p.final_states) {
+    float* f = p.final_states + (static_cast<int64_t>(row) * p.nheads + h) * P * N;
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int pr = 16 * warp + g + 8 * hf, nc = 64 * np + 8 * j + 2 * t;
+          *reinterpret_cast<float2*>(f + static_cast<int64_t>(pr) * N + nc) =
+              make_float2(sacc[np][4 * j + 2 * hf], sacc[np][4 * j + 2 * hf + 1]);
+        }
+  }
+}
+
+template <int N>
+bool launch_n(const FwdParams& p, cudaStream_t stream) {
+  auto kern = ssd_fwd_wgmma_kernel<N>;
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess || attr.binaryVersion != 90) return false;
+  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WgLayout<N>::SMEM);
+  dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
+  kern<<<grid, NT, WgLayout<N>::SMEM, stream>>>(p);
+  return true;
+}
+
+}  // namespace
+
+bool launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream) {
+  if (p.headdim != P || !p.vec_loads) return false;
+  if (dstate == 64) return launch_n<64>(p, stream);
+  if (dstate == 128) return launch_n<128>(p, stream);
+  return false;
+}
+
+}  // namespace ssd
+}  // namespace mlmamba
