@@ -158,9 +158,12 @@ def test_both_channel_splits(rng, monkeypatch, pt, minb):
 @pytest.mark.parametrize("l", [1, 64, 200])
 def test_wgmma_kernel(rng, monkeypatch, n, l):
     """The opt-in sm_90a kernel (MLMAMBA_SSD_FWD_IMPL=wgmma): headdim 64, bf16, every feature."""
-    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "wgmma")
     kw = make(rng, 2, l, 3, 64, n, init=True)
+    default, _ = run_ours(kw, dt_limit=(0.002, 0.5))
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "wgmma")
     check(kw, dt_limit=(0.002, 0.5))
+    # another summation order: bitwise equal outputs would mean the opt-in fell back silently
+    assert not torch.equal(run_ours(kw, dt_limit=(0.002, 0.5))[0], default), "wgmma path not taken"
     b = 2
     seq = torch.zeros(b, l, dtype=torch.int32, device=DEV)
     for t in (5, 64, 65, 130):   # resets inside a chunk and on its boundary
