@@ -175,6 +175,7 @@ def test_fwd_bwd_matches_reference(rng, dtype, width, layout, feat):
 
 
 @need
+@pytest.mark.experimental
 @pytest.mark.parametrize("layout", ["l", "cl"])
 @pytest.mark.parametrize("width", [2, 4, 5, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -223,7 +224,7 @@ def test_single_channel_and_long_rows(rng):
 
 
 @need
-@pytest.mark.parametrize("impl", ["default", "pipe"])
+@pytest.mark.parametrize("impl", ["default", pytest.param("pipe", marks=pytest.mark.experimental)])
 def test_backward_bitwise_deterministic(rng, monkeypatch, impl):
     if impl == "pipe":
         monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "pipe")

@@ -152,6 +152,7 @@ def test_both_channel_splits(rng, monkeypatch, pt, minb):
 
 
 @need_fwd
+@pytest.mark.experimental
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
                     reason="the wgmma kernel needs sm_90")
 @pytest.mark.parametrize("n", [64, 128])
