@@ -63,7 +63,7 @@ def run(ctx):
 
         base = {"torch": torch_ref} if with_ref else {}
         if os.environ.get("MLMAMBA_BENCH_SSD_WGMMA", "0") not in ("", "0"):
-            base["wgmma"] = wgmma  # the speed-up column then reads default / wgmma time
+            base["wgmma"] = wgmma  # its column reads wgmma time / default time (< 1: faster)
         tokens = b * l
         nbytes = tokens * (h * p * 2 * 2 + 2 * n * 2 + h * 4)
         flops = tokens * h * (4 * n * p + 64 * (n + p))

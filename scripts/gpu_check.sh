@@ -52,4 +52,12 @@ grep -E "Traceback|Error" "$LOG/bench.log" | head -10
 echo
 echo "build ${build_s}s | tests: $(tail -1 "$LOG/tests.log") (rc $test_rc, ${test_s}s) | bench rc $bench_rc (${bench_s}s) | logs $LOG"
 echo "experimental (not in the exit status): tests: $exp_line | wgmma_check rc $wgmma_rc"
+# the wgmma forward timed A/B against the default, once its layouts and tests pass
+if [ $wgmma_rc -eq 0 ] && grep -q "passed" "$LOG/tests_experimental.log" &&
+   ! grep -q "FAILED.*wgmma" "$LOG/tests_experimental.log"; then
+  MLMAMBA_BENCH_SSD_WGMMA=1 MLMAMBA_BENCH_SSD=scan PYTHONUNBUFFERED=1 timeout 120 $PY -m bench \
+    --only ssd --json "$LOG/bench_wgmma.json" > "$LOG/bench_wgmma.log" 2>&1
+  echo "wgmma A/B (column 'wgmma' = wgmma time / default time; below 1 the wgmma kernel is faster):"
+  grep "^ssd_scan fwd" "$LOG/bench_wgmma.log" | sort -u
+fi
 [ $test_rc -eq 0 ] && [ $bench_rc -eq 0 ]
