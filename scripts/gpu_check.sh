@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU box: build with all cores, run the GPU tests, run the benchmarks, and
 # end with one compact table. Full logs go to $MLMAMBA_LOG_DIR (default /tmp/mlmamba-gpu-check).
-# Budget: build ~50 s, GPU tests <= 240 s (~75 s seen), experimental checks <= 180 s, benchmarks
+# Budget: build ~50 s, GPU tests <= 240 s (~75 s seen), experimental checks <= 240 s, benchmarks
 # <= 200 s (~70 s seen): about 4-5 minutes in all.
 # Works offline with a python that already has torch, triton, numpy and pytest.
 #   scripts/gpu_check.sh [pytest -k expression] ; BENCH_ONLY=conv1d,ssd limits the benchmarks
@@ -37,7 +37,7 @@ grep -E "^(FAILED|ERROR)" "$LOG/tests.log" | head -20
 PYTHONUNBUFFERED=1 timeout 90 $PY -m pytest -m "gpu and experimental" -q --no-header \
   -p no:cacheprovider ${1:+-k "$1"} tests > "$LOG/tests_experimental.log" 2>&1
 exp_line=$(tail -1 "$LOG/tests_experimental.log")
-timeout 90 $PY scripts/dev/wgmma_check.py > "$LOG/wgmma_check.log" 2>&1
+timeout 150 $PY scripts/dev/wgmma_check.py > "$LOG/wgmma_check.log" 2>&1
 wgmma_rc=$?
 
 t0=$(date +%s)
