@@ -208,13 +208,20 @@ __device__ __forceinline__ void load_checked(const R* p, int64_t n, float (&v)[N
   for (int i = 0; i < N; ++i) v[i] = i < n ? Elem<R>::tof(p[i]) : 0.f;
 }
 
+// N floats converted to R and packed into whole words (store_vec; pipe.cuh's store_run)
+template <int N, typename R>
+__device__ __forceinline__ void to_words(const float (&v)[N],
+                                         typename Words<N, R>::W (&w)[Words<N, R>::kCount]) {
+  R* e = reinterpret_cast<R*>(w);
+  #pragma unroll
+  for (int i = 0; i < N; ++i) e[i] = Elem<R>::fromf(v[i]);
+}
+
 template <int N, typename R>
 __device__ __forceinline__ void store_vec(R* p, const float (&v)[N]) {
   using Wd = Words<N, R>;
   typename Wd::W w[Wd::kCount];
-  R* e = reinterpret_cast<R*>(w);
-  #pragma unroll
-  for (int i = 0; i < N; ++i) e[i] = Elem<R>::fromf(v[i]);
+  to_words<N, R>(v, w);
   #pragma unroll
   for (int i = 0; i < Wd::kCount; ++i) reinterpret_cast<typename Wd::W*>(p)[i] = w[i];
 }

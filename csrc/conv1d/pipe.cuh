@@ -92,9 +92,7 @@ template <int N, typename R>
 __device__ __forceinline__ void store_run(R* p, const float (&v)[N]) {
   using Wd = Words<N, R>;
   typename Wd::W w[Wd::kCount];
-  R* e = reinterpret_cast<R*>(w);
-  #pragma unroll
-  for (int i = 0; i < N; ++i) e[i] = Elem<R>::fromf(v[i]);
+  to_words<N, R>(v, w);
   #pragma unroll
   for (int i = 0; i < Wd::kCount; ++i) st_words(reinterpret_cast<typename Wd::W*>(p) + i, w[i]);
 }

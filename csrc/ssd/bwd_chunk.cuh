@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
       for (int t = 0; t < 4; ++t) {
         uint32_t b0, b1;
         frag_b_nk(b0, b1, Bs, LDN, cw * 32 + t * 8, kk * 16);
-        mma16816(acc[t], a, b0, b1);
+        mma_bf16(acc[t], a, b0, b1);
       }
     }
 #pragma unroll
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           for (int t = 0; t < 4; ++t) {
             uint32_t b0, b1;
             frag_b_nk(b0, b1, Xs, LDP, cw * 32 + t * 8, kk * 16);
-            mma16816(w[t], a, b0, b1);
+            mma_bf16(w[t], a, b0, b1);
           }
         }
       }
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           const uint32_t* g4 = reinterpret_cast<const uint32_t*>(&gv[u]);
 #pragma unroll
           for (int z = 0; z < 4; ++z) {
-            const float2 a = unpack_f2(s4[z]), b = unpack_f2(g4[z]);
+            const float2 a = unpack_bf16(s4[z]), b = unpack_bf16(g4[z]);
             gs += a.x * b.x + a.y * b.y;
           }
           *reinterpret_cast<uint4*>(Sb + pp * kLdQ + q * 8) = sv[u];
@@ -294,9 +294,9 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           uint32_t b0, b1;
           const int pc = cw * (kP / 2) + t * 8;
           frag_b_nk(b0, b1, Gb, kLdQ, pc, kk * 16);
-          mma16816(u[t], ab, b0, b1);
+          mma_bf16(u[t], ab, b0, b1);
           frag_b_nk(b0, b1, Sb, kLdQ, pc, kk * 16);
-          mma16816(v[t], ac, b0, b1);
+          mma_bf16(v[t], ac, b0, b1);
         }
       }
       // dB rows j: intra (T2 [j][i] times C) + state (dt sout x times G_next)
@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           for (int t = 0; t < 4; ++t) {
             uint32_t b0, b1;
             frag_b_kn(b0, b1, Cs, LDN, nb + cw * 32 + t * 8, kk * 16);
-            mma16816(acc[t], a, b0, b1);
+            mma_bf16(acc[t], a, b0, b1);
           }
         }
         const float so_lo = cv.dt[m0 + r] * cv.sout[m0 + r];
@@ -322,7 +322,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           for (int t = 0; t < 4; ++t) {
             uint32_t b0, b1;
             frag_b_kn(b0, b1, Gb, kLdQ, cw * 32 + t * 8, kk * 16);
-            mma16816(acc[t], a, b0, b1);
+            mma_bf16(acc[t], a, b0, b1);
           }
         }
         add_partial(P.wsdB, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           for (int t = 0; t < 4; ++t) {
             uint32_t b0, b1;
             frag_b_kn(b0, b1, Bs, LDN, nb + cw * 32 + t * 8, kk * 16);
-            mma16816(acc[t], a, b0, b1);
+            mma_bf16(acc[t], a, b0, b1);
           }
         }
 #pragma unroll
@@ -349,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           for (int t = 0; t < 4; ++t) {
             uint32_t b0, b1;
             frag_b_kn(b0, b1, Sb, kLdQ, cw * 32 + t * 8, kk * 16);
-            mma16816(acc[t], a, b0, b1);
+            mma_bf16(acc[t], a, b0, b1);
           }
         }
         add_partial(P.wsdC, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
@@ -383,7 +383,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
         for (int t = 0; t < NTP; ++t) {
           uint32_t b0, b1;
           frag_b_kn(b0, b1, Ds, LDP, cw * (kP / 2) + t * 8, kk * 16);
-          mma16816(u[t], a, b0, b1);
+          mma_bf16(u[t], a, b0, b1);
         }
       }
       float din[2] = {0.f, 0.f};
@@ -450,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           for (int t = 0; t < NTP; ++t) {
             uint32_t b0, b1;
             frag_b_kn_ks(b0, b1, Xs, LDP, cw * (kP / 2) + t * 8, kk * 16, cv.dt);
-            mma16816(v[t], a, b0, b1);
+            mma_bf16(v[t], a, b0, b1);
           }
         }
 #pragma unroll

@@ -52,25 +52,14 @@ __device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf
 __device__ __forceinline__ float silu_f(float v) { return v * sigmoid_f(v); }
 
 // ---- mma and fragments --------------------------------------------------------------------
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+// bf16 m16n8k16 mma and bf16x2 packing: the forward's helpers (ssd/common.cuh)
+using ssd::mma_bf16;
+using ssd::pack_bf16;
+using ssd::unpack_bf16;
 
-__device__ __forceinline__ uint32_t pack_f2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ __forceinline__ float2 unpack_f2(uint32_t v) {
-  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
-}
 __device__ __forceinline__ uint32_t scale_pair(uint32_t v, float s) {
-  float2 f = unpack_f2(v);
-  return pack_f2(f.x * s, f.y * s);
+  float2 f = unpack_bf16(v);
+  return pack_bf16(f.x * s, f.y * s);
 }
 
 // Fragments by ldmatrix (rows 16-byte aligned: every pitch here is a multiple of 8 elements).
@@ -120,8 +109,8 @@ __device__ __forceinline__ void frag_b_kn_ks(uint32_t& b0, uint32_t& b1, const b
   const int lane = threadIdx.x & 31;
   const int k = k0 + 2 * (lane & 3);
   const bf16* q = s + k * ld + n0 + (lane >> 2);
-  b0 = pack_f2(__bfloat162float(q[0]) * sc[k], __bfloat162float(q[ld]) * sc[k + 1]);
-  b1 = pack_f2(__bfloat162float(q[8 * ld]) * sc[k + 8], __bfloat162float(q[9 * ld]) * sc[k + 9]);
+  b0 = pack_bf16(__bfloat162float(q[0]) * sc[k], __bfloat162float(q[ld]) * sc[k + 1]);
+  b1 = pack_bf16(__bfloat162float(q[8 * ld]) * sc[k + 8], __bfloat162float(q[9 * ld]) * sc[k + 9]);
 }
 
 // ---- warp scans -------------------------------------------------------------------------
@@ -272,10 +261,10 @@ struct Vec8 {
 // 8 floats -> 8 bf16 in one 16-byte shared-memory store
 __device__ __forceinline__ void st_bf16x8(bf16* dst, const float (&v)[8]) {
   uint4 o;
-  o.x = pack_f2(v[0], v[1]);
-  o.y = pack_f2(v[2], v[3]);
-  o.z = pack_f2(v[4], v[5]);
-  o.w = pack_f2(v[6], v[7]);
+  o.x = pack_bf16(v[0], v[1]);
+  o.y = pack_bf16(v[2], v[3]);
+  o.z = pack_bf16(v[4], v[5]);
+  o.w = pack_bf16(v[6], v[7]);
   *reinterpret_cast<uint4*>(dst) = o;
 }
 

@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(128, sizeof(T) == 4 ? 2 : 4) states_kernel(Par
         for (int t = 0; t < 8; ++t) {
           uint32_t b0, b1;
           frag_b_kn(b0, b1, Ys, LD, t * 8, kk * 16);
-          mma16816(acc[t], a, b0, b1);
+          mma_bf16(acc[t], a, b0, b1);
         }
       }
     }
