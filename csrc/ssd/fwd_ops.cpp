@@ -204,8 +204,11 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   const int code = dtype_code(x.scalar_type());
   // developer opt-in until it has run on a GPU (docs/perf-log.md): the sm_90a wgmma kernel
   const char* impl = std::getenv("MLMAMBA_SSD_FWD_IMPL");
-  if (impl && std::string(impl) == "wgmma" && code == 2 && prop.major == 9 &&
-      launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream)) {
+  if (impl && std::string(impl) == "wgmma") {  // asked for by name: no silent fallback
+    MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma needs bf16 x on an ",
+              "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);
+    const char* why = launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream);
+    MLM_CHECK(why == nullptr, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma: ", why);
     MLM_CHECK_LAUNCH();
     return {out, final_states};
   }

@@ -260,23 +260,27 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 }
 
 template <int N>
-bool launch_n(const FwdParams& p, cudaStream_t stream) {
+const char* launch_n(const FwdParams& p, cudaStream_t stream) {
   auto kern = ssd_fwd_wgmma_kernel<N>;
   cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess || attr.binaryVersion != 90) return false;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WgLayout<N>::SMEM);
+  if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) return "no sm_90a kernel image in this build";
+  if (attr.binaryVersion != 90) return "the kernel image is not for sm_90";
+  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WgLayout<N>::SMEM) !=
+      cudaSuccess)
+    return "cannot reserve its shared memory";
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kern<<<grid, NT, WgLayout<N>::SMEM, stream>>>(p);
-  return true;
+  return nullptr;
 }
 
 }  // namespace
 
-bool launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream) {
-  if (p.headdim != P || !p.vec_loads) return false;
+const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream) {
+  if (p.headdim != P) return "headdim must be 64";
+  if (!p.vec_loads) return "x, B and C rows must be 16-byte aligned";
   if (dstate == 64) return launch_n<64>(p, stream);
   if (dstate == 128) return launch_n<128>(p, stream);
-  return false;
+  return "dstate must be 64 or 128";
 }
 
 }  // namespace ssd

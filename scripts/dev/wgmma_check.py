@@ -105,13 +105,18 @@ def main():
             for b_kind in (0, 1):
                 lbo = 64 * K * 2 if K > 64 else 16  # MN-major: next 64 columns (one panel here)
                 res = []
-                for lo, so in ((lbo, 1024), (1024, lbo)):
+                # the swapped try only where it stays inside the 64 x K tile (a stride past its
+                # end is an illegal shared-memory access, not a wrong answer)
+                tries = ((lbo, 1024), (1024, lbo)) if max(lbo, 1024) * 8 <= 64 * K * 2 else ((lbo, 1024),)
+                for lo, so in tries:
                     got = mod.check(a, b, a_kind, b_kind, lo, so)
                     torch.cuda.synchronize()
                     res.append(((got - want).abs().max() / want.abs().max()).item())
+                    if res[0] < 1e-2:
+                        break
                 ok = res[0] < 1e-2
                 bad += not ok
-                note = "" if ok else (" (swapping LBO and SBO fixes it)" if res[1] < 1e-2 else "")
+                note = "" if ok else (" (swapping LBO and SBO fixes it)" if len(res) > 1 and res[1] < 1e-2 else "")
                 print(f"K={K:<4} A {NAMES[a_kind]:<9} B {NAMES[b_kind]:<9} "
                       f"{'ok' if ok else 'WRONG'} rel err {res[0]:.2e}{note}", flush=True)
     sys.exit(1 if bad else 0)
