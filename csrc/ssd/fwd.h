@@ -45,9 +45,8 @@ struct FwdParams {
 bool launch_ssd_fwd_bf16(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
 bool launch_ssd_fwd_f16(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
 bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
-// sm_90a wgmma kernel (fwd_wgmma.cu): bf16, headdim 64, dstate 64 or 128; opt-in. Returns false
-// (nothing launched) where it does not apply or the binary has no sm_90a code.
-// nullptr when launched, else why this kernel cannot run these inputs
+// sm_90a wgmma kernel (fwd_wgmma.cu): bf16, headdim 64, dstate 64 or 128; opt-in. Returns
+// nullptr when launched, else why it cannot run these inputs (nothing launched).
 const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream);
 
 // Dynamic shared memory of one CTA (bytes); mirrors FwdTraits::SMEM (fwd_kernel.cuh).

@@ -34,16 +34,22 @@ struct WgLayout {
   static constexpr int SMEM = D_OFF + P * 4 + 1024;  // + alignment slack
 };
 
-// 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout
+// 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout.
+// Thread tid copies column chunk tid % CPR of rows tid / CPR + k RSTEP: RSTEP is a multiple of
+// 8, so the swizzle phase is the same for all k and both addresses advance by constants.
 template <int COLS>
-__device__ __forceinline__ void load_tile(unsigned char* dst, const bf16* base, int64_t rs,
+__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_t rs,
                                           int64_t first, int nvalid, int tid) {
-  constexpr int CPR = COLS / 8;
+  constexpr int CPR = COLS / 8, RSTEP = NT / CPR;
+  static_assert(RSTEP % 8 == 0, "row step must keep the swizzle phase");
+  const int r0 = tid / CPR, c = (tid % CPR) * 8;
+  const bf16* src = base + (first + r0) * rs + c;
+  const uint32_t d = dst + sw128_offset<Q>(r0, c);
 #pragma unroll
-  for (int k = 0; k < Q * CPR / NT; ++k) {
-    const int ch = tid + k * NT, r = ch / CPR, c = (ch % CPR) * 8;
-    const bool ok = r < nvalid;
-    cp_async16(dst + sw128_offset<Q>(r, c), ok ? base + (first + r) * rs + c : base, ok);
+  for (int k = 0; k < Q / RSTEP; ++k) {
+    const bool ok = r0 + k * RSTEP < nvalid;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + k * RSTEP * 128),
+                 "l"(ok ? src + k * RSTEP * rs : base), "r"(ok ? 16 : 0));
   }
 }
 
@@ -59,9 +65,10 @@ template <int N>
 __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p) {
   using Lt = WgLayout<N>;
   constexpr int NP = Lt::NP;
-  extern __shared__ unsigned char smem_raw[];
-  unsigned char* sm = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  // 1024-byte aligned by offsetting the array itself: accesses stay in the shared window
+  // (LDS / STS), which casting through an integer address would lose (generic LD / ST)
+  unsigned char* sm = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   auto Xs = [&](int b) { return sm + b * Lt::STAGE_B; };
   auto Bs = [&](int b) { return sm + b * Lt::STAGE_B + Lt::X_B; };
   auto Cs = [&](int b) { return sm + b * Lt::STAGE_B + Lt::X_B + Lt::BC_B; };
@@ -84,31 +91,49 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   const float Ah = p.A[h];
   const float dtb = p.dt_bias ? p.dt_bias[h] : 0.f;
   if (tid < P) Dsm[tid] = p.D ? p.D[h * p.D_h + tid * p.D_p] : 0.f;
+  const bool has_D = p.D != nullptr, has_z = p.z != nullptr;
+  bf16* out_head = static_cast<bf16*>(p.out) + bidx * p.out_b + h * p.out_h;
 
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
   // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
   float sacc[NP][32];
-#pragma unroll
-  for (int np = 0; np < NP; ++np)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      float v = 0.f;
-      if (p.init) {
-        const int pr = 16 * warp + g + 8 * ((i & 3) >> 1), nc = 64 * np + 8 * (i >> 2) + 2 * t + (i & 1);
-        v = load_as_float(p.init, row * p.init_b + h * p.init_h + pr * p.init_p + nc * p.init_n,
-                          static_cast<DType>(p.init_dtype));
-      }
-      sacc[np][i] = v;
-    }
-  auto store_state = [&]() {  // S (bf16) as a K-major operand: rows p, columns n
+  if (p.init) {  // staged through stage 0 as fp32 [p][n]: a rolled loop, not 32 NP typed loads
+    float* st = reinterpret_cast<float*>(Xs(0));
+    const DType it = static_cast<DType>(p.init_dtype);
+    const int64_t ib = row * p.init_b + h * p.init_h;
+#pragma unroll 1
+    for (int e = tid; e < P * N; e += NT)
+      st[e] = load_as_float(p.init, ib + (e / N) * p.init_p + (e % N) * p.init_n, it);
+    __syncthreads();
 #pragma unroll
     for (int np = 0; np < NP; ++np)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int i = 0; i < 32; ++i)
+        sacc[np][i] = st[(16 * warp + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
+    __syncthreads();  // stage 0 is overwritten by the first chunk's loads
+  } else {
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          *reinterpret_cast<uint32_t*>(Ss + sw128_offset<P>(16 * warp + g + 8 * hf, 64 * np + 8 * j + 2 * t)) =
-              pack_bf16(sacc[np][4 * j + 2 * hf], sacc[np][4 * j + 2 * hf + 1]);
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
+  }
+  // S (bf16) as a K-major operand, rows p, columns n: stmatrix x4 of n8 blocks 2 jp, 2 jp + 1,
+  // rows 16 w.. (+8). Lane l addresses row 16 w + 8 (q & 1) + l % 8 of block 2 jp + (q >> 1)
+  // (q = l / 8); its 16-byte chunk index (2 jp + (q >> 1)) ^ (l % 8) is the lane's base
+  // chunk with bit 1 flipped by jp: one XOR per store.
+  const uint32_t st_base = [&] {
+    const int q = lane >> 3, rr = lane & 7;
+    return smem_u32(Ss) + (16 * warp + 8 * (q & 1) + rr) * 128 + (((q >> 1) ^ rr) << 4);
+  }();
+  auto store_state = [&]() {
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) {
+        const float* a = sacc[np] + 8 * jp;
+        stsm_x4((st_base + np * P * 128) ^ (jp << 5), pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]),
+                pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
+      }
   };
   store_state();
 
@@ -116,9 +141,9 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   auto issue = [&](int c) {
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-    load_tile<P>(Xs(c & 1), xg, p.x_l, tstart + c0, nv, tid);
-    load_tile<N>(Bs(c & 1), Bg, p.B_l, tstart + c0, nv, tid);
-    load_tile<N>(Cs(c & 1), Cg, p.C_l, tstart + c0, nv, tid);
+    load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
+    load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
+    load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
     cp_async_commit();
   };
   RawDt raw;
@@ -161,16 +186,19 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     uint32_t ma[4][4];
     {
       const int i0 = 16 * warp + g, i1 = i0 + 8;
-      const float li[2] = {cv.lam()[i0], cv.lam()[i1]};
+      const float li[2] = {cv.lam()[i0] * kLog2e, cv.lam()[i1] * kLog2e};
       const int lri[2] = {cv.lr()[i0], cv.lr()[i1]};
 #pragma unroll
       for (int j8 = 0; j8 < 8; ++j8) {
+        // key tokens j, j + 1 of this lane: one 8-byte load of each vector
+        const float2 lj = *reinterpret_cast<const float2*>(cv.lam() + 8 * j8 + 2 * t);
+        const float2 dj = *reinterpret_cast<const float2*>(cv.dt() + 8 * j8 + 2 * t);
         float m[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e < 2 ? i0 : i1, j = 8 * j8 + 2 * t + (e & 1);
-          const float v = macc[4 * j8 + e] * exp2_approx((li[e >> 1] - cv.lam()[j]) * kLog2e) *
-                          cv.dt()[j];
+          const float lam_j = (e & 1) ? lj.y : lj.x, dt_j = (e & 1) ? dj.y : dj.x;
+          const float v = macc[4 * j8 + e] * exp2_approx(fmaf(-lam_j, kLog2e, li[e >> 1])) * dt_j;
           m[e] = (j <= i && j >= lri[e >> 1]) ? v : 0.f;  // select, never multiply by the mask
         }
         // n8 block j8 of the accumulator = half (j8 & 1) of k-step j8 / 2
@@ -186,16 +214,19 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     }
     // ---- X^T scaled by w (A of the state update; k-step s = tokens 16 s ..) ----
     uint32_t xa[4][4];
+    {  // k-step s reads rows 16 s..: the same swizzle phase, 2048 bytes further
+      const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
+                                                         16 * warp + ((lane >> 3) & 1) * 8);
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const int r = 16 * s + (lane & 7) + (lane >> 4) * 8, col = 16 * warp + ((lane >> 3) & 1) * 8;
-      ldsm_x4_t(xa[s], smem_u32(X + sw128_offset<Q>(r, col)));
-      const float w0 = cv.w()[16 * s + 2 * t], w1 = cv.w()[16 * s + 2 * t + 1];
-      const float w2 = cv.w()[16 * s + 8 + 2 * t], w3 = cv.w()[16 * s + 9 + 2 * t];
+      for (int s = 0; s < 4; ++s) {
+        ldsm_x4_t(xa[s], xr + s * 16 * 128);
+        const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
+        const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = unpack_bf16(xa[s][q]);
-        xa[s][q] = q < 2 ? pack_bf16(f.x * w0, f.y * w1) : pack_bf16(f.x * w2, f.y * w3);
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = unpack_bf16(xa[s][q]);
+          xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
+        }
       }
     }
     const float dec = *cv.decay();
@@ -217,29 +248,38 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     wgmma_wait<0>();
 
     // ---- epilogue: + D x, * silu(z), store; S for the next chunk ----
+    // lane: rows i = 16 w + g (+8), columns 8 j8 + 2 t (+1); the swizzled X row i holds
+    // them at byte (i * 128 + 4 t) ^ (((i & 7) ^ j8) << 4), i & 7 = g
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int i = 16 * warp + g + 8 * hf;
       if (i >= nvalid) continue;
       const int64_t tok = tstart + c0 + i;
+      float* y = yacc + 2 * hf;  // y[4 j8], y[4 j8 + 1]
+      if (has_D) {
+        const unsigned char* xrow = X + i * 128 + (g << 4) + 4 * t;
 #pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) {
-        const int pc = 8 * j8 + 2 * t;
-        float y0 = yacc[4 * j8 + 2 * hf], y1 = yacc[4 * j8 + 2 * hf + 1];
-        if (p.D) {
-          const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(X + sw128_offset<Q>(i, pc)));
-          y0 += Dsm[pc] * xv.x;
-          y1 += Dsm[pc + 1] * xv.y;
+        for (int j8 = 0; j8 < 8; ++j8) {
+          const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(
+              X + ((xrow - X) ^ (j8 << 4))));
+          const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
+          y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
+          y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
         }
-        if (p.z) {
-          const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + pc * p.z_p;
-          const DType zt = static_cast<DType>(p.z_dtype);
-          y0 *= silu(load_as_float(p.z, zo, zt));
-          y1 *= silu(load_as_float(p.z, zo + p.z_p, zt));
-        }
-        bf16* o = static_cast<bf16*>(p.out) + bidx * p.out_b + tok * p.out_l + h * p.out_h + pc;
-        *reinterpret_cast<__nv_bfloat162*>(o) = __floats2bfloat162_rn(y0, y1);
       }
+      if (has_z) {
+        const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + 2 * t * p.z_p;
+        const DType zt = static_cast<DType>(p.z_dtype);
+#pragma unroll
+        for (int j8 = 0; j8 < 8; ++j8) {
+          y[4 * j8] *= silu(load_as_float(p.z, zo + 8 * j8 * p.z_p, zt));
+          y[4 * j8 + 1] *= silu(load_as_float(p.z, zo + (8 * j8 + 1) * p.z_p, zt));
+        }
+      }
+      bf16* o = out_head + tok * p.out_l + 2 * t;
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8)
+        *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
     }
     store_state();  // batch 1 (the only reader of S_prev) has completed
   }
