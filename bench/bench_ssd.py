@@ -54,16 +54,16 @@ def run(ctx):
             return ssd_scan(k["x"], k["dt"], k["A"], k["B"], k["C"], D=k["D"],
                             dt_bias=k["dt_bias"], dt_softplus=True, backend="reference")
 
-        def wgmma(i):  # the opt-in sm_90a kernel, timed A/B against the default in one run
-            os.environ["MLMAMBA_SSD_FWD_IMPL"] = "wgmma"
+        def mma(i):  # the portable mma.sync kernel (sm_90's default is wgmma where it applies)
+            os.environ["MLMAMBA_SSD_FWD_IMPL"] = "mma"
             try:
                 return ours(i)
             finally:
                 del os.environ["MLMAMBA_SSD_FWD_IMPL"]
 
         base = {"torch": torch_ref} if with_ref else {}
-        if os.environ.get("MLMAMBA_BENCH_SSD_WGMMA", "0") not in ("", "0"):
-            base["wgmma"] = wgmma  # its column reads wgmma time / default time (< 1: faster)
+        if os.environ.get("MLMAMBA_BENCH_SSD_AB", "0") not in ("", "0"):
+            base["mma.sync"] = mma  # A/B in one run: mma.sync time / default time (> 1: default faster)
         tokens = b * l
         nbytes = tokens * (h * p * 2 * 2 + 2 * n * 2 + h * 4)
         flops = tokens * h * (4 * n * p + 64 * (n + p))

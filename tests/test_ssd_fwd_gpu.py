@@ -151,23 +151,29 @@ def test_both_channel_splits(rng, monkeypatch, pt, minb):
     check(make(rng, 2, 200, 3, 128, 128, init=True))
 
 
+def fwd_kernel_names(kw, **extra):
+    """Names of the forward kernels one call runs (the two sm_90 kernels can give bitwise
+    equal outputs: the same bf16 operands summed in the same k order)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_ours(kw, **extra)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "ssd_fwd" in e.name]
+
+
+sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
+                          torch.cuda.get_device_capability()[0] != 9, reason="needs sm_90")
+
+
 @need_fwd
-@pytest.mark.experimental
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="the wgmma kernel needs sm_90")
+@sm90
 @pytest.mark.parametrize("n", [64, 128])
 @pytest.mark.parametrize("l", [1, 64, 200])
 def test_wgmma_kernel(rng, monkeypatch, n, l):
-    """The opt-in sm_90a kernel (MLMAMBA_SSD_FWD_IMPL=wgmma): headdim 64, bf16, every feature."""
+    """The sm_90a kernel (the default there for bf16, headdim 64; forced here): every feature."""
     kw = make(rng, 2, l, 3, 64, n, init=True)
     monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "wgmma")
     check(kw, dt_limit=(0.002, 0.5))
-    # the kernel that ran, by name (its outputs can equal the mma.sync kernel's bit for bit:
-    # the same bf16 operands summed in the same k order)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_ours(kw, dt_limit=(0.002, 0.5))
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if "ssd_fwd" in e.name]
+    names = fwd_kernel_names(kw, dt_limit=(0.002, 0.5))
     assert names and all("wgmma" in nm for nm in names), names
     b = 2
     seq = torch.zeros(b, l, dtype=torch.int32, device=DEV)
@@ -182,6 +188,19 @@ def test_wgmma_kernel(rng, monkeypatch, n, l):
     kw = make(rng, 1, sum(lens), 3, 64, n)
     kw["initial_states"] = torch.randn(len(lens), 3, 64, n, device=DEV, generator=gen(rng))
     check(kw, cu_seqlens=cu)
+
+
+@need_fwd
+@sm90
+@pytest.mark.parametrize("impl", ["", "mma"])
+def test_sm90_kernel_choice(rng, monkeypatch, impl):
+    """Unset: the wgmma kernel for bf16 headdim 64; MLMAMBA_SSD_FWD_IMPL=mma: the portable one
+    (what sm_80 runs), still correct on these shapes."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", impl)
+    kw = make(rng, 2, 150, 3, 64, 128, init=True)
+    check(kw)
+    names = fwd_kernel_names(kw)
+    assert names and all(("wgmma" in nm) == (impl == "") for nm in names), names
 
 
 @need_fwd

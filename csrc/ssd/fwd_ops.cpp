@@ -202,13 +202,21 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
             prop.sharedMemPerBlockOptin);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int code = dtype_code(x.scalar_type());
-  // developer opt-in until it has run on a GPU (docs/perf-log.md): the sm_90a wgmma kernel
-  const char* impl = std::getenv("MLMAMBA_SSD_FWD_IMPL");
-  if (impl && std::string(impl) == "wgmma") {  // asked for by name: no silent fallback
+  // sm_90a: the wgmma kernel where it applies (bf16, headdim 64, dstate 64 / 128, aligned
+  // rows); it was faster than mma.sync on every bench case (docs/perf-log.md). Developer
+  // override MLMAMBA_SSD_FWD_IMPL: "wgmma" (an error where it cannot run) or "mma".
+  const char* impl_env = std::getenv("MLMAMBA_SSD_FWD_IMPL");
+  const std::string impl = impl_env ? impl_env : "";
+  if (impl == "wgmma") {  // asked for by name: no silent fallback
     MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma needs bf16 x on an ",
               "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);
     const char* why = launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream);
     MLM_CHECK(why == nullptr, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma: ", why);
+    MLM_CHECK_LAUNCH();
+    return {out, final_states};
+  }
+  if (impl != "mma" && code == 2 && prop.major == 9 && p == 64 && (n == 64 || n == 128) &&
+      prm.vec_loads && launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream) == nullptr) {
     MLM_CHECK_LAUNCH();
     return {out, final_states};
   }

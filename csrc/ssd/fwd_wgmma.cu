@@ -1,6 +1,6 @@
 // SSD chunked scan forward on sm_90a warpgroup MMA (wgmma): one CTA = one warpgroup per
-// (row, head), headdim 64, bf16 x/B/C, d_state 64 or 128. Opt-in (MLMAMBA_SSD_FWD_IMPL=wgmma)
-// until it has run on a GPU: see docs/perf-log.md, "ssd_scan forward: the next design".
+// (row, head), headdim 64, bf16 x/B/C, d_state 64 or 128. The default on sm_90 where it
+// applies (fwd_ops.cpp); docs/perf-log.md, "ssd_scan forward", has its measurements.
 // Per 64-token chunk (the same math as fwd_kernel.cuh):
 //   batch 1  M = C B^T and Y = C S_prev^T                          (shared x shared, async)
 //            meanwhile warp 0 computes the next chunk's vectors
@@ -302,12 +302,19 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 template <int N>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
   auto kern = ssd_fwd_wgmma_kernel<N>;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) return "no sm_90a kernel image in this build";
-  if (attr.binaryVersion != 90) return "the kernel image is not for sm_90";
-  if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, WgLayout<N>::SMEM) !=
-      cudaSuccess)
-    return "cannot reserve its shared memory";
+  // once per process (the device is the same sm_90 part on every call that gets here)
+  static const char* const setup = [kern]() -> const char* {
+    cudaFuncAttributes attr;
+    const char* why = nullptr;
+    if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) why = "no sm_90a kernel image in this build";
+    else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
+    else if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  WgLayout<N>::SMEM) != cudaSuccess)
+      why = "cannot reserve its shared memory";
+    if (why) cudaGetLastError();  // not sticky: clear it, the caller falls back or reports
+    return why;
+  }();
+  if (setup) return setup;
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kern<<<grid, NT, WgLayout<N>::SMEM, stream>>>(p);
   return nullptr;

@@ -1,6 +1,5 @@
-// sm_90a warpgroup MMA (wgmma) building blocks for the next SSD kernels (docs/perf-log.md,
-// "ssd_scan forward: the next design"). Not used by a kernel yet: scripts/dev/wgmma_check.py
-// checks every layout and wrapper here against torch on a GPU first.
+// sm_90a warpgroup MMA (wgmma) building blocks of the SSD forward (fwd_wgmma.cu).
+// scripts/dev/wgmma_check.py checks every layout and wrapper here against torch on a GPU.
 //
 // Shared-memory tiles use the 128-byte swizzle (PTX ISA "Shared Memory Matrix Layout"): a tile
 // of ROWS x COLS bf16 is stored as COLS / 64 panels of ROWS rows x 64 columns; a row of a panel
