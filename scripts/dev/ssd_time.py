@@ -1,0 +1,56 @@
+"""Cross-check of the bench's SSD forward figures: one input set, 20 back-to-back calls timed
+with events, then the same 20 calls replayed from a CUDA graph (no CPU in the loop), for the
+default kernel and MLMAMBA_SSD_FWD_IMPL=mma.
+    python3 scripts/dev/ssd_time.py [b l h]...   (default: the four bench cases)
+"""
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch  # noqa: E402
+
+from bench.bench_ssd import fwd_inputs  # noqa: E402
+from mlmamba_kernels import ssd_scan  # noqa: E402
+
+
+def timed(fn, reps=7, inner=20):
+    out = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(int(2e6))
+        s.record()
+        for _ in range(inner):
+            fn()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) * 1e3 / inner)
+    return statistics.median(out)
+
+
+def main():
+    args = list(map(int, sys.argv[1:])) or [4, 2048, 80, 1, 16384, 80, 8, 2048, 24, 32, 576, 32]
+    for b, l, h in zip(args[0::3], args[1::3], args[2::3]):
+        k = fwd_inputs(b, l, h, 64, 128, "cuda", 0)
+        row = []
+        for impl in ("", "mma"):
+            os.environ["MLMAMBA_SSD_FWD_IMPL"] = impl
+
+            def f(k=k):
+                return ssd_scan(k["x"], k["dt"], k["A"], k["B"], k["C"], D=k["D"],
+                                dt_bias=k["dt_bias"], dt_softplus=True)
+            f()
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                f()
+            row.append((timed(f), timed(g.replay)))
+        os.environ["MLMAMBA_SSD_FWD_IMPL"] = ""
+        print(f"b{b} L{l} h{h}: default {row[0][0]:.1f} us (graph {row[0][1]:.1f}) | "
+              f"mma.sync {row[1][0]:.1f} (graph {row[1][1]:.1f}) | ratio {row[1][1] / row[0][1]:.2f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
