@@ -60,7 +60,7 @@ import sys, statistics
 rows = [r.split(", ") for r in open(sys.argv[1]) if r.count(",") >= 5]
 sm = [float(r[1].split()[0]) for r in rows if r[1].split()[0].replace(".", "").isdigit()]
 if sm:
-    q = statistics.quantiles(sm, n=10)
+    q = statistics.quantiles(sm, n=10, method="inclusive")
     print(f"SM clock during the benchmarks (MHz): min {min(sm):.0f}, p10 {q[0]:.0f}, median "
           f"{statistics.median(sm):.0f}, max {max(sm):.0f}; throttle reasons seen: "
           f"{sorted(set(r[5].strip() for r in rows))}")
