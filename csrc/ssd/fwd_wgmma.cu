@@ -4,9 +4,11 @@
 // Per 64-token chunk (the same math as fwd_kernel.cuh):
 //   batch 1  M = C B^T and Y = C S_prev^T                          (shared x shared, async)
 //            meanwhile warp 0 computes the next chunk's vectors
-//   between  M -> decay mask, dt, causal / segment mask, bf16 A fragments; Y *= e_i
-//   batch 2  Y += M X (A from registers); S = decay S + (w o X)^T B (A: X^T scaled by w)
-//   then     y = Y + D x, * silu(z), stored; S (bf16) -> shared for the next chunk's batch 1.
+//   between  M -> decay mask, dt, causal / segment mask, bf16 A fragments (while Y computes);
+//            Y *= e_i
+//   batch 2  S = decay S + (w o X)^T B (A: X^T scaled by w); Y += M X (A from registers);
+//            S (bf16) -> shared for the next chunk's batch 1 while Y += M X computes
+//   then     y = Y + D x, * silu(z), stored.
 // Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by cp.async one chunk ahead.
 #include <cuda_runtime.h>
 
@@ -176,11 +178,12 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     wgmma_fence();
 #pragma unroll
     for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, s), desc_k(B, s), s > 0);
+    wgmma_commit();  // group: M
 #pragma unroll
     for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
-    wgmma_commit();
+    wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
     if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
-    wgmma_wait<0>();
+    wgmma_wait<1>();
 
     // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
     uint32_t ma[4][4];
@@ -205,12 +208,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
         ma[j8 >> 1][(j8 & 1) * 2 + 0] = pack_bf16(m[0], m[1]);
         ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
       }
-      const float e0 = cv.e()[i0], e1 = cv.e()[i1];
-#pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) {
-        yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
-        yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
-      }
     }
     // ---- X^T scaled by w (A of the state update; k-step s = tokens 16 s ..) ----
     uint32_t xa[4][4];
@@ -234,17 +231,29 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     for (int np = 0; np < NP; ++np)
 #pragma unroll
       for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
+    wgmma_wait<0>();  // Y = C S_prev^T done: scale row i by e_i
+    {
+      const float e0 = cv.e()[16 * warp + g], e1 = cv.e()[16 * warp + g + 8];
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8) {
+        yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
+        yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
+      }
+    }
 
     // ---- batch 2: Y += M X, S += (w o X)^T B ----
     wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
 #pragma unroll
     for (int np = 0; np < NP; ++np)
 #pragma unroll
       for (int s = 0; s < 4; ++s)
         wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
-    wgmma_commit();
+    wgmma_commit();  // group: S
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
+    wgmma_commit();  // group: Y
+    wgmma_wait<1>();
+    store_state();   // S for the next chunk (batch 1, its only reader, is done) while Y computes
     wgmma_wait<0>();
 
     // ---- epilogue: + D x, * silu(z), store; S for the next chunk ----
@@ -281,7 +290,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
       for (int j8 = 0; j8 < 8; ++j8)
         *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
     }
-    store_state();  // batch 1 (the only reader of S_prev) has completed
   }
 
   if (p.final_states) {
