@@ -192,6 +192,31 @@ def test_wgmma_kernel(rng, monkeypatch, n, l):
 
 @need_fwd
 @sm90
+@pytest.mark.parametrize("segments", ["2", "3", "7"])
+@pytest.mark.parametrize("l,n", [(300, 64), (1000, 128), (4097, 128)])
+def test_sequence_split(rng, monkeypatch, segments, l, n):
+    """The wgmma forward with the sequence split in segments (fwd_split.cpp): segment states
+    from zero, combined with the decays, then every segment from its incoming state."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
+    kw = make(rng, 2, l, 3, 64, n, D="hp", init=True)
+    check(kw, dt_limit=(0.002, 0.5))
+    names = fwd_kernel_names(kw, dt_limit=(0.002, 0.5))
+    assert any("true>" in nm for nm in names) and any("false>" in nm for nm in names), names
+    check(make(rng, 1, l, 2, 64, n, softplus=False, dt_bias=False, z=False))  # no init, no bias
+
+
+@need_fwd
+@sm90
+def test_sequence_split_chosen_for_few_heads(rng):
+    """Two heads of one long sequence leave most SMs idle: the host splits it by itself."""
+    kw = make(rng, 1, 4096, 2, 64, 128, init=True)
+    check(kw)
+    names = fwd_kernel_names(kw)
+    assert any("true>" in nm for nm in names), names
+
+
+@need_fwd
+@sm90
 @pytest.mark.parametrize("impl", ["", "mma"])
 def test_sm90_kernel_choice(rng, monkeypatch, impl):
     """Unset: the wgmma kernel for bf16 headdim 64; MLMAMBA_SSD_FWD_IMPL=mma: the portable one

@@ -13,6 +13,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include "common/launch.h"
 #include "ssd/bwd_common.cuh"
 
 namespace mlmamba {
@@ -541,7 +542,7 @@ void launch_chunk_impl(const Params& prm, int tcode, cudaStream_t st) {
   const size_t smem = ChunkSmem<kP>::bytes(prm.npad);
   dim3 grid(prm.varlen ? prm.nslots : prm.nch, prm.varlen ? 1 : prm.b, prm.g * prm.nsplit);
   auto go = [&](auto kernel) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    ensure_max_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem));
     kernel<<<grid, kThreads, smem, st>>>(prm);
   };
   if (tcode == kF32) go(chunk_kernel<float, kP>);

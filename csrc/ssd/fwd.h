@@ -38,6 +38,9 @@ struct FwdParams {
   float dt_min, dt_max;
   bool vec_loads;             // x, B, C rows are 16-byte aligned and contiguous in p / n
   bool one_cta_regs;          // dstate 128: registers budgeted for 1 CTA per SM (no spills)
+  // sequence split (wgmma kernel, fwd_split.cpp): row r is segment r % seg_rows of batch row
+  // r / seg_rows, tokens [seg * seg_len, + seg_len); seg_len 0: no split
+  int64_t seg_len, seg_rows;
 };
 
 // Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.
@@ -45,9 +48,11 @@ struct FwdParams {
 bool launch_ssd_fwd_bf16(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
 bool launch_ssd_fwd_f16(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
 bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
-// sm_90a wgmma kernel (fwd_wgmma.cu): bf16, headdim 64, dstate 64 or 128; opt-in. Returns
-// nullptr when launched, else why it cannot run these inputs (nothing launched).
-const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream);
+// sm_90a wgmma kernel (fwd_wgmma.cu): bf16, headdim 64, dstate 64 or 128. Returns nullptr
+// when launched, else why it cannot run these inputs (nothing launched). state_only: final
+// states alone (no C, no outputs).
+const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream,
+                                 bool state_only = false);
 
 // Dynamic shared memory of one CTA (bytes); mirrors FwdTraits::SMEM (fwd_kernel.cuh).
 constexpr int ssd_fwd_smem_bytes(bool bf16_inputs, int dstate, int pt) {

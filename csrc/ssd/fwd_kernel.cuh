@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "common/device_utils.cuh"
+#include "common/launch.h"
 #include "ssd/common.cuh"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
@@ -508,7 +509,7 @@ void launch_fwd_typed(const FwdParams& p, cudaStream_t stream) {
   using K = FwdTraits<T, N, PT>;
   static_assert(K::SMEM == ssd_fwd_smem_bytes(!K::SPLIT, N, PT), "smem formula out of sync");
   auto kern = ssd_fwd_kernel<T, N, PT, MINB>;
-  cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, K::SMEM);
+  ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), K::SMEM);
   dim3 grid(static_cast<unsigned>(p.nheads * (p.headdim / PT)), static_cast<unsigned>(p.nrows));
   kern<<<grid, K::NT, K::SMEM, stream>>>(p);
 }

@@ -12,6 +12,7 @@
 
 #include "common/check.h"
 #include "ssd/fwd.h"
+#include "ssd/fwd_split.h"
 
 namespace mlmamba {
 namespace ssd {
@@ -216,9 +217,19 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
     return {out, final_states};
   }
   if (impl != "mma" && code == 2 && prop.major == 9 && p == 64 && (n == 64 || n == 128) &&
-      prm.vec_loads && launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream) == nullptr) {
-    MLM_CHECK_LAUNCH();
-    return {out, final_states};
+      prm.vec_loads) {
+    // long sequences on few (row, head) pairs: split the sequence (fwd_split.cpp)
+    const int nseg = (seq_idx || cu_seqlens) ? 1 : pick_segments(nrows, h, l, prop);
+    if (nseg > 1 && ssd_fwd_wgmma_split(prm, static_cast<int>(n), nseg, dt, A, dt_bias,
+                                        initial_states, dt_softplus, dt_min, dt_max,
+                                        final_states, stream) == nullptr) {
+      MLM_CHECK_LAUNCH();
+      return {out, final_states};
+    }
+    if (launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream) == nullptr) {
+      MLM_CHECK_LAUNCH();
+      return {out, final_states};
+    }
   }
   const bool ok = code == 2   ? launch_ssd_fwd_bf16(prm, static_cast<int>(n), pt, stream)
                   : code == 1 ? launch_ssd_fwd_f16(prm, static_cast<int>(n), pt, stream)

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "common/device_utils.cuh"
+#include "common/launch.h"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
 #include "ssd/wgmma.cuh"
@@ -63,7 +64,8 @@ __device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
   return wgmma_desc(t + s * 16 * 128, Q * 128, 1024);
 }
 
-template <int N>
+// SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
+template <int N, bool SO>
 __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p) {
   using Lt = WgLayout<N>;
   constexpr int NP = Lt::NP;
@@ -86,6 +88,11 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     bidx = 0;
     tstart = p.cu_seqlens[row];
     len = p.cu_seqlens[row + 1] - tstart;
+  }
+  if (p.seg_len) {  // row = (batch row, segment) of the sequence split (fwd_split.cpp)
+    bidx = row / p.seg_rows;
+    tstart = (row % p.seg_rows) * p.seg_len;
+    len = p.seqlen - tstart < p.seg_len ? p.seqlen - tstart : p.seg_len;
   }
   const bf16* xg = static_cast<const bf16*>(p.x) + bidx * p.x_b + h * p.x_h;
   const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g;
@@ -145,7 +152,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
     load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
-    load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
+    if (!SO) load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
     cp_async_commit();
   };
   RawDt raw;
@@ -163,6 +170,31 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     }
   }
 
+  // X^T scaled by w: the A operand of the state update (k-step s = tokens 16 s ..); k-step s
+  // reads rows 16 s..: the same swizzle phase, 2048 bytes further
+  auto scaled_xt = [&](uint32_t (&xa)[4][4], const unsigned char* X, const ChunkVecs& cv) {
+    const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
+                                                       16 * warp + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      ldsm_x4_t(xa[s], xr + s * 16 * 128);
+      const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
+      const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = unpack_bf16(xa[s][q]);
+        xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
+      }
+    }
+  };
+  auto decay_state = [&](const ChunkVecs& cv) {
+    const float dec = *cv.decay();
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
+  };
+
   for (int c = 0; c < nchunks; ++c) {
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
@@ -172,6 +204,22 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
     __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
     if (c + 1 < nchunks) issue(c + 1);
+
+    if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
+      if (warp == 0 && c + 1 < nchunks) vectors(c + 1);
+      uint32_t xa[4][4];
+      scaled_xt(xa, X, cv);
+      decay_state(cv);
+      wgmma_fence();
+#pragma unroll
+      for (int np = 0; np < NP; ++np)
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+          wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+      wgmma_commit();
+      wgmma_wait<0>();
+      continue;
+    }
 
     // ---- batch 1: M = C B^T, Y = C S_prev^T ----
     float macc[32], yacc[32];
@@ -209,28 +257,9 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
         ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
       }
     }
-    // ---- X^T scaled by w (A of the state update; k-step s = tokens 16 s ..) ----
     uint32_t xa[4][4];
-    {  // k-step s reads rows 16 s..: the same swizzle phase, 2048 bytes further
-      const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
-                                                         16 * warp + ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        ldsm_x4_t(xa[s], xr + s * 16 * 128);
-        const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
-        const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 f = unpack_bf16(xa[s][q]);
-          xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
-        }
-      }
-    }
-    const float dec = *cv.decay();
-#pragma unroll
-    for (int np = 0; np < NP; ++np)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
+    scaled_xt(xa, X, cv);
+    decay_state(cv);
     wgmma_wait<0>();  // Y = C S_prev^T done: scale row i by e_i
     {
       const float e0 = cv.e()[16 * warp + g], e1 = cv.e()[16 * warp + g + 8];
@@ -307,22 +336,23 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   }
 }
 
-template <int N>
+template <int N, bool SO>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
-  auto kern = ssd_fwd_wgmma_kernel<N>;
-  // once per process (the device is the same sm_90 part on every call that gets here)
-  static const char* const setup = [kern]() -> const char* {
+  auto kern = ssd_fwd_wgmma_kernel<N, SO>;
+  // the image check once per process; the shared-memory limit once per device (launch.h)
+  static const char* const image = [kern]() -> const char* {
     cudaFuncAttributes attr;
     const char* why = nullptr;
     if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) why = "no sm_90a kernel image in this build";
     else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
-    else if (cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  WgLayout<N>::SMEM) != cudaSuccess)
-      why = "cannot reserve its shared memory";
     if (why) cudaGetLastError();  // not sticky: clear it, the caller falls back or reports
     return why;
   }();
-  if (setup) return setup;
+  if (image) return image;
+  if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), WgLayout<N>::SMEM) != cudaSuccess) {
+    cudaGetLastError();
+    return "cannot reserve its shared memory";
+  }
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kern<<<grid, NT, WgLayout<N>::SMEM, stream>>>(p);
   return nullptr;
@@ -330,11 +360,12 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream) {
+const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream,
+                                 bool state_only) {
   if (p.headdim != P) return "headdim must be 64";
   if (!p.vec_loads) return "x, B and C rows must be 16-byte aligned";
-  if (dstate == 64) return launch_n<64>(p, stream);
-  if (dstate == 128) return launch_n<128>(p, stream);
+  if (dstate == 64) return state_only ? launch_n<64, true>(p, stream) : launch_n<64, false>(p, stream);
+  if (dstate == 128) return state_only ? launch_n<128, true>(p, stream) : launch_n<128, false>(p, stream);
   return "dstate must be 64 or 128";
 }
 

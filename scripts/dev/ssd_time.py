@@ -1,6 +1,7 @@
 """Cross-check of the bench's SSD forward figures: one input set, 20 back-to-back calls timed
 with events, then the same 20 calls replayed from a CUDA graph (no CPU in the loop), for the
-default kernel and MLMAMBA_SSD_FWD_IMPL=mma.
+default, the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1) and the
+mma.sync kernel (MLMAMBA_SSD_FWD_IMPL=mma).
     python3 scripts/dev/ssd_time.py [b l h]...   (default: the four bench cases)
 """
 import os
@@ -34,8 +35,10 @@ def main():
     for b, l, h in zip(args[0::3], args[1::3], args[2::3]):
         k = fwd_inputs(b, l, h, 64, 128, "cuda", 0)
         row = []
-        for impl in ("", "mma"):
-            os.environ["MLMAMBA_SSD_FWD_IMPL"] = impl
+        for impl, seg in (("", ""), ("", "1"), ("mma", "")):
+            os.environ["MLMAMBA_SSD_FWD_IMPL"], os.environ["MLMAMBA_SSD_FWD_SEGMENTS"] = impl, seg
+            if not seg:
+                del os.environ["MLMAMBA_SSD_FWD_SEGMENTS"]
 
             def f(k=k):
                 return ssd_scan(k["x"], k["dt"], k["A"], k["B"], k["C"], D=k["D"],
@@ -47,9 +50,9 @@ def main():
                 f()
             row.append((timed(f), timed(g.replay)))
         os.environ["MLMAMBA_SSD_FWD_IMPL"] = ""
-        print(f"b{b} L{l} h{h}: default {row[0][0]:.1f} us (graph {row[0][1]:.1f}) | "
-              f"mma.sync {row[1][0]:.1f} (graph {row[1][1]:.1f}) | ratio {row[1][1] / row[0][1]:.2f}",
-              flush=True)
+        print(f"b{b} L{l} h{h}: default {row[0][0]:.1f} us (graph {row[0][1]:.1f}) | no split "
+              f"{row[1][0]:.1f} ({row[1][1]:.1f}) | mma.sync {row[2][0]:.1f} ({row[2][1]:.1f}) | "
+              f"mma.sync / default {row[2][1] / row[0][1]:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,23 @@
+// The wgmma forward with the sequence split into segments (fwd_split.cpp). Host only.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <cuda_runtime.h>
+
+#include <optional>
+
+#include "ssd/fwd.h"
+
+namespace mlmamba {
+namespace ssd {
+
+// The wgmma forward with the sequence split into nseg segments; pick_segments chooses
+// nseg (1: no split). Needs no seq_idx, no cu_seqlens; nullptr when it ran.
+int pick_segments(int64_t rows, int64_t heads, int64_t seqlen, const cudaDeviceProp& prop);
+const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::Tensor& dt,
+                                const at::Tensor& A, const std::optional<at::Tensor>& dt_bias,
+                                const std::optional<at::Tensor>& init, bool dt_softplus,
+                                double dt_min, double dt_max, const at::Tensor& final_states,
+                                cudaStream_t stream);
+
+}  // namespace ssd
+}  // namespace mlmamba
