@@ -20,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def saved(tmp_path_factory):
     """A tiny model directory and an image file."""
     d = tmp_path_factory.mktemp("cli")
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"model seed={seed}")
+    seed = int(os.environ.get("MLMAMBA_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"model seed={seed} (MLMAMBA_TEST_SEED={seed} replays it)")
     tiny_model(seed).save_pretrained(d / "model")
     g = torch.Generator().manual_seed(seed)
     arr = (torch.rand(45, 61, 3, generator=g) * 255).to(torch.uint8).numpy()
@@ -31,8 +31,11 @@ def saved(tmp_path_factory):
 
 def run_cli(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "mlmamba", *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "mlmamba", *map(str, args)], capture_output=True,
+                       env=env, cwd=ROOT, timeout=120)
+    # decoded by hand: text mode would turn a generated "\r" into "\n" (universal newlines)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
 
 
 def test_subprocess_answers_prompt(saved):
