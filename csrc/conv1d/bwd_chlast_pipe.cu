@@ -181,7 +181,7 @@ int64_t bwd_chlast_pipe_slots(const ConvParams& p, int xdtype) {
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       static const int occ = occupancy(bwd_chlast_pipe_kernel<W, T>, 128);
-      bpc = chlast_pipe_bpc(occ, p.batch * p.seqlen, (p.dim + 127) / 128);
+      bpc = chlast_pipe_bpc(occ, p.batch * p.seqlen, (p.dim + 127) / 128, 1.0);
     });
   });
   return bpc;

@@ -231,7 +231,7 @@ void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       auto kernel = bwd_lcontig_pipe_kernel<W, T>;
       static const int occ = occupancy(kernel, 128);
-      const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ));
+      const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ, 2.0));
       kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
       MLM_CHECK_LAUNCH();
     });

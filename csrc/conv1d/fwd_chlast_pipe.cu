@@ -136,7 +136,7 @@ void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       auto kernel = fwd_chlast_pipe_kernel<W, T>;
       static const int occ = occupancy(kernel, 128);
-      const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg);
+      const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg, 2.0);
       const int64_t rows_per_warp = (rows + 4 * bpc - 1) / (4 * bpc);
       MLM_CHECK(ncg * bpc < (int64_t(1) << 31), "causal_conv1d_fwd: input too large");
       kernel<<<static_cast<unsigned>(ncg * bpc), 128, 0, s>>>(p, ncg, rows_per_warp);

@@ -138,7 +138,7 @@ void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
       auto kernel = fwd_lcontig_pipe_kernel<W, T>;
       static const int occ = occupancy(kernel, 128);
       const int64_t need = (ntiles + 3) / 4;
-      const int64_t grid = std::min(need, persistent_grid(occ));
+      const int64_t grid = std::min(need, persistent_grid(occ, 2.0));
       kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
       MLM_CHECK_LAUNCH();
     });

@@ -160,12 +160,19 @@ int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels) {
   return chunk;
 }
 
-// The streaming kernels (pipe.cuh), where they apply, only with MLMAMBA_CONV1D_IMPL=pipe: they
-// are not yet validated on a GPU (docs/perf-log.md, causal_conv1d v3). Read per call (A/B timing).
-bool use_pipe(const ConvParams& p, const Tensor& x, bool chlast, bool bwd) {
+// Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
+// and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
+// docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
+// inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (A/B timing; read per
+// call); any other non-empty value is an error.
+bool use_pipe(const char* op, const ConvParams& p, const Tensor& x, bool chlast, bool bwd) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
-  return e != nullptr && std::string(e) == "pipe" &&
-         pipe_ok(p, static_cast<int>(x.element_size()), chlast, bwd);
+  const std::string impl = e != nullptr ? e : "";
+  MLM_CHECK(impl.empty() || impl == "pipe" || impl == "v2", op,
+            ": environment variable MLMAMBA_CONV1D_IMPL must be 'pipe', 'v2' or unset, got '", impl,
+            "'");
+  if (impl == "v2" || !pipe_ok(p, static_cast<int>(x.element_size()), chlast, bwd)) return false;
+  return impl == "pipe" || !(chlast && bwd);
 }
 
 Tensor seq_contig(const OptT& seq) {
@@ -197,7 +204,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   ConvParams p = make_params(x, weight, bias, init, seq, silu, out);
   if (return_final_states) p.final_states = final_states.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool pipe = use_pipe(p, x, chlast, false);
+  const bool pipe = use_pipe(op, p, x, chlast, false);
   if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
@@ -265,7 +272,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.dfinal_dtype = dtag(*dfinal);
   }
   if (dinit.numel()) p.dinit = dinit.data_ptr();
-  const bool pipe = use_pipe(p, x, chlast, true);
+  const bool pipe = use_pipe(op, p, x, chlast, true);
   int64_t nslots;  // dweight/dbias workspace slots
   if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));

@@ -162,19 +162,21 @@ int occupancy(K kernel, int threads) {
   return n > 0 ? n : 1;
 }
 
-// The grid of a persistent launch: every SM full once. MLMAMBA_CONV1D_WAVES scales it (tuning).
-inline int64_t persistent_grid(int per_sm) {
+// The grid of a persistent launch: `waves` times every SM full once (the forward kernels and
+// the l-contiguous backward measured fastest at 2 on an H200: docs/perf-log.md, causal_conv1d).
+// MLMAMBA_CONV1D_WAVES overrides it (tuning).
+inline int64_t persistent_grid(int per_sm, double waves) {
   const char* e = std::getenv("MLMAMBA_CONV1D_WAVES");
-  const double waves = e != nullptr && std::atof(e) > 0 ? std::atof(e) : 1.0;
+  if (e != nullptr && std::atof(e) > 0) waves = std::atof(e);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t g = static_cast<int64_t>(waves * per_sm * sms);
   return g > 0 ? g : 1;
 }
 
-// Channel-last: blocks per channel group (ncg groups of rows rows each). Fills the GPU once,
-// but gives each warp >= 16 rows.
-inline int64_t chlast_pipe_bpc(int occ, int64_t rows, int64_t ncg) {
-  return std::max<int64_t>(1, std::min(persistent_grid(occ) / ncg, (rows + 63) / 64));
+// Channel-last: blocks per channel group (ncg groups of rows rows each). Fills the GPU `waves`
+// times, but gives each warp >= 16 rows.
+inline int64_t chlast_pipe_bpc(int occ, int64_t rows, int64_t ncg, double waves) {
+  return std::max<int64_t>(1, std::min(persistent_grid(occ, waves) / ncg, (rows + 63) / 64));
 }
 
 }  // namespace conv1d
