@@ -175,19 +175,23 @@ def test_fwd_bwd_matches_reference(rng, monkeypatch, dtype, width, layout, feat)
             raise AssertionError(f"l={l} d={d}: {e}") from None
 
 
-IMPLS = {  # MLMAMBA_CONV1D_IMPL, MLMAMBA_CONV1D_WAVES
-    "default": (None, None),   # the measured-best choice per op and layout (ops.cpp use_pipe)
-    "v2": ("v2", None),        # the general kernels forced
-    "pipe": ("pipe", None),    # the streaming kernels forced (channel-last backward too)
+IMPLS = {  # MLMAMBA_CONV1D_IMPL, MLMAMBA_CONV1D_WAVES, MLMAMBA_CONV1D_TUNE
+    "default": (None, None, None),  # the measured-best choice per op and layout (ops.cpp use_pipe)
+    "v2": ("v2", None, None),       # the general kernels forced
+    "pipe": ("pipe", None, None),   # the streaming kernels forced (channel-last backward too)
     # streaming kernels on a tiny persistent grid: every warp walks many tiles / rows, its
     # range crossing channel rows and batches (the look-back and dweight pieces across tiles)
-    "pipe_small_grid": ("pipe", "0.01"),
+    "pipe_small_grid": ("pipe", "0.01", None),
+    # the launchers' tuning variants (bf16, width 4 only)
+    "pipe_tune1": ("pipe", None, "1"),
+    "pipe_tune2": ("pipe", None, "2"),
+    "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
 }
 
 
 def set_impl(monkeypatch, impl):
-    env, waves = IMPLS[impl]
-    for k, v in (("MLMAMBA_CONV1D_IMPL", env), ("MLMAMBA_CONV1D_WAVES", waves)):
+    for k, v in zip(("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE"),
+                    IMPLS[impl]):
         if v is None:
             monkeypatch.delenv(k, raising=False)
         else:
@@ -203,6 +207,8 @@ def test_each_impl_matches_reference(rng, monkeypatch, dtype, width, layout, imp
     """Every implementation the dispatch can pick (the default, and each forced through
     MLMAMBA_CONV1D_IMPL) on 16-byte aligned inputs without seq_idx, where the streaming kernels
     apply: whole and partial tiles, initial and final states, against the float64 reference."""
+    if "tune" in impl and (dtype != torch.bfloat16 or width != 4):
+        pytest.skip("the tuning variants exist for bf16 width 4 only")
     set_impl(monkeypatch, impl)
     g = gen(rng)
     for i, (b, d, l) in enumerate(((2, 64, 128), (3, 64, 1000), (2, 72, 4096), (1, 8, 24),

@@ -282,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile
-    p.nslots_per_batch = bwd_lcontig_tiles(l);
+    p.nslots_per_batch = pipe ? bwd_lcontig_pipe_tiles(p, dtag(x)) : bwd_lcontig_tiles(l);
     nslots = b * p.nslots_per_batch;
   }
   Tensor partial = at::empty({nslots, d, w + 1}, x.options().dtype(at::kFloat));
