@@ -236,8 +236,10 @@ struct BwdLPipe {
   }
 };
 
-// f(BwdLPipe<...>{}) for the variant to run. 16-bit types: 2 KB tiles per warp (K 4; measured
-// 5-8% faster than K 2 on an H200, docs/perf-log.md); fp32: K 2 (the queue's shared memory).
+// f(BwdLPipe<...>{}) for the variant to run. 16-bit types: 2 KB tiles per warp (K 4: half the
+// per-tile work per element; on an H200 ncu kernel time 103.4 us against 108.4 for K 2 at b4
+// L2048, host-side timings 5-8% faster in two runs; docs/perf-log.md); fp32: K 2 (the queue's
+// shared memory).
 // MLMAMBA_CONV1D_TUNE=1 (bf16, width 4): the earlier K 2, 3 stages, 5 blocks per SM.
 template <typename F>
 void with_bwd_lcontig_pipe(int xdtype, int width, F&& f) {

@@ -143,16 +143,15 @@ void launch_fwd_chlast_pipe(const ConvParams& p, cudaStream_t s) {
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      // 16-bit types: 4 channels per lane (8-byte words), 96 registers, 5 blocks per SM at
-      // w <= 4: measured 4-6% faster on an H200 than 8 channels (16-byte words, 160 registers,
-      // 3 blocks per SM; docs/perf-log.md). MLMAMBA_CONV1D_TUNE (bf16, width 4): 1 = that
-      // earlier kernel, 2 = 8 stages.
+      // MLMAMBA_CONV1D_TUNE (bf16, width 4): 1 = 4 channels per lane (8-byte words, 96
+      // registers, 5 blocks per SM), 2 = the same with 8 stages. On an H200 neither beat the
+      // default reliably: ncu kernel time 56.9 / 58.3 us against 55.2 us at b4 L2048, host-side
+      // timings -6..+8% between two runs (docs/perf-log.md, causal_conv1d v4).
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
-        if (tune_variant() == 1) return launch_fwd_chlast_pipe<W, T, 8, 4, 3>(p, s);
+        if (tune_variant() == 1) return launch_fwd_chlast_pipe<W, T, 4, 6, 5>(p, s);
         if (tune_variant() == 2) return launch_fwd_chlast_pipe<W, T, 4, 8, 5>(p, s);
       }
-      if constexpr (sizeof(T) == 4) launch_fwd_chlast_pipe<W, T, 8, 2, W <= 4 ? 3 : 2>(p, s);
-      else launch_fwd_chlast_pipe<W, T, 4, 6, W <= 4 ? 5 : W <= 6 ? 4 : 3>(p, s);
+      launch_fwd_chlast_pipe<W, T, 8, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2>(p, s);
     });
   });
 }
