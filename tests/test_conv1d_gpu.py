@@ -175,7 +175,7 @@ def test_fwd_bwd_matches_reference(rng, monkeypatch, dtype, width, layout, feat)
             raise AssertionError(f"l={l} d={d}: {e}") from None
 
 
-IMPLS = {  # MLMAMBA_CONV1D_IMPL, MLMAMBA_CONV1D_WAVES, MLMAMBA_CONV1D_TUNE
+IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "default": (None, None, None),  # the measured-best choice per op and layout (ops.cpp use_pipe)
     "v2": ("v2", None, None),       # the general kernels forced
     "pipe": ("pipe", None, None),   # the streaming kernels forced (channel-last backward too)
@@ -186,12 +186,15 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, MLMAMBA_CONV1D_WAVES, MLMAMBA_CONV1D_TUNE
     "pipe_tune1": ("pipe", None, "1"),
     "pipe_tune2": ("pipe", None, "2"),
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
+    # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
+    "v2_chunk128": ("v2", None, None, "128"),
 }
 
 
 def set_impl(monkeypatch, impl):
-    for k, v in zip(("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE"),
-                    IMPLS[impl]):
+    env = IMPLS[impl] + (None,) * (4 - len(IMPLS[impl]))
+    for k, v in zip(("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
+                     "MLMAMBA_CONV1D_CHUNK"), env):
         if v is None:
             monkeypatch.delenv(k, raising=False)
         else:

@@ -148,15 +148,15 @@ ConvParams make_params(const Tensor& x, const Tensor& weight, const OptT& bias, 
   return p;
 }
 
-// Rows per warp for channel-last: enough warps to fill the GPU, but long enough runs that
-// the w-1 re-read rows at each chunk start stay a small fraction.
-// MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
-int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels) {
+// Rows per warp for channel-last (v2 kernels): the longest of start, start/2, ... (>= 16) that
+// still gives warps_per_sm warps per SM of a 132-SM GPU, so that the w-1 re-read rows at each
+// chunk start stay a small fraction. MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
+int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int64_t start,
+                   int64_t warps_per_sm) {
   if (const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK")) return std::max<int64_t>(1, std::atoll(e));
   const int64_t cgroups = (d + lanes_channels - 1) / lanes_channels;
-  // ~24 warps per SM of an H100 is 3+ waves at the 8-12 resident warps these kernels allow.
-  int64_t chunk = 64;
-  while (chunk > 16 && b * ((l + chunk - 1) / chunk) * cgroups < 132 * 24) chunk /= 2;
+  int64_t chunk = start;
+  while (chunk > 16 && b * ((l + chunk - 1) / chunk) * cgroups < 132 * warps_per_sm) chunk /= 2;
   return chunk;
 }
 
@@ -208,7 +208,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
-    p.chunk = pick_chunk(b, d, l, 256);
+    p.chunk = pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
     fwd_chlast(p, dtag(x), stream);
   } else if (pipe) {
     fwd_lcontig_pipe(p, dtag(x), stream);
@@ -278,7 +278,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
-    p.chunk = pick_chunk(b, d, l, 128);
+    // 128 rows at >= 12 warps/SM (one full residency): the H200 sweep (perf-log, causal_conv1d
+    // v4) put chunk 128 at 147.5 us against 156.8 for 64 at b4 L2048, 294.5 vs 300.4 at b1 L16384.
+    p.chunk = pick_chunk(b, d, l, 128, 128, 12);
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile
