@@ -162,7 +162,8 @@ FEATURES = {  # (bias, initial_states, seq_idx, return_final_states)
 @pytest.mark.parametrize("layout", ["l", "cl"])
 @pytest.mark.parametrize("width", [2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fwd_bwd_matches_reference(rng, dtype, width, layout, feat):
+def test_fwd_bwd_matches_reference(rng, monkeypatch, dtype, width, layout, feat):
+    set_impl(monkeypatch, "default")
     g = gen(rng)
     bias, init, seq, final = FEATURES[feat]
     for i, l in enumerate(LENGTHS):
@@ -174,16 +175,44 @@ def test_fwd_bwd_matches_reference(rng, dtype, width, layout, feat):
             raise AssertionError(f"l={l} d={d}: {e}") from None
 
 
+IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
+    "default": (None, None, None),  # the measured-best choice per op and layout (ops.cpp use_pipe)
+    "v2": ("v2", None, None),       # the general kernels forced
+    "pipe": ("pipe", None, None),   # the streaming kernels forced (channel-last backward too)
+    # streaming kernels on a tiny persistent grid: every warp walks many tiles / rows, its
+    # range crossing channel rows and batches (the look-back and dweight pieces across tiles)
+    "pipe_small_grid": ("pipe", "0.01", None),
+    # the launchers' tuning variants (bf16, width 4 only)
+    "pipe_tune1": ("pipe", None, "1"),
+    "pipe_tune2": ("pipe", None, "2"),
+    "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
+    # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
+    "v2_chunk128": ("v2", None, None, "128"),
+}
+
+
+def set_impl(monkeypatch, impl):
+    env = IMPLS[impl] + (None,) * (4 - len(IMPLS[impl]))
+    for k, v in zip(("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
+                     "MLMAMBA_CONV1D_CHUNK"), env):
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+
+
 @need
-@pytest.mark.experimental
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("layout", ["l", "cl"])
 @pytest.mark.parametrize("width", [2, 4, 5, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_streaming_kernels_match_reference(rng, monkeypatch, dtype, width, layout):
-    """The opt-in streaming kernels (MLMAMBA_CONV1D_IMPL=pipe), which take 16-byte aligned
-    inputs without seq_idx: whole and partial tiles, warp ranges that cross rows and batches,
-    initial and final states."""
-    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "pipe")
+def test_each_impl_matches_reference(rng, monkeypatch, dtype, width, layout, impl):
+    """Every implementation the dispatch can pick (the default, and each forced through
+    MLMAMBA_CONV1D_IMPL) on 16-byte aligned inputs without seq_idx, where the streaming kernels
+    apply: whole and partial tiles, initial and final states, against the float64 reference."""
+    if "tune" in impl and (dtype != torch.bfloat16 or width != 4):
+        pytest.skip("the tuning variants exist for bf16 width 4 only")
+    set_impl(monkeypatch, impl)
     g = gen(rng)
     for i, (b, d, l) in enumerate(((2, 64, 128), (3, 64, 1000), (2, 72, 4096), (1, 8, 24),
                                    (5, 16, 200))):
@@ -192,6 +221,14 @@ def test_streaming_kernels_match_reference(rng, monkeypatch, dtype, width, layou
             check_case(kw, silu=i % 2 == 0, dtype=dtype, with_final=i != 4)
         except AssertionError as e:
             raise AssertionError(f"b={b} d={d} l={l}: {e}") from None
+
+
+@need
+def test_bad_impl_env_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "fast")
+    x = torch.randn(1, 8, 16, device=DEV)
+    with pytest.raises(RuntimeError, match="MLMAMBA_CONV1D_IMPL"):
+        ops().causal_conv1d_fwd(x, torch.randn(8, 4, device=DEV), None, None, None, True, False)
 
 
 @need
@@ -224,10 +261,9 @@ def test_single_channel_and_long_rows(rng):
 
 
 @need
-@pytest.mark.parametrize("impl", ["default", pytest.param("pipe", marks=pytest.mark.experimental)])
+@pytest.mark.parametrize("impl", list(IMPLS))
 def test_backward_bitwise_deterministic(rng, monkeypatch, impl):
-    if impl == "pipe":
-        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "pipe")
+    set_impl(monkeypatch, impl)
     g = gen(rng)
     for layout in ("l", "cl"):
         kw = inputs(g, 3, 304, 3000, 4, torch.bfloat16, layout, bias=True, init=True)

@@ -6,6 +6,7 @@
 // u = t - (w-1) is complete once g[t] is known. dweight/dbias: a lane sums over its whole
 // range, the block's 4 warps are added in a fixed order, one workspace slot per block.
 #include <algorithm>
+#include <type_traits>
 
 #include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
@@ -13,22 +14,17 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <typename R> struct BwdChlPipe {
-  static constexpr int C = 4, RW = 4;               // channels per lane, rows per stage
-  static constexpr int S = sizeof(R) == 4 ? 2 : 4;  // stages: 32 KB of queue per block
-  static constexpr int RB = C * sizeof(R);          // bytes of a lane's row
-  static constexpr int kQueue = S * 2 * RW * 128 * RB;
-};
-
-template <int W, typename T>
-__global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_pipe_kernel(const ConvParams p, int64_t ncg,
-                                                                              int64_t rows_per_warp) {
+// C = 4 channels per lane (8-byte words at 16-bit types), S stages of RW rows, MINB blocks per
+// SM the registers are budgeted for.
+template <int W, typename T, int RW, int S, int MINB>
+__global__ void __launch_bounds__(128, MINB) bwd_chlast_pipe_kernel(const ConvParams p, int64_t ncg,
+                                                                   int64_t rows_per_warp) {
   using R = typename RawOf<T>::type;
-  using P = BwdChlPipe<R>;
-  constexpr int C = P::C, RW = P::RW, S = P::S, RB = P::RB, H = W - 1;
+  constexpr int C = 4, RB = C * sizeof(R), H = W - 1;  // RB: bytes of a lane's row
+  constexpr int kQueue = S * 2 * RW * 128 * RB;
   constexpr int kItems = C * (W + 1);  // dweight (reversed taps) and dbias of a lane's channels
-  static_assert(4 * kItems * 32 * 4 <= P::kQueue, "the reduction reuses the queue");
-  __shared__ __align__(16) unsigned char smem[P::kQueue];
+  static_assert(4 * kItems * 32 * 4 <= kQueue, "the reduction reuses the queue");
+  __shared__ __align__(16) unsigned char smem[kQueue];
   auto qrow = [&](int s, int which, int r) {  // [stage][x, dout][row][thread][RB bytes]
     return smem + ((((s * 2 + which) * RW + r) * 128) + threadIdx.x) * RB;
   };
@@ -64,7 +60,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_pipe_kernel(co
     if (!pi.done()) {
       const R* xb = xc + pi.b * p.x_b;
       const R* db_ = dc + pi.b * p.dout_b;
-      const int64_t t_end = std::min(L, pi.t1 + H);  // rows read: [t0 - H, t_end), dout from t0
+      const int64_t t_end = std::min<int64_t>(L, pi.t1 + H);  // rows read: [t0 - H, t_end), dout from t0
       if (act && pi.ts >= pi.t0 && pi.ts + RW <= t_end) {  // every row in range
         #pragma unroll
         for (int r = 0; r < RW; ++r) {
@@ -176,13 +172,34 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_pipe_kernel(co
     slot[it] = ((red[0][it][lane] + red[1][it][lane]) + red[2][it][lane]) + red[3][it][lane];
 }
 
+// One variant of the kernel: its occupancy (once) and its launch.
+template <int W, typename T, int RW, int S, int MINB>
+struct BwdChlPipe {
+  static int occ() {
+    static const int n = occupancy(bwd_chlast_pipe_kernel<W, T, RW, S, MINB>, 128);
+    return n;
+  }
+  static void launch(unsigned grid, cudaStream_t s, const ConvParams& p, int64_t ncg, int64_t rpw) {
+    bwd_chlast_pipe_kernel<W, T, RW, S, MINB><<<grid, 128, 0, s>>>(p, ncg, rpw);
+  }
+};
+
+// f(BwdChlPipe<...>{}) for the variant to run. (Measured on an H200 and dropped: 2 rows per
+// stage x 8 stages at 4 blocks per SM (48 B of spills) 16-21% slower; 4 x 4 at 4 blocks per SM
+// (spills) 5-11% slower.)
+template <typename F>
+void with_bwd_chlast_pipe(int xdtype, int width, F&& f) {
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(width, W, [&] {
+      f(BwdChlPipe<W, T, 4, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2>{});
+    });
+  });
+}
+
 int64_t bwd_chlast_pipe_slots(const ConvParams& p, int xdtype) {
   int64_t bpc = 1;
-  CONV_X_SWITCH(xdtype, T, [&] {
-    CONV_WIDTH_SWITCH(p.width, W, [&] {
-      static const int occ = occupancy(bwd_chlast_pipe_kernel<W, T>, 128);
-      bpc = chlast_pipe_bpc(occ, p.batch * p.seqlen, (p.dim + 127) / 128);
-    });
+  with_bwd_chlast_pipe(xdtype, p.width, [&](auto k) {
+    bpc = chlast_pipe_bpc(decltype(k)::occ(), p.batch * p.seqlen, (p.dim + 127) / 128, 1.0);
   });
   return bpc;
 }
@@ -191,12 +208,11 @@ int64_t bwd_chlast_pipe_slots(const ConvParams& p, int xdtype) {
 void bwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
   const int64_t ncg = (p.dim + 127) / 128, bpc = p.nslots_per_batch;
   const int64_t rows_per_warp = (p.batch * p.seqlen + 4 * bpc - 1) / (4 * bpc);
-  MLM_CHECK(ncg * bpc < (int64_t(1) << 31), "causal_conv1d_bwd: input too large");
-  CONV_X_SWITCH(xdtype, T, [&] {
-    CONV_WIDTH_SWITCH(p.width, W, [&] {
-      bwd_chlast_pipe_kernel<W, T><<<static_cast<unsigned>(ncg * bpc), 128, 0, s>>>(p, ncg, rows_per_warp);
-      MLM_CHECK_LAUNCH();
-    });
+  MLM_CHECK(ncg * bpc < (int64_t(1) << 31) && p.batch < (int64_t(1) << 30) &&
+                p.seqlen < (int64_t(1) << 30), "causal_conv1d_bwd: input too large");
+  with_bwd_chlast_pipe(xdtype, p.width, [&](auto k) {
+    decltype(k)::launch(static_cast<unsigned>(ncg * bpc), s, p, ncg, rows_per_warp);
+    MLM_CHECK_LAUNCH();
   });
 }
 

@@ -5,6 +5,7 @@
 // its piece of a row (the tiles of one row in its range) and writes the sum to the slot of the
 // piece's first tile, zeros to the others: one slot per tile, as in v2, reduced in a fixed order.
 #include <algorithm>
+#include <type_traits>
 
 #include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
@@ -12,16 +13,12 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <typename R> struct BwdPipe {
-  static constexpr int K = kBwdLVecs;
-  static constexpr int S = sizeof(R) == 4 ? 2 : 3;  // stages: 24-32 KB of queue per block
-  static constexpr int V = Words<8, R>::kCount;
-};
-
-template <int W, typename T>
-__global__ void __launch_bounds__(128, 5) bwd_lcontig_pipe_kernel(const ConvParams p, int64_t ntiles) {
+// K 8-element vectors per lane and tile, S stages, MINB blocks per SM the registers are
+// budgeted for.
+template <int W, typename T, int K, int S, int MINB>
+__global__ void __launch_bounds__(128, MINB) bwd_lcontig_pipe_kernel(const ConvParams p, int64_t ntiles) {
   using R = typename RawOf<T>::type;
-  constexpr int K = BwdPipe<R>::K, S = BwdPipe<R>::S, V = BwdPipe<R>::V, H = W - 1;
+  constexpr int V = Words<8, R>::kCount, H = W - 1;
   __shared__ uint4 q[S][2][K][128][V];  // [stage][x, dout][vector][thread][word]
   __shared__ uint4 qe[S][4][2][V];      // [stage][warp][x, dout] after the tile
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -223,19 +220,52 @@ __global__ void __launch_bounds__(128, 5) bwd_lcontig_pipe_kernel(const ConvPara
   cp_async_wait<0>();
 }
 
-void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
-  const int64_t nseg = bwd_lcontig_tiles(p.seqlen);
-  const int64_t ntiles = p.batch * p.dim * nseg;
-  MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && nseg < (1 << 30), "causal_conv1d_bwd: input too large");
+// One variant of the kernel: K vectors per lane (tile 256 K), S stages, MINB blocks per SM.
+template <int W, typename T, int K, int S, int MINB>
+struct BwdLPipe {
+  static constexpr int kVecs = K;
+  static void launch(const ConvParams& p, cudaStream_t s) {
+    const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K);
+    MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
+    const int64_t ntiles = p.batch * p.dim * nseg;
+    auto kernel = bwd_lcontig_pipe_kernel<W, T, K, S, MINB>;
+    static const int occ = occupancy(kernel, 128);
+    const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ, 2.0));
+    kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
+    MLM_CHECK_LAUNCH();
+  }
+};
+
+// f(BwdLPipe<...>{}) for the variant to run. 16-bit types: 2 KB tiles per warp (K 4: half the
+// per-tile work per element; on an H200 ncu kernel time 103.4 us against 108.4 for K 2 at b4
+// L2048, host-side timings 5-8% faster in two runs; docs/perf-log.md); fp32: K 2 (the queue's
+// shared memory).
+// MLMAMBA_CONV1D_TUNE=1 (bf16, width 4): the earlier K 2, 3 stages, 5 blocks per SM.
+template <typename F>
+void with_bwd_lcontig_pipe(int xdtype, int width, F&& f) {
   CONV_X_SWITCH(xdtype, T, [&] {
-    CONV_WIDTH_SWITCH(p.width, W, [&] {
-      auto kernel = bwd_lcontig_pipe_kernel<W, T>;
-      static const int occ = occupancy(kernel, 128);
-      const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ));
-      kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
-      MLM_CHECK_LAUNCH();
+    CONV_WIDTH_SWITCH(width, W, [&] {
+      if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
+        if (tune_variant() == 1) return f(BwdLPipe<W, T, 2, 3, 5>{});
+      }
+      if constexpr (sizeof(T) == 4) f(BwdLPipe<W, T, kBwdLVecs, 2, 5>{});
+      else f(BwdLPipe<W, T, 4, 2, W <= 5 ? 4 : 3>{});
     });
   });
+}
+
+int64_t bwd_lcontig_pipe_tiles(const ConvParams& p, int xdtype) {
+  int64_t nseg = 0;
+  with_bwd_lcontig_pipe(xdtype, p.width, [&](auto k) {
+    constexpr int64_t tile = 256 * decltype(k)::kVecs;
+    nseg = (p.seqlen + tile - 1) / tile;
+  });
+  return nseg;
+}
+
+void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
+  MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_bwd: input too large");
+  with_bwd_lcontig_pipe(xdtype, p.width, [&](auto k) { decltype(k)::launch(p, s); });
 }
 
 }  // namespace conv1d

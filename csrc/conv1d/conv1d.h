@@ -64,6 +64,8 @@ void bwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
+// l-contiguous backward: p.nslots_per_batch = bwd_lcontig_pipe_tiles(p) (tiles per row).
+int64_t bwd_lcontig_pipe_tiles(const ConvParams& p, int xdtype);
 void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 // Channel-last backward: p.nslots_per_batch = bwd_chlast_pipe_slots(p) workspace slots in all.
 int64_t bwd_chlast_pipe_slots(const ConvParams& p, int xdtype);
@@ -71,12 +73,14 @@ void bwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 // Sums the partial workspace in a fixed order into dweight (d, w) and dbias (d,).
 void reduce_dweight(const ConvParams& p, int64_t nslots, void* dweight, void* dbias, cudaStream_t s);
 
-// True when the streaming kernels apply: no seq_idx, and x, out (and dout) start 16-byte
-// aligned with every stride but the unit one a multiple of 16 bytes (channel-last: d % 8 == 0).
+// True when the streaming kernels apply: no seq_idx, batch, dim and seqlen < 2^30, and x, out
+// (and dout) start 16-byte aligned with every stride but the unit one a multiple of 16 bytes (channel-last: d % 8 == 0).
 inline bool pipe_ok(const ConvParams& p, int esize, bool chlast, bool bwd) {
   auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   auto st = [esize](int64_t s) { return (s * esize) % 16 == 0; };
-  bool ok = p.seq == nullptr && al(p.x) && al(p.out) && st(p.x_b) && st(p.out_b);
+  constexpr int64_t kMax = int64_t(1) << 30;  // the kernels' 32-bit row/batch indices
+  bool ok = p.seq == nullptr && al(p.x) && al(p.out) && st(p.x_b) && st(p.out_b) &&
+            p.batch < kMax && p.dim < kMax && p.seqlen < kMax;
   ok = ok && (chlast ? p.dim % 8 == 0 && st(p.x_l) && st(p.out_l) : st(p.x_d) && st(p.out_d));
   if (bwd) ok = ok && al(p.dout) && st(p.dout_b) && st(chlast ? p.dout_l : p.dout_d);
   return ok;

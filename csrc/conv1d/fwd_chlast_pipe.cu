@@ -1,10 +1,11 @@
 // Causal conv1d forward, channel-last, streaming fast path (no seq_idx, d % 8 == 0, 16-byte
-// aligned rows; the general path is fwd_chlast.cuh). A block owns one group of 256 channels
-// (a lane 8 of them, so the weights are loaded once); its warps split that group's rows,
+// aligned rows; the general path is fwd_chlast.cuh). A block owns one group of 32 C channels
+// (a lane C of them, so the weights are loaded once); its warps split that group's rows,
 // flattened over (batch, l), into equal ranges and walk them in stages of RW rows, each lane
 // queueing its rows through cp.async S-1 stages ahead (pipe.cuh). The last w-1 rows stay in
 // registers; a range re-reads w-1 rows only where it starts a batch row.
 #include <algorithm>
+#include <type_traits>
 
 #include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
@@ -12,24 +13,20 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <typename R> struct ChlPipe {
-  static constexpr int C = 8, RW = 4;               // channels per lane, rows per stage
-  static constexpr int S = sizeof(R) == 4 ? 2 : 4;  // stages: 32 KB of queue per block
-  static constexpr int V = Words<C, R>::kCount;     // 16-byte words per row of a lane
-};
-
-template <int W, typename T>
-__global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_pipe_kernel(const ConvParams p, int64_t ncg,
-                                                                 int64_t rows_per_warp) {
+// C channels per lane (8: 16-byte words; 4 at 16-bit types: 8-byte words, fewer registers), S
+// stages of RW = 4 rows, MINB blocks per SM the registers are budgeted for.
+template <int W, typename T, int C, int S, int MINB>
+__global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvParams p, int64_t ncg,
+                                                                   int64_t rows_per_warp) {
   using R = typename RawOf<T>::type;
-  constexpr int C = ChlPipe<R>::C, RW = ChlPipe<R>::RW, S = ChlPipe<R>::S, V = ChlPipe<R>::V;
+  constexpr int RW = 4, V = Words<C, R>::kCount;  // words per row of a lane
   constexpr int H = W - 1;
-  __shared__ uint4 q[S][RW][128][V];  // [stage][row][thread][word]
+  __shared__ typename Words<C, R>::W q[S][RW][128][V];  // [stage][row][thread][word]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t L = p.seqlen, D = p.dim;
   const int64_t cg = blockIdx.x % ncg, kb = blockIdx.x / ncg;
   const int64_t c0 = (cg * 32 + lane) * C;
-  const bool act = c0 < D;  // d % 8 == 0: a lane has all C channels or none
+  const bool act = c0 < D;  // d % 8 == 0: a lane has all C (4 or 8) channels or none
   const int64_t total = p.batch * L;
   const int64_t r0 = (kb * 4 + warp) * rows_per_warp;
   if (r0 >= total) return;  // whole warp
@@ -130,17 +127,31 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_pipe_kernel(co
   cp_async_wait<0>();
 }
 
+template <int W, typename T, int C, int S, int MINB>
+void launch_fwd_chlast_pipe(const ConvParams& p, cudaStream_t s) {
+  const int64_t ncg = (p.dim + 32 * C - 1) / (32 * C), rows = p.batch * p.seqlen;
+  auto kernel = fwd_chlast_pipe_kernel<W, T, C, S, MINB>;
+  static const int occ = occupancy(kernel, 128);
+  const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg, 2.0);
+  const int64_t rows_per_warp = (rows + 4 * bpc - 1) / (4 * bpc);
+  MLM_CHECK(ncg * bpc < (int64_t(1) << 31) && p.batch < (int64_t(1) << 30) &&
+                p.seqlen < (int64_t(1) << 30), "causal_conv1d_fwd: input too large");
+  kernel<<<static_cast<unsigned>(ncg * bpc), 128, 0, s>>>(p, ncg, rows_per_warp);
+  MLM_CHECK_LAUNCH();
+}
+
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
-  const int64_t ncg = (p.dim + 255) / 256, rows = p.batch * p.seqlen;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      auto kernel = fwd_chlast_pipe_kernel<W, T>;
-      static const int occ = occupancy(kernel, 128);
-      const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg);
-      const int64_t rows_per_warp = (rows + 4 * bpc - 1) / (4 * bpc);
-      MLM_CHECK(ncg * bpc < (int64_t(1) << 31), "causal_conv1d_fwd: input too large");
-      kernel<<<static_cast<unsigned>(ncg * bpc), 128, 0, s>>>(p, ncg, rows_per_warp);
-      MLM_CHECK_LAUNCH();
+      // MLMAMBA_CONV1D_TUNE (bf16, width 4): 1 = 4 channels per lane (8-byte words, 96
+      // registers, 5 blocks per SM), 2 = the same with 8 stages. On an H200 neither beat the
+      // default reliably: ncu kernel time 56.9 / 58.3 us against 55.2 us at b4 L2048, host-side
+      // timings -6..+8% between two runs (docs/perf-log.md, causal_conv1d v4).
+      if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
+        if (tune_variant() == 1) return launch_fwd_chlast_pipe<W, T, 4, 6, 5>(p, s);
+        if (tune_variant() == 2) return launch_fwd_chlast_pipe<W, T, 4, 8, 5>(p, s);
+      }
+      launch_fwd_chlast_pipe<W, T, 8, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2>(p, s);
     });
   });
 }

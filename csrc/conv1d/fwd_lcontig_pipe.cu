@@ -6,6 +6,7 @@
 // comes from the previous lane by shuffle, and for lane 0 from the previous tile of the row
 // (kept in registers); weights are loaded once per row the range touches.
 #include <algorithm>
+#include <type_traits>
 
 #include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
@@ -13,16 +14,12 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <typename R> struct FwdPipe {
-  static constexpr int K = kFwdLVecs;
-  static constexpr int S = sizeof(R) == 4 ? 2 : 3;  // stages: 24-32 KB of queue per block
-  static constexpr int V = Words<8, R>::kCount;      // 16-byte words per 8-element vector
-};
-
-template <int W, typename T>
-__global__ void __launch_bounds__(128, 5) fwd_lcontig_pipe_kernel(const ConvParams p, int64_t ntiles) {
+// K 8-element vectors per lane and tile, S stages, MINB blocks per SM the registers are
+// budgeted for.
+template <int W, typename T, int K, int S, int MINB>
+__global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvParams p, int64_t ntiles) {
   using R = typename RawOf<T>::type;
-  constexpr int K = FwdPipe<R>::K, S = FwdPipe<R>::S, V = FwdPipe<R>::V, H = W - 1;
+  constexpr int V = Words<8, R>::kCount, H = W - 1;  // 16-byte words per 8-element vector
   __shared__ uint4 q[S][K][128][V];  // [stage][vector][thread][word]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t L = p.seqlen, D = p.dim;
@@ -129,18 +126,28 @@ __global__ void __launch_bounds__(128, 5) fwd_lcontig_pipe_kernel(const ConvPara
   cp_async_wait<0>();
 }
 
-void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
-  const int64_t nseg = (p.seqlen + 256 * kFwdLVecs - 1) / (256 * kFwdLVecs);
+template <int W, typename T, int K, int S, int MINB>
+void launch_fwd_lcontig_pipe(const ConvParams& p, cudaStream_t s) {
+  const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K);
   const int64_t ntiles = p.batch * p.dim * nseg;
-  MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && nseg < (1 << 30), "causal_conv1d_fwd: input too large");
+  auto kernel = fwd_lcontig_pipe_kernel<W, T, K, S, MINB>;
+  static const int occ = occupancy(kernel, 128);
+  const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ, 2.0));
+  kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
+  MLM_CHECK_LAUNCH();
+}
+
+void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
+  MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_fwd: input too large");
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      auto kernel = fwd_lcontig_pipe_kernel<W, T>;
-      static const int occ = occupancy(kernel, 128);
-      const int64_t need = (ntiles + 3) / 4;
-      const int64_t grid = std::min(need, persistent_grid(occ));
-      kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
-      MLM_CHECK_LAUNCH();
+      // MLMAMBA_CONV1D_TUNE (bf16, width 4): 1 = 1 KB tiles at 6 blocks per SM, 2 = 4 stages;
+      // on an H200 both within -1..+3% of the default (docs/perf-log.md).
+      if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
+        if (tune_variant() == 1) return launch_fwd_lcontig_pipe<W, T, 2, 4, 6>(p, s);
+        if (tune_variant() == 2) return launch_fwd_lcontig_pipe<W, T, 4, 4, 5>(p, s);
+      }
+      launch_fwd_lcontig_pipe<W, T, kFwdLVecs, sizeof(T) == 4 ? 2 : 3, 5>(p, s);
     });
   });
 }

@@ -148,24 +148,31 @@ ConvParams make_params(const Tensor& x, const Tensor& weight, const OptT& bias, 
   return p;
 }
 
-// Rows per warp for channel-last: enough warps to fill the GPU, but long enough runs that
-// the w-1 re-read rows at each chunk start stay a small fraction.
-// MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
-int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels) {
+// Rows per warp for channel-last (v2 kernels): the longest of start, start/2, ... (>= 16) that
+// still gives warps_per_sm warps per SM of a 132-SM GPU, so that the w-1 re-read rows at each
+// chunk start stay a small fraction. MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
+int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int64_t start,
+                   int64_t warps_per_sm) {
   if (const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK")) return std::max<int64_t>(1, std::atoll(e));
   const int64_t cgroups = (d + lanes_channels - 1) / lanes_channels;
-  // ~24 warps per SM of an H100 is 3+ waves at the 8-12 resident warps these kernels allow.
-  int64_t chunk = 64;
-  while (chunk > 16 && b * ((l + chunk - 1) / chunk) * cgroups < 132 * 24) chunk /= 2;
+  int64_t chunk = start;
+  while (chunk > 16 && b * ((l + chunk - 1) / chunk) * cgroups < 132 * warps_per_sm) chunk /= 2;
   return chunk;
 }
 
-// The streaming kernels (pipe.cuh), where they apply, only with MLMAMBA_CONV1D_IMPL=pipe: they
-// are not yet validated on a GPU (docs/perf-log.md, causal_conv1d v3). Read per call (A/B timing).
-bool use_pipe(const ConvParams& p, const Tensor& x, bool chlast, bool bwd) {
+// Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
+// and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
+// docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
+// inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (A/B timing; read per
+// call); any other non-empty value is an error.
+bool use_pipe(const char* op, const ConvParams& p, const Tensor& x, bool chlast, bool bwd) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
-  return e != nullptr && std::string(e) == "pipe" &&
-         pipe_ok(p, static_cast<int>(x.element_size()), chlast, bwd);
+  const std::string impl = e != nullptr ? e : "";
+  MLM_CHECK(impl.empty() || impl == "pipe" || impl == "v2", op,
+            ": environment variable MLMAMBA_CONV1D_IMPL must be 'pipe', 'v2' or unset, got '", impl,
+            "'");
+  if (impl == "v2" || !pipe_ok(p, static_cast<int>(x.element_size()), chlast, bwd)) return false;
+  return impl == "pipe" || !(chlast && bwd);
 }
 
 Tensor seq_contig(const OptT& seq) {
@@ -197,11 +204,11 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   ConvParams p = make_params(x, weight, bias, init, seq, silu, out);
   if (return_final_states) p.final_states = final_states.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool pipe = use_pipe(p, x, chlast, false);
+  const bool pipe = use_pipe(op, p, x, chlast, false);
   if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
-    p.chunk = pick_chunk(b, d, l, 256);
+    p.chunk = pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
     fwd_chlast(p, dtag(x), stream);
   } else if (pipe) {
     fwd_lcontig_pipe(p, dtag(x), stream);
@@ -265,17 +272,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.dfinal_dtype = dtag(*dfinal);
   }
   if (dinit.numel()) p.dinit = dinit.data_ptr();
-  const bool pipe = use_pipe(p, x, chlast, true);
+  const bool pipe = use_pipe(op, p, x, chlast, true);
   int64_t nslots;  // dweight/dbias workspace slots
   if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
-    p.chunk = pick_chunk(b, d, l, 128);
+    // 128 rows at >= 12 warps/SM (one full residency): the H200 sweep (perf-log, causal_conv1d
+    // v4) put chunk 128 at 147.5 us against 156.8 for 64 at b4 L2048, 294.5 vs 300.4 at b1 L16384.
+    p.chunk = pick_chunk(b, d, l, 128, 128, 12);
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile
-    p.nslots_per_batch = bwd_lcontig_tiles(l);
+    p.nslots_per_batch = pipe ? bwd_lcontig_pipe_tiles(p, dtag(x)) : bwd_lcontig_tiles(l);
     nslots = b * p.nslots_per_batch;
   }
   Tensor partial = at::empty({nslots, d, w + 1}, x.options().dtype(at::kFloat));

@@ -131,17 +131,19 @@ __device__ __forceinline__ void warp_range(int64_t n, int64_t nw, int64_t w, int
 // own copy of this iterator through the same sequence.
 template <int RW>
 struct SegIter {
-  int64_t r, r1, L;        // flattened row of the current segment's start, range end, seqlen
-  int64_t b, t0, t1, ts;   // segment: batch, [t0, t1), first row of the current stage
+  int64_t r, r1, L;  // flattened row of the current segment's start, range end, seqlen
+  int b, t0, t1, ts; // segment: batch, [t0, t1), first row of the current stage (the launchers
+                     // check batch and seqlen < 2^31 - 64)
   int lead, tail;
   __device__ __forceinline__ void begin(int64_t r0, int64_t r_end, int64_t seqlen, int lead_, int tail_) {
     r = r0; r1 = r_end; L = seqlen; lead = lead_; tail = tail_;
     set_segment();
   }
   __device__ __forceinline__ void set_segment() {
-    b = r / L;
-    t0 = r - b * L;
-    t1 = t0 + (r1 - r) < L ? t0 + (r1 - r) : L;
+    const int64_t bb = r / L;
+    b = static_cast<int>(bb);
+    t0 = static_cast<int>(r - bb * L);
+    t1 = static_cast<int>(t0 + (r1 - r) < L ? t0 + (r1 - r) : L);
     ts = t0 - lead;
   }
   __device__ __forceinline__ bool done() const { return r >= r1; }
@@ -162,19 +164,28 @@ int occupancy(K kernel, int threads) {
   return n > 0 ? n : 1;
 }
 
-// The grid of a persistent launch: every SM full once. MLMAMBA_CONV1D_WAVES scales it (tuning).
-inline int64_t persistent_grid(int per_sm) {
+// Developer A/B switch (bf16, width 4 only): MLMAMBA_CONV1D_TUNE=n launches variant n of a
+// streaming kernel where one exists (scripts/dev/conv1d_dev.py pipe); unset or 0: the default.
+inline int tune_variant() {
+  const char* e = std::getenv("MLMAMBA_CONV1D_TUNE");
+  return e != nullptr ? std::atoi(e) : 0;
+}
+
+// The grid of a persistent launch: `waves` times every SM full once (the forward kernels and
+// the l-contiguous backward measured fastest at 2 on an H200: docs/perf-log.md, causal_conv1d).
+// MLMAMBA_CONV1D_WAVES overrides it (tuning).
+inline int64_t persistent_grid(int per_sm, double waves) {
   const char* e = std::getenv("MLMAMBA_CONV1D_WAVES");
-  const double waves = e != nullptr && std::atof(e) > 0 ? std::atof(e) : 1.0;
+  if (e != nullptr && std::atof(e) > 0) waves = std::atof(e);
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t g = static_cast<int64_t>(waves * per_sm * sms);
   return g > 0 ? g : 1;
 }
 
-// Channel-last: blocks per channel group (ncg groups of rows rows each). Fills the GPU once,
-// but gives each warp >= 16 rows.
-inline int64_t chlast_pipe_bpc(int occ, int64_t rows, int64_t ncg) {
-  return std::max<int64_t>(1, std::min(persistent_grid(occ) / ncg, (rows + 63) / 64));
+// Channel-last: blocks per channel group (ncg groups of rows rows each). Fills the GPU `waves`
+// times, but gives each warp >= 16 rows.
+inline int64_t chlast_pipe_bpc(int occ, int64_t rows, int64_t ncg, double waves) {
+  return std::max<int64_t>(1, std::min(persistent_grid(occ, waves) / ncg, (rows + 63) / 64));
 }
 
 }  // namespace conv1d

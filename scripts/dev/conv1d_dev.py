@@ -4,8 +4,9 @@
                                            # mlmamba_kernels/_C.so (only the conv1d family)
   python scripts/dev/conv1d_dev.py sweep   # time fwd/bwd over channel-last chunk sizes
   python scripts/dev/conv1d_dev.py ptxas   # print the ptxas register report of the build log
-  python scripts/dev/conv1d_dev.py pipe    # A/B: general (v2) vs streaming kernels, grid sizes,
-                                           # against a plain copy of the same bytes
+  python scripts/dev/conv1d_dev.py pipe    # A/B: default dispatch, v2, streaming kernels, their
+                                           # variants, against a plain copy of the same bytes
+  python scripts/dev/conv1d_dev.py prof    # one call per variant, to run under ncu
 
 The real build is setup.py/CMake; this exists so the conv1d kernels can be tested while the
 other families are still being written.
@@ -32,12 +33,22 @@ def build():
     # The C++ ABI flag explicitly: without it a compiler whose default differs from torch's
     # build passes std::string across the boundary wrongly, which crashes on error paths.
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    # The shared C++ runtime by its full path, as CMakeLists.txt does: where the toolchain has
+    # no libstdc++.so dev link, -lstdc++ takes libstdc++.a, and a c10::Error unwinding through
+    # our frames then crashed the process (test_bad_arguments_name_the_argument).
+    try:
+        stdcxx = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.so.6"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        stdcxx = ""
+    ldflags = [stdcxx] if os.path.isabs(stdcxx) and os.path.exists(stdcxx) else []
     # built in a child process: loading the library here would register the namespace twice
     code = (
         "from torch.utils.cpp_extension import load\n"
         f"load(name='_C', sources={[str(s) for s in srcs]!r}, build_directory={str(BUILD)!r},\n"
         f"     extra_include_paths=[{str(ROOT / 'csrc')!r}], is_python_module=False, verbose=True,\n"
         f"     extra_cflags=['-O3', '{abi}'],\n"
+        f"     extra_ldflags={ldflags!r},\n"
         f"     extra_cuda_cflags=['-O3', '{abi}', '-lineinfo', '--expt-relaxed-constexpr',\n"
         "                        '-gencode=arch=compute_90a,code=sm_90a', '-Xptxas=-v'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -95,49 +106,74 @@ def sweep():
                   f"({3 * n / t['bwd'] / 1e9:5.0f} GB/s)", flush=True)
 
 
-def pipe():
-    """bf16 w4 silu bias: fwd and bwd, v2 kernels vs the streaming ones (MLMAMBA_CONV1D_IMPL,
-    grid size MLMAMBA_CONV1D_WAVES), against torch's copy and SiLU of the same bytes. Three
-    rounds with fresh buffers (one session's timings of the same kernel moved by 10-15%); per
-    variant: the median of each round, and their minimum."""
+# (kind, label, MLMAMBA_CONV1D_IMPL, MLMAMBA_CONV1D_WAVES, MLMAMBA_CONV1D_TUNE); "" = unset.
+# The tuning variants (bf16 width 4; see the *_pipe.cu launchers): fwd l-contig 1 = 1 KB tiles
+# at 6 blocks/SM, 2 = 4 stages; fwd channel-last 1 = 4 channels per lane (8-byte words) at 5
+# blocks/SM, 2 = the same with 8 stages; bwd l-contig 1 = the earlier 1 KB tiles (K 2, 3
+# stages, 5 blocks/SM).
+# Caution: these are host-side timings (events around ~10 Python calls), which add host launch
+# cost to ~50 us kernels: ncu put the same fwd l-contig kernel at 50 us where this reads 57-62.
+VARIANTS = [("fwd", "default", "", "", ""), ("fwd", "v2", "v2", "", ""),
+            ("fwd", "pipe w1", "pipe", "1", ""), ("fwd", "tune1", "pipe", "", "1"),
+            ("fwd", "tune2", "pipe", "", "2"),
+            ("bwd", "default", "", "", ""), ("bwd", "v2", "v2", "", ""),
+            ("bwd", "pipe", "pipe", "", ""), ("bwd", "tune1", "pipe", "", "1"),
+            # the same bytes without SiLU: how much of the time the activation costs
+            ("fwd", "default nosilu", "", "", ""), ("bwd", "default nosilu", "", "", "")]
+
+
+def _env(impl, waves, tune):
+    os.environ["MLMAMBA_CONV1D_IMPL"] = impl
+    os.environ["MLMAMBA_CONV1D_WAVES"] = waves
+    os.environ["MLMAMBA_CONV1D_TUNE"] = tune
+
+
+def _sets(b, l, d, w, cl, dev):
     import torch
-    import torch.nn.functional as F
+    sets = []
+    for _ in range(2):
+        x = (torch.randn(b, l, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) if cl
+             else torch.randn(b, d, l, device=dev, dtype=torch.bfloat16))
+        sets.append((x, torch.randn(d, w, device=dev, dtype=torch.bfloat16),
+                     torch.randn(d, device=dev, dtype=torch.bfloat16), torch.randn_like(x),
+                     torch.empty_like(x)))
+    return sets
+
+
+def _call(ops, kind, st, silu=True):
+    x_, w_, b_, do_, _ = st
+    if kind == "fwd":
+        return ops.causal_conv1d_fwd(x_, w_, b_, None, None, silu, False)
+    return ops.causal_conv1d_bwd(x_, w_, b_, None, None, do_, None, silu)
+
+
+def pipe():
+    """bf16 w4 silu bias: fwd and bwd, the default dispatch, v2 and the streaming kernels
+    (MLMAMBA_CONV1D_IMPL), grid size (MLMAMBA_CONV1D_WAVES) and kernel variants
+    (MLMAMBA_CONV1D_TUNE, see the *_pipe.cu launchers), against torch's copy of the same bytes.
+    Three rounds with fresh buffers (one session's timings of the same kernel moved by 10-15%);
+    per variant: the median of each round, and their minimum."""
+    import torch
     import mlmamba_kernels  # noqa: F401  (loads _C)
     from bench.common import time_variants
     ops = torch.ops.mlmamba
     dev = torch.device("cuda")
     d, w = 5376, 4
-    variants = [("fwd", "v2", "1"), ("fwd", "pipe", "1"), ("fwd", "pipe", "2"),
-                ("bwd", "v2", "1"), ("bwd", "pipe", "1"), ("bwd", "pipe", "2")]
-
-    def env(impl, waves):
-        os.environ["MLMAMBA_CONV1D_IMPL"] = impl
-        os.environ["MLMAMBA_CONV1D_WAVES"] = waves
-
     for b, l in ((4, 2048), (1, 16384)):
         for cl in (False, True):
             n = b * d * l * 2
             res = {}
             for rnd in range(3):
-                sets = []
-                for _ in range(2):
-                    x = (torch.randn(b, l, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) if cl
-                         else torch.randn(b, d, l, device=dev, dtype=torch.bfloat16))
-                    sets.append((x, torch.randn(d, w, device=dev, dtype=torch.bfloat16),
-                                 torch.randn(d, device=dev, dtype=torch.bfloat16), torch.randn_like(x),
-                                 torch.empty_like(x)))
-                fns = {"copy": lambda i, sets=sets: sets[i][4].copy_(sets[i][0]),
-                       "torch silu": lambda i, sets=sets: F.silu(sets[i][0])}
-                for kind, impl, waves in variants:
-                    def f(i, kind=kind, impl=impl, waves=waves, sets=sets):
-                        env(impl, waves)
-                        x_, w_, b_, do_, _ = sets[i]
-                        if kind == "fwd":
-                            return ops.causal_conv1d_fwd(x_, w_, b_, None, None, True, False)
-                        return ops.causal_conv1d_bwd(x_, w_, b_, None, None, do_, None, True)
-                    fns[f"{kind} {impl} w{waves}"] = f
+                sets = _sets(b, l, d, w, cl, dev)
+                fns = {"copy": lambda i, sets=sets: sets[i][4].copy_(sets[i][0])}
+                for kind, label, impl, waves, tune in VARIANTS:
+                    def f(i, kind=kind, impl=impl, waves=waves, tune=tune, sets=sets,
+                          silu="nosilu" not in label):
+                        _env(impl, waves, tune)
+                        return _call(ops, kind, sets[i], silu)
+                    fns[f"{kind} {label}"] = f
                 t = time_variants(fns, dev, nsets=2)
-                env("", "")
+                _env("", "", "")
                 for k, v in t.items():
                     res.setdefault(k, []).append(v)
                 del sets, fns
@@ -151,7 +187,27 @@ def pipe():
                       f"  {100 * nb / min(v) / (2 * n / tc):5.1f}%", flush=True)
 
 
+def prof():
+    """One call of each variant of VARIANTS (b4 L2048, both layouts), for ncu:
+    ncu --kernel-name regex:'pipe_kernel|chlast_kernel|lcontig_kernel' ... conv1d_dev.py prof"""
+    import torch
+    import mlmamba_kernels  # noqa: F401
+    ops = torch.ops.mlmamba
+    dev = torch.device("cuda")
+    only = os.environ.get("PROF_ONLY", "")
+    for cl in (False, True):
+        sets = _sets(4, 2048, 5376, 4, cl, dev)
+        for kind, label, impl, waves, tune in VARIANTS:
+            if only and f"{kind} {label}" not in only.split(","):
+                continue
+            _env(impl, waves, tune)
+            _call(ops, kind, sets[0], "nosilu" not in label)
+            torch.cuda.synchronize()
+            print(f"{'cl' if cl else 'l'} {kind} {label}", flush=True)
+        _env("", "", "")
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    {"build": build, "ptxas": ptxas, "sweep": sweep, "pipe": pipe}[sys.argv[1]]()
+    {"build": build, "ptxas": ptxas, "sweep": sweep, "pipe": pipe, "prof": prof}[sys.argv[1]]()
