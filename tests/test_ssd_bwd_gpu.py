@@ -29,8 +29,9 @@ TOL = {torch.bfloat16: 2.5e-2, torch.float16: 2.5e-2, torch.float32: 2e-2}
 
 
 def _gen(seed=None):
-    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
-    print(f"seed={seed}")
+    if seed is None:
+        seed = int(os.environ.get("MLMAMBA_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"seed={seed} (MLMAMBA_TEST_SEED={seed} replays it)")
     return torch.Generator(device="cuda").manual_seed(seed)
 
 
@@ -118,6 +119,12 @@ def check(t, kw, dout, dfin, tol=None):
         assert a.shape == src.shape and a.dtype == src.dtype, (name, a.shape, a.dtype)
         assert torch.isfinite(a).all(), f"{name} has NaN/inf"
         errs[name] = rel_err(a, r)
+    if "ddt_bias" in errs:
+        # ddt_bias[h] is the sum of ddt[..., h] over tokens: a sum of random-sign terms can
+        # cancel to near zero, so its error is measured at the scale of the terms it sums
+        a, r = got[NAMES.index("ddt_bias")], want[NAMES.index("ddt_bias")]
+        scale = torch.maximum(r.norm(), want[NAMES.index("ddt")].norm()).clamp(min=1e-30)
+        errs["ddt_bias"] = ((a.double() - r).norm() / scale).item()
     print({k: f"{v:.2e}" for k, v in errs.items()})
     bad = {k: v for k, v in errs.items() if not v <= tol}
     assert not bad, f"errors over {tol}: {bad}"
