@@ -1,7 +1,6 @@
 // The wgmma forward with the sequence split into segments (docs/perf-log.md, ssd_scan forward
-// v6): b * h CTAs walking long sequences leave SMs idle (b1 L16384 h80: 80 CTAs on 132 SMs) or
-// a tail wave (b4 L2048: 320 CTAs on 264 slots). Split each sequence into nseg segments of
-// whole chunks and run three steps:
+// v6): b * h CTAs walking long sequences leave SMs idle (b1 L16384 h80: 80 CTAs on 132 SMs).
+// Split each sequence into nseg segments of whole chunks and run three steps:
 //   1. every segment but the last, state only, from a zero state: E_s (fp32, per head)
 //   2. S_0 = initial state (or 0), S_{s+1} = exp(sum over segment s of dt A) S_s + E_s
 //   3. every segment, the full kernel from its S_s: outputs, and the final state of the last
@@ -22,6 +21,10 @@ namespace ssd {
 int pick_segments(int64_t rows, int64_t heads, int64_t seqlen, const cudaDeviceProp& prop) {
   if (const char* e = std::getenv("MLMAMBA_SSD_FWD_SEGMENTS"))  // developer override (tests)
     return std::max(1, std::atoi(e));
+  // Measured (H200, docs/perf-log.md v6): b1 L16384 h80 (80 CTAs on 132 SMs) 898 -> 618 µs
+  // with 3 segments; b4 L2048 h80 (320 CTAs) 289 -> 441 µs, slower. Split only grids with
+  // fewer (row, head) pairs than SMs.
+  if (rows * heads >= prop.multiProcessorCount) return 1;
   const int64_t chunks = (seqlen + 63) / 64;
   const int64_t slots = 2 * static_cast<int64_t>(prop.multiProcessorCount);  // 2 CTAs / SM
   auto waves = [&](int64_t units) { return (units + slots - 1) / slots; };
