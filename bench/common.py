@@ -26,16 +26,18 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _time_once(fn, device, inner, lead_s=0.0):
+def _time_once(fn, device, inner, lead=False):
     """Seconds per call of fn() averaged over `inner` back-to-back calls.
 
-    On CUDA a spin kernel of lead_s seconds runs first: while it runs the CPU enqueues the start
-    event and the first call, so the sample does not count the Python and launch overhead in
-    front of the first call (at one call per sample that overhead was the whole CPU cost)."""
+    lead (CUDA): one untimed call is enqueued before the start event. A GPU-bound call is
+    still running when the timed ones are enqueued, so they run back to back and the events
+    time the GPU; a CPU-bound call (eager decode) shows its steady state, the GPU waiting for
+    the CPU between calls. Without it a sample of one call also counts the Python and launch
+    overhead in front of it, which the GPU spends idle."""
     if device.type == "cuda":
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if lead_s > 0:
-            torch.cuda._sleep(int(lead_s * 2e9))  # cycles, at ~2 GHz
+        if lead:
+            fn()
         start.record()
         for _ in range(inner):
             fn()
@@ -46,17 +48,6 @@ def _time_once(fn, device, inner, lead_s=0.0):
     for _ in range(inner):
         fn()
     return (time.perf_counter() - t0) / inner
-
-
-def _enqueue_seconds(fn, device, inner):
-    """CPU seconds to enqueue `inner` calls (the GPU drained first: no queue back-pressure)."""
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    t = time.perf_counter() - t0
-    _sync(device)
-    return t
 
 
 def _rotating(fn, nsets):
@@ -89,19 +80,16 @@ def time_variants(fns, device, nsets=1, reps=None, min_seconds=None):
     quick = os.environ.get("MLMAMBA_BENCH_QUICK", "0") not in ("", "0")
     reps = reps or (5 if quick or device.type == "cpu" else 25)
     calls = {k: _rotating(f, nsets) for k, f in fns.items()}
-    inner, lead = {}, {}
+    inner = {}
     for k, c in calls.items():  # warm-up (compilation, autotuning) and inner-loop sizing
         c()
         _sync(device)
         t = _time_once(c, device, 2)
         inner[k] = max(1, min(200, int(5e-4 / max(t, 1e-7))))
-        if device.type == "cuda":  # a lead spin that outlasts enqueueing the first call: the
-            # steady state of back-to-back calls, CPU-bound ones (eager decode) included
-            lead[k] = min(0.05, 1.5 * _enqueue_seconds(c, device, 1) + 2e-5)
     samples = {k: [] for k in calls}
     for _ in range(reps):
         for k, c in calls.items():
-            samples[k].append(_time_once(c, device, inner[k], lead.get(k, 0.0)))
+            samples[k].append(_time_once(c, device, inner[k], lead=True))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
