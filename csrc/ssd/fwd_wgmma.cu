@@ -187,6 +187,14 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
       }
     }
   };
+  // S += (w o X)^T B: A = X^T w from registers, B tile N-major, one m64n64 per 64 columns of S
+  auto state_update = [&](const uint32_t (&xa)[4][4], const unsigned char* B) {
+#pragma unroll
+    for (int np = 0; np < NP; ++np)
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+        wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+  };
   auto decay_state = [&](const ChunkVecs& cv) {
     const float dec = *cv.decay();
 #pragma unroll
@@ -211,11 +219,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
       scaled_xt(xa, X, cv);
       decay_state(cv);
       wgmma_fence();
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int s = 0; s < 4; ++s)
-          wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+      state_update(xa, B);
       wgmma_commit();
       wgmma_wait<0>();
       continue;
@@ -272,11 +276,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 
     // ---- batch 2: Y += M X, S += (w o X)^T B ----
     wgmma_fence();
-#pragma unroll
-    for (int np = 0; np < NP; ++np)
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-        wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+    state_update(xa, B);
     wgmma_commit();  // group: S
 #pragma unroll
     for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
