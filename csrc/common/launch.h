@@ -4,7 +4,6 @@
 
 #include <mutex>
 #include <unordered_map>
-#include <utility>
 
 namespace mlmamba {
 
