@@ -50,6 +50,7 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
   const int64_t seg_len = ((l + 63) / 64 + nseg - 1) / nseg * 64;
   nseg = static_cast<int>((l + seg_len - 1) / seg_len);  // no empty trailing segment
   if (nseg < 2) return "fewer than two segments";
+  if (b * nseg > 65535) return "more than 65535 (row, segment) pairs";
   const auto f32 = dt.options().dtype(at::kFloat);
 
   // 1. segment end states from zero, every segment but the last
@@ -68,7 +69,8 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
   if (dt_softplus) d = at::softplus(d, 1, 20);
   if (prm.has_dt_limit) d = d.clamp(dt_min, dt_max);
   d = at::constant_pad_nd(d, {0, 0, 0, nseg * seg_len - l});  // (b, nseg * seg_len, h)
-  const at::Tensor decay = (d.view({b, nseg, seg_len, h}).sum(2) * A.to(at::kFloat)).exp();
+  // reshape: with no bias, softplus, limit or padding, d can still be the caller's strided dt
+  const at::Tensor decay = (d.reshape({b, nseg, seg_len, h}).sum(2) * A.to(at::kFloat)).exp();
   at::Tensor S = at::empty({b, nseg, h, p, n}, f32);
   if (init) S.select(1, 0).copy_(*init);
   else S.select(1, 0).zero_();
