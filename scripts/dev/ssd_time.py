@@ -13,21 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from bench.bench_ssd import fwd_inputs  # noqa: E402
+from bench.common import _time_once  # noqa: E402
 from mlmamba_kernels import ssd_scan  # noqa: E402
 
 
 def timed(fn, reps=7, inner=20):
-    out = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(int(2e6))
-        s.record()
-        for _ in range(inner):
-            fn()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) * 1e3 / inner)
-    return statistics.median(out)
+    """Median µs per call over `reps` samples of `inner` back-to-back calls (bench timing)."""
+    dev = torch.device("cuda")
+    return statistics.median(_time_once(fn, dev, inner, lead=True) * 1e6 for _ in range(reps))
 
 
 def main():
