@@ -106,13 +106,29 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
   // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
   float sacc[NP][32];
-  if (p.init) {  // staged through stage 0 as fp32 [p][n]: a rolled loop, not 32 NP typed loads
+  if (p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
     float* st = reinterpret_cast<float*>(Xs(0));
-    const DType it = static_cast<DType>(p.init_dtype);
     const int64_t ib = row * p.init_b + h * p.init_h;
+    auto stage = [&](auto zero) {
+      using T = decltype(zero);
+      const T* src = static_cast<const T*>(p.init) + ib;
+      constexpr int PER = P * N / NT, BATCH = 8;
 #pragma unroll 1
-    for (int e = tid; e < P * N; e += NT)
-      st[e] = load_as_float(p.init, ib + (e / N) * p.init_p + (e % N) * p.init_n, it);
+      for (int k0 = 0; k0 < PER; k0 += BATCH) {
+        float v[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) {
+          const int e = tid + (k0 + k) * NT;
+          v[k] = static_cast<float>(src[(e / N) * p.init_p + (e % N) * p.init_n]);
+        }
+#pragma unroll
+        for (int k = 0; k < BATCH; ++k) st[tid + (k0 + k) * NT] = v[k];
+      }
+    };
+    const DType it = static_cast<DType>(p.init_dtype);
+    if (it == DType::f32) stage(0.f);
+    else if (it == DType::bf16) stage(__float2bfloat16(0.f));
+    else stage(__float2half(0.f));
     __syncthreads();
 #pragma unroll
     for (int np = 0; np < NP; ++np)
