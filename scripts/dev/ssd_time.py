@@ -1,7 +1,7 @@
 """Cross-check of the bench's SSD forward figures: one input set, 20 back-to-back calls timed
 with events, then the same 20 calls replayed from a CUDA graph (no CPU in the loop), for the
 default, the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1) and the
-mma.sync kernel (MLMAMBA_SSD_FWD_IMPL=mma).
+mma.sync kernel (MLMAMBA_SSD_FWD_IMPL=mma). SSD_TIME_SEGS=2,4 adds forced segment counts.
     python3 scripts/dev/ssd_time.py [b l h]...   (default: the four bench cases)
 """
 import os
@@ -28,7 +28,8 @@ def main():
     for b, l, h in zip(args[0::3], args[1::3], args[2::3]):
         k = fwd_inputs(b, l, h, 64, 128, "cuda", 0)
         row = []
-        for impl, seg in (("", ""), ("", "1"), ("mma", "")):
+        segs = [s for s in os.environ.get("SSD_TIME_SEGS", "").split(",") if s]
+        for impl, seg in [("", ""), ("", "1"), ("mma", "")] + [("", s) for s in segs]:
             os.environ["MLMAMBA_SSD_FWD_IMPL"], os.environ["MLMAMBA_SSD_FWD_SEGMENTS"] = impl, seg
             if not seg:
                 del os.environ["MLMAMBA_SSD_FWD_SEGMENTS"]
@@ -45,7 +46,9 @@ def main():
         os.environ["MLMAMBA_SSD_FWD_IMPL"] = ""
         print(f"b{b} L{l} h{h}: default {row[0][0]:.1f} us (graph {row[0][1]:.1f}) | no split "
               f"{row[1][0]:.1f} ({row[1][1]:.1f}) | mma.sync {row[2][0]:.1f} ({row[2][1]:.1f}) | "
-              f"mma.sync / default {row[2][1] / row[0][1]:.2f}", flush=True)
+              f"mma.sync / default {row[2][1] / row[0][1]:.2f}"
+              + "".join(f" | seg {s} {t[0]:.1f} ({t[1]:.1f})" for s, t in zip(segs, row[3:])),
+              flush=True)
 
 
 if __name__ == "__main__":
