@@ -16,9 +16,9 @@ def scan_orders(height, width, kind="cross"):
     return ref.scan_orders(height, width, kind)
 
 
-def _check_orders(op, orders, k, L, dev):
+def _check_orders(op, orders, k, L, dev, values=True):
     ck.check_tensor(op, "orders", orders, shape=(k, L), dtypes=(torch.int64,), device=dev)
-    if torch.compiler.is_compiling() or (dev.type == "cuda" and
+    if not values or torch.compiler.is_compiling() or (dev.type == "cuda" and
                                          torch.cuda.is_current_stream_capturing()):
         return
     want = torch.arange(L, device=dev)
@@ -26,6 +26,16 @@ def _check_orders(op, orders, k, L, dev):
     bad = (srt != want).any(dim=1).nonzero().flatten().tolist()
     if bad:
         ck.fail(op, f"orders[{bad[0]}] is not a permutation of range({L})")
+
+
+def fused_kernel_takes(xBC, dt, conv_weight, headdim, ngroups):
+    """True when the fused CUDA kernel (csrc/msc/ops.cpp) serves these inputs: bf16 xBC on an
+    sm_90 GPU, headdim 64, d_state 64 or 128, conv width 4, at most 65535 batch rows."""
+    if xBC.device.type != "cuda" or xBC.dtype != torch.bfloat16 or headdim != 64:
+        return False
+    n = (xBC.shape[2] - dt.shape[2] * headdim) // (2 * ngroups)
+    return (n in (64, 128) and conv_weight.shape[2] == 4 and xBC.shape[0] <= 65535
+            and torch.cuda.get_device_capability(xBC.device)[0] == 9)
 
 
 def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
@@ -59,15 +69,18 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     ck.check_tensor(op, "conv_bias", conv_bias, shape=(k, conv_dim), device=dev, optional=True)
     for name, t in (("A", A), ("D", D), ("dt_bias", dt_bias)):
         ck.check_tensor(op, name, t, shape=(k, h), device=dev)
-    _check_orders(op, orders, k, L, dev)
     ck.check_choice(op, "merge", merge, MERGES)
     lo, hi = ck.dt_limit_pair(op, dt_limit)
     merge_s = "none" if merge is None else merge
     use_op = ck.check_backend(op, backend, dev, has_cuda_kernel("msc_scan_fwd"))
+    fused = (use_op and has_cuda_kernel("msc_scan_fwd")
+             and fused_kernel_takes(xBC, dt, conv_weight, headdim, ngroups))
+    # the fused op checks (and remembers) the orders' values itself
+    _check_orders(op, orders, k, L, dev, values=not fused)
     if not use_op or (dev.type == "cuda" and xBC.dtype == torch.float64):
         return ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                             ngroups, (lo, hi), None if merge_s == "none" else merge_s)
-    if dev.type == "cuda" and not has_cuda_kernel("msc_scan_fwd"):
+    if dev.type == "cuda" and not fused:
         return composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
                                  headdim, ngroups, (lo, hi), merge)
     with nvtx_range(op):
@@ -77,9 +90,9 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
 
 def composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
                       dt_limit, merge):
-    """Until the fused kernel lands: k unfused scans through the public causal_conv1d and
-    ssd_scan (CUDA kernels), in the input dtype. This writes k permuted copies of the grid,
-    which the fused msc_scan kernel (issue 8) exists to avoid."""
+    """k unfused scans through the public causal_conv1d and ssd_scan (CUDA kernels), in the
+    input dtype: the CUDA path for inputs the fused kernel does not take, and (under autograd)
+    the backward. This writes k permuted copies of the grid, which the fused kernel avoids."""
     from .conv1d import causal_conv1d
     from .ssd import ssd_scan
     with nvtx_range("msc_scan (unfused)"):
@@ -105,8 +118,22 @@ def _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headd
     return tuple(or_empty(g, xBC) for g in grads)
 
 
+def _bwd_cuda(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+              dt_min, dt_max, merge):
+    """CUDA backward until a fused one exists: autograd through the unfused CUDA kernels."""
+    if xBC.dtype == torch.float64:
+        return _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
+                        ngroups, dt_min, dt_max, merge)
+    grads = reference_vjp(
+        lambda *t: (composed_msc_scan(*t, orders, headdim, ngroups, (dt_min, dt_max),
+                                      None if merge == "none" else merge),),
+        (xBC, dt, A, D, conv_weight, conv_bias, dt_bias), (dout,))
+    return tuple(or_empty(g, xBC) for g in grads)
+
+
 register_reference("msc_scan_fwd", _fwd_ref)
-register_reference("msc_scan_bwd", _bwd_ref)
+torch.library.impl("mlmamba::msc_scan_bwd", "CPU")(_bwd_ref)
+torch.library.impl("mlmamba::msc_scan_bwd", "CUDA")(_bwd_cuda)
 no_double_backward("msc_scan_bwd")
 
 

@@ -7,6 +7,21 @@
 namespace mlmamba {
 namespace ssd {
 
+// The fused multi-order 2D scan (msc_scan, csrc/msc/ops.cpp) on the wgmma kernel: per scan s,
+// rows are read and written through orders[s], and x, B, C are the causal conv (width 4,
+// SiLU) of the raster rows of xBC along that order, computed in the kernel's chunk load.
+// x / B / C of FwdParams point into xBC; A, D, dt_bias hold (nscans, h) fp32.
+struct MscParams {
+  int nscans;                 // 0: a plain ssd_scan launch
+  const int* orders;          // (nscans, seqlen) int32: raster position of each scan token
+  const float* conv_w;        // (nscans, conv_dim, 4) fp32
+  const float* conv_b;        // (nscans, conv_dim) fp32, or nullptr
+  int64_t conv_dim;           // channels of an xBC row: h p + 2 g n (x, B, C in that order)
+  float* acc;                 // fp32 (b, l, h, p) running sum over scans (merge sum / mean, nscans > 1)
+  int merge;                  // 0: per-scan outputs, out (nscans, b, l, h, p); 1 sum; 2 mean
+  int64_t out_s;              // scan stride of out (merge 0)
+};
+
 struct FwdParams {
   int64_t seqlen, nheads, headdim, ngroups;
   int64_t nrows;              // batch, or the number of packed sequences with cu_seqlens
@@ -41,6 +56,7 @@ struct FwdParams {
   // sequence split (wgmma kernel, fwd_split.cpp): row r is segment r % seg_rows of batch row
   // r / seg_rows, tokens [seg * seg_len, + seg_len); seg_len 0: no split
   int64_t seg_len, seg_rows;
+  MscParams msc;
 };
 
 // Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.
@@ -53,6 +69,10 @@ bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t str
 // states alone (no C, no outputs).
 const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream,
                                  bool state_only = false);
+
+// msc_scan forward (fused conv, orders, merge): the wgmma kernel's MSC mode; x/B/C/dt/out
+// strides as for ssd_scan with rows = raster positions. nullptr when launched, else why not.
+const char* launch_msc_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream);
 
 // Dynamic shared memory of one CTA (bytes); mirrors FwdTraits::SMEM (fwd_kernel.cuh).
 constexpr int ssd_fwd_smem_bytes(bool bf16_inputs, int dstate, int pt) {

@@ -15,6 +15,7 @@
 #include "common/device_utils.cuh"
 #include "common/launch.h"
 #include "ssd/fwd.h"
+#include "ssd/fwd_msc.cuh"
 #include "ssd/fwd_vectors.cuh"
 #include "ssd/wgmma.cuh"
 
@@ -25,16 +26,20 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int Q = kChunk, P = 64, NT = 128;
 
-template <int N>
+// MSC: one stage of X, B, C tiles (the conv writes them from the raw rows, which land one
+// chunk ahead), the raw rows and three buffers of positions
+template <int N, bool MSC>
 struct WgLayout {
   static constexpr int NP = N / 64;             // panels of a 64 x N tile
   static constexpr int X_B = Q * P * 2;         // bytes of one X tile
   static constexpr int BC_B = Q * N * 2;        // of one B or C tile
   static constexpr int STAGE_B = X_B + 2 * BC_B;
   static constexpr int S_B = P * N * 2;         // the state, bf16
-  static constexpr int VEC_OFF = 2 * STAGE_B + S_B;
+  static constexpr int VEC_OFF = (MSC ? 1 : 2) * STAGE_B + S_B;
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
-  static constexpr int SMEM = D_OFF + P * 4 + 1024;  // + alignment slack
+  static constexpr int RAW_OFF = D_OFF + P * 4;
+  static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P, N>::BYTES : 0);
+  static constexpr int SMEM = ORD_OFF + (MSC ? 3 * kMscOrd * 4 : 0) + 1024;  // + alignment slack
 };
 
 // 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout.
@@ -65,9 +70,10 @@ __device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
 }
 
 // SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
-template <int N, bool SO>
+// MSC: the k scans of msc_scan (fwd_msc.cuh) one after another, y merged in the epilogue.
+template <int N, bool SO, bool MSC>
 __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p) {
-  using Lt = WgLayout<N>;
+  using Lt = WgLayout<N, MSC>;
   constexpr int NP = Lt::NP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // 1024-byte aligned by offsetting the array itself: accesses stay in the shared window
@@ -97,16 +103,28 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   const bf16* xg = static_cast<const bf16*>(p.x) + bidx * p.x_b + h * p.x_h;
   const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g;
   const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
-  const float Ah = p.A[h];
-  const float dtb = p.dt_bias ? p.dt_bias[h] : 0.f;
-  if (tid < P) Dsm[tid] = p.D ? p.D[h * p.D_h + tid * p.D_p] : 0.f;
   const bool has_D = p.D != nullptr, has_z = p.z != nullptr;
   bf16* out_head = static_cast<bf16*>(p.out) + bidx * p.out_b + h * p.out_h;
+  // MSC: raw rows, positions (buffer c % 3 for chunk c), the columns this CTA reads
+  unsigned char* rawsm = sm + Lt::RAW_OFF;
+  int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
+  const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
+  const MscCols cols{h * p.x_h, (static_cast<const bf16*>(p.B) - static_cast<const bf16*>(p.x)) + grp * p.B_g,
+                     (static_cast<const bf16*>(p.C) - static_cast<const bf16*>(p.x)) + grp * p.C_g};
 
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
   // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
   float sacc[NP][32];
-  if (p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
+  const int nscans = MSC ? p.msc.nscans : 1;
+#pragma unroll 1
+  for (int sc = 0; sc < nscans; ++sc) {
+  if (MSC && sc > 0) __syncthreads();  // scan s - 1 is done with the buffers and the sums
+  const int hs = MSC ? sc * static_cast<int>(p.nheads) + h : h;  // A, D, dt_bias: (k, h) in MSC
+  const int* order = MSC ? p.msc.orders + sc * p.seqlen : nullptr;
+  const float Ah = p.A[hs];
+  const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
+  if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
+  if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
     float* st = reinterpret_cast<float*>(Xs(0));
     const int64_t ib = row * p.init_b + h * p.init_h;
     auto stage = [&](auto zero) {
@@ -164,6 +182,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 
   const int nchunks = static_cast<int>((len + Q - 1) / Q);
   auto issue = [&](int c) {
+    if constexpr (MSC) {
+      msc_issue_raw<P, N, NT>(smem_u32(rawsm), ordsm + (c % 3) * kMscOrd, rows, p.x_l, cols, tid);
+      return;
+    }
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
@@ -172,17 +194,27 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     cp_async_commit();
   };
   RawDt raw;
+  auto fetch = [&](int64_t c0) {  // warp 0: raw dt (MSC: and positions) of the chunk at c0
+    if constexpr (MSC)
+      msc_fetch(raw, ordsm + (c0 / Q % 3) * kMscOrd, p, order, bidx, len, h, c0, lane);
+    else
+      raw.fetch(p, bidx, tstart, len, h, c0, lane);
+  };
   auto vectors = [&](int c) {  // warp 0: chunk c's vectors into buffer c & 1, then fetch c + 1
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nv, lane);
-    if (c + 1 < nchunks) raw.fetch(p, bidx, tstart, len, h, c0 + Q, lane);
+    if (c + 1 < nchunks) fetch(c0 + Q);
   };
   if (nchunks > 0) {
-    issue(0);
+    if (!MSC) issue(0);
     if (warp == 0) {
-      raw.fetch(p, bidx, tstart, len, h, 0, lane);
+      fetch(0);
       vectors(0);
+    }
+    if (MSC) {  // chunk 0's positions -> all threads
+      __syncthreads();
+      issue(0);
     }
   }
 
@@ -223,8 +255,15 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
-    const unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
+    const int buf = MSC ? 0 : c & 1;
+    unsigned char *X = Xs(buf), *B = Bs(buf), *C = Cs(buf);
     cp_async_wait_all();
+    if constexpr (MSC) {  // raw rows of chunk c -> conv + SiLU -> X, B, C
+      __syncthreads();
+      const int64_t cd = p.msc.conv_dim;
+      msc_conv<P, N, NT>(X, B, C, rawsm, p.msc.conv_w + sc * cd * kMscW,
+                         p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, cols, nvalid, tid);
+    }
     fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
     __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
     if (c + 1 < nchunks) issue(c + 1);
@@ -330,14 +369,19 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
           y[4 * j8 + 1] *= silu(load_as_float(p.z, zo + (8 * j8 + 1) * p.z_p, zt));
         }
       }
+      if constexpr (MSC) {
+        msc_store(y, ordsm[(c % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
+        continue;
+      }
       bf16* o = out_head + tok * p.out_l + 2 * t;
 #pragma unroll
       for (int j8 = 0; j8 < 8; ++j8)
         *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
     }
   }
+  }  // scans
 
-  if (p.final_states) {
+  if (!MSC && p.final_states) {
     float* f = p.final_states + (static_cast<int64_t>(row) * p.nheads + h) * P * N;
 #pragma unroll
     for (int np = 0; np < NP; ++np)
@@ -352,9 +396,9 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   }
 }
 
-template <int N, bool SO>
+template <int N, bool SO, bool MSC = false>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
-  auto kern = ssd_fwd_wgmma_kernel<N, SO>;
+  auto kern = ssd_fwd_wgmma_kernel<N, SO, MSC>;
   // the image check once per process; the shared-memory limit once per device (launch.h)
   static const char* const image = [kern]() -> const char* {
     cudaFuncAttributes attr;
@@ -365,12 +409,13 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
     return why;
   }();
   if (image) return image;
-  if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), WgLayout<N>::SMEM) != cudaSuccess) {
+  constexpr int smem = WgLayout<N, MSC>::SMEM;
+  if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), smem) != cudaSuccess) {
     cudaGetLastError();
     return "cannot reserve its shared memory";
   }
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
-  kern<<<grid, NT, WgLayout<N>::SMEM, stream>>>(p);
+  kern<<<grid, NT, smem, stream>>>(p);
   return nullptr;
 }
 
@@ -382,6 +427,13 @@ const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t st
   if (!p.vec_loads) return "x, B and C rows must be 16-byte aligned";
   if (dstate == 64) return state_only ? launch_n<64, true>(p, stream) : launch_n<64, false>(p, stream);
   if (dstate == 128) return state_only ? launch_n<128, true>(p, stream) : launch_n<128, false>(p, stream);
+  return "dstate must be 64 or 128";
+}
+
+const char* launch_msc_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream) {
+  if (p.headdim != P) return "headdim must be 64";
+  if (dstate == 64) return launch_n<64, false, true>(p, stream);
+  if (dstate == 128) return launch_n<128, false, true>(p, stream);
   return "dstate must be 64 or 128";
 }
 

@@ -1,0 +1,191 @@
+// Host glue of the fused msc_scan forward (issue 8): argument checks, the fp32 per-scan
+// parameters and the launch of the wgmma SSD kernel's MSC mode (csrc/ssd/fwd_msc.cuh), which
+// reads xBC and dt through the scan orders, fuses the causal conv and merges the scans.
+// Schemas: csrc/registration.cpp. Inputs the kernel does not take get an error here;
+// mlmamba_kernels.msc_scan sends them to the unfused kernels instead.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "common/check.h"
+#include "ssd/fwd.h"
+
+namespace mlmamba {
+namespace msc {
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+bool is_float(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
+}
+
+void check_param(const char* name, const at::Tensor& t, const at::Tensor& x,
+                 at::IntArrayRef shape) {
+  MLM_CHECK(t.device() == x.device(), "msc_scan: ", name, " must be on ", x.device(),
+            " like xBC, got ", t.device());
+  MLM_CHECK(t.sizes() == shape, "msc_scan: ", name, " must have shape ", shape, ", got ",
+            t.sizes());
+  MLM_CHECK(is_float(t), "msc_scan: ", name, " must be float32, float16 or bfloat16, got ",
+            t.scalar_type());
+}
+
+// orders as int32, checked to be k permutations of range(L). The check needs the values on
+// the host (one sync), so checked orders are remembered: the entry holds the caller's tensor
+// (its memory cannot be reused while cached) and its version (in-place edits miss the cache).
+// While a CUDA graph is captured nothing can sync: orders not seen before go unchecked (the
+// kernel ignores positions outside range(L) instead of touching memory out of bounds).
+at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
+  struct Entry {
+    at::Tensor src, as_int;
+    uint32_t version;
+  };
+  static std::mutex mu;
+  static std::deque<Entry> cache;
+  const uint32_t version = orders.unsafeGetTensorImpl()->version_counter().current_version();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& e : cache)
+      if (e.src.is_same(orders) && e.version == version) return e.as_int;
+  }
+  const bool capturing =
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (capturing) return orders.to(at::kInt).contiguous();
+  const auto sorted = std::get<0>(orders.sort(1));
+  const bool ok = sorted.eq(at::arange(L, orders.options()).unsqueeze(0)).all().item<bool>();
+  MLM_CHECK(ok, "msc_scan: every row of orders must be a permutation of range(", L, ")");
+  at::Tensor as_int = orders.to(at::kInt).contiguous();
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_front({orders, as_int, version});
+  if (cache.size() > 8) cache.pop_back();
+  return as_int;
+}
+
+at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at::Tensor& A,
+                             const at::Tensor& D, const at::Tensor& conv_weight,
+                             const OptT& conv_bias, const at::Tensor& dt_bias,
+                             const at::Tensor& orders, int64_t headdim, int64_t ngroups,
+                             double dt_min, double dt_max, c10::string_view merge) {
+  const char* op = "msc_scan";
+  MLM_CHECK(xBC_in.is_cuda() && xBC_in.dim() == 3, op,
+            ": xBC must be a 3-dim (batch, seqlen, conv_dim) CUDA tensor, got ", xBC_in.sizes(),
+            " on ", xBC_in.device());
+  MLM_CHECK(xBC_in.scalar_type() == at::kBFloat16, op,
+            ": the fused CUDA kernel takes bfloat16 xBC, got ", xBC_in.scalar_type(),
+            " (mlmamba_kernels.msc_scan runs other dtypes on the unfused kernels)");
+  const int64_t b = xBC_in.size(0), L = xBC_in.size(1), cd = xBC_in.size(2);
+  MLM_CHECK(dt.dim() == 3 && dt.size(0) == b && dt.size(1) == L, op,
+            ": dt must have shape (", b, ", ", L, ", nheads), got ", dt.sizes());
+  const int64_t h = dt.size(2);
+  check_param("dt", dt, xBC_in, {b, L, h});
+  MLM_CHECK(headdim == 64, op, ": the fused CUDA kernel takes headdim 64, got ", headdim);
+  MLM_CHECK(ngroups >= 1 && h % ngroups == 0, op, ": ngroups=", ngroups, " does not divide ", h,
+            " heads");
+  const int64_t rest = cd - h * headdim;
+  MLM_CHECK(rest > 0 && rest % (2 * ngroups) == 0, op, ": xBC width ", cd,
+            " is not h*headdim + 2*ngroups*d_state (h=", h, ", headdim=", headdim,
+            ", ngroups=", ngroups, ")");
+  const int64_t n = rest / (2 * ngroups);
+  MLM_CHECK(n == 64 || n == 128, op, ": the fused CUDA kernel takes d_state 64 or 128, got ", n);
+  MLM_CHECK(conv_weight.dim() == 3, op, ": conv_weight must have 3 dims (k, conv_dim, width), got ",
+            conv_weight.sizes());
+  const int64_t k = conv_weight.size(0);
+  check_param("conv_weight", conv_weight, xBC_in, {k, cd, 4});
+  if (conv_bias) check_param("conv_bias", *conv_bias, xBC_in, {k, cd});
+  check_param("A", A, xBC_in, {k, h});
+  check_param("D", D, xBC_in, {k, h});
+  check_param("dt_bias", dt_bias, xBC_in, {k, h});
+  MLM_CHECK(orders.device() == xBC_in.device() && orders.scalar_type() == at::kLong &&
+                orders.sizes() == at::IntArrayRef({k, L}),
+            op, ": orders must be an int64 tensor of shape (", k, ", ", L, ") on ",
+            xBC_in.device(), ", got ", orders.scalar_type(), " ", orders.sizes(), " on ",
+            orders.device());
+  MLM_CHECK(k >= 1, op, ": at least one scan is needed, got k = 0");
+  MLM_CHECK(merge == "mean" || merge == "sum" || merge == "none", op,
+            ": merge must be 'mean', 'sum' or 'none', got '", std::string(merge), "'");
+  MLM_CHECK(b <= 65535, op, ": at most 65535 batch rows, got ", b);
+  MLM_CHECK(L < INT_MAX, op, ": seqlen must be below 2^31, got ", L);
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  MLM_CHECK(prop.major == 9, op, ": the fused CUDA kernel needs an sm_90 GPU, got sm_", prop.major,
+            prop.minor);
+
+  c10::cuda::CUDAGuard guard(xBC_in.device());
+  const bool none = merge == "none";
+  at::Tensor out = none ? at::empty({k, b, L, h, headdim}, xBC_in.options())
+                        : at::empty({b, L, h, headdim}, xBC_in.options());
+  if (b == 0 || L == 0 || h == 0) return out;
+  // 16-byte rows for cp.async: the last dim contiguous, other strides multiples of 8
+  at::Tensor xBC = xBC_in;
+  if (xBC.stride(2) != 1 || xBC.stride(1) % 8 || xBC.stride(0) % 8 ||
+      reinterpret_cast<uintptr_t>(xBC.data_ptr()) % 16)
+    xBC = xBC.contiguous();
+  const at::Tensor ord = checked_orders(orders, L);
+  auto f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor Af = f32(A), Df = f32(D), dtbf = f32(dt_bias), wf = f32(conv_weight);
+  at::Tensor bf;
+  if (conv_bias) bf = f32(*conv_bias);
+  at::Tensor acc;
+  if (!none && k > 1) acc = at::empty({b, L, h, headdim}, xBC.options().dtype(at::kFloat));
+
+  ssd::FwdParams prm{};
+  prm.seqlen = L;
+  prm.nheads = h;
+  prm.headdim = headdim;
+  prm.ngroups = ngroups;
+  prm.nrows = b;
+  prm.heads_per_group = static_cast<int>(h / ngroups);
+  const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
+  prm.x = base;
+  prm.B = base + h * headdim;
+  prm.C = base + h * headdim + ngroups * n;
+  prm.x_b = prm.B_b = prm.C_b = xBC.stride(0);
+  prm.x_l = prm.B_l = prm.C_l = xBC.stride(1);
+  prm.x_h = headdim;
+  prm.x_p = prm.B_n = prm.C_n = 1;
+  prm.B_g = prm.C_g = n;
+  prm.dt = dt.data_ptr();
+  prm.dt_b = dt.stride(0); prm.dt_l = dt.stride(1); prm.dt_h = dt.stride(2);
+  prm.dt_dtype = dt.scalar_type() == at::kHalf ? 1 : dt.scalar_type() == at::kBFloat16 ? 2 : 0;
+  prm.A = Af.data_ptr<float>();
+  prm.D = Df.data_ptr<float>();
+  prm.D_h = 1; prm.D_p = 0;
+  prm.dt_bias = dtbf.data_ptr<float>();
+  prm.dt_softplus = true;
+  prm.has_dt_limit = !(dt_min == 0.0 && dt_max == std::numeric_limits<double>::infinity());
+  prm.dt_min = static_cast<float>(dt_min);
+  prm.dt_max = static_cast<float>(dt_max);
+  prm.out = out.data_ptr();
+  const at::Tensor o4 = none ? out.select(0, 0) : out;
+  prm.out_b = o4.stride(0); prm.out_l = o4.stride(1); prm.out_h = o4.stride(2); prm.out_p = 1;
+  prm.vec_loads = true;
+  prm.msc.nscans = static_cast<int>(k);
+  prm.msc.orders = ord.data_ptr<int>();
+  prm.msc.conv_w = wf.data_ptr<float>();
+  prm.msc.conv_b = conv_bias ? bf.data_ptr<float>() : nullptr;
+  prm.msc.conv_dim = cd;
+  prm.msc.acc = acc.defined() ? acc.data_ptr<float>() : nullptr;
+  prm.msc.merge = none ? 0 : merge == "sum" ? 1 : 2;
+  prm.msc.out_s = none ? out.stride(0) : 0;
+  const char* why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n),
+                                              at::cuda::getCurrentCUDAStream());
+  MLM_CHECK(why == nullptr, op, ": the fused CUDA kernel cannot run: ", why);
+  MLM_CHECK_LAUNCH();
+  return out;
+}
+
+}  // namespace
+}  // namespace msc
+}  // namespace mlmamba
+
+TORCH_LIBRARY_IMPL(mlmamba, CUDA, m) { m.impl("msc_scan_fwd", &mlmamba::msc::msc_scan_fwd_cuda); }

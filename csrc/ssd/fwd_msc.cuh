@@ -1,0 +1,166 @@
+// The MSC mode of the wgmma SSD forward (fwd_wgmma.cu; msc_scan, issue 8): a scan's tokens are
+// raster rows of xBC taken through its order, and x, B, C are the causal conv (width 4, SiLU)
+// of those rows, computed from raw rows staged in shared memory: no permuted copy of xBC,
+// dt or the output exists.
+#pragma once
+#include <cuda_bf16.h>
+
+#include "ssd/fwd.h"
+#include "ssd/fwd_vectors.cuh"
+#include "ssd/wgmma.cuh"
+
+namespace mlmamba {
+namespace ssd {
+
+constexpr int kMscW = 4, kMscLB = kMscW - 1;  // conv width, look-back rows
+constexpr int kMscOrd = kChunk + kMscLB + 1;  // positions of tokens c0 - 3 .. c0 + 63 (+ pad)
+
+// The raw rows of one chunk: row r is token c0 - 3 + r; its P x channels of the head, then the
+// group's N channels of B and N of C, row-major.
+template <int P, int N>
+struct MscRaw {
+  static constexpr int CH = P + 2 * N, CPR = CH / 8, ROWS = kChunk + kMscLB;
+  static constexpr int BYTES = ROWS * CH * 2;
+};
+
+// Columns of xBC that one CTA reads: its head's x, its group's B and C.
+struct MscCols {
+  int64_t x, b, c;
+};
+
+// Warp 0: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
+// outside the sequence), and the raw dt of its tokens through them.
+__device__ __forceinline__ void msc_fetch(RawDt& r, int* ord, const FwdParams& p,
+                                          const int* order, int64_t bidx, int64_t len, int h,
+                                          int64_t c0, int lane) {
+  const DType dt_t = static_cast<DType>(p.dt_dtype);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int64_t tk = c0 + 2 * lane + k;
+    int pos = tk < len ? order[tk] : -1;
+    if (pos >= len) pos = -1;  // not a position (unchecked orders): read zeros, write nothing
+    r.dt[k] = pos >= 0 ? load_as_float(p.dt, bidx * p.dt_b + pos * p.dt_l + h * p.dt_h, dt_t) : 0.f;
+    ord[kMscLB + 2 * lane + k] = pos;
+  }
+  if (lane < kMscLB) {
+    const int pos = c0 - kMscLB + lane >= 0 ? order[c0 - kMscLB + lane] : -1;
+    ord[lane] = pos < len ? pos : -1;
+  }
+}
+
+// All threads: cp.async of the chunk's raw rows (zeros outside the sequence), one commit group.
+template <int P, int N, int NT>
+__device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
+                                              const __nv_bfloat16* rows, int64_t rs,
+                                              const MscCols& col, int tid) {
+  using R = MscRaw<P, N>;
+#pragma unroll 4
+  for (int e = tid; e < R::ROWS * R::CPR; e += NT) {
+    const int r = e / R::CPR, cg = e - r * R::CPR;
+    const int pos = ord[r];
+    const int64_t cc = cg < P / 8       ? col.x + 8 * cg
+                       : cg < (P + N) / 8 ? col.b + 8 * (cg - P / 8)
+                                          : col.c + 8 * (cg - (P + N) / 8);
+    const __nv_bfloat16* src = pos >= 0 ? rows + pos * rs + cc : rows;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(raw + e * 16), "l"(src),
+                 "r"(pos >= 0 ? 16 : 0));
+  }
+  cp_async_commit();
+}
+
+__device__ __forceinline__ float silu_fast(float v) { return __fdividef(v, 1.f + __expf(-v)); }
+
+// All threads: conv (fp32) + SiLU of the staged raw rows into the swizzled X, B, C operand
+// tiles; rows at or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of a
+// strip of rows, the 3 previous raw rows kept in registers. w: (conv_dim, 4) of this scan.
+template <int P, int N, int NT>
+__device__ __forceinline__ void msc_conv(unsigned char* X, unsigned char* B, unsigned char* C,
+                                         const unsigned char* raw, const float* w,
+                                         const float* bias, const MscCols& col, int nvalid,
+                                         int tid) {
+  using R = MscRaw<P, N>;
+  constexpr int STRIPS = NT / R::CPR, RPS = (kChunk + STRIPS - 1) / STRIPS;
+  if (tid >= STRIPS * R::CPR) return;
+  const int cg = tid % R::CPR, strip = tid / R::CPR;
+  unsigned char* dst;
+  int c8;
+  int64_t gc;
+  if (cg < P / 8) {
+    dst = X, c8 = 8 * cg, gc = col.x + c8;
+  } else if (cg < (P + N) / 8) {
+    dst = B, c8 = 8 * (cg - P / 8), gc = col.b + c8;
+  } else {
+    dst = C, c8 = 8 * (cg - (P + N) / 8), gc = col.c + c8;
+  }
+  float wt[8][4], bs[8];
+  const float4* wp = reinterpret_cast<const float4*>(w + gc * kMscW);
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const float4 v = __ldg(wp + c);
+    wt[c][0] = v.x, wt[c][1] = v.y, wt[c][2] = v.z, wt[c][3] = v.w;
+    bs[c] = bias ? __ldg(bias + gc + c) : 0.f;
+  }
+  auto row8 = [&](int r, float (&v)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(raw + (r * R::CPR + cg) * 16);
+    const uint32_t q[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = unpack_bf16(q[k]);
+      v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
+  };
+  const int i0 = strip * RPS, i1 = i0 + RPS < kChunk ? i0 + RPS : kChunk;
+  float win[3][8];  // raw rows of tokens i - 3, i - 2, i - 1 (raw rows i, i + 1, i + 2)
+  row8(i0, win[0]);
+  row8(i0 + 1, win[1]);
+  row8(i0 + 2, win[2]);
+#pragma unroll 1
+  for (int i = i0; i < i1; ++i) {
+    float cur[8];
+    row8(i + kMscLB, cur);
+    float o[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const float a = fmaf(wt[c][0], win[0][c], fmaf(wt[c][1], win[1][c],
+                           fmaf(wt[c][2], win[2][c], fmaf(wt[c][3], cur[c], bs[c]))));
+      o[c] = i < nvalid ? silu_fast(a) : 0.f;
+      win[0][c] = win[1][c], win[1][c] = win[2][c], win[2][c] = cur[c];
+    }
+    *reinterpret_cast<uint4*>(dst + sw128_offset<kChunk>(i, c8)) =
+        make_uint4(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]), pack_bf16(o[4], o[5]),
+                   pack_bf16(o[6], o[7]));
+  }
+}
+
+// The epilogue of one output row of a scan: y[4 j8], y[4 j8 + 1] are head channels
+// 8 j8 + 2 t (+1), landing at raster position pos. Merge 0: out[sc]; sum / mean: a running fp32
+// sum in acc that only this CTA touches, scans in order (deterministic); the last scan writes out.
+__device__ __forceinline__ void msc_store(const float* y, int pos, int sc, int nscans,
+                                          int64_t bidx, int h, int t, const FwdParams& p) {
+  if (pos < 0) return;
+  const MscParams& m = p.msc;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + bidx * p.out_b + pos * p.out_l +
+                       h * p.out_h + 2 * t;
+  if (m.merge == 0 || nscans == 1) {
+    if (m.merge == 0) out += sc * m.out_s;
+#pragma unroll
+    for (int j8 = 0; j8 < 8; ++j8)
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
+    return;
+  }
+  float* a = m.acc + ((bidx * p.seqlen + pos) * p.nheads + h) * p.headdim + 2 * t;
+  const float scale = m.merge == 2 ? 1.f / nscans : 1.f;
+#pragma unroll
+  for (int j8 = 0; j8 < 8; ++j8) {
+    float2 v = make_float2(y[4 * j8], y[4 * j8 + 1]);
+    if (sc > 0) {
+      const float2 o = *reinterpret_cast<const float2*>(a + 8 * j8);
+      v.x += o.x, v.y += o.y;
+    }
+    if (sc + 1 < nscans) *reinterpret_cast<float2*>(a + 8 * j8) = v;
+    else *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+  }
+}
+
+}  // namespace ssd
+}  // namespace mlmamba
