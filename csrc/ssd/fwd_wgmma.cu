@@ -35,7 +35,8 @@ struct WgLayout {
   static constexpr int BC_B = Q * N * 2;        // of one B or C tile
   static constexpr int STAGE_B = X_B + 2 * BC_B;
   static constexpr int S_B = P * N * 2;         // the state, bf16
-  static constexpr int VEC_OFF = (MSC ? 1 : 2) * STAGE_B + S_B;
+  static constexpr int S_OFF = (MSC ? 1 : 2) * STAGE_B;
+  static constexpr int VEC_OFF = S_OFF + S_B;
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
   static constexpr int RAW_OFF = D_OFF + P * 4;
   static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P, N>::BYTES : 0);
@@ -82,7 +83,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   auto Xs = [&](int b) { return sm + b * Lt::STAGE_B; };
   auto Bs = [&](int b) { return sm + b * Lt::STAGE_B + Lt::X_B; };
   auto Cs = [&](int b) { return sm + b * Lt::STAGE_B + Lt::X_B + Lt::BC_B; };
-  unsigned char* Ss = sm + 2 * Lt::STAGE_B;
+  unsigned char* Ss = sm + Lt::S_OFF;
   unsigned char* vec0 = sm + Lt::VEC_OFF;
   float* Dsm = reinterpret_cast<float*>(sm + Lt::D_OFF);
 
