@@ -1,0 +1,35 @@
+"""The fused msc_scan forward by merge mode and scan count (bench timing, one input set):
+    python3 scripts/dev/msc_time.py [b H W h]   (default: issue 8's cross case, b32 24x24 h32)
+"""
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch  # noqa: E402
+
+from bench.bench_msc import make_inputs  # noqa: E402
+from bench.common import _time_once  # noqa: E402
+
+
+def main():
+    b, H, W, h = (list(map(int, sys.argv[1:5])) or [32, 24, 24, 32])
+    dev = torch.device("cuda")
+    a = make_inputs(b, H, W, h, 64, 128, "cross", dev, torch.bfloat16, 0)
+    op = torch.ops.mlmamba.msc_scan_fwd
+    for k in (4, 1):
+        for merge in ("mean", "none"):
+            s = {n: (v[:k] if n in ("A", "D", "conv_weight", "conv_bias", "dt_bias", "orders")
+                     else v) for n, v in a.items()}
+
+            def f(s=s, merge=merge):
+                return op(s["xBC"], s["dt"], s["A"], s["D"], s["conv_weight"], s["conv_bias"],
+                          s["dt_bias"], s["orders"], 64, 1, 0.0, float("inf"), merge)
+            f()
+            us = statistics.median(_time_once(f, dev, 20, lead=True) * 1e6 for _ in range(5))
+            print(f"b{b} {H}x{W} h{h} k{k} merge {merge}: {us:.1f} us ({us / k:.1f} per scan)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
