@@ -1,4 +1,6 @@
 """msc_scan (the fused multi-order 2D scan) and scan_orders: public functions and ops."""
+import os
+
 import torch
 
 from . import _checks as ck
@@ -26,6 +28,11 @@ def _check_orders(op, orders, k, L, dev, values=True):
     bad = (srt != want).any(dim=1).nonzero().flatten().tolist()
     if bad:
         ck.fail(op, f"orders[{bad[0]}] is not a permutation of range({L})")
+
+
+# The fused kernel on CUDA where it applies; MLMAMBA_MSC_IMPL=unfused (read at import) keeps
+# the unfused kernels (A/B timing).
+FUSED = os.environ.get("MLMAMBA_MSC_IMPL", "") != "unfused"
 
 
 def fused_kernel_takes(xBC, dt, conv_weight, headdim, ngroups):
@@ -73,7 +80,7 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     lo, hi = ck.dt_limit_pair(op, dt_limit)
     merge_s = "none" if merge is None else merge
     use_op = ck.check_backend(op, backend, dev, has_cuda_kernel("msc_scan_fwd"))
-    fused = (use_op and has_cuda_kernel("msc_scan_fwd")
+    fused = (use_op and has_cuda_kernel("msc_scan_fwd") and FUSED
              and fused_kernel_takes(xBC, dt, conv_weight, headdim, ngroups))
     # the fused op checks (and remembers) the orders' values itself
     _check_orders(op, orders, k, L, dev, values=not fused)

@@ -1,6 +1,7 @@
 // Host glue of the fused msc_scan forward (issue 8): argument checks, the fp32 per-scan
-// parameters and the launch of the wgmma SSD kernel's MSC mode (csrc/ssd/fwd_msc.cuh), which
-// reads xBC and dt through the scan orders, fuses the causal conv and merges the scans.
+// parameters, the shared conv of B and C (bc_conv.cu), and the wgmma SSD kernel's MSC mode
+// (csrc/ssd/fwd_msc.cuh), which reads xBC and dt through the scan orders, fuses the conv of x
+// and merges the scans.
 // Schemas: csrc/registration.cpp. Inputs the kernel does not take get an error here;
 // mlmamba_kernels.msc_scan sends them to the unfused kernels instead.
 #include <ATen/ATen.h>
@@ -18,6 +19,7 @@
 #include <utility>
 
 #include "common/check.h"
+#include "msc/msc.h"
 #include "ssd/fwd.h"
 
 namespace mlmamba {
@@ -111,7 +113,7 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
             op, ": orders must be an int64 tensor of shape (", k, ", ", L, ") on ",
             xBC_in.device(), ", got ", orders.scalar_type(), " ", orders.sizes(), " on ",
             orders.device());
-  MLM_CHECK(k >= 1, op, ": at least one scan is needed, got k = 0");
+  MLM_CHECK(k >= 1 && k <= 65535, op, ": between 1 and 65535 scans, got k = ", k);
   MLM_CHECK(merge == "mean" || merge == "sum" || merge == "none", op,
             ": merge must be 'mean', 'sum' or 'none', got '", std::string(merge), "'");
   MLM_CHECK(b <= 65535, op, ": at most 65535 batch rows, got ", b);
@@ -138,6 +140,26 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   at::Tensor acc;
   if (!none && k > 1) acc = at::empty({b, L, h, headdim}, xBC.options().dtype(at::kFloat));
 
+  const int64_t nbc = 2 * ngroups * n;
+  at::Tensor bc = at::empty({k, b, L, nbc}, xBC.options());
+  msc::BcConvParams bp{};
+  bp.xBC = reinterpret_cast<const __nv_bfloat16*>(xBC.data_ptr());
+  bp.x_b = xBC.stride(0);
+  bp.x_l = xBC.stride(1);
+  bp.col0 = h * headdim;
+  bp.conv_dim = cd;
+  bp.nch = static_cast<int>(nbc);
+  bp.batch = b;
+  bp.seqlen = L;
+  bp.nscans = static_cast<int>(k);
+  bp.orders = ord.data_ptr<int>();
+  bp.w = wf.data_ptr<float>();
+  bp.bias = conv_bias ? bf.data_ptr<float>() : nullptr;
+  bp.out = reinterpret_cast<__nv_bfloat16*>(bc.data_ptr());
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  launch_bc_conv(bp, stream);
+  MLM_CHECK_LAUNCH();
+
   ssd::FwdParams prm{};
   prm.seqlen = L;
   prm.nheads = h;
@@ -146,11 +168,14 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   prm.nrows = b;
   prm.heads_per_group = static_cast<int>(h / ngroups);
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
+  const auto* bcp = static_cast<const at::BFloat16*>(bc.data_ptr());
   prm.x = base;
-  prm.B = base + h * headdim;
-  prm.C = base + h * headdim + ngroups * n;
-  prm.x_b = prm.B_b = prm.C_b = xBC.stride(0);
-  prm.x_l = prm.B_l = prm.C_l = xBC.stride(1);
+  prm.B = bcp;
+  prm.C = bcp + ngroups * n;
+  prm.x_b = xBC.stride(0);
+  prm.x_l = xBC.stride(1);
+  prm.B_b = prm.C_b = L * nbc;
+  prm.B_l = prm.C_l = nbc;
   prm.x_h = headdim;
   prm.x_p = prm.B_n = prm.C_n = 1;
   prm.B_g = prm.C_g = n;
@@ -177,8 +202,8 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   prm.msc.acc = acc.defined() ? acc.data_ptr<float>() : nullptr;
   prm.msc.merge = none ? 0 : merge == "sum" ? 1 : 2;
   prm.msc.out_s = none ? out.stride(0) : 0;
-  const char* why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n),
-                                              at::cuda::getCurrentCUDAStream());
+  prm.msc.bc_s = b * L * nbc;
+  const char* why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n), stream);
   MLM_CHECK(why == nullptr, op, ": the fused CUDA kernel cannot run: ", why);
   MLM_CHECK_LAUNCH();
   return out;

@@ -8,9 +8,10 @@ namespace mlmamba {
 namespace ssd {
 
 // The fused multi-order 2D scan (msc_scan, csrc/msc/ops.cpp) on the wgmma kernel: per scan s,
-// rows are read and written through orders[s], and x, B, C are the causal conv (width 4,
-// SiLU) of the raster rows of xBC along that order, computed in the kernel's chunk load.
-// x / B / C of FwdParams point into xBC; A, D, dt_bias hold (nscans, h) fp32.
+// rows are read and written through orders[s]; x is the causal conv (width 4, SiLU) of the
+// raster rows of xBC along that order, computed in the kernel's chunk load (x of FwdParams
+// points into xBC); B and C point to the per-scan conv'd B, C at raster positions (bc_s
+// apart); A, D, dt_bias hold (nscans, h) fp32.
 struct MscParams {
   int nscans;                 // 0: a plain ssd_scan launch
   const int* orders;          // (nscans, seqlen) int32: raster position of each scan token
@@ -20,6 +21,7 @@ struct MscParams {
   float* acc;                 // fp32 (b, l, h, p) running sum over scans (merge sum / mean, nscans > 1)
   int merge;                  // 0: per-scan outputs, out (nscans, b, l, h, p); 1 sum; 2 mean
   int64_t out_s;              // scan stride of out (merge 0)
+  int64_t bc_s;               // scan stride of B and C
 };
 
 struct FwdParams {

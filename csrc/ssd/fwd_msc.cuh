@@ -1,7 +1,8 @@
 // The MSC mode of the wgmma SSD forward (fwd_wgmma.cu; msc_scan, issue 8): a scan's tokens are
-// raster rows of xBC taken through its order, and x, B, C are the causal conv (width 4, SiLU)
-// of those rows, computed from raw rows staged in shared memory: no permuted copy of xBC,
-// dt or the output exists.
+// raster rows taken through its order. x is the causal conv (width 4, SiLU) of the head's xBC
+// channels, computed from raw rows staged in shared memory; B and C, which every head of a
+// group shares, come conv'd once per scan (csrc/msc/bc_conv.cu) at raster positions. No
+// permuted copy of xBC, dt or the output exists.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -15,17 +16,10 @@ namespace ssd {
 constexpr int kMscW = 4, kMscLB = kMscW - 1;  // conv width, look-back rows
 constexpr int kMscOrd = kChunk + kMscLB + 1;  // positions of tokens c0 - 3 .. c0 + 63 (+ pad)
 
-// The raw rows of one chunk: row r is token c0 - 3 + r; its P x channels of the head, then the
-// group's N channels of B and N of C, row-major.
-template <int P, int N>
+// The raw x rows of one chunk: row r is token c0 - 3 + r, the head's P channels.
+template <int P>
 struct MscRaw {
-  static constexpr int CH = P + 2 * N, CPR = CH / 8, ROWS = kChunk + kMscLB;
-  static constexpr int BYTES = ROWS * CH * 2;
-};
-
-// Columns of xBC that one CTA reads: its head's x, its group's B and C.
-struct MscCols {
-  int64_t x, b, c;
+  static constexpr int CPR = P / 8, ROWS = kChunk + kMscLB, BYTES = ROWS * P * 2;
 };
 
 // Warp 0: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
@@ -48,50 +42,36 @@ __device__ __forceinline__ void msc_fetch(RawDt& r, int* ord, const FwdParams& p
   }
 }
 
-// All threads: cp.async of the chunk's raw rows (zeros outside the sequence), one commit group.
-template <int P, int N, int NT>
+// All threads: cp.async of the chunk's raw x rows (zeros outside the sequence); no commit.
+template <int P, int NT>
 __device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
-                                              const __nv_bfloat16* rows, int64_t rs,
-                                              const MscCols& col, int tid) {
-  using R = MscRaw<P, N>;
-#pragma unroll 4
+                                              const __nv_bfloat16* rows, int64_t rs, int64_t xcol,
+                                              int tid) {
+  using R = MscRaw<P>;
+#pragma unroll 2
   for (int e = tid; e < R::ROWS * R::CPR; e += NT) {
     const int r = e / R::CPR, cg = e - r * R::CPR;
     const int pos = ord[r];
-    const int64_t cc = cg < P / 8       ? col.x + 8 * cg
-                       : cg < (P + N) / 8 ? col.b + 8 * (cg - P / 8)
-                                          : col.c + 8 * (cg - (P + N) / 8);
-    const __nv_bfloat16* src = pos >= 0 ? rows + pos * rs + cc : rows;
+    const __nv_bfloat16* src = pos >= 0 ? rows + pos * rs + xcol + 8 * cg : rows;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(raw + e * 16), "l"(src),
                  "r"(pos >= 0 ? 16 : 0));
   }
-  cp_async_commit();
 }
 
 __device__ __forceinline__ float silu_fast(float v) { return __fdividef(v, 1.f + __expf(-v)); }
 
-// All threads: conv (fp32) + SiLU of the staged raw rows into the swizzled X, B, C operand
-// tiles; rows at or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of a
-// strip of rows, the 3 previous raw rows kept in registers. w: (conv_dim, 4) of this scan.
-template <int P, int N, int NT>
-__device__ __forceinline__ void msc_conv(unsigned char* X, unsigned char* B, unsigned char* C,
-                                         const unsigned char* raw, const float* w,
-                                         const float* bias, const MscCols& col, int nvalid,
-                                         int tid) {
-  using R = MscRaw<P, N>;
-  constexpr int STRIPS = NT / R::CPR, RPS = (kChunk + STRIPS - 1) / STRIPS;
-  if (tid >= STRIPS * R::CPR) return;
-  const int cg = tid % R::CPR, strip = tid / R::CPR;
-  unsigned char* dst;
-  int c8;
-  int64_t gc;
-  if (cg < P / 8) {
-    dst = X, c8 = 8 * cg, gc = col.x + c8;
-  } else if (cg < (P + N) / 8) {
-    dst = B, c8 = 8 * (cg - P / 8), gc = col.b + c8;
-  } else {
-    dst = C, c8 = 8 * (cg - (P + N) / 8), gc = col.c + c8;
-  }
+// All threads: conv (fp32) + SiLU of the staged raw x rows into the swizzled X tile; rows at
+// or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of a strip of rows,
+// the 3 previous raw rows in registers. w: (conv_dim, 4) of this scan.
+template <int P, int NT>
+__device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char* raw,
+                                           const float* w, const float* bias, int64_t xcol,
+                                           int nvalid, int tid) {
+  using R = MscRaw<P>;
+  constexpr int STRIPS = NT / R::CPR, RPS = kChunk / STRIPS;
+  static_assert(kChunk % STRIPS == 0, "strips must tile the chunk");
+  const int cg = tid % R::CPR, strip = tid / R::CPR, c8 = 8 * cg;
+  const int64_t gc = xcol + c8;
   float wt[8][4], bs[8];
   const float4* wp = reinterpret_cast<const float4*>(w + gc * kMscW);
 #pragma unroll
@@ -109,24 +89,21 @@ __device__ __forceinline__ void msc_conv(unsigned char* X, unsigned char* B, uns
       v[2 * k] = f.x, v[2 * k + 1] = f.y;
     }
   };
-  const int i0 = strip * RPS, i1 = i0 + RPS < kChunk ? i0 + RPS : kChunk;
-  float win[3][8];  // raw rows of tokens i - 3, i - 2, i - 1 (raw rows i, i + 1, i + 2)
-  row8(i0, win[0]);
-  row8(i0 + 1, win[1]);
-  row8(i0 + 2, win[2]);
-#pragma unroll 1
-  for (int i = i0; i < i1; ++i) {
-    float cur[8];
-    row8(i + kMscLB, cur);
+  const int i0 = strip * RPS;
+  float win[RPS + kMscLB][8];  // raw rows i0 .. i0 + RPS + 2 (tokens i0 - 3 ..)
+#pragma unroll
+  for (int r = 0; r < RPS + kMscLB; ++r) row8(i0 + r, win[r]);
+#pragma unroll
+  for (int k = 0; k < RPS; ++k) {
+    const int i = i0 + k;
     float o[8];
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      const float a = fmaf(wt[c][0], win[0][c], fmaf(wt[c][1], win[1][c],
-                           fmaf(wt[c][2], win[2][c], fmaf(wt[c][3], cur[c], bs[c]))));
+      const float a = fmaf(wt[c][0], win[k][c], fmaf(wt[c][1], win[k + 1][c],
+                           fmaf(wt[c][2], win[k + 2][c], fmaf(wt[c][3], win[k + 3][c], bs[c]))));
       o[c] = i < nvalid ? silu_fast(a) : 0.f;
-      win[0][c] = win[1][c], win[1][c] = win[2][c], win[2][c] = cur[c];
     }
-    *reinterpret_cast<uint4*>(dst + sw128_offset<kChunk>(i, c8)) =
+    *reinterpret_cast<uint4*>(X + sw128_offset<kChunk>(i, c8)) =
         make_uint4(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]), pack_bf16(o[4], o[5]),
                    pack_bf16(o[6], o[7]));
   }

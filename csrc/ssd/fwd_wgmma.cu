@@ -26,8 +26,8 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int Q = kChunk, P = 64, NT = 128;
 
-// MSC: one stage of X, B, C tiles (the conv writes them from the raw rows, which land one
-// chunk ahead), the raw rows and three buffers of positions
+// MSC adds the raw x rows (single: the conv reads them at the top of the chunk, the next
+// chunk's land after it) and three buffers of positions
 template <int N, bool MSC>
 struct WgLayout {
   static constexpr int NP = N / 64;             // panels of a 64 x N tile
@@ -35,11 +35,11 @@ struct WgLayout {
   static constexpr int BC_B = Q * N * 2;        // of one B or C tile
   static constexpr int STAGE_B = X_B + 2 * BC_B;
   static constexpr int S_B = P * N * 2;         // the state, bf16
-  static constexpr int S_OFF = (MSC ? 1 : 2) * STAGE_B;
+  static constexpr int S_OFF = 2 * STAGE_B;
   static constexpr int VEC_OFF = S_OFF + S_B;
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
   static constexpr int RAW_OFF = D_OFF + P * 4;
-  static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P, N>::BYTES : 0);
+  static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P>::BYTES : 0);
   static constexpr int SMEM = ORD_OFF + (MSC ? 3 * kMscOrd * 4 : 0) + 1024;  // + alignment slack
 };
 
@@ -59,6 +59,21 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_
     const bool ok = r0 + k * RSTEP < nvalid;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + k * RSTEP * 128),
                  "l"(ok ? src + k * RSTEP * rs : base), "r"(ok ? 16 : 0));
+  }
+}
+
+// The same, rows at positions pos[r] (< 0: zeros): the MSC mode's B and C.
+template <int COLS>
+__device__ __forceinline__ void load_tile_at(uint32_t dst, const bf16* base, int64_t rs,
+                                             const int* pos, int tid) {
+  constexpr int CPR = COLS / 8, RSTEP = NT / CPR;
+  const int r0 = tid / CPR, c = (tid % CPR) * 8;
+  const uint32_t d = dst + sw128_offset<Q>(r0, c);
+#pragma unroll
+  for (int k = 0; k < Q / RSTEP; ++k) {
+    const int ps = pos[r0 + k * RSTEP];
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + k * RSTEP * 128),
+                 "l"(ps >= 0 ? base + ps * rs + c : base), "r"(ps >= 0 ? 16 : 0));
   }
 }
 
@@ -110,8 +125,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   unsigned char* rawsm = sm + Lt::RAW_OFF;
   int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
-  const MscCols cols{h * p.x_h, (static_cast<const bf16*>(p.B) - static_cast<const bf16*>(p.x)) + grp * p.B_g,
-                     (static_cast<const bf16*>(p.C) - static_cast<const bf16*>(p.x)) + grp * p.C_g};
 
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
   // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
@@ -183,8 +196,13 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 
   const int nchunks = static_cast<int>((len + Q - 1) / Q);
   auto issue = [&](int c) {
-    if constexpr (MSC) {
-      msc_issue_raw<P, N, NT>(smem_u32(rawsm), ordsm + (c % 3) * kMscOrd, rows, p.x_l, cols, tid);
+    if constexpr (MSC) {  // raw x rows; B, C (conv'd per scan) at the chunk's positions
+      const int* ord = ordsm + (c % 3) * kMscOrd;
+      const int64_t bc = sc * p.msc.bc_s;
+      msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
+      load_tile_at<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
+      load_tile_at<N>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
+      cp_async_commit();
       return;
     }
     const int64_t c0 = static_cast<int64_t>(c) * Q;
@@ -256,14 +274,13 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
-    const int buf = MSC ? 0 : c & 1;
-    unsigned char *X = Xs(buf), *B = Bs(buf), *C = Cs(buf);
+    unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
     cp_async_wait_all();
-    if constexpr (MSC) {  // raw rows of chunk c -> conv + SiLU -> X, B, C
+    if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
       __syncthreads();
       const int64_t cd = p.msc.conv_dim;
-      msc_conv<P, N, NT>(X, B, C, rawsm, p.msc.conv_w + sc * cd * kMscW,
-                         p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, cols, nvalid, tid);
+      msc_conv_x<P, NT>(X, rawsm, p.msc.conv_w + sc * cd * kMscW,
+                        p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, nvalid, tid);
     }
     fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
     __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all

@@ -1,0 +1,29 @@
+// msc_scan host helpers (ops.cpp) and kernels of this folder.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace mlmamba {
+namespace msc {
+
+// B and C of every scan, conv'd (width 4, SiLU) along the scan's order and stored at raster
+// positions: out (k, b, L, nch) bf16 from the nch channels of xBC starting at col0.
+struct BcConvParams {
+  const __nv_bfloat16* xBC;   // (b, L, conv_dim), rows 16-byte aligned
+  int64_t x_b, x_l;
+  int64_t col0, conv_dim;
+  int nch;                    // 2 g n, a multiple of 8
+  int64_t batch, seqlen;
+  int nscans;
+  const int* orders;          // (k, L) int32
+  const float* w;             // (k, conv_dim, 4) fp32
+  const float* bias;          // (k, conv_dim) fp32 or nullptr
+  __nv_bfloat16* out;         // (k, b, L, nch) contiguous
+};
+
+void launch_bc_conv(const BcConvParams& p, cudaStream_t stream);
+
+}  // namespace msc
+}  // namespace mlmamba
