@@ -127,15 +127,20 @@ __device__ __forceinline__ void msc_store(const float* y, int pos, int sc, int n
   }
   float* a = m.acc + ((bidx * p.seqlen + pos) * p.nheads + h) * p.headdim + 2 * t;
   const float scale = m.merge == 2 ? 1.f / nscans : 1.f;
+  float2 v[8];
+#pragma unroll
+  for (int j8 = 0; j8 < 8; ++j8) v[j8] = make_float2(y[4 * j8], y[4 * j8 + 1]);
+  if (sc > 0) {  // all eight loads in flight before the first add (one round trip)
+    float2 o[8];
+#pragma unroll
+    for (int j8 = 0; j8 < 8; ++j8) o[j8] = *reinterpret_cast<const float2*>(a + 8 * j8);
+#pragma unroll
+    for (int j8 = 0; j8 < 8; ++j8) v[j8].x += o[j8].x, v[j8].y += o[j8].y;
+  }
 #pragma unroll
   for (int j8 = 0; j8 < 8; ++j8) {
-    float2 v = make_float2(y[4 * j8], y[4 * j8 + 1]);
-    if (sc > 0) {
-      const float2 o = *reinterpret_cast<const float2*>(a + 8 * j8);
-      v.x += o.x, v.y += o.y;
-    }
-    if (sc + 1 < nscans) *reinterpret_cast<float2*>(a + 8 * j8) = v;
-    else *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) = __floats2bfloat162_rn(v.x * scale, v.y * scale);
+    if (sc + 1 < nscans) *reinterpret_cast<float2*>(a + 8 * j8) = v[j8];
+    else *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) = __floats2bfloat162_rn(v[j8].x * scale, v[j8].y * scale);
   }
 }
 
