@@ -14,9 +14,12 @@ namespace ssd_bwd {
 void launch_chunk_p32(const Params& prm, int tcode, cudaStream_t st);
 void launch_chunk_p64(const Params& prm, int tcode, cudaStream_t st);
 void launch_chunk_p128(const Params& prm, int tcode, cudaStream_t st);
-size_t chunk_smem_p32(int npad);
-size_t chunk_smem_p64(int npad);
-size_t chunk_smem_p128(int npad);
+size_t chunk_smem_p32(int npad, bool onchip);
+size_t chunk_smem_p64(int npad, bool onchip);
+size_t chunk_smem_p128(int npad, bool onchip);
+bool chunk_onchip_fits_p32(int npad, size_t optin);
+bool chunk_onchip_fits_p64(int npad, size_t optin);
+bool chunk_onchip_fits_p128(int npad, size_t optin);
 
 template <typename T>
 __global__ void reduce_bc_kernel(Params P) {
@@ -88,10 +91,18 @@ void launch_chunk(const Params& prm, int tcode, void* stream) {
 }
 
 size_t chunk_smem_bytes(const Params& prm) {
-  if (prm.p <= 32) return chunk_smem_p32(prm.npad);
-  if (prm.p <= 64) return chunk_smem_p64(prm.npad);
-  return chunk_smem_p128(prm.npad);
+  if (prm.p <= 32) return chunk_smem_p32(prm.npad, prm.onchip);
+  if (prm.p <= 64) return chunk_smem_p64(prm.npad, prm.onchip);
+  return chunk_smem_p128(prm.npad, prm.onchip);
 }
+
+bool chunk_onchip_fits(const Params& prm, size_t optin) {
+  if (prm.p <= 32) return chunk_onchip_fits_p32(prm.npad, optin);
+  if (prm.p <= 64) return chunk_onchip_fits_p64(prm.npad, optin);
+  return chunk_onchip_fits_p128(prm.npad, optin);
+}
+
+int chunk_groups(const Params& prm) { return prm.onchip && prm.p <= 64 ? 2 : 1; }
 
 }  // namespace ssd_bwd
 }  // namespace mlmamba
