@@ -57,7 +57,7 @@ struct Params {
   // workspaces
   void* wsS;      // (nslots, h, p, npad) bf16: state entering each chunk
   void* wsG;      // (nslots, h, p, npad) bf16: adjoint leaving each chunk (from later chunks)
-  float* wsdB;    // (b, l, nsplit, g, npad): per-split partial sums
+  float* wsdB;    // (b, l, nsplit, g, npad): per-split partial sums (none: onchip, nsplit 1)
   float* wsdC;
   float* part_dA;    // (nslots, h)
   float* part_ddtb;  // (nslots, h)

@@ -634,12 +634,14 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
   }
 
   if constexpr (kOnChip) {
-    // the split's sums, once: group g writes dB (g = 0) or dC (g = 1); one group writes both
+    // the split's sums, once: group g writes dB (g = 0) or dC (g = 1); one group writes both.
+    // With one split per group they are the final dB/dC (the reduce skips them, bwd_reduce.cu).
     __syncthreads();
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
       if (kGroups == 2 && which != gid) continue;
       float* ws = which ? P.wsdC : P.wsdB;
+      T* out = static_cast<T*>(which ? P.dC : P.dB);
       for (int blk = 0; blk < npad / kNB; ++blk) {
         const float4* q = part + (blk * 2 + which) * 4 * kThreads + tid;
         float4 v[4];
@@ -649,9 +651,19 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
         for (int hf = 0; hf < 2; ++hf) {
           const int j = m0 + r + 8 * hf;
           if (j >= qc) continue;
+          const int col = blk * kNB + cw * 32 + c2;
+          if (P.nsplit == 1) {
+            const int64_t o = ((int64_t(bb) * P.l + t0 + j) * P.g + gg) * P.n;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              const int c = col + t * 8;
+              if (c < P.n)
+                store_pair(out, o + c, hf ? v[t].z : v[t].x, hf ? v[t].w : v[t].y, c + 1 < P.n);
+            }
+            continue;
+          }
           float2* dst = reinterpret_cast<float2*>(
-              ws + (((int64_t(bb) * P.l + t0 + j) * P.nsplit + split) * P.g + gg) * npad +
-              blk * kNB + cw * 32 + c2);
+              ws + (((int64_t(bb) * P.l + t0 + j) * P.nsplit + split) * P.g + gg) * npad + col);
 #pragma unroll
           for (int t = 0; t < 4; ++t)
             dst[t * 4] = hf ? make_float2(v[t].z, v[t].w) : make_float2(v[t].x, v[t].y);

@@ -250,7 +250,8 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   auto bopt = x.options().dtype(at::kBFloat16);
   const int64_t wsn = int64_t(P.nslots) * h * p * P.npad;
   at::Tensor wsS = at::empty({wsn}, bopt), wsG = at::empty({wsn}, bopt);
-  const int64_t wbc = b * l * P.nsplit * g * P.npad;
+  // (no dB/dC workspace where step 2 writes dB/dC itself: on chip with one split)
+  const int64_t wbc = P.onchip && P.nsplit == 1 ? 0 : b * l * P.nsplit * g * P.npad;
   at::Tensor wsdB = at::empty({wbc}, fopt), wsdC = at::empty({wbc}, fopt);
   at::Tensor parts = at::empty({int64_t(P.nslots) * h * (2 + p)}, fopt);
   P.wsS = wsS.data_ptr(); P.wsG = wsG.data_ptr();

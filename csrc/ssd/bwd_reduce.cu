@@ -1,5 +1,6 @@
 // SSD backward, step 3: fixed-order sums (deterministic, no atomics).
-//   dB, dC: over the head splits of each group, into the input dtype.
+//   dB, dC: over the head splits of each group, into the input dtype (unless step 2 wrote
+//           them: on-chip partials and one split).
 //   dA, ddt_bias, dD: over every chunk slot, in fp32 (the host casts to the input dtype).
 // Also the dispatch of step 2 by headdim.
 #include <cuda_runtime.h>
@@ -74,7 +75,8 @@ void launch_reduce(const Params& prm, int tcode, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t total = int64_t(prm.b) * prm.l * prm.g * prm.n;
   const int blocks = int(std::min<int64_t>((total + 255) / 256, 4096));
-  if (blocks > 0) {
+  // on-chip partials with one split per group: step 2 wrote dB/dC itself
+  if (blocks > 0 && !(prm.onchip && prm.nsplit == 1)) {
     dim3 grid(blocks, 2);
     if (tcode == kF32) reduce_bc_kernel<float><<<grid, 256, 0, st>>>(prm);
     else if (tcode == kF16) reduce_bc_kernel<__half><<<grid, 256, 0, st>>>(prm);
