@@ -204,6 +204,32 @@ def test_extreme_dt_and_A_near_zero():
 
 
 @needs_kernel
+@pytest.mark.parametrize("p,n,h,z", [(64, 128, 7, False), (32, 64, 5, True), (128, 128, 3, True),
+                                     (48, 100, 6, True), (64, 256, 3, False)])
+def test_partials_on_chip_match_global(p, n, h, z, monkeypatch):
+    """Step 2 keeps the dB/dC sums over a split's heads on chip (two 8-warp groups taking
+    alternate heads at headdim <= 64); MLMAMBA_SSD_BWD_PARTIALS=global forces the per-head
+    global read-modify-write. Everything but dB/dC is computed the same way (bitwise equal);
+    dB/dC may differ only by the grouping of the splits' fp32 sums. Long enough that a split
+    holds several heads (odd counts: one group takes one head more)."""
+    case = make_case(_gen(), b=4, l=1500, h=h, g=1, p=p, n=n, z=z, seq_idx=True)
+    got = run_kernel(*case)
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_PARTIALS", "global")
+    want = run_kernel(*case)
+    for name, a, b in zip(NAMES, got, want):
+        if name in ("dB", "dC"):
+            err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+            assert err <= 2e-3, (name, err)
+        else:
+            assert torch.equal(a, b), f"{name} differs between on-chip and global partials"
+
+
+@needs_kernel
+def test_many_heads_per_split():
+    check(*make_case(_gen(), b=4, l=1500, h=7, g=1, p=64, n=128, z=False))
+
+
+@needs_kernel
 def test_deterministic():
     case = make_case(_gen(), b=2, l=700, h=8, g=2, p=64, n=128)
     a = run_kernel(*case)

@@ -5,7 +5,8 @@
 //      order carrying the state S (forward) or the adjoint G (backward) in fp32 registers and
 //      stores each chunk's incoming S_prev / G_next as bf16 (the chunk products' operand type).
 //   2. bwd_chunk.cuh  per (chunk, batch, group, head split): every gradient of the chunk, with
-//      dB/dC summed over the split's heads in a fixed order into an fp32 workspace.
+//      dB/dC summed over the split's heads in a fixed order (on chip where it fits) and
+//      written once per block into an fp32 workspace.
 //   3. bwd_reduce.cu  fixed-order sums over head splits (dB, dC) and chunks (dA, dD, ddt_bias).
 // Chunks are kQ = 64 steps whatever chunk_size says (the result does not depend on it); with
 // cu_seqlens, chunks restart at every sequence start, so each chunk belongs to one sequence.
@@ -34,6 +35,7 @@ struct Params {
   bool softplus, clamp;
   bool vec_x, vec_o, vec_z, vec_B, vec_C;  // rows contiguous and 16-byte aligned: vector loads
   int ctas_per_sm;                          // resident step-2 blocks per SM (sizing head splits)
+  bool onchip;  // step 2 keeps the dB/dC partials in shared memory across heads (bwd_chunk.cuh)
   float dt_min, dt_max;
 
   // inputs (element strides, 64-bit)
@@ -55,7 +57,7 @@ struct Params {
   // workspaces
   void* wsS;      // (nslots, h, p, npad) bf16: state entering each chunk
   void* wsG;      // (nslots, h, p, npad) bf16: adjoint leaving each chunk (from later chunks)
-  float* wsdB;    // (b, l, nsplit, g, npad): per-split partial sums
+  float* wsdB;    // (b, l, nsplit, g, npad): per-split partial sums (none: onchip, nsplit 1)
   float* wsdC;
   float* part_dA;    // (nslots, h)
   float* part_ddtb;  // (nslots, h)
@@ -78,7 +80,9 @@ void launch_chunk_offsets(const Params& prm, void* stream);
 void launch_states(const Params& prm, int tcode, void* stream);
 void launch_chunk(const Params& prm, int tcode, void* stream);
 void launch_reduce(const Params& prm, int tcode, void* stream);
-size_t chunk_smem_bytes(const Params& prm);
+size_t chunk_smem_bytes(const Params& prm);       // step 2's dynamic shared memory (prm.onchip)
+bool chunk_onchip_fits(const Params& prm, size_t optin);  // the on-chip variant fits (prm.p, npad)
+int chunk_groups(const Params& prm);               // 8-warp groups per step-2 block
 
 }  // namespace ssd_bwd
 }  // namespace mlmamba

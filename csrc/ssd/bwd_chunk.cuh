@@ -10,6 +10,22 @@
 //           + sum_{j<t} dt_j sout_j x_j.(G_next B_j),     M_ij = L_ij CB_ij dt_j W_ij
 //   ddt_t = x_t . u_t + A l_t,   dA = sum_t dt_t l_t
 // 8 warps: warp w owns rows 16*(w/2).. of every 64-row product and half (w%2) of its columns.
+//
+// dB/dC partial sums over the split's heads (kOnChip, the default where it fits):
+// kept in fp32 shared memory across the head loop, in the mma accumulator layout (each thread
+// reads and writes only its own 16 values per 64-column block: float4 accesses, no bank
+// conflicts, no barrier), and written to the workspace once per CTA. They take 2 x 64 x npad
+// x 4 B = 64 KB at n = 128, which does not fit beside two 8-warp CTAs per SM (112 KB each) and
+// does not fit in registers either (64 more per thread at a 128-register cap). So for
+// headdim <= 64 one CTA runs two groups of 8 warps (512 threads, the same 16 warps per SM as
+// two CTAs before) that take alternate heads of the split, each with its own x/dy/T1/T2/S/G
+// tiles and named barriers, sharing the B/C tiles and the partials. The heads are added in
+// head order (fixed, deterministic: the same sums as the global path): before adding head k
+// into a 64-column block, a group waits on a named barrier that the other group arrives at
+// after adding head k-1 there. The fp32 CB tile (17 KB) is recomputed in registers per head
+// (32 mma per warp, bitwise the same values) to make room. headdim 128 runs one group per
+// CTA (its tiles are twice as large); where even that does not fit (large n), the partials
+// go through the global workspace per head as before (kOnChip = false).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -23,15 +39,51 @@ constexpr int kThreads = 256;
 constexpr int kLdQ = kQ + 8;   // pitch of 64-wide bf16 tiles
 constexpr int kLdCB = kQ + 4;  // pitch of the fp32 CB tile
 
-template <int kP>
+// warp groups per CTA: two for the on-chip partials at headdim <= 64 (see the top)
+template <int kP, bool kOnChip>
+constexpr int chunk_groups() { return kOnChip && kP <= 64 ? 2 : 1; }
+
+template <int kP, bool kOnChip>
 struct ChunkSmem {
   static constexpr int ldp = kP + 8;
+  static constexpr int kGroups = chunk_groups<kP, kOnChip>();
+  // per group: Xs, Ds [kQ][ldp], T1, T2 [kQ][kLdQ], Sb, Gb [kP][kLdQ] (bf16 elements)
+  static constexpr size_t group_elems = 2 * kQ * ldp + 2 * kQ * kLdQ + 2 * kP * kLdQ;
   static size_t bytes(int npad) {
     const size_t ldn = npad + 8;
-    return sizeof(bf16) * (2 * kQ * ldn + 2 * kQ * ldp + 2 * kQ * kLdQ + 2 * kP * kLdQ) +
-           sizeof(float) * kQ * kLdCB;
+    return sizeof(bf16) * (2 * kQ * ldn + kGroups * group_elems) +
+           (kOnChip ? sizeof(float) * 2 * kQ * npad      // dB, dC partials
+                    : sizeof(float) * kQ * kLdCB);       // CB
   }
 };
+
+// named barriers: 0 = __syncthreads, 1 + g = group g, kBarHand + 2 * block + g = "group g may
+// add its head into 64-column block `block`" (ids up to 10 for npad <= 256)
+constexpr int kBarHand = 3;
+__device__ __forceinline__ void bar_sync(int id, int n) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int n) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(n) : "memory");
+}
+template <int kGroups>
+__device__ __forceinline__ void group_sync(int gid) {
+  if (kGroups == 1) __syncthreads();
+  else bar_sync(1 + gid, kThreads);
+}
+
+// on-chip partials: float4 slot ((block * 2 + which) * 4 + t) * kThreads + tid holds acc[t][0..3]
+__device__ __forceinline__ void onchip_add(float4* part, const float (&acc)[4][4], int blk,
+                                           int which, int tid, bool first) {
+  float4* q = part + (blk * 2 + which) * 4 * kThreads + tid;
+  float4 prev[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) prev[t] = first ? make_float4(0.f, 0.f, 0.f, 0.f) : q[t * kThreads];
+#pragma unroll
+  for (int t = 0; t < 4; ++t)
+    q[t * kThreads] = make_float4(acc[t][0] + prev[t].x, acc[t][1] + prev[t].y,
+                                  acc[t][2] + prev[t].z, acc[t][3] + prev[t].w);
+}
 
 template <typename T>
 __device__ __forceinline__ void store_pair(T* p, int64_t i, float v0, float v1, bool two) {
@@ -60,30 +112,47 @@ __device__ __forceinline__ void add_partial(float* ws, const float (&acc)[4][4],
   }
 }
 
-template <typename T, int kP>
-__global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Params P) {
+template <typename T, int kP, bool kOnChip>
+__global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
+                                  (kP >= 128 || kOnChip) ? 1 : 2) chunk_kernel(Params P) {
   constexpr int LDP = kP + 8;
   constexpr int NTP = kP / 16;  // 8-column tiles per warp in the p-wide products
+  constexpr int kGroups = chunk_groups<kP, kOnChip>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ ChunkVec cv;
-  __shared__ float rowpart[2][kQ], colpart[4][kQ], t2part[2][kQ], t4part[2][kQ], dinpart[2][kQ];
-  __shared__ float dDw[kThreads / 32][kP];
-  __shared__ float red[kThreads / 32];
+  __shared__ ChunkVec cv_g[kGroups];
+  __shared__ float rowpart_g[kGroups][2][kQ], colpart_g[kGroups][4][kQ], t2part_g[kGroups][2][kQ],
+      t4part_g[kGroups][2][kQ], dinpart_g[kGroups][2][kQ];
+  __shared__ float dDw_g[kGroups][kThreads / 32][kP];
+  __shared__ float red_g[kGroups][kThreads / 32];
 
   const ChunkPos cp = chunk_pos(P);
   if (!cp.valid) return;
+  // gid: warp group (alternate heads); tid, warp: the thread's place inside its group
+  const int gid = kGroups == 1 ? 0 : int(threadIdx.x) / kThreads;
+  ChunkVec& cv = cv_g[gid];
+  float(&rowpart)[2][kQ] = rowpart_g[gid];
+  float(&colpart)[4][kQ] = colpart_g[gid];
+  float(&t2part)[2][kQ] = t2part_g[gid];
+  float(&t4part)[2][kQ] = t4part_g[gid];
+  float(&dinpart)[2][kQ] = dinpart_g[gid];
+  float(&dDw)[kThreads / 32][kP] = dDw_g[gid];
+  float(&red)[kThreads / 32] = red_g[gid];
   const int npad = P.npad, LDN = npad + 8;
   bf16* Bs = reinterpret_cast<bf16*>(smem_raw);  // [j][n]
   bf16* Cs = Bs + kQ * LDN;                       // [i][n]
-  bf16* Xs = Cs + kQ * LDN;                       // [t][p]
+  bf16* Xs = Cs + kQ * LDN + gid * ChunkSmem<kP, kOnChip>::group_elems;  // [t][p]
   bf16* Ds = Xs + kQ * LDP;                       // [t][p] dy
   bf16* T1 = Ds + kQ * LDP;                       // [j][i] L.CB
   bf16* T2 = T1 + kQ * kLdQ;                      // [j][i] dt_j L.W
   bf16* Sb = T2 + kQ * kLdQ;                      // [p][n] S_prev block
   bf16* Gb = Sb + kP * kLdQ;                      // [p][n] G_next block
-  float* CB = reinterpret_cast<float*>(Gb + kP * kLdQ);  // [i][j]
+  // after the groups' tiles: CB [i][j] (global partials) or the dB/dC partials (on chip)
+  float* after = reinterpret_cast<float*>(Cs + kQ * LDN + kGroups * ChunkSmem<kP, kOnChip>::group_elems);
+  float* CB = after;
+  float4* part = reinterpret_cast<float4*>(after);
 
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int tid = kGroups == 1 ? int(threadIdx.x) : int(threadIdx.x) % kThreads;
+  const int warp = tid >> 5, lane = tid & 31;
   const int rw = warp >> 1, cw = warp & 1;
   const int r = lane >> 2, c2 = 2 * (lane & 3);
   const int m0 = rw * 16;  // first row of this warp
@@ -94,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
   const int64_t t0 = cp.t0;
 
   // ---- B, C tiles of the group and CB = C B^T ----
-  for (int e = tid; e < kQ * npad; e += kThreads) {
+  for (int e = threadIdx.x; e < kQ * npad; e += kThreads * kGroups) {
     const int i = e / npad, nn = e % npad;
     float bv = 0.f, cvv = 0.f;
     if (i < qc && nn < P.n) {
@@ -107,8 +176,8 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
   }
   __syncthreads();
   const bool qq_on = !(rw == 0 && cw == 1);  // 16x32 tiles of a 64x64 lower triangle
-  if (qq_on) {
-    float acc[4][4] = {};
+  // CB = C B^T in this warp's 16x32 tile (the phase-1 layout), fp32
+  auto cb_tile = [&](float (&acc)[4][4]) {
     for (int kk = 0; kk < npad / 16; ++kk) {
       uint32_t a[4];
       frag_a(a, Cs, LDN, m0, kk * 16);
@@ -119,6 +188,10 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
         mma_bf16(acc[t], a, b0, b1);
       }
     }
+  };
+  if (!kOnChip && qq_on) {
+    float acc[4][4] = {};
+    cb_tile(acc);
 #pragma unroll
     for (int t = 0; t < 4; ++t)
 #pragma unroll
@@ -127,7 +200,9 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
             make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
   }
 
-  for (int hh = hbeg; hh < hend; ++hh) {
+  const int nh = hend - hbeg;
+  for (int k = gid; k < nh; k += kGroups) {
+    const int hh = hbeg + k;
     const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
     // ---- phase 0: chunk vectors, x and dy tiles, dD partials ----
     if (warp == 0) chunk_vectors(P, cv, bb, t0, qc, cp.first, hh, Ah);
@@ -188,11 +263,18 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
         for (int e = 0; e < 8; ++e) dDw[warp][lane * 8 + e] = dd[e];
       }
     }
-    __syncthreads();
+    group_sync<kGroups>(gid);
 
     // ---- phase 1: W = dy x^T, the masked tiles T1, T2 and the strict sums of M ----
     {
-      float w[4][4] = {};
+      float w[4][4] = {}, cbr[4][4];
+      if constexpr (kOnChip) {
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cbr[t][e] = 0.f;
+        if (qq_on) cb_tile(cbr);
+      }
       if (qq_on) {
 #pragma unroll
         for (int kk = 0; kk < kP / 16; ++kk) {
@@ -216,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           float lcb = 0.f, lw = 0.f;
           if (j <= i && cv.seg[i] == cv.seg[j]) {
             const float l = __expf(cv.lam[i] - cv.lam[j]);
-            lcb = l * CB[i * kLdCB + j];
+            lcb = l * (kOnChip ? cbr[t][e] : CB[i * kLdCB + j]);
             lw = l * w[t][e];
           }
           const float dtj = cv.dt[j];
@@ -253,10 +335,11 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
     float u[NTP][4] = {}, v[NTP][4] = {};
     float gs = 0.f;  // <G_next, S_prev> partial
     const int64_t wsbase = (int64_t(slot) * P.h + hh) * P.p * npad;
-    const bool first_head = hh == hbeg;
+    const bool first_head = k == 0;
     const float sin_lo = cv.sin[m0 + r], sin_hi = cv.sin[m0 + r + 8];
     for (int nb = 0; nb < npad; nb += kNB) {
-      __syncthreads();  // T1/T2/partials written; previous Sb/Gb reads done
+      const int blk = nb / kNB;
+      group_sync<kGroups>(gid);  // T1/T2/partials written; previous Sb/Gb reads done
       {
         constexpr int NV = kP * (kNB / 8) / kThreads;
         uint4 sv[NV], gv[NV];
@@ -284,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
           *reinterpret_cast<uint4*>(Gb + pp * kLdQ + q * 8) = gv[u];
         }
       }
-      __syncthreads();
+      group_sync<kGroups>(gid);
 #pragma unroll
       for (int kk = 0; kk < kNB / 16; ++kk) {
         uint32_t ab[4], ac[4];
@@ -326,8 +409,14 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
             mma_bf16(acc[t], a, b0, b1);
           }
         }
-        add_partial(P.wsdB, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
-                    first_head);
+        if constexpr (kOnChip) {
+          // head k - 1 (the other group) has added its share into this block
+          if (kGroups == 2 && k > 0) bar_sync(kBarHand + 2 * blk + gid, 2 * kThreads);
+          onchip_add(part, acc, blk, 0, tid, first_head);
+        } else {
+          add_partial(P.wsdB, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
+                      first_head);
+        }
       }
       // dC rows i: intra (T2^T times B) + state (sin dy times S_prev)
       {
@@ -353,8 +442,16 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
             mma_bf16(acc[t], a, b0, b1);
           }
         }
-        add_partial(P.wsdC, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
-                    first_head);
+        if constexpr (kOnChip) {
+          onchip_add(part, acc, blk, 1, tid, first_head);
+          if (kGroups == 2 && k + 1 < nh) {
+            __threadfence_block();
+            bar_arrive(kBarHand + 2 * blk + (gid ^ 1), 2 * kThreads);  // head k + 1 may add
+          }
+        } else {
+          add_partial(P.wsdC, acc, bb, t0, qc, m0 + r, split, gg, nb + cw * 32 + c2, npad, P,
+                      first_head);
+        }
       }
     }
 
@@ -486,7 +583,7 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
     }
     gs = warp_sum(gs);
     if (lane == 0) red[warp] = gs;
-    __syncthreads();
+    group_sync<kGroups>(gid);
 
     // ---- phase 4: lambda, ddt, and the per-(chunk, head) partials of dA, ddt_bias, dD ----
     if (warp == 0) {
@@ -533,21 +630,84 @@ __global__ void __launch_bounds__(kThreads, kP >= 128 ? 1 : 2) chunk_kernel(Para
       for (int q = 0; q < kThreads / 32; ++q) s += dDw[q][pp];
       if (pp < P.p) P.part_dD[(int64_t(slot) * P.h + hh) * P.p + pp] = s;
     }
-    __syncthreads();
+    group_sync<kGroups>(gid);
   }
+
+  if constexpr (kOnChip) {
+    // the split's sums, once: group g writes dB (g = 0) or dC (g = 1); one group writes both.
+    // With one split per group they are the final dB/dC (the reduce skips them, bwd_reduce.cu).
+    __syncthreads();
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+      if (kGroups == 2 && which != gid) continue;
+      float* ws = which ? P.wsdC : P.wsdB;
+      T* out = static_cast<T*>(which ? P.dC : P.dB);
+      for (int blk = 0; blk < npad / kNB; ++blk) {
+        const float4* q = part + (blk * 2 + which) * 4 * kThreads + tid;
+        float4 v[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) v[t] = q[t * kThreads];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int j = m0 + r + 8 * hf;
+          if (j >= qc) continue;
+          const int col = blk * kNB + cw * 32 + c2;
+          if (P.nsplit == 1) {
+            const int64_t o = ((int64_t(bb) * P.l + t0 + j) * P.g + gg) * P.n;
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+              const int c = col + t * 8;
+              if (c < P.n)
+                store_pair(out, o + c, hf ? v[t].z : v[t].x, hf ? v[t].w : v[t].y, c + 1 < P.n);
+            }
+            continue;
+          }
+          float2* dst = reinterpret_cast<float2*>(
+              ws + (((int64_t(bb) * P.l + t0 + j) * P.nsplit + split) * P.g + gg) * npad + col);
+#pragma unroll
+          for (int t = 0; t < 4; ++t)
+            dst[t * 4] = hf ? make_float2(v[t].z, v[t].w) : make_float2(v[t].x, v[t].y);
+        }
+      }
+    }
+  }
+}
+
+template <int kP, bool kOnChip>
+void launch_chunk_variant(const Params& prm, int tcode, cudaStream_t st) {
+  const size_t smem = ChunkSmem<kP, kOnChip>::bytes(prm.npad);
+  dim3 grid(prm.varlen ? prm.nslots : prm.nch, prm.varlen ? 1 : prm.b, prm.g * prm.nsplit);
+  const int threads = kThreads * chunk_groups<kP, kOnChip>();
+  auto go = [&](auto kernel) {
+    ensure_max_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem));
+    kernel<<<grid, threads, smem, st>>>(prm);
+  };
+  if (tcode == kF32) go(chunk_kernel<float, kP, kOnChip>);
+  else if (tcode == kF16) go(chunk_kernel<__half, kP, kOnChip>);
+  else go(chunk_kernel<bf16, kP, kOnChip>);
 }
 
 template <int kP>
 void launch_chunk_impl(const Params& prm, int tcode, cudaStream_t st) {
-  const size_t smem = ChunkSmem<kP>::bytes(prm.npad);
-  dim3 grid(prm.varlen ? prm.nslots : prm.nch, prm.varlen ? 1 : prm.b, prm.g * prm.nsplit);
-  auto go = [&](auto kernel) {
-    ensure_max_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem));
-    kernel<<<grid, kThreads, smem, st>>>(prm);
-  };
-  if (tcode == kF32) go(chunk_kernel<float, kP>);
-  else if (tcode == kF16) go(chunk_kernel<__half, kP>);
-  else go(chunk_kernel<bf16, kP>);
+  if (prm.onchip) launch_chunk_variant<kP, true>(prm, tcode, st);
+  else launch_chunk_variant<kP, false>(prm, tcode, st);
+}
+
+// Dynamic shared memory of the variant; for the on-chip one, whether it fits in `optin` bytes
+// with its static shared memory.
+template <int kP>
+size_t chunk_smem_impl(int npad, bool onchip) {
+  return onchip ? ChunkSmem<kP, true>::bytes(npad) : ChunkSmem<kP, false>::bytes(npad);
+}
+template <int kP>
+bool chunk_onchip_fits_impl(int npad, size_t optin) {
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, reinterpret_cast<const void*>(chunk_kernel<bf16, kP, true>)) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return a.sharedSizeBytes + ChunkSmem<kP, true>::bytes(npad) <= optin;
 }
 
 }  // namespace ssd_bwd

@@ -6,6 +6,9 @@ namespace ssd_bwd {
 void launch_chunk_p64(const Params& prm, int tcode, cudaStream_t st) {
   launch_chunk_impl<64>(prm, tcode, st);
 }
-size_t chunk_smem_p64(int npad) { return ChunkSmem<64>::bytes(npad); }
+size_t chunk_smem_p64(int npad, bool onchip) { return chunk_smem_impl<64>(npad, onchip); }
+bool chunk_onchip_fits_p64(int npad, size_t optin) {
+  return chunk_onchip_fits_impl<64>(npad, optin);
+}
 }  // namespace ssd_bwd
 }  // namespace mlmamba

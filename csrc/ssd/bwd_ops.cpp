@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -162,14 +164,24 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   P.nslots = varlen ? int((l + kQ - 1) / kQ + nseq) : int(b) * P.nch;
   MLM_CHECK(nseq * 2 < (int64_t(1) << 31) && P.nslots <= (1 << 30), kOp, ": too many sequences");
   MLM_CHECK(varlen || b <= 65535, kOp, ": at most 65535 batch rows, got ", b);
-  // head splits: the fewest waves times heads per block (step 2 sums dB/dC over a split's heads)
-  P.ctas_per_sm = p <= 64 ? 2 : 1;
+  // step 2 variant: dB/dC partials on chip where they fit (MLMAMBA_SSD_BWD_PARTIALS=global
+  // forces the per-head global read-modify-write, for comparisons)
   {
+    const char* env = std::getenv("MLMAMBA_SSD_BWD_PARTIALS");
+    const bool force_global = env && std::strcmp(env, "global") == 0;
+    P.onchip = !force_global && chunk_onchip_fits(P, prop.sharedMemPerBlockOptin);
+  }
+  // head splits: the fewest waves times heads per block (step 2 sums dB/dC over a split's heads);
+  // on chip: one block per SM whose groups share the heads, plus one head's worth of fixed
+  // work per block (B/C tiles, the partials' write-out)
+  P.ctas_per_sm = P.onchip ? 1 : (p <= 64 ? 2 : 1);
+  {
+    const int groups = chunk_groups(P), extra = P.onchip ? 1 : 0;
     const int64_t base = int64_t(P.nslots) * g, slots = int64_t(P.ctas_per_sm) * prop.multiProcessorCount;
     int64_t best = -1, best_ns = 1;
     for (int ns = 1; ns <= std::min(P.hpg, 16); ++ns) {
       const int64_t hs = (P.hpg + ns - 1) / ns, ctas = base * ((P.hpg + hs - 1) / hs);
-      const int64_t cost = (ctas + slots - 1) / slots * hs;
+      const int64_t cost = (ctas + slots - 1) / slots * ((hs + groups - 1) / groups + extra);
       if (best < 0 || cost < best) { best = cost; best_ns = ns; }
     }
     P.hsplit = int((P.hpg + best_ns - 1) / best_ns);
@@ -238,7 +250,8 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   auto bopt = x.options().dtype(at::kBFloat16);
   const int64_t wsn = int64_t(P.nslots) * h * p * P.npad;
   at::Tensor wsS = at::empty({wsn}, bopt), wsG = at::empty({wsn}, bopt);
-  const int64_t wbc = b * l * P.nsplit * g * P.npad;
+  // (no dB/dC workspace where step 2 writes dB/dC itself: on chip with one split)
+  const int64_t wbc = P.onchip && P.nsplit == 1 ? 0 : b * l * P.nsplit * g * P.npad;
   at::Tensor wsdB = at::empty({wbc}, fopt), wsdC = at::empty({wbc}, fopt);
   at::Tensor parts = at::empty({int64_t(P.nslots) * h * (2 + p)}, fopt);
   P.wsS = wsS.data_ptr(); P.wsG = wsG.data_ptr();

@@ -1,5 +1,6 @@
 // SSD backward, step 3: fixed-order sums (deterministic, no atomics).
-//   dB, dC: over the head splits of each group, into the input dtype.
+//   dB, dC: over the head splits of each group, into the input dtype (unless step 2 wrote
+//           them: on-chip partials and one split).
 //   dA, ddt_bias, dD: over every chunk slot, in fp32 (the host casts to the input dtype).
 // Also the dispatch of step 2 by headdim.
 #include <cuda_runtime.h>
@@ -14,9 +15,12 @@ namespace ssd_bwd {
 void launch_chunk_p32(const Params& prm, int tcode, cudaStream_t st);
 void launch_chunk_p64(const Params& prm, int tcode, cudaStream_t st);
 void launch_chunk_p128(const Params& prm, int tcode, cudaStream_t st);
-size_t chunk_smem_p32(int npad);
-size_t chunk_smem_p64(int npad);
-size_t chunk_smem_p128(int npad);
+size_t chunk_smem_p32(int npad, bool onchip);
+size_t chunk_smem_p64(int npad, bool onchip);
+size_t chunk_smem_p128(int npad, bool onchip);
+bool chunk_onchip_fits_p32(int npad, size_t optin);
+bool chunk_onchip_fits_p64(int npad, size_t optin);
+bool chunk_onchip_fits_p128(int npad, size_t optin);
 
 template <typename T>
 __global__ void reduce_bc_kernel(Params P) {
@@ -71,7 +75,8 @@ void launch_reduce(const Params& prm, int tcode, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   const int64_t total = int64_t(prm.b) * prm.l * prm.g * prm.n;
   const int blocks = int(std::min<int64_t>((total + 255) / 256, 4096));
-  if (blocks > 0) {
+  // on-chip partials with one split per group: step 2 wrote dB/dC itself
+  if (blocks > 0 && !(prm.onchip && prm.nsplit == 1)) {
     dim3 grid(blocks, 2);
     if (tcode == kF32) reduce_bc_kernel<float><<<grid, 256, 0, st>>>(prm);
     else if (tcode == kF16) reduce_bc_kernel<__half><<<grid, 256, 0, st>>>(prm);
@@ -88,10 +93,18 @@ void launch_chunk(const Params& prm, int tcode, void* stream) {
 }
 
 size_t chunk_smem_bytes(const Params& prm) {
-  if (prm.p <= 32) return chunk_smem_p32(prm.npad);
-  if (prm.p <= 64) return chunk_smem_p64(prm.npad);
-  return chunk_smem_p128(prm.npad);
+  if (prm.p <= 32) return chunk_smem_p32(prm.npad, prm.onchip);
+  if (prm.p <= 64) return chunk_smem_p64(prm.npad, prm.onchip);
+  return chunk_smem_p128(prm.npad, prm.onchip);
 }
+
+bool chunk_onchip_fits(const Params& prm, size_t optin) {
+  if (prm.p <= 32) return chunk_onchip_fits_p32(prm.npad, optin);
+  if (prm.p <= 64) return chunk_onchip_fits_p64(prm.npad, optin);
+  return chunk_onchip_fits_p128(prm.npad, optin);
+}
+
+int chunk_groups(const Params& prm) { return prm.onchip && prm.p <= 64 ? 2 : 1; }
 
 }  // namespace ssd_bwd
 }  // namespace mlmamba
