@@ -176,6 +176,18 @@ def test_orders_edited_in_place_are_checked_again(rng):
 
 
 @need
+def test_inference_mode(rng):
+    """Inference tensors (the VLM's connector) have no version counter to cache the check by."""
+    with torch.inference_mode():
+        a = make(rng, 1, 3, 4, k=2, kind="random")
+        want = fused(a, "mean")
+        assert torch.equal(fused(a, "mean"), want)
+        a["orders"][0, 0] = a["orders"][0, 1]
+        with pytest.raises(RuntimeError, match="permutation"):
+            fused(a, "mean")
+
+
+@need
 def test_opcheck(rng):
     a = make(rng, 1, 3, 5, h=2, k=2, kind="random")
     args = (a["xBC"], a["dt"], a["A"], a["D"], a["conv_weight"], a["conv_bias"], a["dt_bias"],

@@ -45,7 +45,8 @@ void check_param(const char* name, const at::Tensor& t, const at::Tensor& x,
 
 // orders as int32, checked to be k permutations of range(L). The check needs the values on
 // the host (one sync), so checked orders are remembered: the entry holds the caller's tensor
-// (its memory cannot be reused while cached) and its version (in-place edits miss the cache).
+// (its memory cannot be reused while cached) and its version (in-place edits miss the cache);
+// inference tensors have no version and are checked every time.
 // While a CUDA graph is captured nothing can sync: orders not seen before go unchecked (the
 // kernel ignores positions outside range(L) instead of touching memory out of bounds).
 at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
@@ -55,8 +56,11 @@ at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
   };
   static std::mutex mu;
   static std::deque<Entry> cache;
-  const uint32_t version = orders.unsafeGetTensorImpl()->version_counter().current_version();
-  {
+  // inference tensors carry no version counter: checked on every call
+  const bool cacheable = !orders.is_inference();
+  const uint32_t version =
+      cacheable ? orders.unsafeGetTensorImpl()->version_counter().current_version() : 0;
+  if (cacheable) {
     std::lock_guard<std::mutex> lock(mu);
     for (const auto& e : cache)
       if (e.src.is_same(orders) && e.version == version) return e.as_int;
@@ -68,6 +72,7 @@ at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
   const bool ok = sorted.eq(at::arange(L, orders.options()).unsqueeze(0)).all().item<bool>();
   MLM_CHECK(ok, "msc_scan: every row of orders must be a permutation of range(", L, ")");
   at::Tensor as_int = orders.to(at::kInt).contiguous();
+  if (!cacheable) return as_int;
   std::lock_guard<std::mutex> lock(mu);
   cache.push_front({orders, as_int, version});
   if (cache.size() > 8) cache.pop_back();
