@@ -10,6 +10,7 @@
 //            S (bf16) -> shared for the next chunk's batch 1 while Y += M X computes
 //   then     y = Y + D x, * silu(z), stored.
 // Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by cp.async one chunk ahead.
+// MSC mode (msc_scan, fwd_msc.cuh): k scans per CTA through their orders, x conv'd in the load.
 #include <cuda_runtime.h>
 
 #include "common/device_utils.cuh"
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
   const bool has_D = p.D != nullptr, has_z = p.z != nullptr;
   bf16* out_head = static_cast<bf16*>(p.out) + bidx * p.out_b + h * p.out_h;
-  // MSC: raw rows, positions (buffer c % 3 for chunk c), the columns this CTA reads
+  // MSC: the raw x rows, the positions (buffer c % 3 for chunk c), this row of xBC
   unsigned char* rawsm = sm + Lt::RAW_OFF;
   int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
@@ -132,271 +133,271 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   const int nscans = MSC ? p.msc.nscans : 1;
 #pragma unroll 1
   for (int sc = 0; sc < nscans; ++sc) {
-  if (MSC && sc > 0) __syncthreads();  // scan s - 1 is done with the buffers and the sums
-  const int hs = MSC ? sc * static_cast<int>(p.nheads) + h : h;  // A, D, dt_bias: (k, h) in MSC
-  const int* order = MSC ? p.msc.orders + sc * p.seqlen : nullptr;
-  const float Ah = p.A[hs];
-  const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
-  if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
-  if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
-    float* st = reinterpret_cast<float*>(Xs(0));
-    const int64_t ib = row * p.init_b + h * p.init_h;
-    auto stage = [&](auto zero) {
-      using T = decltype(zero);
-      const T* src = static_cast<const T*>(p.init) + ib;
-      constexpr int PER = P * N / NT, BATCH = 8;
+    if (MSC && sc > 0) __syncthreads();  // scan sc - 1 is done with the buffers and the sums
+    const int hs = MSC ? sc * static_cast<int>(p.nheads) + h : h;  // A, D, dt_bias: (k, h) in MSC
+    const int* order = MSC ? p.msc.orders + sc * p.seqlen : nullptr;
+    const float Ah = p.A[hs];
+    const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
+    if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
+    if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
+      float* st = reinterpret_cast<float*>(Xs(0));
+      const int64_t ib = row * p.init_b + h * p.init_h;
+      auto stage = [&](auto zero) {
+        using T = decltype(zero);
+        const T* src = static_cast<const T*>(p.init) + ib;
+        constexpr int PER = P * N / NT, BATCH = 8;
 #pragma unroll 1
-      for (int k0 = 0; k0 < PER; k0 += BATCH) {
-        float v[BATCH];
+        for (int k0 = 0; k0 < PER; k0 += BATCH) {
+          float v[BATCH];
 #pragma unroll
-        for (int k = 0; k < BATCH; ++k) {
-          const int e = tid + (k0 + k) * NT;
-          v[k] = static_cast<float>(src[(e / N) * p.init_p + (e % N) * p.init_n]);
+          for (int k = 0; k < BATCH; ++k) {
+            const int e = tid + (k0 + k) * NT;
+            v[k] = static_cast<float>(src[(e / N) * p.init_p + (e % N) * p.init_n]);
+          }
+#pragma unroll
+          for (int k = 0; k < BATCH; ++k) st[tid + (k0 + k) * NT] = v[k];
         }
+      };
+      const DType it = static_cast<DType>(p.init_dtype);
+      if (it == DType::f32) stage(0.f);
+      else if (it == DType::bf16) stage(__float2bfloat16(0.f));
+      else stage(__float2half(0.f));
+      __syncthreads();
 #pragma unroll
-        for (int k = 0; k < BATCH; ++k) st[tid + (k0 + k) * NT] = v[k];
+      for (int np = 0; np < NP; ++np)
+#pragma unroll
+        for (int i = 0; i < 32; ++i)
+          sacc[np][i] = st[(16 * warp + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
+      __syncthreads();  // stage 0 is overwritten by the first chunk's loads
+    } else {
+#pragma unroll
+      for (int np = 0; np < NP; ++np)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
+    }
+    // S (bf16) as a K-major operand, rows p, columns n: stmatrix x4 of n8 blocks 2 jp, 2 jp + 1,
+    // rows 16 w.. (+8). Lane l addresses row 16 w + 8 (q & 1) + l % 8 of block 2 jp + (q >> 1)
+    // (q = l / 8); its 16-byte chunk index (2 jp + (q >> 1)) ^ (l % 8) is the lane's base
+    // chunk with bit 1 flipped by jp: one XOR per store.
+    const uint32_t st_base = [&] {
+      const int q = lane >> 3, rr = lane & 7;
+      return smem_u32(Ss) + (16 * warp + 8 * (q & 1) + rr) * 128 + (((q >> 1) ^ rr) << 4);
+    }();
+    auto store_state = [&]() {
+#pragma unroll
+      for (int np = 0; np < NP; ++np)
+#pragma unroll
+        for (int jp = 0; jp < 4; ++jp) {
+          const float* a = sacc[np] + 8 * jp;
+          stsm_x4((st_base + np * P * 128) ^ (jp << 5), pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]),
+                  pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
+        }
+    };
+    store_state();
+
+    const int nchunks = static_cast<int>((len + Q - 1) / Q);
+    auto issue = [&](int c) {
+      if constexpr (MSC) {  // raw x rows; B, C (conv'd per scan) at the chunk's positions
+        const int* ord = ordsm + (c % 3) * kMscOrd;
+        const int64_t bc = sc * p.msc.bc_s;
+        msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
+        load_tile_at<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
+        load_tile_at<N>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
+        cp_async_commit();
+        return;
+      }
+      const int64_t c0 = static_cast<int64_t>(c) * Q;
+      const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+      load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
+      load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
+      if (!SO) load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
+      cp_async_commit();
+    };
+    RawDt raw;
+    auto fetch = [&](int64_t c0) {  // warp 0: raw dt (MSC: and positions) of the chunk at c0
+      if constexpr (MSC)
+        msc_fetch(raw, ordsm + (c0 / Q % 3) * kMscOrd, p, order, bidx, len, h, c0, lane);
+      else
+        raw.fetch(p, bidx, tstart, len, h, c0, lane);
+    };
+    auto vectors = [&](int c) {  // warp 0: chunk c's vectors into buffer c & 1, then fetch c + 1
+      const int64_t c0 = static_cast<int64_t>(c) * Q;
+      const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+      chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nv, lane);
+      if (c + 1 < nchunks) fetch(c0 + Q);
+    };
+    if (nchunks > 0) {
+      if (!MSC) issue(0);
+      if (warp == 0) {
+        fetch(0);
+        vectors(0);
+      }
+      if (MSC) {  // chunk 0's positions -> all threads
+        __syncthreads();
+        issue(0);
+      }
+    }
+
+    // X^T scaled by w: the A operand of the state update (k-step s = tokens 16 s ..); k-step s
+    // reads rows 16 s..: the same swizzle phase, 2048 bytes further
+    auto scaled_xt = [&](uint32_t (&xa)[4][4], const unsigned char* X, const ChunkVecs& cv) {
+      const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
+                                                         16 * warp + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        ldsm_x4_t(xa[s], xr + s * 16 * 128);
+        const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
+        const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float2 f = unpack_bf16(xa[s][q]);
+          xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
+        }
       }
     };
-    const DType it = static_cast<DType>(p.init_dtype);
-    if (it == DType::f32) stage(0.f);
-    else if (it == DType::bf16) stage(__float2bfloat16(0.f));
-    else stage(__float2half(0.f));
-    __syncthreads();
+    // S += (w o X)^T B: A = X^T w from registers, B tile N-major, one m64n64 per 64 columns of S
+    auto state_update = [&](const uint32_t (&xa)[4][4], const unsigned char* B) {
 #pragma unroll
-    for (int np = 0; np < NP; ++np)
+      for (int np = 0; np < NP; ++np)
 #pragma unroll
-      for (int i = 0; i < 32; ++i)
-        sacc[np][i] = st[(16 * warp + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
-    __syncthreads();  // stage 0 is overwritten by the first chunk's loads
-  } else {
+        for (int s = 0; s < 4; ++s)
+          wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+    };
+    auto decay_state = [&](const ChunkVecs& cv) {
+      const float dec = *cv.decay();
 #pragma unroll
-    for (int np = 0; np < NP; ++np)
+      for (int np = 0; np < NP; ++np)
 #pragma unroll
-      for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
-  }
-  // S (bf16) as a K-major operand, rows p, columns n: stmatrix x4 of n8 blocks 2 jp, 2 jp + 1,
-  // rows 16 w.. (+8). Lane l addresses row 16 w + 8 (q & 1) + l % 8 of block 2 jp + (q >> 1)
-  // (q = l / 8); its 16-byte chunk index (2 jp + (q >> 1)) ^ (l % 8) is the lane's base
-  // chunk with bit 1 flipped by jp: one XOR per store.
-  const uint32_t st_base = [&] {
-    const int q = lane >> 3, rr = lane & 7;
-    return smem_u32(Ss) + (16 * warp + 8 * (q & 1) + rr) * 128 + (((q >> 1) ^ rr) << 4);
-  }();
-  auto store_state = [&]() {
-#pragma unroll
-    for (int np = 0; np < NP; ++np)
-#pragma unroll
-      for (int jp = 0; jp < 4; ++jp) {
-        const float* a = sacc[np] + 8 * jp;
-        stsm_x4((st_base + np * P * 128) ^ (jp << 5), pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]),
-                pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
+        for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
+    };
+
+    for (int c = 0; c < nchunks; ++c) {
+      const int64_t c0 = static_cast<int64_t>(c) * Q;
+      const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+      const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
+      unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
+      cp_async_wait_all();
+      if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
+        __syncthreads();
+        const int64_t cd = p.msc.conv_dim;
+        msc_conv_x<P, NT>(X, rawsm, p.msc.conv_w + sc * cd * kMscW,
+                          p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, nvalid, tid);
       }
-  };
-  store_state();
+      fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
+      __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
+      if (c + 1 < nchunks) issue(c + 1);
 
-  const int nchunks = static_cast<int>((len + Q - 1) / Q);
-  auto issue = [&](int c) {
-    if constexpr (MSC) {  // raw x rows; B, C (conv'd per scan) at the chunk's positions
-      const int* ord = ordsm + (c % 3) * kMscOrd;
-      const int64_t bc = sc * p.msc.bc_s;
-      msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
-      load_tile_at<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
-      load_tile_at<N>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
-      cp_async_commit();
-      return;
-    }
-    const int64_t c0 = static_cast<int64_t>(c) * Q;
-    const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-    load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
-    load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
-    if (!SO) load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
-    cp_async_commit();
-  };
-  RawDt raw;
-  auto fetch = [&](int64_t c0) {  // warp 0: raw dt (MSC: and positions) of the chunk at c0
-    if constexpr (MSC)
-      msc_fetch(raw, ordsm + (c0 / Q % 3) * kMscOrd, p, order, bidx, len, h, c0, lane);
-    else
-      raw.fetch(p, bidx, tstart, len, h, c0, lane);
-  };
-  auto vectors = [&](int c) {  // warp 0: chunk c's vectors into buffer c & 1, then fetch c + 1
-    const int64_t c0 = static_cast<int64_t>(c) * Q;
-    const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-    chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nv, lane);
-    if (c + 1 < nchunks) fetch(c0 + Q);
-  };
-  if (nchunks > 0) {
-    if (!MSC) issue(0);
-    if (warp == 0) {
-      fetch(0);
-      vectors(0);
-    }
-    if (MSC) {  // chunk 0's positions -> all threads
-      __syncthreads();
-      issue(0);
-    }
-  }
-
-  // X^T scaled by w: the A operand of the state update (k-step s = tokens 16 s ..); k-step s
-  // reads rows 16 s..: the same swizzle phase, 2048 bytes further
-  auto scaled_xt = [&](uint32_t (&xa)[4][4], const unsigned char* X, const ChunkVecs& cv) {
-    const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
-                                                       16 * warp + ((lane >> 3) & 1) * 8);
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      ldsm_x4_t(xa[s], xr + s * 16 * 128);
-      const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
-      const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const float2 f = unpack_bf16(xa[s][q]);
-        xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
+      if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
+        if (warp == 0 && c + 1 < nchunks) vectors(c + 1);
+        uint32_t xa[4][4];
+        scaled_xt(xa, X, cv);
+        decay_state(cv);
+        wgmma_fence();
+        state_update(xa, B);
+        wgmma_commit();
+        wgmma_wait<0>();
+        continue;
       }
-    }
-  };
-  // S += (w o X)^T B: A = X^T w from registers, B tile N-major, one m64n64 per 64 columns of S
-  auto state_update = [&](const uint32_t (&xa)[4][4], const unsigned char* B) {
-#pragma unroll
-    for (int np = 0; np < NP; ++np)
-#pragma unroll
-      for (int s = 0; s < 4; ++s)
-        wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
-  };
-  auto decay_state = [&](const ChunkVecs& cv) {
-    const float dec = *cv.decay();
-#pragma unroll
-    for (int np = 0; np < NP; ++np)
-#pragma unroll
-      for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
-  };
 
-  for (int c = 0; c < nchunks; ++c) {
-    const int64_t c0 = static_cast<int64_t>(c) * Q;
-    const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-    const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
-    unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
-    cp_async_wait_all();
-    if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
-      __syncthreads();
-      const int64_t cd = p.msc.conv_dim;
-      msc_conv_x<P, NT>(X, rawsm, p.msc.conv_w + sc * cd * kMscW,
-                        p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, nvalid, tid);
-    }
-    fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
-    __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
-    if (c + 1 < nchunks) issue(c + 1);
+      // ---- batch 1: M = C B^T, Y = C S_prev^T ----
+      float macc[32], yacc[32];
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, s), desc_k(B, s), s > 0);
+      wgmma_commit();  // group: M
+#pragma unroll
+      for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
+      wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
+      if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
+      wgmma_wait<1>();
 
-    if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
-      if (warp == 0 && c + 1 < nchunks) vectors(c + 1);
+      // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
+      uint32_t ma[4][4];
+      {
+        const int i0 = 16 * warp + g, i1 = i0 + 8;
+        const float li[2] = {cv.lam()[i0] * kLog2e, cv.lam()[i1] * kLog2e};
+        const int lri[2] = {cv.lr()[i0], cv.lr()[i1]};
+#pragma unroll
+        for (int j8 = 0; j8 < 8; ++j8) {
+          // key tokens j, j + 1 of this lane: one 8-byte load of each vector
+          const float2 lj = *reinterpret_cast<const float2*>(cv.lam() + 8 * j8 + 2 * t);
+          const float2 dj = *reinterpret_cast<const float2*>(cv.dt() + 8 * j8 + 2 * t);
+          float m[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e < 2 ? i0 : i1, j = 8 * j8 + 2 * t + (e & 1);
+            const float lam_j = (e & 1) ? lj.y : lj.x, dt_j = (e & 1) ? dj.y : dj.x;
+            const float v = macc[4 * j8 + e] * exp2_approx(fmaf(-lam_j, kLog2e, li[e >> 1])) * dt_j;
+            m[e] = (j <= i && j >= lri[e >> 1]) ? v : 0.f;  // select, never multiply by the mask
+          }
+          // n8 block j8 of the accumulator = half (j8 & 1) of k-step j8 / 2
+          ma[j8 >> 1][(j8 & 1) * 2 + 0] = pack_bf16(m[0], m[1]);
+          ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
+        }
+      }
       uint32_t xa[4][4];
       scaled_xt(xa, X, cv);
       decay_state(cv);
+      wgmma_wait<0>();  // Y = C S_prev^T done: scale row i by e_i
+      {
+        const float e0 = cv.e()[16 * warp + g], e1 = cv.e()[16 * warp + g + 8];
+#pragma unroll
+        for (int j8 = 0; j8 < 8; ++j8) {
+          yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
+          yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
+        }
+      }
+
+      // ---- batch 2: Y += M X, S += (w o X)^T B ----
       wgmma_fence();
       state_update(xa, B);
-      wgmma_commit();
+      wgmma_commit();  // group: S
+#pragma unroll
+      for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
+      wgmma_commit();  // group: Y
+      wgmma_wait<1>();
+      store_state();   // S for the next chunk (batch 1, its only reader, is done) while Y computes
       wgmma_wait<0>();
-      continue;
-    }
 
-    // ---- batch 1: M = C B^T, Y = C S_prev^T ----
-    float macc[32], yacc[32];
-    wgmma_fence();
+      // ---- epilogue: + D x, * silu(z), store; S for the next chunk ----
+      // lane: rows i = 16 w + g (+8), columns 8 j8 + 2 t (+1); the swizzled X row i holds
+      // them at byte (i * 128 + 4 t) ^ (((i & 7) ^ j8) << 4), i & 7 = g
 #pragma unroll
-    for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, s), desc_k(B, s), s > 0);
-    wgmma_commit();  // group: M
+      for (int hf = 0; hf < 2; ++hf) {
+        const int i = 16 * warp + g + 8 * hf;
+        if (i >= nvalid) continue;
+        const int64_t tok = tstart + c0 + i;
+        float* y = yacc + 2 * hf;  // y[4 j8], y[4 j8 + 1]
+        if (has_D) {
+          const unsigned char* xrow = X + i * 128 + (g << 4) + 4 * t;
 #pragma unroll
-    for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
-    wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
-    if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
-    wgmma_wait<1>();
-
-    // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
-    uint32_t ma[4][4];
-    {
-      const int i0 = 16 * warp + g, i1 = i0 + 8;
-      const float li[2] = {cv.lam()[i0] * kLog2e, cv.lam()[i1] * kLog2e};
-      const int lri[2] = {cv.lr()[i0], cv.lr()[i1]};
-#pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) {
-        // key tokens j, j + 1 of this lane: one 8-byte load of each vector
-        const float2 lj = *reinterpret_cast<const float2*>(cv.lam() + 8 * j8 + 2 * t);
-        const float2 dj = *reinterpret_cast<const float2*>(cv.dt() + 8 * j8 + 2 * t);
-        float m[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e < 2 ? i0 : i1, j = 8 * j8 + 2 * t + (e & 1);
-          const float lam_j = (e & 1) ? lj.y : lj.x, dt_j = (e & 1) ? dj.y : dj.x;
-          const float v = macc[4 * j8 + e] * exp2_approx(fmaf(-lam_j, kLog2e, li[e >> 1])) * dt_j;
-          m[e] = (j <= i && j >= lri[e >> 1]) ? v : 0.f;  // select, never multiply by the mask
+          for (int j8 = 0; j8 < 8; ++j8) {
+            const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(
+                X + ((xrow - X) ^ (j8 << 4))));
+            const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
+            y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
+            y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
+          }
         }
-        // n8 block j8 of the accumulator = half (j8 & 1) of k-step j8 / 2
-        ma[j8 >> 1][(j8 & 1) * 2 + 0] = pack_bf16(m[0], m[1]);
-        ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
-      }
-    }
-    uint32_t xa[4][4];
-    scaled_xt(xa, X, cv);
-    decay_state(cv);
-    wgmma_wait<0>();  // Y = C S_prev^T done: scale row i by e_i
-    {
-      const float e0 = cv.e()[16 * warp + g], e1 = cv.e()[16 * warp + g + 8];
+        if (has_z) {
+          const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + 2 * t * p.z_p;
+          const DType zt = static_cast<DType>(p.z_dtype);
 #pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) {
-        yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
-        yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
-      }
-    }
-
-    // ---- batch 2: Y += M X, S += (w o X)^T B ----
-    wgmma_fence();
-    state_update(xa, B);
-    wgmma_commit();  // group: S
-#pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
-    wgmma_commit();  // group: Y
-    wgmma_wait<1>();
-    store_state();   // S for the next chunk (batch 1, its only reader, is done) while Y computes
-    wgmma_wait<0>();
-
-    // ---- epilogue: + D x, * silu(z), store; S for the next chunk ----
-    // lane: rows i = 16 w + g (+8), columns 8 j8 + 2 t (+1); the swizzled X row i holds
-    // them at byte (i * 128 + 4 t) ^ (((i & 7) ^ j8) << 4), i & 7 = g
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int i = 16 * warp + g + 8 * hf;
-      if (i >= nvalid) continue;
-      const int64_t tok = tstart + c0 + i;
-      float* y = yacc + 2 * hf;  // y[4 j8], y[4 j8 + 1]
-      if (has_D) {
-        const unsigned char* xrow = X + i * 128 + (g << 4) + 4 * t;
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8) {
-          const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(
-              X + ((xrow - X) ^ (j8 << 4))));
-          const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
-          y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
-          y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
+          for (int j8 = 0; j8 < 8; ++j8) {
+            y[4 * j8] *= silu(load_as_float(p.z, zo + 8 * j8 * p.z_p, zt));
+            y[4 * j8 + 1] *= silu(load_as_float(p.z, zo + (8 * j8 + 1) * p.z_p, zt));
+          }
         }
-      }
-      if (has_z) {
-        const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + 2 * t * p.z_p;
-        const DType zt = static_cast<DType>(p.z_dtype);
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8) {
-          y[4 * j8] *= silu(load_as_float(p.z, zo + 8 * j8 * p.z_p, zt));
-          y[4 * j8 + 1] *= silu(load_as_float(p.z, zo + (8 * j8 + 1) * p.z_p, zt));
+        if constexpr (MSC) {
+          msc_store(y, ordsm[(c % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
+          continue;
         }
-      }
-      if constexpr (MSC) {
-        msc_store(y, ordsm[(c % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
-        continue;
-      }
-      bf16* o = out_head + tok * p.out_l + 2 * t;
+        bf16* o = out_head + tok * p.out_l + 2 * t;
 #pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8)
-        *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
+        for (int j8 = 0; j8 < 8; ++j8)
+          *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
+      }
     }
-  }
   }  // scans
 
   if (!MSC && p.final_states) {
