@@ -15,7 +15,6 @@ namespace ssd {
 
 constexpr int kMscW = 4, kMscLB = kMscW - 1;  // conv width, look-back rows
 constexpr int kMscOrd = kChunk + kMscLB + 1;  // positions of tokens c0 - 3 .. c0 + 63 (+ pad)
-constexpr int kMscOrdBufs = 4;  // chunk c's positions: written in c - 2, last read in c
 
 // The raw x rows of one chunk: row r is token c0 - 3 + r, the head's P channels.
 template <int P>
@@ -23,30 +22,24 @@ struct MscRaw {
   static constexpr int CPR = P / 8, ROWS = kChunk + kMscLB, BYTES = ROWS * P * 2;
 };
 
-// Positions (raster rows) of the tokens c0 - 3 .. c0 + 63 into ord: -1 outside the sequence
-// or the grid (unchecked orders read zeros and write nothing). One warp.
-__device__ __forceinline__ void msc_positions(int* ord, const int* order, int64_t len, int64_t c0,
-                                              int lane) {
-  for (int r = lane; r < kChunk + kMscLB; r += 32) {
-    const int64_t tk = c0 - kMscLB + r;
-    int pos = tk >= 0 && tk < len ? order[tk] : -1;
-    ord[r] = pos < len ? pos : -1;
-  }
-}
-
-// Warp 0: the raw dt of chunk c0 through its positions (ord_cur, one chunk old) and the positions
-// of the next chunk into ord_next: two independent loads per lane, one round trip.
-__device__ __forceinline__ void msc_fetch(RawDt& r, const int* ord_cur, int* ord_next,
-                                          const FwdParams& p, const int* order, int64_t bidx,
-                                          int64_t len, int h, int64_t c0, int lane) {
-  __syncwarp();  // ord_cur was written by other lanes of this warp
+// Warp 0: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
+// outside the sequence), and the raw dt of its tokens through them.
+__device__ __forceinline__ void msc_fetch(RawDt& r, int* ord, const FwdParams& p,
+                                          const int* order, int64_t bidx, int64_t len, int h,
+                                          int64_t c0, int lane) {
   const DType dt_t = static_cast<DType>(p.dt_dtype);
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
-    const int pos = ord_cur[kMscLB + 2 * lane + k];
+    const int64_t tk = c0 + 2 * lane + k;
+    int pos = tk < len ? order[tk] : -1;
+    if (pos >= len) pos = -1;  // not a position (unchecked orders): read zeros, write nothing
     r.dt[k] = pos >= 0 ? load_as_float(p.dt, bidx * p.dt_b + pos * p.dt_l + h * p.dt_h, dt_t) : 0.f;
+    ord[kMscLB + 2 * lane + k] = pos;
   }
-  msc_positions(ord_next, order, len, c0 + kChunk, lane);
+  if (lane < kMscLB) {
+    const int pos = c0 - kMscLB + lane >= 0 ? order[c0 - kMscLB + lane] : -1;
+    ord[lane] = pos < len ? pos : -1;
+  }
 }
 
 // All threads: cp.async of the chunk's raw x rows (zeros outside the sequence); no commit.
@@ -68,50 +61,52 @@ __device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
 __device__ __forceinline__ float silu_fast(float v) { return __fdividef(v, 1.f + __expf(-v)); }
 
 // All threads: conv (fp32) + SiLU of the staged raw x rows into the swizzled X tile; rows at
-// or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of RPS rows, in two
-// halves of 4 channels to keep registers low (it runs while batch 1's accumulators are in
-// flight). wsm: this head's weights [P][4] then bias [P], fp32.
+// or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of a strip of rows,
+// the 3 previous raw rows in registers. w: (conv_dim, 4) of this scan.
 template <int P, int NT>
 __device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char* raw,
-                                           const float* wsm, int nvalid, int tid) {
+                                           const float* w, const float* bias, int64_t xcol,
+                                           int nvalid, int tid) {
   using R = MscRaw<P>;
   constexpr int STRIPS = NT / R::CPR, RPS = kChunk / STRIPS;
   static_assert(kChunk % STRIPS == 0, "strips must tile the chunk");
-  const int cg = tid % R::CPR, strip = tid / R::CPR, c8 = 8 * cg, i0 = strip * RPS;
-  uint32_t packed[RPS][4];
+  const int cg = tid % R::CPR, strip = tid / R::CPR, c8 = 8 * cg;
+  const int64_t gc = xcol + c8;
+  float wt[8][4], bs[8];
+  const float4* wp = reinterpret_cast<const float4*>(w + gc * kMscW);
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {  // channels c8 + 4 hf ..
-    const int ch = c8 + 4 * hf;
-    float wt[4][4], bs[4], win[RPS + kMscLB][4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const float4 v = *reinterpret_cast<const float4*>(wsm + (ch + c) * kMscW);
-      wt[c][0] = v.x, wt[c][1] = v.y, wt[c][2] = v.z, wt[c][3] = v.w;
-      bs[c] = wsm[P * kMscW + ch + c];
-    }
-#pragma unroll
-    for (int r = 0; r < RPS + kMscLB; ++r) {  // raw rows i0 + r: tokens i0 - 3 + r
-      const uint2 u = *reinterpret_cast<const uint2*>(raw + ((i0 + r) * R::CPR + cg) * 16 + 8 * hf);
-      const float2 a = unpack_bf16(u.x), b = unpack_bf16(u.y);
-      win[r][0] = a.x, win[r][1] = a.y, win[r][2] = b.x, win[r][3] = b.y;
-    }
-#pragma unroll
-    for (int k = 0; k < RPS; ++k) {
-      float o[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const float a = fmaf(wt[c][0], win[k][c], fmaf(wt[c][1], win[k + 1][c],
-                             fmaf(wt[c][2], win[k + 2][c], fmaf(wt[c][3], win[k + 3][c], bs[c]))));
-        o[c] = i0 + k < nvalid ? silu_fast(a) : 0.f;
-      }
-      packed[k][2 * hf] = pack_bf16(o[0], o[1]);
-      packed[k][2 * hf + 1] = pack_bf16(o[2], o[3]);
-    }
+  for (int c = 0; c < 8; ++c) {
+    const float4 v = __ldg(wp + c);
+    wt[c][0] = v.x, wt[c][1] = v.y, wt[c][2] = v.z, wt[c][3] = v.w;
+    bs[c] = bias ? __ldg(bias + gc + c) : 0.f;
   }
+  auto row8 = [&](int r, float (&v)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(raw + (r * R::CPR + cg) * 16);
+    const uint32_t q[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int k = 0; k < RPS; ++k)
-    *reinterpret_cast<uint4*>(X + sw128_offset<kChunk>(i0 + k, c8)) =
-        make_uint4(packed[k][0], packed[k][1], packed[k][2], packed[k][3]);
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = unpack_bf16(q[k]);
+      v[2 * k] = f.x, v[2 * k + 1] = f.y;
+    }
+  };
+  const int i0 = strip * RPS;
+  float win[RPS + kMscLB][8];  // raw rows i0 .. i0 + RPS + 2 (tokens i0 - 3 ..)
+#pragma unroll
+  for (int r = 0; r < RPS + kMscLB; ++r) row8(i0 + r, win[r]);
+#pragma unroll
+  for (int k = 0; k < RPS; ++k) {
+    const int i = i0 + k;
+    float o[8];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const float a = fmaf(wt[c][0], win[k][c], fmaf(wt[c][1], win[k + 1][c],
+                           fmaf(wt[c][2], win[k + 2][c], fmaf(wt[c][3], win[k + 3][c], bs[c]))));
+      o[c] = i < nvalid ? silu_fast(a) : 0.f;
+    }
+    *reinterpret_cast<uint4*>(X + sw128_offset<kChunk>(i, c8)) =
+        make_uint4(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]), pack_bf16(o[4], o[5]),
+                   pack_bf16(o[6], o[7]));
+  }
 }
 
 // The epilogue of one output row of a scan: y[4 j8], y[4 j8 + 1] are head channels

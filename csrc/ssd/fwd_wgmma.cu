@@ -27,8 +27,8 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int Q = kChunk, P = 64, NT = 128;
 
-// MSC adds the raw x rows (single: the conv reads them during batch 1, the next chunk's land
-// after it), four buffers of positions and the head's conv weights and bias (fp32)
+// MSC adds the raw x rows (single: the conv reads them at the top of the chunk, the next
+// chunk's land after it) and three buffers of positions
 template <int N, bool MSC>
 struct WgLayout {
   static constexpr int NP = N / 64;             // panels of a 64 x N tile
@@ -41,8 +41,7 @@ struct WgLayout {
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
   static constexpr int RAW_OFF = D_OFF + P * 4;
   static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P>::BYTES : 0);
-  static constexpr int W_OFF = ORD_OFF + (MSC ? kMscOrdBufs * kMscOrd * 4 : 0);
-  static constexpr int SMEM = W_OFF + (MSC ? P * (kMscW + 1) * 4 : 0) + 1024;  // + alignment slack
+  static constexpr int SMEM = ORD_OFF + (MSC ? 3 * kMscOrd * 4 : 0) + 1024;  // + alignment slack
 };
 
 // 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout.
@@ -123,11 +122,9 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
   const bool has_D = p.D != nullptr, has_z = p.z != nullptr;
   bf16* out_head = static_cast<bf16*>(p.out) + bidx * p.out_b + h * p.out_h;
-  // MSC: the raw x rows, the positions (buffer c % 4 for chunk c), the weights, this row of xBC
+  // MSC: the raw x rows, the positions (buffer c % 3 for chunk c), this row of xBC
   unsigned char* rawsm = sm + Lt::RAW_OFF;
   int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
-  float* wsm = reinterpret_cast<float*>(sm + Lt::W_OFF);
-  auto ord_buf = [&](int c) { return ordsm + (c % kMscOrdBufs) * kMscOrd; };
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
 
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
@@ -142,12 +139,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     const float Ah = p.A[hs];
     const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
     if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
-    if (MSC && tid < P) {  // this head's conv weights and bias of scan sc
-      const int64_t ch = sc * p.msc.conv_dim + h * p.x_h + tid;
-#pragma unroll
-      for (int k = 0; k < kMscW; ++k) wsm[tid * kMscW + k] = p.msc.conv_w[ch * kMscW + k];
-      wsm[P * kMscW + tid] = p.msc.conv_b ? p.msc.conv_b[ch] : 0.f;
-    }
     if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
       float* st = reinterpret_cast<float*>(Xs(0));
       const int64_t ib = row * p.init_b + h * p.init_h;
@@ -202,12 +193,12 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
                   pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
         }
     };
-    if (!SO) store_state();  // S_prev of chunk 0 (the state-only pass never reads it)
+    store_state();
 
     const int nchunks = static_cast<int>((len + Q - 1) / Q);
     auto issue = [&](int c) {
       if constexpr (MSC) {  // raw x rows; B, C (conv'd per scan) at the chunk's positions
-        const int* ord = ord_buf(c);
+        const int* ord = ordsm + (c % 3) * kMscOrd;
         const int64_t bc = sc * p.msc.bc_s;
         msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
         load_tile_at<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
@@ -225,8 +216,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     RawDt raw;
     auto fetch = [&](int64_t c0) {  // warp 0: raw dt (MSC: and positions) of the chunk at c0
       if constexpr (MSC)
-        msc_fetch(raw, ord_buf(static_cast<int>(c0 / Q)), ord_buf(static_cast<int>(c0 / Q) + 1), p,
-                  order, bidx, len, h, c0, lane);
+        msc_fetch(raw, ordsm + (c0 / Q % 3) * kMscOrd, p, order, bidx, len, h, c0, lane);
       else
         raw.fetch(p, bidx, tstart, len, h, c0, lane);
     };
@@ -239,7 +229,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
     if (nchunks > 0) {
       if (!MSC) issue(0);
       if (warp == 0) {
-        if (MSC) msc_positions(ord_buf(0), order, len, 0, lane);
         fetch(0);
         vectors(0);
       }
@@ -288,9 +277,15 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
       const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
       unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
       cp_async_wait_all();
+      if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
+        __syncthreads();
+        const int64_t cd = p.msc.conv_dim;
+        msc_conv_x<P, NT>(X, rawsm, p.msc.conv_w + sc * cd * kMscW,
+                          p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, nvalid, tid);
+      }
       fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
       __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
-      if (!MSC && c + 1 < nchunks) issue(c + 1);
+      if (c + 1 < nchunks) issue(c + 1);
 
       if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
         if (warp == 0 && c + 1 < nchunks) vectors(c + 1);
@@ -313,12 +308,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 #pragma unroll
       for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
       wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
-      if constexpr (MSC) {  // batch 1 does not read X: conv chunk c's x while it computes
-        msc_conv_x<P, NT>(X, rawsm, wsm, nvalid, tid);
-        fence_async_smem();
-        __syncthreads();  // X complete; the raw rows are free for the next chunk's
-        if (c + 1 < nchunks) issue(c + 1);
-      }
       if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
       wgmma_wait<1>();
 
@@ -400,7 +389,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
           }
         }
         if constexpr (MSC) {
-          msc_store(y, ord_buf(c)[kMscLB + i], sc, nscans, bidx, h, t, p);
+          msc_store(y, ordsm[(c % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
           continue;
         }
         bf16* o = out_head + tok * p.out_l + 2 * t;
