@@ -21,6 +21,7 @@
 #include "common/check.h"
 #include "msc/msc.h"
 #include "ssd/fwd.h"
+#include "ssd/host.h"
 
 namespace mlmamba {
 namespace msc {
@@ -28,19 +29,9 @@ namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-bool is_float(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-}
-
 void check_param(const char* name, const at::Tensor& t, const at::Tensor& x,
                  at::IntArrayRef shape) {
-  MLM_CHECK(t.device() == x.device(), "msc_scan: ", name, " must be on ", x.device(),
-            " like xBC, got ", t.device());
-  MLM_CHECK(t.sizes() == shape, "msc_scan: ", name, " must have shape ", shape, ", got ",
-            t.sizes());
-  MLM_CHECK(is_float(t), "msc_scan: ", name, " must be float32, float16 or bfloat16, got ",
-            t.scalar_type());
+  ssd::check_like("msc_scan", name, t, x, "xBC", shape);
 }
 
 // orders as int32, checked to be k permutations of range(L). The check needs the values on
@@ -165,13 +156,7 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   launch_bc_conv(bp, stream);
   MLM_CHECK_LAUNCH();
 
-  ssd::FwdParams prm{};
-  prm.seqlen = L;
-  prm.nheads = h;
-  prm.headdim = headdim;
-  prm.ngroups = ngroups;
-  prm.nrows = b;
-  prm.heads_per_group = static_cast<int>(h / ngroups);
+  ssd::FwdParams prm = ssd::fwd_params(L, h, headdim, ngroups, b);
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
   const auto* bcp = static_cast<const at::BFloat16*>(bc.data_ptr());
   prm.x = base;
@@ -186,7 +171,7 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   prm.B_g = prm.C_g = n;
   prm.dt = dt.data_ptr();
   prm.dt_b = dt.stride(0); prm.dt_l = dt.stride(1); prm.dt_h = dt.stride(2);
-  prm.dt_dtype = dt.scalar_type() == at::kHalf ? 1 : dt.scalar_type() == at::kBFloat16 ? 2 : 0;
+  prm.dt_dtype = ssd::dtype_code(dt.scalar_type());
   prm.A = Af.data_ptr<float>();
   prm.D = Df.data_ptr<float>();
   prm.D_h = 1; prm.D_p = 0;

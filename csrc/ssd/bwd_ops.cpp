@@ -14,6 +14,7 @@
 
 #include "common/check.h"
 #include "ssd/bwd.h"
+#include "ssd/host.h"
 
 namespace mlmamba {
 namespace ssd_bwd {
@@ -23,22 +24,14 @@ using OptT = std::optional<at::Tensor>;
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                          at::Tensor, at::Tensor, at::Tensor>;
 constexpr const char* kOp = "ssd_scan_bwd";
+using ssd::check_like;
+using ssd::is_float;
 
 int code_of(at::ScalarType t) { return t == at::kHalf ? kF16 : t == at::kBFloat16 ? kBF16 : kF32; }
 
-bool is_float(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-}
-
 void check_arg(const char* name, const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
                bool floating = true) {
-  MLM_CHECK(t.is_cuda() && t.device() == x.device(), kOp, ": ", name, " must be on ", x.device(),
-            " like x, got ", t.device());
-  MLM_CHECK(t.sizes() == shape, kOp, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  if (floating)
-    MLM_CHECK(is_float(t), kOp, ": ", name, " must be float32, float16 or bfloat16, got ",
-              t.scalar_type());
+  check_like(kOp, name, t, x, "x", shape, floating);
 }
 
 at::Tensor empty_of(const at::Tensor& x) { return at::empty({0}, x.options()); }

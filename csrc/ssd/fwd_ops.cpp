@@ -13,6 +13,7 @@
 #include "common/check.h"
 #include "ssd/fwd.h"
 #include "ssd/fwd_split.h"
+#include "ssd/host.h"
 
 namespace mlmamba {
 namespace ssd {
@@ -20,23 +21,9 @@ namespace {
 
 using OptT = std::optional<at::Tensor>;
 
-int dtype_code(at::ScalarType t) {
-  return t == at::kHalf ? 1 : t == at::kBFloat16 ? 2 : 0;
-}
-
-bool is_float(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return s == at::kFloat || s == at::kHalf || s == at::kBFloat16;
-}
-
 void check_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                  at::IntArrayRef shape, bool floating = true) {
-  MLM_CHECK(t.is_cuda() && t.device() == x.device(), op, ": ", name, " must be on ", x.device(),
-            " like x, got ", t.device());
-  MLM_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  if (floating)
-    MLM_CHECK(is_float(t), op, ": ", name, " must be float32, float16 or bfloat16, got ",
-              t.scalar_type());
+  check_like(op, name, t, x, "x", shape, floating);
 }
 
 void check_D(const char* op, const at::Tensor& D, const at::Tensor& x, int64_t h, int64_t p) {
@@ -144,13 +131,7 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   if (D) Df = D->to(at::kFloat).contiguous();
   if (dt_bias) dtbf = dt_bias->to(at::kFloat).contiguous();
 
-  FwdParams prm{};
-  prm.seqlen = l;
-  prm.nheads = h;
-  prm.headdim = p;
-  prm.ngroups = g;
-  prm.nrows = nrows;
-  prm.heads_per_group = static_cast<int>(h / g);
+  FwdParams prm = fwd_params(l, h, p, g, nrows);
   prm.x = x.data_ptr();
   prm.dt = dt.data_ptr();
   prm.A = Af.data_ptr<float>();
