@@ -3,6 +3,7 @@
 // of one token; the 3 look-back rows come through the order (L2 hits).
 #include "common/device_utils.cuh"
 #include "msc/msc.h"
+#include "ssd/common.cuh"
 
 namespace mlmamba {
 namespace msc {
@@ -10,18 +11,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
+using ssd::pack_bf16;
+using ssd::unpack_bf16;
+
 __device__ __forceinline__ void unpack8(const uint4& u, float (&v)[8]) {
   const uint32_t q[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&q[k]));
+    const float2 f = unpack_bf16(q[k]);
     v[2 * k] = f.x, v[2 * k + 1] = f.y;
   }
-}
-
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // grid: (token blocks, b, k); item e of a block: token blockIdx.x * per + e / cpr, chunk e % cpr
@@ -55,10 +54,10 @@ __global__ void __launch_bounds__(kThreads) bc_conv_kernel(const BcConvParams p)
     const int pos = order[t];
     if (pos < 0 || pos >= p.seqlen) continue;
 #pragma unroll
-    for (int c = 0; c < 8; ++c) acc[c] = __fdividef(acc[c], 1.f + __expf(-acc[c]));
+    for (int c = 0; c < 8; ++c) acc[c] = silu_fast(acc[c]);
     *reinterpret_cast<uint4*>(out + pos * p.nch + c8) =
-        make_uint4(pack2(acc[0], acc[1]), pack2(acc[2], acc[3]), pack2(acc[4], acc[5]),
-                   pack2(acc[6], acc[7]));
+        make_uint4(pack_bf16(acc[0], acc[1]), pack_bf16(acc[2], acc[3]),
+                   pack_bf16(acc[4], acc[5]), pack_bf16(acc[6], acc[7]));
   }
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 #include <cuda_bf16.h>
 
+#include "common/device_utils.cuh"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
 #include "ssd/wgmma.cuh"
@@ -57,8 +58,6 @@ __device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
                  "r"(pos >= 0 ? 16 : 0));
   }
 }
-
-__device__ __forceinline__ float silu_fast(float v) { return __fdividef(v, 1.f + __expf(-v)); }
 
 // All threads: conv (fp32) + SiLU of the staged raw x rows into the swizzled X tile; rows at
 // or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of a strip of rows,
