@@ -225,14 +225,11 @@ template <int W, typename T, int K, int S, int MINB>
 struct BwdLPipe {
   static constexpr int kVecs = K;
   static void launch(const ConvParams& p, cudaStream_t s) {
-    const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K);
+    const int64_t nseg = lcontig_segments(p, K);
     MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
-    const int64_t ntiles = p.batch * p.dim * nseg;
     auto kernel = bwd_lcontig_pipe_kernel<W, T, K, S, MINB>;
     static const int occ = occupancy(kernel, 128);
-    const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ, 2.0));
-    kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
-    MLM_CHECK_LAUNCH();
+    launch_lcontig_tiles(kernel, occ, p, p.batch * p.dim * nseg, s);
   }
 };
 
@@ -256,10 +253,8 @@ void with_bwd_lcontig_pipe(int xdtype, int width, F&& f) {
 
 int64_t bwd_lcontig_pipe_tiles(const ConvParams& p, int xdtype) {
   int64_t nseg = 0;
-  with_bwd_lcontig_pipe(xdtype, p.width, [&](auto k) {
-    constexpr int64_t tile = 256 * decltype(k)::kVecs;
-    nseg = (p.seqlen + tile - 1) / tile;
-  });
+  with_bwd_lcontig_pipe(xdtype, p.width,
+                        [&](auto k) { nseg = lcontig_segments(p, decltype(k)::kVecs); });
   return nseg;
 }
 

@@ -128,13 +128,9 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
 
 template <int W, typename T, int K, int S, int MINB>
 void launch_fwd_lcontig_pipe(const ConvParams& p, cudaStream_t s) {
-  const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K);
-  const int64_t ntiles = p.batch * p.dim * nseg;
   auto kernel = fwd_lcontig_pipe_kernel<W, T, K, S, MINB>;
   static const int occ = occupancy(kernel, 128);
-  const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ, 2.0));
-  kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
-  MLM_CHECK_LAUNCH();
+  launch_lcontig_tiles(kernel, occ, p, p.batch * p.dim * lcontig_segments(p, K), s);
 }
 
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {

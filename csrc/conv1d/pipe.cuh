@@ -182,6 +182,21 @@ inline int64_t persistent_grid(int per_sm, double waves) {
   return g > 0 ? g : 1;
 }
 
+// The l-contiguous pipe kernels' tiles: (batch, channel, segment of 256 K tokens).
+inline int64_t lcontig_segments(const ConvParams& p, int K) {
+  return (p.seqlen + 256 * K - 1) / (256 * K);
+}
+
+// Their launch: 128 threads, at most 4 tiles per block, a persistent grid of 2 waves.
+// occ: the kernel's blocks per SM (occupancy(), kept in a static by the caller).
+template <typename Kern>
+void launch_lcontig_tiles(Kern kernel, int occ, const ConvParams& p, int64_t ntiles,
+                          cudaStream_t s) {
+  const int64_t grid = std::min((ntiles + 3) / 4, persistent_grid(occ, 2.0));
+  kernel<<<static_cast<unsigned>(grid), 128, 0, s>>>(p, ntiles);
+  MLM_CHECK_LAUNCH();
+}
+
 // Channel-last: blocks per channel group (ncg groups of rows rows each). Fills the GPU `waves`
 // times, but gives each warp >= 16 rows.
 inline int64_t chlast_pipe_bpc(int occ, int64_t rows, int64_t ncg, double waves) {
