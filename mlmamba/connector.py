@@ -168,6 +168,7 @@ class MSCConnector(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.grid = tuple(grid)
         self.register_buffer("orders", resolve_orders(orders, self.grid), persistent=False)
+        self._orders_on = None  # (source buffer, its version, copy on the input's device)
         k = self.orders.shape[0]
         self.mlp = nn.Sequential(nn.Linear(vision_dim, d_model, **kw), nn.GELU())
         self.layers = nn.ModuleList(
@@ -181,9 +182,25 @@ class MSCConnector(nn.Module):
             raise ValueError(f"MSCConnector: got {L} visual tokens, expected "
                              f"{self.orders.shape[1]} ({self.grid[0]}x{self.grid[1]} grid)")
         h = self.mlp(feats)
+        orders = self.orders_on(feats.device)
         for layer in self.layers:
-            h = layer(h, self.orders)
+            h = layer(h, orders)
         return self.projector(self.norm_f(h))
+
+    def orders_on(self, device):
+        """The orders on `device`, copied once and kept (remade when the buffer is edited or
+        replaced). The copy is made outside inference mode, so it has a version counter and
+        msc_scan's check of its values (one host sync) runs once, not on every call."""
+        o = self.orders
+        if o.device == device:
+            return o
+        version = None if o.is_inference() else o._version
+        c = self._orders_on
+        if c is None or c[0] is not o or c[1] != version or c[2].device != device:
+            with torch.inference_mode(False):
+                c = (o, version, o.to(device))
+            self._orders_on = c
+        return c[2]
 
 
 def build_connector(kind, vision_dim, d_model, grid, scan_orders=None, n_layers=2, swiglu=True,

@@ -195,3 +195,19 @@ def test_mlp_connector_is_cobra_projector(rng):
     h = F.gelu(x @ sd["projector.0.weight"].T + sd["projector.0.bias"])
     h = F.gelu(h @ sd["projector.2.weight"].T + sd["projector.2.bias"])
     torch.testing.assert_close(conn(x), h @ sd["projector.4.weight"].T + sd["projector.4.bias"])
+
+
+def test_orders_copied_to_device_once():
+    # the fused op checks an orders tensor's values once per tensor and version: the connector
+    # must hand it the same device copy every call, with a version counter (not an inference
+    # tensor), and a new copy once the buffer is edited
+    conn = make_connector("msc-csm", (3, 4), n_layers=1)
+    meta = torch.device("meta")
+    with torch.inference_mode():
+        first = conn.orders_on(meta)
+        assert not first.is_inference() and first.device == meta
+        assert conn.orders_on(meta) is first
+    assert conn.orders_on(torch.device("cpu")) is conn.orders
+    with torch.no_grad():
+        conn.orders.copy_(conn.orders.flip(1))
+    assert conn.orders_on(meta) is not first
