@@ -26,6 +26,10 @@
 // (32 mma per warp, bitwise the same values) to make room. headdim 128 runs one group per
 // CTA (its tiles are twice as large); where even that does not fit (large n), the partials
 // go through the global workspace per head as before (kOnChip = false).
+//
+// Prefetch: a group's next head's dt and x/dy (staged in Sb/Gb, dead between phase 2 and the
+// next phase 0) and the head's first S/G block arrive by cp.async while it computes (details at
+// issue_a / issue_b in the kernel); the arithmetic is that of the plain loads, bit for bit.
 #pragma once
 #include <cuda_runtime.h>
 
