@@ -225,6 +225,27 @@ def test_partials_on_chip_match_global(p, n, h, z, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("p,n,h,dt_dtype,cu", [
+    (64, 128, 7, torch.float32, None), (64, 64, 5, torch.bfloat16, None),
+    (32, 64, 5, torch.float16, None), (128, 128, 3, torch.bfloat16, None),
+    (48, 100, 6, torch.float32, None), (64, 128, 4, torch.bfloat16, [0, 70, 71, 900, 1500])])
+def test_prefetch_matches_load_path(p, n, h, dt_dtype, cu):
+    """Step 2 prefetches the next head's x/dy by cp.async only where the tile is the raw input
+    (bf16, 16-byte aligned contiguous rows, no z, headdim % 8 == 0), else phase 0 loads them.
+    The same values through a view at a 2-byte offset (no vector rows: the load path) must give
+    bitwise the same gradients. dt at an odd element offset exercises the upper half of the
+    staged 32-bit dt words (16-bit dt)."""
+    case = make_case(_gen(), b=1 if cu else 3, l=1500, h=h, g=1, p=p, n=n, z=False,
+                     dt_dtype=dt_dtype, seq_idx=cu is None, cu=cu)
+    t, kw, dout, dfin = case
+    got = run_kernel(t, kw, dout, dfin)
+    t2 = dict(t, x=_noncontig(t["x"]), dt=_noncontig(t["dt"]))
+    want = run_kernel(t2, kw, _noncontig(dout), dfin)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), f"{name} differs between the cp.async and the load path"
+
+
+@needs_kernel
 def test_many_heads_per_split():
     check(*make_case(_gen(), b=4, l=1500, h=7, g=1, p=64, n=128, z=False))
 

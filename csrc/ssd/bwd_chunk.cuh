@@ -26,8 +26,14 @@
 // (32 mma per warp, bitwise the same values) to make room. headdim 128 runs one group per
 // CTA (its tiles are twice as large); where even that does not fit (large n), the partials
 // go through the global workspace per head as before (kOnChip = false).
+//
+// Prefetch: a group's next head's dt and x/dy (staged in Sb/Gb, dead between phase 2 and the
+// next phase 0) and the head's first S/G block arrive by cp.async while it computes (details at
+// issue_a / issue_b in the kernel); the arithmetic is that of the plain loads, bit for bit.
 #pragma once
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "common/launch.h"
 #include "ssd/bwd_common.cuh"
@@ -49,6 +55,8 @@ struct ChunkSmem {
   static constexpr int kGroups = chunk_groups<kP, kOnChip>();
   // per group: Xs, Ds [kQ][ldp], T1, T2 [kQ][kLdQ], Sb, Gb [kP][kLdQ] (bf16 elements)
   static constexpr size_t group_elems = 2 * kQ * ldp + 2 * kQ * kLdQ + 2 * kP * kLdQ;
+  // Sb/Gb also stage the next head's x and dy (2 x kQ x kP, unpadded) between phases 2 and 0
+  static_assert(2 * kQ * kP <= 2 * kP * kLdQ, "x/dy staging does not fit in Sb/Gb");
   static size_t bytes(int npad) {
     const size_t ldn = npad + 8;
     return sizeof(bf16) * (2 * kQ * ldn + kGroups * group_elems) +
@@ -83,6 +91,74 @@ __device__ __forceinline__ void onchip_add(float4* part, const float (&acc)[4][4
   for (int t = 0; t < 4; ++t)
     q[t * kThreads] = make_float4(acc[t][0] + prev[t].x, acc[t][1] + prev[t].y,
                                   acc[t][2] + prev[t].z, acc[t][3] + prev[t].w);
+}
+
+// cp.async (sm_80+): 16 bytes global -> shared, zero-filled past `bytes` (0: src not read, it
+// only has to be a pointer); 4 bytes through L1. A thread's copies are visible to itself after
+// its cp_async_wait, to the other threads after a barrier that follows that wait.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>  // wait until at most N of this thread's commit groups are pending
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// v unchanged, but opaque to the compiler: the prefetch addresses below are rebuilt at the
+// issue point instead of being hoisted out of the head loop (live registers across phase 2/3)
+__device__ __forceinline__ int opaque(int v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+__device__ __forceinline__ int64_t opaque(int64_t v) {
+  asm volatile("" : "+l"(v));
+  return v;
+}
+
+// dt staged in shared memory by cp.async: one 32-bit word per position. A 16-bit dt element is
+// copied as the aligned word that contains it (cp.async moves at least 4 bytes; the word lies
+// inside the element's allocation) and its half picked here.
+__device__ __forceinline__ const void* dt_word_src(const Params& P, int64_t idx) {
+  const char* base = static_cast<const char*>(P.dt);
+  if (P.dt_code == kF32) return base + 4 * idx;
+  return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base + 2 * idx) &
+                                       ~uintptr_t(3));
+}
+__device__ __forceinline__ float dt_from_word(const Params& P, uint32_t w, int64_t idx) {
+  if (P.dt_code == kF32) return __uint_as_float(w);
+  const bool hi = (reinterpret_cast<uintptr_t>(static_cast<const char*>(P.dt) + 2 * idx) & 2) != 0;
+  const unsigned short bits = static_cast<unsigned short>(hi ? (w >> 16) : (w & 0xffffu));
+  if (P.dt_code == kF16) return __half2float(__ushort_as_half(bits));
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+// fetch_dt (bwd_common.cuh) with the dt values from the staged words
+__device__ __forceinline__ void fetch_dt_staged(const Params& P, DtRaw& d, const uint32_t* dtw,
+                                                int bb, int64_t t0, int qc, bool first, int hh) {
+  const int lane = threadIdx.x & 31;
+  const int* si = P.seq_idx + bb * P.si_sb;
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int i = 2 * lane + u;
+    d.v[u] = 0.f;
+    d.s[u] = 0;
+    if (i < qc) {
+      const int64_t t = t0 + i;
+      d.v[u] = dt_from_word(P, dtw[i], bb * P.dt_sb + t * P.dt_sl + hh * P.dt_sh);
+      if (P.has_seq_idx) d.s[u] = si[t * P.si_sl];
+    }
+  }
+  d.s_prev = d.s[0];
+  if (P.has_seq_idx && 2 * lane < qc && (lane > 0 || !first))
+    d.s_prev = si[(t0 + 2 * lane - 1) * P.si_sl];
 }
 
 template <typename T>
@@ -124,6 +200,7 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
       t4part_g[kGroups][2][kQ], dinpart_g[kGroups][2][kQ];
   __shared__ float dDw_g[kGroups][kThreads / 32][kP];
   __shared__ float red_g[kGroups][kThreads / 32];
+  __shared__ uint32_t dtw_g[kGroups][kQ];  // the group's next head's dt words (cp.async)
 
   const ChunkPos cp = chunk_pos(P);
   if (!cp.valid) return;
@@ -137,6 +214,7 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
   float(&dinpart)[2][kQ] = dinpart_g[gid];
   float(&dDw)[kThreads / 32][kP] = dDw_g[gid];
   float(&red)[kThreads / 32] = red_g[gid];
+  uint32_t* dtw = dtw_g[gid];
   const int npad = P.npad, LDN = npad + 8;
   bf16* Bs = reinterpret_cast<bf16*>(smem_raw);  // [j][n]
   bf16* Cs = Bs + kQ * LDN;                       // [i][n]
@@ -161,6 +239,72 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
   const int hend = min(hbeg + P.hsplit, (gg + 1) * P.hpg);
   const int bb = cp.bb, qc = cp.qc, slot = cp.slot;
   const int64_t t0 = cp.t0;
+  const int nh = hend - hbeg;
+
+  // ---- prefetch (cp.async) of a head's inputs while the group computes ----
+  // Shared memory at p64 n128 (219 KB per CTA, limit 227 KB) has no room for a second set of
+  // x/dy or S/G tiles (18 KB per group each), so the prefetch borrows Sb/Gb, which are dead
+  // from the end of phase 2 to the next head's phase 0. Per thread, two commit groups per head:
+  //   A(hn): dt words of head hn (warp 0) and, where pfx, x and dy of hn staged unpadded in
+  //          Sb/Gb (each thread stages the 16-byte words it converts itself in phase 0);
+  //          issued after phase 2 of the group's previous head (or before the B/C loads)
+  //   B(hn): S_prev / G_next of state columns 0..63 into Sb/Gb, issued once phase 0 of hn has
+  //          read the staged x/dy out (after its barrier): lands during phase 1
+  // Phase 0 waits for A, the first block of phase 2 for B (wait_group 0 both: one group is in
+  // flight at a time). Columns 64.. (n > 64) are still loaded at their block in phase 2. x/dy go
+  // by cp.async only where the staged words are the raw tile (bf16, rows contiguous and 16-byte
+  // aligned, no z, p % 8 == 0); otherwise phase 0 loads them as before.
+  // (re-evaluated from the parameters at each use: not a predicate held across the loop)
+  auto pfx_on = [&]() -> bool {
+    if constexpr (std::is_same<T, bf16>::value)
+      return opaque(int(P.vec_x && P.vec_o && !P.has_z && P.p % 8 == 0)) != 0;
+    return false;
+  };
+  auto issue_a = [&](int hn) {
+    const int tid_ = opaque(tid), bb_ = opaque(bb), qc_ = opaque(qc);
+    const int64_t t0_ = opaque(t0);
+    if (warp == 0) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int i = 2 * (tid_ & 31) + u;
+        if (i < qc_)
+          cp_async4(dtw + i, dt_word_src(P, bb_ * P.dt_sb + (t0_ + i) * P.dt_sl + hn * P.dt_sh));
+      }
+    }
+    if (pfx_on()) {
+      constexpr int G8 = kP / 8, NG = kQ * G8 / kThreads;
+#pragma unroll
+      for (int u = 0; u < NG; ++u) {
+        const int q = tid_ + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
+        const int64_t t = t0_ + i;
+        const bool ok = i < qc_ && c8 < P.p;
+        const bf16* xsrc = static_cast<const bf16*>(P.x);
+        const bf16* osrc = static_cast<const bf16*>(P.dout);
+        if (ok) {
+          xsrc += bb_ * P.x_sb + t * P.x_sl + hn * P.x_sh + c8 * P.x_sp;
+          osrc += bb_ * P.o_sb + t * P.o_sl + hn * P.o_sh + c8 * P.o_sp;
+        }
+        cp_async16(Sb + q * 8, xsrc, ok ? 16 : 0);
+        cp_async16(Sb + kQ * kP + q * 8, osrc, ok ? 16 : 0);
+      }
+    }
+    cp_async_commit();
+  };
+  auto issue_b = [&](int hn) {
+    constexpr int NV = kP * (kNB / 8) / kThreads;
+    const int tid_ = opaque(tid);
+    const int64_t base = (int64_t(opaque(slot)) * P.h + hn) * P.p * npad;
+#pragma unroll
+    for (int u = 0; u < NV; ++u) {
+      const int e = tid_ + kThreads * u, pp = e >> 3, q = e & 7;
+      const bool ok = pp < P.p;
+      const int64_t off = ok ? base + int64_t(pp) * npad + q * 8 : 0;
+      cp_async16(Sb + pp * kLdQ + q * 8, static_cast<const bf16*>(P.wsS) + off, ok ? 16 : 0);
+      cp_async16(Gb + pp * kLdQ + q * 8, static_cast<const bf16*>(P.wsG) + off, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  if (gid < nh) issue_a(hbeg + gid);
 
   // ---- B, C tiles of the group and CB = C B^T ----
   for (int e = threadIdx.x; e < kQ * npad; e += kThreads * kGroups) {
@@ -200,58 +344,97 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
             make_float2(acc[t][2 * hf], acc[t][2 * hf + 1]);
   }
 
-  const int nh = hend - hbeg;
   for (int k = gid; k < nh; k += kGroups) {
     const int hh = hbeg + k;
-    const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
     // ---- phase 0: chunk vectors, x and dy tiles, dD partials ----
-    if (warp == 0) chunk_vectors(P, cv, bb, t0, qc, cp.first, hh, Ah);
+    cp_async_wait<0>();  // A(hh): dt words, x/dy (pfx)
+    if (warp == 0) {
+      DtRaw d;
+      fetch_dt_staged(P, d, dtw, bb, t0, qc, cp.first, hh);
+      chunk_vectors_from(P, cv, d, qc, hh, ld_code(P.A, P.A_code, hh * P.A_s));
+    }
     {
       // thread owns 8-column groups q = tid + 256 k: row q / (kP/8), columns 8 (q % (kP/8)) ..
       constexpr int G8 = kP / 8, NG = kQ * G8 / kThreads;
-      Vec8<T> xr[NG], orr[NG], zr[NG];
-#pragma unroll
-      for (int u = 0; u < NG; ++u) {
-        const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
-        const int64_t t = t0 + i;
-        const int pc = max(0, min(8, P.p - c8));
-        if (i >= qc) {
-          xr[u].zero(); orr[u].zero(); zr[u].zero();
-          continue;
-        }
-        xr[u].load(P.x, bb * P.x_sb + t * P.x_sl + hh * P.x_sh + c8 * P.x_sp, P.x_sp, pc, P.vec_x);
-        orr[u].load(P.dout, bb * P.o_sb + t * P.o_sl + hh * P.o_sh + c8 * P.o_sp, P.o_sp, pc,
-                    P.vec_o);
-        if (P.has_z)
-          zr[u].load(P.z, bb * P.z_sb + t * P.z_sl + hh * P.z_sh + c8 * P.z_sp, P.z_sp, pc,
-                     P.vec_z);
-      }
       float dd[8] = {};
+      bool loaded = false;
+      if constexpr (std::is_same<T, bf16>::value) {
+        if (pfx_on()) {
+          // x/dy staged by cp.async in Sb/Gb (this thread's own 16-byte words, zero where
+          // masked): the same values, arithmetic and order as the load path below
 #pragma unroll
-      for (int u = 0; u < NG; ++u) {
-        const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
-        float xv[8], dv[8];
-        const bool row_ok = i < qc;
+          for (int u = 0; u < NG; ++u) {
+            const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
+            const uint4 xw = *reinterpret_cast<const uint4*>(Sb + q * 8);
+            const uint4 dw = *reinterpret_cast<const uint4*>(Sb + kQ * kP + q * 8);
+            const uint32_t xa[4] = {xw.x, xw.y, xw.z, xw.w}, da[4] = {dw.x, dw.y, dw.z, dw.w};
+            float xv[8], dv[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const bool ok = row_ok && c8 + e < P.p;
-          xv[e] = ok ? xr[u].get(e) : 0.f;
-          dv[e] = ok ? orr[u].get(e) : 0.f;
-          if (P.has_z && ok) dv[e] *= silu_f(zr[u].get(e));
-          dd[e] += xv[e] * dv[e];
-        }
-        st_bf16x8(Xs + i * LDP + c8, xv);
-        st_bf16x8(Ds + i * LDP + c8, dv);
-        // dx starts as D * dy (exact inputs); phase 3 adds dt * u
-        if (P.has_D && i < qc) {
-          const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
+            for (int z = 0; z < 4; ++z) {
+              const float2 xf = unpack_bf16(xa[z]), df = unpack_bf16(da[z]);
+              xv[2 * z] = xf.x; xv[2 * z + 1] = xf.y;
+              dv[2 * z] = df.x; dv[2 * z + 1] = df.y;
+            }
 #pragma unroll
-          for (int e = 0; e < 8; ++e)
-            if (c8 + e < P.p)
-              static_cast<T*>(P.dx)[o + c8 + e] =
-                  from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
+            for (int e = 0; e < 8; ++e) dd[e] += xv[e] * dv[e];
+            st_bf16x8(Xs + i * LDP + c8, xv);
+            st_bf16x8(Ds + i * LDP + c8, dv);
+            if (P.has_D && i < qc) {
+              const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
+#pragma unroll
+              for (int e = 0; e < 8; ++e)
+                if (c8 + e < P.p)
+                  static_cast<T*>(P.dx)[o + c8 + e] =
+                      from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
+            }
+          }
+          loaded = true;
         }
       }
+      if (!loaded) {
+        Vec8<T> xr[NG], orr[NG], zr[NG];
+#pragma unroll
+        for (int u = 0; u < NG; ++u) {
+          const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
+          const int64_t t = t0 + i;
+          const int pc = max(0, min(8, P.p - c8));
+          if (i >= qc) {
+            xr[u].zero(); orr[u].zero(); zr[u].zero();
+            continue;
+          }
+          xr[u].load(P.x, bb * P.x_sb + t * P.x_sl + hh * P.x_sh + c8 * P.x_sp, P.x_sp, pc, P.vec_x);
+          orr[u].load(P.dout, bb * P.o_sb + t * P.o_sl + hh * P.o_sh + c8 * P.o_sp, P.o_sp, pc,
+                      P.vec_o);
+          if (P.has_z)
+            zr[u].load(P.z, bb * P.z_sb + t * P.z_sl + hh * P.z_sh + c8 * P.z_sp, P.z_sp, pc,
+                       P.vec_z);
+        }
+#pragma unroll
+        for (int u = 0; u < NG; ++u) {
+          const int q = tid + kThreads * u, i = q / G8, c8 = (q % G8) * 8;
+          float xv[8], dv[8];
+          const bool row_ok = i < qc;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const bool ok = row_ok && c8 + e < P.p;
+            xv[e] = ok ? xr[u].get(e) : 0.f;
+            dv[e] = ok ? orr[u].get(e) : 0.f;
+            if (P.has_z && ok) dv[e] *= silu_f(zr[u].get(e));
+            dd[e] += xv[e] * dv[e];
+          }
+          st_bf16x8(Xs + i * LDP + c8, xv);
+          st_bf16x8(Ds + i * LDP + c8, dv);
+          // dx starts as D * dy (exact inputs); phase 3 adds dt * u
+          if (P.has_D && i < qc) {
+            const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+              if (c8 + e < P.p)
+                static_cast<T*>(P.dx)[o + c8 + e] =
+                    from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
+          }
+        }
+      }  // !loaded
       // dD: reduce over the lanes that own the same columns, then per warp
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -264,6 +447,8 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
       }
     }
     group_sync<kGroups>(gid);
+    // B(hh): the staged x/dy are read out; S/G columns 0..63 land in Sb/Gb during phase 1
+    issue_b(hh);
 
     // ---- phase 1: W = dy x^T, the masked tiles T1, T2 and the strict sums of M ----
     {
@@ -339,18 +524,29 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
     const float sin_lo = cv.sin[m0 + r], sin_hi = cv.sin[m0 + r + 8];
     for (int nb = 0; nb < npad; nb += kNB) {
       const int blk = nb / kNB;
-      group_sync<kGroups>(gid);  // T1/T2/partials written; previous Sb/Gb reads done
       {
         constexpr int NV = kP * (kNB / 8) / kThreads;
         uint4 sv[NV], gv[NV];
+        if (blk == 0) {
+          // columns 0..63 landed by cp.async (B(hh)): this thread's own words, for gs
+          cp_async_wait<0>();
 #pragma unroll
-        for (int u = 0; u < NV; ++u) {
-          const int e = tid + kThreads * u, pp = e >> 3, q = e & 7;
-          sv[u] = gv[u] = make_uint4(0, 0, 0, 0);
-          if (pp < P.p) {
-            const int64_t off = wsbase + int64_t(pp) * npad + nb + q * 8;
-            sv[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(P.wsS) + off));
-            gv[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(P.wsG) + off));
+          for (int u = 0; u < NV; ++u) {
+            const int e = tid + kThreads * u, pp = e >> 3, q = e & 7;
+            sv[u] = *reinterpret_cast<const uint4*>(Sb + pp * kLdQ + q * 8);
+            gv[u] = *reinterpret_cast<const uint4*>(Gb + pp * kLdQ + q * 8);
+          }
+        } else {
+          group_sync<kGroups>(gid);  // the previous block's Sb/Gb reads are done
+#pragma unroll
+          for (int u = 0; u < NV; ++u) {
+            const int e = tid + kThreads * u, pp = e >> 3, q = e & 7;
+            sv[u] = gv[u] = make_uint4(0, 0, 0, 0);
+            if (pp < P.p) {
+              const int64_t off = wsbase + int64_t(pp) * npad + nb + q * 8;
+              sv[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(P.wsS) + off));
+              gv[u] = __ldg(reinterpret_cast<const uint4*>(static_cast<const bf16*>(P.wsG) + off));
+            }
           }
         }
 #pragma unroll
@@ -363,11 +559,13 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
             const float2 a = unpack_bf16(s4[z]), b = unpack_bf16(g4[z]);
             gs += a.x * b.x + a.y * b.y;
           }
-          *reinterpret_cast<uint4*>(Sb + pp * kLdQ + q * 8) = sv[u];
-          *reinterpret_cast<uint4*>(Gb + pp * kLdQ + q * 8) = gv[u];
+          if (blk != 0) {
+            *reinterpret_cast<uint4*>(Sb + pp * kLdQ + q * 8) = sv[u];
+            *reinterpret_cast<uint4*>(Gb + pp * kLdQ + q * 8) = gv[u];
+          }
         }
       }
-      group_sync<kGroups>(gid);
+      group_sync<kGroups>(gid);  // T1/T2 (phase 1) and Sb/Gb written
 #pragma unroll
       for (int kk = 0; kk < kNB / 16; ++kk) {
         uint32_t ab[4], ac[4];
@@ -453,6 +651,14 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
                       first_head);
         }
       }
+    }
+
+    // A(next head): dt words, and x/dy staged in Sb/Gb once every warp of the group is done
+    // reading them (the barrier is only needed for x/dy, but kept unconditional: a predicate
+    // held across the loop costs registers)
+    if (k + kGroups < nh) {
+      group_sync<kGroups>(gid);
+      issue_a(hh + kGroups);
     }
 
     // ---- phase 3: u (-> dx, ddt input term), v (-> state-in lambda term, y for dz) ----
@@ -587,6 +793,8 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
 
     // ---- phase 4: lambda, ddt, and the per-(chunk, head) partials of dA, ddt_bias, dD ----
     if (warp == 0) {
+      // A[hh] loaded again here (an L1 hit) rather than held in a register across the head
+      const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
       float g3 = 0.f;
 #pragma unroll
       for (int q = 0; q < kThreads / 32; ++q) g3 += red[q];
