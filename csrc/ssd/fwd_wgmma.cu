@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
         for (int i = 0; i < 32; ++i)
           sacc[np][i] = st[(16 * warp + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
       fence_async_smem();  // the generic stores above, then stage 0's loads (maybe TMA: async proxy)
-    __syncthreads();     // stage 0 is overwritten by the first chunk's loads
+      __syncthreads();     // stage 0 is overwritten by the first chunk's loads
     } else {
 #pragma unroll
       for (int np = 0; np < NP; ++np)
