@@ -209,6 +209,28 @@ def test_sequence_split(rng, monkeypatch, segments, l, n):
 
 @need_fwd
 @sm90
+@pytest.mark.parametrize("n,l,fused,init,segments", [
+    (64, 1, False, False, ""), (128, 63, True, True, ""), (128, 65, False, True, ""),
+    (64, 1000, True, False, ""), (128, 4097, False, True, "3"), (64, 300, True, True, "2")])
+def test_tma_loads(rng, monkeypatch, n, l, fused, init, segments):
+    """MLMAMBA_SSD_FWD_TMA=1: the wgmma kernel's tiles by TMA hold the same values as by
+    cp.async (zeros past the sequence end included), so the outputs are bitwise equal."""
+    if segments:
+        monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
+    kw = make(rng, 2, l, 3, 64, n, g=1, D="hp", init=init, fused=fused)
+    seq = torch.zeros(2, l, dtype=torch.int32, device=DEV)
+    seq[:, l // 2:] = 1  # a reset inside the sequence (no effect on the loads)
+    extra = {} if segments else {"seq_idx": seq}
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", "0")
+    base, base_fin = run_ours(kw, **extra)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", "require")  # an error if TMA is not used
+    out, fin = run_ours(kw, **extra)
+    assert torch.equal(out, base) and torch.equal(fin, base_fin)
+    check(kw, **extra)
+
+
+@need_fwd
+@sm90
 def test_sequence_split_chosen_for_few_heads(rng):
     """Two heads of one long sequence leave most SMs idle: the host splits it by itself."""
     kw = make(rng, 1, 4096, 2, 64, 128, init=True)

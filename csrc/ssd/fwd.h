@@ -1,8 +1,10 @@
 // SSD forward and decode step: the plain parameter structs shared by host glue and kernels.
 // Pointers plus element strides (64-bit); A, D and dt_bias arrive as contiguous float32.
 #pragma once
-#include <cstdint>
+#include <cuda.h>  // CUtensorMap
 #include <cuda_runtime.h>
+
+#include <cstdint>
 
 namespace mlmamba {
 namespace ssd {
@@ -59,6 +61,11 @@ struct FwdParams {
   // r / seg_rows, tokens [seg * seg_len, + seg_len); seg_len 0: no split
   int64_t seg_len, seg_rows;
   MscParams msc;
+  // sm_90 wgmma kernel: tiles of x, B, C by TMA (fwd_ops.cpp builds the maps: 4-D, columns /
+  // tokens / head or group / batch, 64 x 64 boxes, 128-byte swizzle, zeros past the sequence)
+  // instead of cp.async; not with cu_seqlens (a box would run into the next sequence)
+  bool tma;
+  CUtensorMap tm_x, tm_B, tm_C;  // 64-byte aligned by their type
 };
 
 // Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cudaTypedefs.h>
+
 #include <cstdlib>
 #include <limits>
 #include <optional>
@@ -44,6 +46,44 @@ bool rows_aligned16(const at::Tensor& t) {
   for (int d = 0; d < t.dim() - 1; ++d)
     if (t.size(d) > 1 && (t.stride(d) * es) % 16) return false;
   return true;
+}
+
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no libcuda link);
+// nullptr where the driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 4-D bf16 map of t (b, l, j, cols) as (cols, l, j, b) with 64 x 64 boxes and the 128-byte
+// swizzle of the wgmma tiles; reads past the end fill zeros. Strides of size-1 dims are free in
+// torch: any multiple of 16 bytes does.
+bool encode_tile_map(CUtensorMap* map, const at::Tensor& t) {
+  const auto enc = tensor_map_encoder();
+  if (!enc) return false;
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.size(3)), static_cast<cuuint64_t>(t.size(1)),
+                        static_cast<cuuint64_t>(t.size(2)), static_cast<cuuint64_t>(t.size(0))};
+  const int order[3] = {1, 2, 0};  // torch dim of map dims 1..3
+  cuuint64_t strides[3];
+  for (int k = 0; k < 3; ++k) {
+    const int d = order[k];
+    strides[k] = t.size(d) == 1 ? 16 : static_cast<cuuint64_t>(t.stride(d)) * 2;
+    if (strides[k] % 16) return false;
+  }
+  cuuint32_t box[4] = {64, 64, 1, 1}, estr[4] = {1, 1, 1, 1};
+  return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, t.data_ptr(), dims, strides, box, estr,
+             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // Head channels per CTA: 64 was as fast as 32 or faster on every bench case (H100,
@@ -189,6 +229,17 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   // override MLMAMBA_SSD_FWD_IMPL: "wgmma" (an error where it cannot run) or "mma".
   const char* impl_env = std::getenv("MLMAMBA_SSD_FWD_IMPL");
   const std::string impl = impl_env ? impl_env : "";
+  // wgmma kernel: tiles by TMA, opt-in until measured (MLMAMBA_SSD_FWD_TMA=1, or =require:
+  // an error where it cannot be used); not with cu_seqlens, where a box would run into the
+  // next sequence instead of zeros
+  const char* tma_env = std::getenv("MLMAMBA_SSD_FWD_TMA");
+  const std::string tma_mode = tma_env ? tma_env : "";
+  if ((tma_mode == "1" || tma_mode == "require") && code == 2 && prop.major == 9 && p == 64 &&
+      (n == 64 || n == 128) && prm.vec_loads && !cu_seqlens && impl != "mma")
+    prm.tma = encode_tile_map(&prm.tm_x, x) && encode_tile_map(&prm.tm_B, B) &&
+              encode_tile_map(&prm.tm_C, C);
+  MLM_CHECK(tma_mode != "require" || prm.tma, op,
+            ": MLMAMBA_SSD_FWD_TMA=require, but these inputs cannot use TMA tile loads");
   if (impl == "wgmma") {  // asked for by name: no silent fallback
     MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma needs bf16 x on an ",
               "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);

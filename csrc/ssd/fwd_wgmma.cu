@@ -18,6 +18,7 @@
 #include "ssd/fwd.h"
 #include "ssd/fwd_msc.cuh"
 #include "ssd/fwd_vectors.cuh"
+#include "ssd/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {
@@ -39,7 +40,8 @@ struct WgLayout {
   static constexpr int S_OFF = 2 * STAGE_B;
   static constexpr int VEC_OFF = S_OFF + S_B;
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
-  static constexpr int RAW_OFF = D_OFF + P * 4;
+  static constexpr int BAR_OFF = D_OFF + P * 4;  // two mbarriers (TMA stages)
+  static constexpr int RAW_OFF = BAR_OFF + 16;
   static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P>::BYTES : 0);
   static constexpr int SMEM = ORD_OFF + (MSC ? 3 * kMscOrd * 4 : 0) + 1024;  // + alignment slack
 };
@@ -89,7 +91,7 @@ __device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
 // SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
 // MSC: the k scans of msc_scan (fwd_msc.cuh) one after another, y merged in the epilogue.
 template <int N, bool SO, bool MSC>
-__global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
   using Lt = WgLayout<N, MSC>;
   constexpr int NP = Lt::NP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -126,6 +128,17 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
   unsigned char* rawsm = sm + Lt::RAW_OFF;
   int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
+  // TMA: stage b's tiles complete mbarrier b (initialised before any load is issued)
+  const bool tma = !MSC && p.tma;
+  const uint32_t bar0 = smem_u32(sm + Lt::BAR_OFF);
+  if (tma) {
+    if (tid == 0) {
+      mbar_init(bar0, 1);
+      mbar_init(bar0 + 8, 1);
+      mbar_init_fence();
+    }
+    __syncthreads();
+  }
 
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
   // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
@@ -168,7 +181,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
 #pragma unroll
         for (int i = 0; i < 32; ++i)
           sacc[np][i] = st[(16 * warp + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
-      __syncthreads();  // stage 0 is overwritten by the first chunk's loads
+      fence_async_smem();  // the generic stores above, then stage 0's loads (maybe TMA: async proxy)
+      __syncthreads();     // stage 0 is overwritten by the first chunk's loads
     } else {
 #pragma unroll
       for (int np = 0; np < NP; ++np)
@@ -207,6 +221,20 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
         return;
       }
       const int64_t c0 = static_cast<int64_t>(c) * Q;
+      if (tma) {  // one thread: the stage's boxes, counted in bytes on its mbarrier
+        if (tid == 0) {
+          const uint32_t bar = bar0 + 8 * (c & 1);
+          const int tok = static_cast<int>(tstart + c0), hb = static_cast<int>(bidx);
+          mbar_arrive_expect_tx(bar, Lt::X_B + (SO ? 1 : 2) * Lt::BC_B);
+          tma_load_4d(smem_u32(Xs(c & 1)), &p.tm_x, 0, tok, h, hb, bar);
+#pragma unroll
+          for (int np = 0; np < NP; ++np) {
+            tma_load_4d(smem_u32(Bs(c & 1)) + np * Q * 128, &p.tm_B, 64 * np, tok, grp, hb, bar);
+            if (!SO) tma_load_4d(smem_u32(Cs(c & 1)) + np * Q * 128, &p.tm_C, 64 * np, tok, grp, hb, bar);
+          }
+        }
+        return;
+      }
       const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
       load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
       load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
@@ -276,7 +304,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const FwdParams p)
       const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
       const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
       unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
-      cp_async_wait_all();
+      if (tma) mbar_wait(bar0 + 8 * (c & 1), (c >> 1) & 1);  // the (c / 2)-th fill of stage c & 1
+      else cp_async_wait_all();
       if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
         __syncthreads();
         const int64_t cd = p.msc.conv_dim;
