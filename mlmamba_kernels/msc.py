@@ -125,17 +125,58 @@ def _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headd
     return tuple(or_empty(g, xBC) for g in grads)
 
 
+def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
+                     ngroups, dt_min, dt_max, merge):
+    """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
+    scan after another. Each scan's rows are gathered by its order and its conv is recomputed
+    (the scan's inputs; the scan's own forward is not); the gradients are gathered back by the
+    inverse order and summed over the scans in order in fp32 (float64 for float64 inputs), so
+    the result is deterministic."""
+    ops = torch.ops.mlmamba
+    b, L, cd = xBC.shape
+    k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
+    n = (cd - h * p) // (2 * g)
+    acc = torch.float64 if xBC.dtype == torch.float64 else torch.float32
+    f32 = dict(dtype=acc, device=xBC.device)
+    dxBC, ddt = torch.zeros(b, L, cd, **f32), torch.zeros(b, L, h, **f32)
+    dA, dD, ddtb = (torch.zeros(k, h, **f32) for _ in range(3))
+    dw = torch.zeros(conv_weight.shape, **f32)
+    db = None if conv_bias is None else torch.zeros(k, cd, **f32)
+    ar = torch.arange(L, device=xBC.device)
+    for i in range(k):
+        idx = orders[i].to(device=xBC.device, dtype=torch.int64)
+        inv = torch.empty_like(idx).scatter_(0, idx, ar)
+        xs = xBC[:, idx].transpose(1, 2)                       # (b, cd, L) channel-last
+        bias = None if conv_bias is None else conv_bias[i]
+        u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True, False)[0]
+        x, B, C = torch.split(u.transpose(1, 2), [h * p, g * n, g * n], dim=-1)
+        dy = dout[i] if merge == "none" else dout
+        dy = dy[:, idx] if merge != "mean" else (dy[:, idx].to(acc) / k).to(dy.dtype)
+        gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
+            dy, None, x.reshape(b, L, h, p), dt[:, idx], A[i], B.reshape(b, L, g, n),
+            C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
+            dt_min, dt_max)
+        du = torch.cat([gx.reshape(b, L, h * p), gB.reshape(b, L, g * n),
+                        gC.reshape(b, L, g * n)], dim=-1).to(u.dtype)
+        gxs, gw, gb, _ = ops.causal_conv1d_bwd(xs, conv_weight[i], bias, None, None,
+                                               du.transpose(1, 2), None, True)
+        dxBC += gxs.transpose(1, 2)[:, inv]
+        ddt += gdt[:, inv]
+        dA[i], dD[i], ddtb[i], dw[i] = gA, gD, gdtb, gw
+        if db is not None:
+            db[i] = gb
+    return (dxBC.to(xBC.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dD.to(D.dtype),
+            dw.to(conv_weight.dtype), or_empty(None if db is None else db.to(conv_bias.dtype), xBC),
+            ddtb.to(dt_bias.dtype))
+
+
 def _bwd_cuda(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
               dt_min, dt_max, merge):
-    """CUDA backward until a fused one exists: autograd through the unfused CUDA kernels."""
     if xBC.dtype == torch.float64:
         return _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                         ngroups, dt_min, dt_max, merge)
-    grads = reference_vjp(
-        lambda *t: (composed_msc_scan(*t, orders, headdim, ngroups, (dt_min, dt_max),
-                                      None if merge == "none" else merge),),
-        (xBC, dt, A, D, conv_weight, conv_bias, dt_bias), (dout,))
-    return tuple(or_empty(g, xBC) for g in grads)
+    return unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
+                            headdim, ngroups, dt_min, dt_max, merge)
 
 
 register_reference("msc_scan_fwd", _fwd_ref)

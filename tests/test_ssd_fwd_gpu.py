@@ -213,7 +213,7 @@ def test_sequence_split(rng, monkeypatch, segments, l, n):
     (64, 1, False, False, ""), (128, 63, True, True, ""), (128, 65, False, True, ""),
     (64, 1000, True, False, ""), (128, 4097, False, True, "3"), (64, 300, True, True, "2")])
 def test_tma_loads(rng, monkeypatch, n, l, fused, init, segments):
-    """MLMAMBA_SSD_FWD_TMA=1: the wgmma kernel's tiles by TMA hold the same values as by
+    """The wgmma kernel's tiles by TMA hold the same values as by
     cp.async (zeros past the sequence end included), so the outputs are bitwise equal."""
     if segments:
         monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)

@@ -229,12 +229,13 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   // override MLMAMBA_SSD_FWD_IMPL: "wgmma" (an error where it cannot run) or "mma".
   const char* impl_env = std::getenv("MLMAMBA_SSD_FWD_IMPL");
   const std::string impl = impl_env ? impl_env : "";
-  // wgmma kernel: tiles by TMA, opt-in until measured (MLMAMBA_SSD_FWD_TMA=1, or =require:
-  // an error where it cannot be used); not with cu_seqlens, where a box would run into the
-  // next sequence instead of zeros
+  // wgmma kernel: tiles by TMA where the tensor maps can describe x, B and C (7% faster than
+  // cp.async, H200, docs/perf-log.md v7); not with cu_seqlens, where a box would run into the
+  // next sequence instead of zeros. MLMAMBA_SSD_FWD_TMA=0 keeps cp.async, =require makes it an
+  // error where TMA cannot be used.
   const char* tma_env = std::getenv("MLMAMBA_SSD_FWD_TMA");
   const std::string tma_mode = tma_env ? tma_env : "";
-  if ((tma_mode == "1" || tma_mode == "require") && code == 2 && prop.major == 9 && p == 64 &&
+  if (tma_mode != "0" && code == 2 && prop.major == 9 && p == 64 &&
       (n == 64 || n == 128) && prm.vec_loads && !cu_seqlens && impl != "mma")
     prm.tma = encode_tile_map(&prm.tm_x, x) && encode_tile_map(&prm.tm_B, B) &&
               encode_tile_map(&prm.tm_C, C);
