@@ -249,6 +249,36 @@ def test_prefetch_matches_load_path(p, n, h, dt_dtype, cu):
         assert torch.equal(a, b), f"{name} differs between the cp.async and the load path"
 
 
+def states_kernel_names(case):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run_kernel(*case)
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "states_kernel" in e.name]
+
+
+@needs_kernel
+@pytest.mark.parametrize("p,n,h,dtype,dt_dtype,z,cu", [
+    (64, 128, 5, torch.bfloat16, torch.bfloat16, False, None),
+    (64, 128, 3, torch.bfloat16, torch.float32, True, None),
+    (48, 100, 4, torch.float16, torch.float16, True, None),
+    (32, 64, 3, torch.bfloat16, torch.bfloat16, False, [0, 70, 71, 900, 1500]),
+    (128, 256, 2, torch.bfloat16, torch.float32, False, None)])
+def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, monkeypatch):
+    """Step 1 streams its tiles by cp.async (16-bit inputs, 16-byte aligned rows);
+    MLMAMBA_SSD_BWD_STATES=sync keeps the one-chunk register prefetch. Same arithmetic, so
+    bitwise equal gradients; odd lengths and partial tiles (p 48, n 100) zero-fill the same."""
+    case = make_case(_gen(), b=1 if cu else 2, l=1500 if cu else 1111, h=h, g=1, p=p, n=n, z=z,
+                     dtype=dtype, dt_dtype=dt_dtype, seq_idx=cu is None, cu=cu)
+    assert any(", true>" in k for k in states_kernel_names(case)), states_kernel_names(case)
+    got = run_kernel(*case)
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "sync")
+    assert not any(", true>" in k for k in states_kernel_names(case))
+    want = run_kernel(*case)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), f"{name} differs between the async and the register path"
+    check(*case)
+
+
 @needs_kernel
 def test_many_heads_per_split():
     check(*make_case(_gen(), b=4, l=1500, h=7, g=1, p=64, n=128, z=False))

@@ -271,7 +271,11 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     launch_chunk_offsets(P, stream);
     MLM_CHECK_LAUNCH();
   }
-  launch_states(P, tcode, stream);
+  // step 1 streams its tiles by cp.async where it can; MLMAMBA_SSD_BWD_STATES=sync keeps the
+  // one-chunk register prefetch (A/B; the gradients are bitwise the same)
+  const char* st_env = std::getenv("MLMAMBA_SSD_BWD_STATES");
+  const bool states_sync = st_env && std::strcmp(st_env, "sync") == 0;
+  launch_states(P, tcode, !states_sync && states_async_ok(P, tcode), stream);
   MLM_CHECK_LAUNCH();
   launch_chunk(P, tcode, stream);
   MLM_CHECK_LAUNCH();

@@ -5,8 +5,13 @@
 //   forward:  S <- cont * S + sum_j sout_j dt_j x_j B_j^T      (S_prev stored before the update)
 //   backward: G <- cont * G + sum_i sin_i dy_i C_i^T           (G_next stored before the update)
 // The backward direction ends with dinitial_states = G.
+// Async path (16-bit inputs with 16-byte aligned rows): each thread stages its own raw 16-byte
+// words of the tiles (and warp 0 the dt words) by cp.async kStages - 1 chunks ahead, so the
+// walk streams instead of waiting one DRAM round trip per chunk. Otherwise the next chunk's
+// tiles are prefetched into registers (one chunk ahead).
 #include <cuda_runtime.h>
 
+#include "common/launch.h"
 #include "ssd/bwd_common.cuh"
 
 namespace mlmamba {
@@ -24,8 +29,20 @@ __global__ void chunk_offsets_kernel(Params P) {
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(128, sizeof(T) == 4 ? 2 : 4) states_kernel(Params P) {
+constexpr int kStages = 3;  // async path: chunks in flight while one is multiplied = kStages - 1
+
+// dynamic shared memory of the async path: per stage 512 16-byte words for each raw tile
+// (x or dy; B or C; z where the adjoint gates dy)
+size_t states_stage_bytes(const Params& P) {
+  return size_t(kStages) * (P.has_z ? 3 : 2) * 512 * 16;
+}
+
+template <typename T, bool kAsync>
+__global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
+    states_kernel(Params P) {
+  static_assert(!kAsync || sizeof(T) == 2, "the async path stages 16-bit rows");
+  extern __shared__ uint4 stage[];                 // async: [stage][tile][u][thread]
+  __shared__ uint32_t dtw[kAsync ? kStages : 1][kQ];  // async: dt words per stage (warp 0)
   __shared__ ChunkVec cv;
   __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
   __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
@@ -111,7 +128,46 @@ __global__ void __launch_bounds__(128, sizeof(T) == 4 ? 2 : 4) states_kernel(Par
       }
     }
   };
-  if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
+  // async: chunk of walk step `it` (none past the end: an empty group keeps the count)
+  const int ntile = P.has_z ? 3 : 2;
+  auto word = [&](int st, int j, int u) { return stage + ((st * ntile + j) * 4 + u) * 128 + tid; };
+  auto issue = [&](int it) {
+    if (it < nk) {
+      const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
+      const int64_t t0 = tbeg + int64_t(k) * kQ;
+      const int qc = int(min(int64_t(kQ), tend - t0));
+      if (warp == 0)  // positions 2 lane, 2 lane + 1: the lane that reads them (fetch_dt_staged)
+        for (int i = 2 * lane; i < min(qc, 2 * lane + 2); ++i)
+          cp_async4(&dtw[st][i], dt_word_src(P, bb * P.dt_sb + (t0 + i) * P.dt_sl + hh * P.dt_sh));
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
+        const int64_t t = t0 + i;
+        const bool row = i < qc;
+        const int pb = row ? 2 * max(0, min(8, P.p - (p0 + c8))) : 0;
+        const int nb = row ? 2 * max(0, min(8, P.n - (n0 + c8))) : 0;
+        const T* xs = static_cast<const T*>(dir == 0 ? P.x : P.dout);
+        const T* ys = static_cast<const T*>(dir == 0 ? P.B : P.C);
+        const int64_t xo = dir == 0 ? bb * P.x_sb + t * P.x_sl + hh * P.x_sh + (p0 + c8)
+                                    : bb * P.o_sb + t * P.o_sl + hh * P.o_sh + (p0 + c8);
+        const int64_t yo = dir == 0 ? bb * P.B_sb + t * P.B_sl + gg * P.B_sg + (n0 + c8)
+                                    : bb * P.C_sb + t * P.C_sl + gg * P.C_sg + (n0 + c8);
+        cp_async16(word(st, 0, u), pb ? xs + xo : xs, pb);
+        cp_async16(word(st, 1, u), nb ? ys + yo : ys, nb);
+        if (dir == 1 && P.has_z) {
+          const T* zs = static_cast<const T*>(P.z);
+          const int64_t zo = bb * P.z_sb + t * P.z_sl + hh * P.z_sh + (p0 + c8);
+          cp_async16(word(st, 2, u), pb ? zs + zo : zs, pb);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (kAsync) {
+    for (int it = 0; it < kStages - 1; ++it) issue(it);
+  } else {
+    if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
+  }
 
   for (int it = 0; it < nk; ++it) {
     const int k = dir == 0 ? it : nk - 1 - it;
@@ -131,13 +187,28 @@ __global__ void __launch_bounds__(128, sizeof(T) == 4 ? 2 : 4) states_kernel(Par
                 __floats2bfloat162_rn(acc[t][2 * hf], acc[t][2 * hf + 1]);
         }
     }
-    if (warp == 0) chunk_vectors_from(P, cv, dr, qc, hh, Ah);
+    if constexpr (kAsync) {
+      cp_async_wait<kStages - 2>();  // this thread's words of step it (dt words: warp 0's own)
+      if (warp == 0) {
+        DtRaw d;
+        fetch_dt_staged(P, d, dtw[it % kStages], bb, t0, qc, k == 0, hh);
+        chunk_vectors_from(P, cv, d, qc, hh, Ah);
+      }
+    } else if (warp == 0) {
+      chunk_vectors_from(P, cv, dr, qc, hh, Ah);
+    }
     __syncthreads();
 
     // operand tiles: Xs[t][p] = scaled x (or dy), Ys[t][n] = B (or C)
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
+      if constexpr (kAsync) {  // this thread's own staged words
+        const int st = it % kStages;
+        memcpy(xr[u].e, word(st, 0, u), 16);
+        memcpy(yr[u].e, word(st, 1, u), 16);
+        if (dir == 1 && P.has_z) memcpy(zr[u].e, word(st, 2, u), 16);
+      }
       const float sc = dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i];
       float xv[8], yv[8];
       const bool row_ok = i < qc;
@@ -153,7 +224,8 @@ __global__ void __launch_bounds__(128, sizeof(T) == 4 ? 2 : 4) states_kernel(Par
       st_bf16x8(Ys + i * LD + c8, yv);
     }
     __syncthreads();
-    if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
+    if constexpr (kAsync) issue(it + kStages - 1);  // into the stage read one step ago
+    else if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
 
     const float cont = cv.cont;
     if (warp_on) {
@@ -193,12 +265,25 @@ void launch_chunk_offsets(const Params& prm, void* stream) {
   chunk_offsets_kernel<<<1, 32, 0, static_cast<cudaStream_t>(stream)>>>(prm);
 }
 
-void launch_states(const Params& prm, int tcode, void* stream) {
+bool states_async_ok(const Params& P, int tcode) {
+  return tcode != kF32 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
+}
+
+void launch_states(const Params& prm, int tcode, bool async, void* stream) {
   dim3 grid(prm.nseq * 2, prm.h, ((prm.p + 63) / 64) * (prm.npad / kNB));
   auto st = static_cast<cudaStream_t>(stream);
-  if (tcode == kF32) states_kernel<float><<<grid, 128, 0, st>>>(prm);
-  else if (tcode == kF16) states_kernel<__half><<<grid, 128, 0, st>>>(prm);
-  else states_kernel<bf16><<<grid, 128, 0, st>>>(prm);
+  if (async) {
+    const size_t smem = states_stage_bytes(prm);
+    auto kern = tcode == kF16 ? states_kernel<__half, true> : states_kernel<bf16, true>;
+    ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), static_cast<int>(smem));
+    kern<<<grid, 128, smem, st>>>(prm);
+  } else if (tcode == kF32) {
+    states_kernel<float, false><<<grid, 128, 0, st>>>(prm);
+  } else if (tcode == kF16) {
+    states_kernel<__half, false><<<grid, 128, 0, st>>>(prm);
+  } else {
+    states_kernel<bf16, false><<<grid, 128, 0, st>>>(prm);
+  }
 }
 
 }  // namespace ssd_bwd
