@@ -260,23 +260,32 @@ def states_kernel_names(case):
 @pytest.mark.parametrize("p,n,h,dtype,dt_dtype,z,cu", [
     (64, 128, 5, torch.bfloat16, torch.bfloat16, False, None),
     (64, 128, 3, torch.bfloat16, torch.float32, True, None),
-    (48, 100, 4, torch.float16, torch.float16, True, None),
+    (48, 104, 4, torch.float16, torch.float16, True, None),
     (32, 64, 3, torch.bfloat16, torch.bfloat16, False, [0, 70, 71, 900, 1500]),
     (128, 256, 2, torch.bfloat16, torch.float32, False, None)])
 def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, monkeypatch):
-    """Step 1 streams its tiles by cp.async (16-bit inputs, 16-byte aligned rows);
-    MLMAMBA_SSD_BWD_STATES=sync keeps the one-chunk register prefetch. Same arithmetic, so
-    bitwise equal gradients; odd lengths and partial tiles (p 48, n 100) zero-fill the same."""
+    """Step 1 streams its tiles by cp.async in 3 (default) or 2 stages (16-bit inputs, 16-byte
+    aligned rows); MLMAMBA_SSD_BWD_STATES=sync keeps the one-chunk register prefetch. Same
+    arithmetic, so bitwise equal gradients (odd lengths: the zero-filled tail rows too)."""
     case = make_case(_gen(), b=1 if cu else 2, l=1500 if cu else 1111, h=h, g=1, p=p, n=n, z=z,
                      dtype=dtype, dt_dtype=dt_dtype, seq_idx=cu is None, cu=cu)
-    assert any(", true>" in k for k in states_kernel_names(case)), states_kernel_names(case)
-    got = run_kernel(*case)
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "sync")
-    assert not any(", true>" in k for k in states_kernel_names(case))
+    assert all(k.endswith(", 0>(mlmamba::ssd_bwd::Params)") for k in states_kernel_names(case))
     want = run_kernel(*case)
-    for name, a, b in zip(NAMES, got, want):
-        assert torch.equal(a, b), f"{name} differs between the async and the register path"
+    for mode, stages in (("", 3), ("s2", 2)):
+        monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", mode)
+        names = states_kernel_names(case)
+        assert names and all(f", {stages}>" in k for k in names), (mode, names)
+        for name, a, b in zip(NAMES, run_kernel(*case), want):
+            assert torch.equal(a, b), f"{name} differs between the {stages}-stage and sync paths"
     check(*case)
+
+
+@needs_kernel
+def test_states_mode_checked(monkeypatch):
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "fast")
+    with pytest.raises(RuntimeError, match="MLMAMBA_SSD_BWD_STATES"):
+        run_kernel(*make_case(_gen(), l=70, h=2))
 
 
 @needs_kernel

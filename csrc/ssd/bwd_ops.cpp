@@ -10,6 +10,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/check.h"
@@ -271,11 +272,16 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     launch_chunk_offsets(P, stream);
     MLM_CHECK_LAUNCH();
   }
-  // step 1 streams its tiles by cp.async where it can; MLMAMBA_SSD_BWD_STATES=sync keeps the
-  // one-chunk register prefetch (A/B; the gradients are bitwise the same)
+  // step 1 streams its tiles by cp.async where it can (3 stages); MLMAMBA_SSD_BWD_STATES=s2
+  // takes 2 stages, =sync the one-chunk register prefetch (A/B; bitwise the same gradients)
   const char* st_env = std::getenv("MLMAMBA_SSD_BWD_STATES");
-  const bool states_sync = st_env && std::strcmp(st_env, "sync") == 0;
-  launch_states(P, tcode, !states_sync && states_async_ok(P, tcode), stream);
+  const std::string st_mode = st_env ? st_env : "";
+  MLM_CHECK(st_mode.empty() || st_mode == "sync" || st_mode == "s2" || st_mode == "s3", kOp,
+            ": MLMAMBA_SSD_BWD_STATES must be sync, s2 or s3, got '", st_mode, "'");
+  const int stages = st_mode == "sync" || !states_async_ok(P, tcode) ? 0
+                     : st_mode == "s2"                                ? 2
+                                                                      : 3;
+  launch_states(P, tcode, stages, stream);
   MLM_CHECK_LAUNCH();
   launch_chunk(P, tcode, stream);
   MLM_CHECK_LAUNCH();

@@ -29,20 +29,22 @@ __global__ void chunk_offsets_kernel(Params P) {
   }
 }
 
-constexpr int kStages = 3;  // async path: chunks in flight while one is multiplied = kStages - 1
-
 // dynamic shared memory of the async path: per stage 512 16-byte words for each raw tile
 // (x or dy; B or C; z where the adjoint gates dy)
-size_t states_stage_bytes(const Params& P) {
-  return size_t(kStages) * (P.has_z ? 3 : 2) * 512 * 16;
+size_t states_stage_bytes(const Params& P, int stages) {
+  return size_t(stages) * (P.has_z ? 3 : 2) * 512 * 16;
 }
 
-template <typename T, bool kAsync>
-__global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
+// kStages 0: the register path; 2 or 3: the async path with kStages - 1 chunks in flight while
+// one is multiplied (2 stages leave room for 4 CTAs per SM, 3 stages for 3)
+template <typename T, int kStages>
+__global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 4))
     states_kernel(Params P) {
+  constexpr bool kAsync = kStages > 0;
+  constexpr int kS = kAsync ? kStages : 1;
   static_assert(!kAsync || sizeof(T) == 2, "the async path stages 16-bit rows");
-  extern __shared__ uint4 stage[];                 // async: [stage][tile][u][thread]
-  __shared__ uint32_t dtw[kAsync ? kStages : 1][kQ];  // async: dt words per stage (warp 0)
+  extern __shared__ uint4 stage[];      // async: [stage][tile][u][thread]
+  __shared__ uint32_t dtw[kS][kQ];      // async: dt words per stage (warp 0)
   __shared__ ChunkVec cv;
   __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
   __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
@@ -133,7 +135,7 @@ __global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
   auto word = [&](int st, int j, int u) { return stage + ((st * ntile + j) * 4 + u) * 128 + tid; };
   auto issue = [&](int it) {
     if (it < nk) {
-      const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
+      const int k = dir == 0 ? it : nk - 1 - it, st = it % kS;
       const int64_t t0 = tbeg + int64_t(k) * kQ;
       const int qc = int(min(int64_t(kQ), tend - t0));
       if (warp == 0)  // positions 2 lane, 2 lane + 1: the lane that reads them (fetch_dt_staged)
@@ -164,7 +166,7 @@ __global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
     cp_async_commit();
   };
   if constexpr (kAsync) {
-    for (int it = 0; it < kStages - 1; ++it) issue(it);
+    for (int it = 0; it < kS - 1; ++it) issue(it);
   } else {
     if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
   }
@@ -188,10 +190,10 @@ __global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
         }
     }
     if constexpr (kAsync) {
-      cp_async_wait<kStages - 2>();  // this thread's words of step it (dt words: warp 0's own)
+      cp_async_wait<kS - 2>();  // this thread's words of step it (dt words: warp 0's own)
       if (warp == 0) {
         DtRaw d;
-        fetch_dt_staged(P, d, dtw[it % kStages], bb, t0, qc, k == 0, hh);
+        fetch_dt_staged(P, d, dtw[it % kS], bb, t0, qc, k == 0, hh);
         chunk_vectors_from(P, cv, d, qc, hh, Ah);
       }
     } else if (warp == 0) {
@@ -204,7 +206,7 @@ __global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
     for (int u = 0; u < 4; ++u) {
       const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
       if constexpr (kAsync) {  // this thread's own staged words
-        const int st = it % kStages;
+        const int st = it % kS;
         memcpy(xr[u].e, word(st, 0, u), 16);
         memcpy(yr[u].e, word(st, 1, u), 16);
         if (dir == 1 && P.has_z) memcpy(zr[u].e, word(st, 2, u), 16);
@@ -224,7 +226,7 @@ __global__ void __launch_bounds__(128, kAsync ? 3 : (sizeof(T) == 4 ? 2 : 4))
       st_bf16x8(Ys + i * LD + c8, yv);
     }
     __syncthreads();
-    if constexpr (kAsync) issue(it + kStages - 1);  // into the stage read one step ago
+    if constexpr (kAsync) issue(it + kS - 1);  // into the stage read one step ago
     else if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
 
     const float cont = cv.cont;
@@ -269,20 +271,22 @@ bool states_async_ok(const Params& P, int tcode) {
   return tcode != kF32 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
 }
 
-void launch_states(const Params& prm, int tcode, bool async, void* stream) {
+void launch_states(const Params& prm, int tcode, int stages, void* stream) {
   dim3 grid(prm.nseq * 2, prm.h, ((prm.p + 63) / 64) * (prm.npad / kNB));
   auto st = static_cast<cudaStream_t>(stream);
-  if (async) {
-    const size_t smem = states_stage_bytes(prm);
-    auto kern = tcode == kF16 ? states_kernel<__half, true> : states_kernel<bf16, true>;
+  if (stages > 0) {
+    const size_t smem = states_stage_bytes(prm, stages);
+    const bool h16 = tcode == kF16;
+    auto kern = stages == 2 ? (h16 ? states_kernel<__half, 2> : states_kernel<bf16, 2>)
+                            : (h16 ? states_kernel<__half, 3> : states_kernel<bf16, 3>);
     ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), static_cast<int>(smem));
     kern<<<grid, 128, smem, st>>>(prm);
   } else if (tcode == kF32) {
-    states_kernel<float, false><<<grid, 128, 0, st>>>(prm);
+    states_kernel<float, 0><<<grid, 128, 0, st>>>(prm);
   } else if (tcode == kF16) {
-    states_kernel<__half, false><<<grid, 128, 0, st>>>(prm);
+    states_kernel<__half, 0><<<grid, 128, 0, st>>>(prm);
   } else {
-    states_kernel<bf16, false><<<grid, 128, 0, st>>>(prm);
+    states_kernel<bf16, 0><<<grid, 128, 0, st>>>(prm);
   }
 }
 
