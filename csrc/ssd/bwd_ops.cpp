@@ -272,15 +272,16 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     launch_chunk_offsets(P, stream);
     MLM_CHECK_LAUNCH();
   }
-  // step 1 streams its tiles by cp.async where it can (3 stages); MLMAMBA_SSD_BWD_STATES=s2
-  // takes 2 stages, =sync the one-chunk register prefetch (A/B; bitwise the same gradients)
+  // step 1 streams its tiles by cp.async where it can, in 2 stages (4 CTAs/SM; faster than 3
+  // stages at 3 CTAs/SM on 3 of 4 bench cases, H200); MLMAMBA_SSD_BWD_STATES=s3 takes 3,
+  // =sync the one-chunk register prefetch (A/B; bitwise the same gradients)
   const char* st_env = std::getenv("MLMAMBA_SSD_BWD_STATES");
   const std::string st_mode = st_env ? st_env : "";
   MLM_CHECK(st_mode.empty() || st_mode == "sync" || st_mode == "s2" || st_mode == "s3", kOp,
             ": MLMAMBA_SSD_BWD_STATES must be sync, s2 or s3, got '", st_mode, "'");
   const int stages = st_mode == "sync" || !states_async_ok(P, tcode) ? 0
-                     : st_mode == "s2"                                ? 2
-                                                                      : 3;
+                     : st_mode == "s3"                                ? 3
+                                                                      : 2;
   launch_states(P, tcode, stages, stream);
   MLM_CHECK_LAUNCH();
   launch_chunk(P, tcode, stream);

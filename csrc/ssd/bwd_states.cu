@@ -6,9 +6,10 @@
 //   backward: G <- cont * G + sum_i sin_i dy_i C_i^T           (G_next stored before the update)
 // The backward direction ends with dinitial_states = G.
 // Async path (16-bit inputs with 16-byte aligned rows): each thread stages its own raw 16-byte
-// words of the tiles (and warp 0 the dt words) by cp.async kStages - 1 chunks ahead, so the
-// walk streams instead of waiting one DRAM round trip per chunk. Otherwise the next chunk's
-// tiles are prefetched into registers (one chunk ahead).
+// words of the tiles by cp.async kStages - 1 chunks ahead, so the walk streams instead of
+// waiting one DRAM round trip per chunk, and warp 0 computes the next chunk's decay vectors
+// while the others multiply (two barriers per chunk instead of three). Otherwise the next
+// chunk's tiles are prefetched into registers (one chunk ahead).
 #include <cuda_runtime.h>
 
 #include "common/launch.h"
@@ -43,9 +44,8 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
   constexpr bool kAsync = kStages > 0;
   constexpr int kS = kAsync ? kStages : 1;
   static_assert(!kAsync || sizeof(T) == 2, "the async path stages 16-bit rows");
-  extern __shared__ uint4 stage[];      // async: [stage][tile][u][thread]
-  __shared__ uint32_t dtw[kS][kQ];      // async: dt words per stage (warp 0)
-  __shared__ ChunkVec cv;
+  extern __shared__ uint4 stage[];  // async: [stage][tile][u][thread]
+  __shared__ ChunkVec cvs[kAsync ? 2 : 1];  // async: this step's and the next step's
   __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
   __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
   constexpr int LD = kNB + 8;
@@ -138,9 +138,6 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
       const int k = dir == 0 ? it : nk - 1 - it, st = it % kS;
       const int64_t t0 = tbeg + int64_t(k) * kQ;
       const int qc = int(min(int64_t(kQ), tend - t0));
-      if (warp == 0)  // positions 2 lane, 2 lane + 1: the lane that reads them (fetch_dt_staged)
-        for (int i = 2 * lane; i < min(qc, 2 * lane + 2); ++i)
-          cp_async4(&dtw[st][i], dt_word_src(P, bb * P.dt_sb + (t0 + i) * P.dt_sl + hh * P.dt_sh));
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
@@ -165,8 +162,26 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     }
     cp_async_commit();
   };
+  // async: warp 0 computes the next step's chunk vectors during this step's products, from
+  // dt loaded into registers one step before that
+  auto dt_fetch = [&](int it) {
+    const int k = dir == 0 ? it : nk - 1 - it;
+    const int64_t t0 = tbeg + int64_t(k) * kQ;
+    fetch_dt(P, dr, bb, t0, int(min(int64_t(kQ), tend - t0)), k == 0, hh);
+  };
+  auto vectors = [&](int it) {
+    const int k = dir == 0 ? it : nk - 1 - it;
+    const int64_t t0 = tbeg + int64_t(k) * kQ;
+    chunk_vectors_from(P, cvs[it & 1], dr, int(min(int64_t(kQ), tend - t0)), hh, Ah);
+  };
   if constexpr (kAsync) {
     for (int it = 0; it < kS - 1; ++it) issue(it);
+    if (warp == 0 && nk > 0) {
+      dt_fetch(0);
+      vectors(0);
+      if (nk > 1) dt_fetch(1);
+    }
+    __syncthreads();
   } else {
     if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
   }
@@ -175,6 +190,7 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     const int k = dir == 0 ? it : nk - 1 - it;
     const int64_t t0 = tbeg + int64_t(k) * kQ;
     const int qc = int(min(int64_t(kQ), tend - t0));
+    ChunkVec& cv = cvs[kAsync ? (it & 1) : 0];
 
     // store the tile as this chunk's S_prev / G_next
     if (warp_on) {
@@ -190,16 +206,11 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
         }
     }
     if constexpr (kAsync) {
-      cp_async_wait<kS - 2>();  // this thread's words of step it (dt words: warp 0's own)
-      if (warp == 0) {
-        DtRaw d;
-        fetch_dt_staged(P, d, dtw[it % kS], bb, t0, qc, k == 0, hh);
-        chunk_vectors_from(P, cv, d, qc, hh, Ah);
-      }
-    } else if (warp == 0) {
-      chunk_vectors_from(P, cv, dr, qc, hh, Ah);
+      cp_async_wait<kS - 2>();  // this thread's words of step it; cv: the last step's barrier
+    } else {
+      if (warp == 0) chunk_vectors_from(P, cv, dr, qc, hh, Ah);
+      __syncthreads();
     }
-    __syncthreads();
 
     // operand tiles: Xs[t][p] = scaled x (or dy), Ys[t][n] = B (or C)
 #pragma unroll
@@ -245,6 +256,12 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
           frag_b_kn(b0, b1, Ys, LD, t * 8, kk * 16);
           mma_bf16(acc[t], a, b0, b1);
         }
+      }
+    }
+    if constexpr (kAsync) {
+      if (warp == 0 && it + 1 < nk) {  // the other buffer: last read before this step began
+        vectors(it + 1);
+        if (it + 2 < nk) dt_fetch(it + 2);
       }
     }
     __syncthreads();
