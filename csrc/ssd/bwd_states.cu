@@ -191,6 +191,9 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     const int64_t t0 = tbeg + int64_t(k) * kQ;
     const int qc = int(min(int64_t(kQ), tend - t0));
     ChunkVec& cv = cvs[kAsync ? (it & 1) : 0];
+    // async: the chunk kS - 1 steps ahead, into the stage this thread read its words from one
+    // step ago (each thread reads back only its own words), so a full step hides the latency
+    if constexpr (kAsync) issue(it + kS - 1);
 
     // store the tile as this chunk's S_prev / G_next
     if (warp_on) {
@@ -206,7 +209,7 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
         }
     }
     if constexpr (kAsync) {
-      cp_async_wait<kS - 2>();  // this thread's words of step it; cv: the last step's barrier
+      cp_async_wait<kS - 1>();  // this thread's words of step it; cv: the last step's barrier
     } else {
       if (warp == 0) chunk_vectors_from(P, cv, dr, qc, hh, Ah);
       __syncthreads();
@@ -237,8 +240,8 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
       st_bf16x8(Ys + i * LD + c8, yv);
     }
     __syncthreads();
-    if constexpr (kAsync) issue(it + kS - 1);  // into the stage read one step ago
-    else if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
+    if constexpr (!kAsync)
+      if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
 
     const float cont = cv.cont;
     if (warp_on) {
