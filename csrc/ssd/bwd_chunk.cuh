@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
     cp_async_wait<0>();  // A(hh): dt words, x/dy (pfx)
     if (warp == 0) {
       DtRaw d;
-      fetch_dt_staged(P, d, dtw, bb, t0, qc, cp.first, hh);
+      fetch_dt(P, d, bb, t0, qc, cp.first, hh, dtw);
       chunk_vectors_from(P, cv, d, qc, hh, ld_code(P.A, P.A_code, hh * P.A_s));
     }
     {
@@ -301,6 +301,16 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
       constexpr int G8 = kP / 8, NG = kQ * G8 / kThreads;
       float dd[8] = {};
       bool loaded = false;
+      // dx starts as D * dy (exact inputs) for row i, columns c8..; phase 3 adds dt * u
+      auto dx_from_D = [&](int i, int c8, const float (&dv)[8]) {
+        if (!P.has_D || i >= qc) return;
+        const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if (c8 + e < P.p)
+            static_cast<T*>(P.dx)[o + c8 + e] =
+                from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
+      };
       if constexpr (std::is_same<T, bf16>::value) {
         if (pfx_on()) {
           // x/dy staged by cp.async in Sb/Gb (this thread's own 16-byte words, zero where
@@ -322,14 +332,7 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
             for (int e = 0; e < 8; ++e) dd[e] += xv[e] * dv[e];
             st_bf16x8(Xs + i * LDP + c8, xv);
             st_bf16x8(Ds + i * LDP + c8, dv);
-            if (P.has_D && i < qc) {
-              const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
-#pragma unroll
-              for (int e = 0; e < 8; ++e)
-                if (c8 + e < P.p)
-                  static_cast<T*>(P.dx)[o + c8 + e] =
-                      from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
-            }
+            dx_from_D(i, c8, dv);
           }
           loaded = true;
         }
@@ -367,15 +370,7 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
           }
           st_bf16x8(Xs + i * LDP + c8, xv);
           st_bf16x8(Ds + i * LDP + c8, dv);
-          // dx starts as D * dy (exact inputs); phase 3 adds dt * u
-          if (P.has_D && i < qc) {
-            const int64_t o = ((int64_t(bb) * P.l + t0 + i) * P.h + hh) * P.p;
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-              if (c8 + e < P.p)
-                static_cast<T*>(P.dx)[o + c8 + e] =
-                    from_f<T>(ld_code(P.D, P.D_code, hh * P.D_sh + (c8 + e) * P.D_sp) * dv[e]);
-          }
+          dx_from_D(i, c8, dv);
         }
       }  // !loaded
       // dD: reduce over the lanes that own the same columns, then per warp

@@ -154,8 +154,26 @@ struct DtRaw {
   int s_prev, s[2];  // seq_idx at 2*lane-1, 2*lane, 2*lane+1
 };
 
+// dt staged in shared memory by cp.async: one 32-bit word per position. A 16-bit dt element is
+// copied as the aligned word that contains it (cp.async moves at least 4 bytes; the word lies
+// inside the element's allocation) and its half picked here.
+__device__ __forceinline__ const void* dt_word_src(const Params& P, int64_t idx) {
+  const char* base = static_cast<const char*>(P.dt);
+  if (P.dt_code == kF32) return base + 4 * idx;
+  return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base + 2 * idx) &
+                                       ~uintptr_t(3));
+}
+__device__ __forceinline__ float dt_from_word(const Params& P, uint32_t w, int64_t idx) {
+  if (P.dt_code == kF32) return __uint_as_float(w);
+  const bool hi = (reinterpret_cast<uintptr_t>(static_cast<const char*>(P.dt) + 2 * idx) & 2) != 0;
+  const unsigned short bits = static_cast<unsigned short>(hi ? (w >> 16) : (w & 0xffffu));
+  if (P.dt_code == kF16) return __half2float(__ushort_as_half(bits));
+  return __bfloat162float(__ushort_as_bfloat16(bits));
+}
+// dt (and seq_idx) of positions 2 lane, 2 lane + 1: from global memory, or from the words a
+// cp.async staged in shared memory (dtw, by position in the chunk)
 __device__ __forceinline__ void fetch_dt(const Params& P, DtRaw& d, int bb, int64_t t0, int qc,
-                                         bool first, int hh) {
+                                         bool first, int hh, const uint32_t* dtw = nullptr) {
   const int lane = threadIdx.x & 31;
   const int* si = P.seq_idx + bb * P.si_sb;
 #pragma unroll
@@ -165,7 +183,8 @@ __device__ __forceinline__ void fetch_dt(const Params& P, DtRaw& d, int bb, int6
     d.s[u] = 0;
     if (i < qc) {
       const int64_t t = t0 + i;
-      d.v[u] = ld_code(P.dt, P.dt_code, bb * P.dt_sb + t * P.dt_sl + hh * P.dt_sh);
+      const int64_t o = bb * P.dt_sb + t * P.dt_sl + hh * P.dt_sh;
+      d.v[u] = dtw ? dt_from_word(P, dtw[i], o) : ld_code(P.dt, P.dt_code, o);
       if (P.has_seq_idx) d.s[u] = si[t * P.si_sl];
     }
   }
@@ -329,42 +348,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// dt staged in shared memory by cp.async: one 32-bit word per position. A 16-bit dt element is
-// copied as the aligned word that contains it (cp.async moves at least 4 bytes; the word lies
-// inside the element's allocation) and its half picked here.
-__device__ __forceinline__ const void* dt_word_src(const Params& P, int64_t idx) {
-  const char* base = static_cast<const char*>(P.dt);
-  if (P.dt_code == kF32) return base + 4 * idx;
-  return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base + 2 * idx) &
-                                       ~uintptr_t(3));
-}
-__device__ __forceinline__ float dt_from_word(const Params& P, uint32_t w, int64_t idx) {
-  if (P.dt_code == kF32) return __uint_as_float(w);
-  const bool hi = (reinterpret_cast<uintptr_t>(static_cast<const char*>(P.dt) + 2 * idx) & 2) != 0;
-  const unsigned short bits = static_cast<unsigned short>(hi ? (w >> 16) : (w & 0xffffu));
-  if (P.dt_code == kF16) return __half2float(__ushort_as_half(bits));
-  return __bfloat162float(__ushort_as_bfloat16(bits));
-}
-// fetch_dt (bwd_common.cuh) with the dt values from the staged words
-__device__ __forceinline__ void fetch_dt_staged(const Params& P, DtRaw& d, const uint32_t* dtw,
-                                                int bb, int64_t t0, int qc, bool first, int hh) {
-  const int lane = threadIdx.x & 31;
-  const int* si = P.seq_idx + bb * P.si_sb;
-#pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int i = 2 * lane + u;
-    d.v[u] = 0.f;
-    d.s[u] = 0;
-    if (i < qc) {
-      const int64_t t = t0 + i;
-      d.v[u] = dt_from_word(P, dtw[i], bb * P.dt_sb + t * P.dt_sl + hh * P.dt_sh);
-      if (P.has_seq_idx) d.s[u] = si[t * P.si_sl];
-    }
-  }
-  d.s_prev = d.s[0];
-  if (P.has_seq_idx && 2 * lane < qc && (lane > 0 || !first))
-    d.s_prev = si[(t0 + 2 * lane - 1) * P.si_sl];
-}
 
 }  // namespace ssd_bwd
 }  // namespace mlmamba
