@@ -6,10 +6,10 @@
 //   backward: G <- cont * G + sum_i sin_i dy_i C_i^T           (G_next stored before the update)
 // The backward direction ends with dinitial_states = G.
 // Async path (16-bit inputs with 16-byte aligned rows): each thread stages its own raw 16-byte
-// words of the tiles, and the chunk scales vectors_kernel computed beforehand, by cp.async
-// kStages - 1 chunks ahead: no serial per-chunk work, two barriers per chunk. Otherwise the
-// next chunk's tiles are prefetched into registers (one chunk ahead) and warp 0 computes the
-// chunk's scales between barriers.
+// words of the tiles by cp.async kStages - 1 chunks ahead, so the walk streams instead of
+// waiting one DRAM round trip per chunk, and warp 0 computes the next chunk's decay vectors
+// while the others multiply (two barriers per chunk instead of three). Otherwise the next
+// chunk's tiles are prefetched into registers (one chunk ahead).
 #include <cuda_runtime.h>
 
 #include "common/launch.h"
@@ -30,32 +30,10 @@ __global__ void chunk_offsets_kernel(Params P) {
   }
 }
 
-// Chunk scales of the async path, one warp per (slot, head): the same chunk_vectors_from as
-// the register path, so the same values; the walk then has no serial per-chunk work.
-__global__ void __launch_bounds__(128) vectors_kernel(Params P) {
-  __shared__ ChunkVec cvw[4];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int hh = blockIdx.z * 4 + warp;
-  const ChunkPos c = chunk_pos_at(P, blockIdx.x, blockIdx.y);
-  if (!c.valid || hh >= P.h) return;
-  ChunkVec& cv = cvw[warp];
-  DtRaw d;
-  fetch_dt(P, d, c.bb, c.t0, c.qc, c.first, hh);
-  chunk_vectors_from(P, cv, d, c.qc, hh, ld_code(P.A, P.A_code, hh * P.A_s));
-  __syncwarp();
-  float* out = P.vec + (int64_t(c.slot) * P.h + hh) * kVecW;
-  for (int i = lane; i < kQ; i += 32) {
-    out[i] = cv.dt[i] * cv.sout[i];
-    out[kQ + i] = cv.sin[i];
-  }
-  if (lane == 0) out[2 * kQ] = cv.cont;
-}
-
-// dynamic shared memory of the async path, per stage: 512 16-byte words for each raw tile
-// (x or dy; B or C; z where the adjoint gates dy), then 5 floats per thread (its 4 rows'
-// scales and the chunk's decay)
+// dynamic shared memory of the async path: per stage 512 16-byte words for each raw tile
+// (x or dy; B or C; z where the adjoint gates dy)
 size_t states_stage_bytes(const Params& P, int stages) {
-  return size_t(stages) * ((P.has_z ? 3 : 2) * 512 * 16 + 5 * 128 * 4);
+  return size_t(stages) * (P.has_z ? 3 : 2) * 512 * 16;
 }
 
 // kStages 0: the register path; 2 or 3: the async path with kStages - 1 chunks in flight while
@@ -66,8 +44,8 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
   constexpr bool kAsync = kStages > 0;
   constexpr int kS = kAsync ? kStages : 1;
   static_assert(!kAsync || sizeof(T) == 2, "the async path stages 16-bit rows");
-  extern __shared__ uint4 stage[];  // async: [stage][tile][u][thread], then the scale words
-  __shared__ ChunkVec cv;           // register path
+  extern __shared__ uint4 stage[];  // async: [stage][tile][u][thread]
+  __shared__ ChunkVec cvs[kAsync ? 2 : 1];  // async: this step's and the next step's
   __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
   __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
   constexpr int LD = kNB + 8;
@@ -155,17 +133,11 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
   // async: chunk of walk step `it` (none past the end: an empty group keeps the count)
   const int ntile = P.has_z ? 3 : 2;
   auto word = [&](int st, int j, int u) { return stage + ((st * ntile + j) * 4 + u) * 128 + tid; };
-  // scale words: j < 4 the row of slot j (dt*sout or sin), j = 4 the chunk's decay
-  auto scale = [&](int st, int j) {
-    return reinterpret_cast<float*>(stage + kS * ntile * 512) + (st * 5 + j) * 128 + tid;
-  };
   auto issue = [&](int it) {
     if (it < nk) {
       const int k = dir == 0 ? it : nk - 1 - it, st = it % kS;
       const int64_t t0 = tbeg + int64_t(k) * kQ;
       const int qc = int(min(int64_t(kQ), tend - t0));
-      const float* vsrc = P.vec + (int64_t(slot0 + k) * P.h + hh) * kVecW;
-      cp_async4(scale(st, 4), vsrc + 2 * kQ);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
@@ -179,7 +151,6 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
                                     : bb * P.o_sb + t * P.o_sl + hh * P.o_sh + (p0 + c8);
         const int64_t yo = dir == 0 ? bb * P.B_sb + t * P.B_sl + gg * P.B_sg + (n0 + c8)
                                     : bb * P.C_sb + t * P.C_sl + gg * P.C_sg + (n0 + c8);
-        cp_async4(scale(st, u), vsrc + dir * kQ + i);
         cp_async16(word(st, 0, u), pb ? xs + xo : xs, pb);
         cp_async16(word(st, 1, u), nb ? ys + yo : ys, nb);
         if (dir == 1 && P.has_z) {
@@ -191,8 +162,26 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     }
     cp_async_commit();
   };
+  // async: warp 0 computes the next step's chunk vectors during this step's products, from
+  // dt loaded into registers one step before that
+  auto dt_fetch = [&](int it) {
+    const int k = dir == 0 ? it : nk - 1 - it;
+    const int64_t t0 = tbeg + int64_t(k) * kQ;
+    fetch_dt(P, dr, bb, t0, int(min(int64_t(kQ), tend - t0)), k == 0, hh);
+  };
+  auto vectors = [&](int it) {
+    const int k = dir == 0 ? it : nk - 1 - it;
+    const int64_t t0 = tbeg + int64_t(k) * kQ;
+    chunk_vectors_from(P, cvs[it & 1], dr, int(min(int64_t(kQ), tend - t0)), hh, Ah);
+  };
   if constexpr (kAsync) {
     for (int it = 0; it < kS - 1; ++it) issue(it);
+    if (warp == 0 && nk > 0) {
+      dt_fetch(0);
+      vectors(0);
+      if (nk > 1) dt_fetch(1);
+    }
+    __syncthreads();
   } else {
     if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
   }
@@ -201,6 +190,7 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     const int k = dir == 0 ? it : nk - 1 - it;
     const int64_t t0 = tbeg + int64_t(k) * kQ;
     const int qc = int(min(int64_t(kQ), tend - t0));
+    ChunkVec& cv = cvs[kAsync ? (it & 1) : 0];
     // async: the chunk kS - 1 steps ahead, into the stage this thread read its words from one
     // step ago (each thread reads back only its own words), so a full step hides the latency
     if constexpr (kAsync) issue(it + kS - 1);
@@ -219,7 +209,7 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
         }
     }
     if constexpr (kAsync) {
-      cp_async_wait<kS - 1>();  // this thread's words of step it
+      cp_async_wait<kS - 1>();  // this thread's words of step it; cv: the last step's barrier
     } else {
       if (warp == 0) chunk_vectors_from(P, cv, dr, qc, hh, Ah);
       __syncthreads();
@@ -229,36 +219,31 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
-      const bool row_ok = i < qc;
-      auto put = [&](const Vec8<T>& xw, const Vec8<T>& yw, const Vec8<T>& zw, float sc) {
-        float xv[8], yv[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const bool pok = row_ok && p0 + c8 + e < P.p, nok = row_ok && n0 + c8 + e < P.n;
-          float v = pok ? xw.get(e) : 0.f;
-          if (dir == 1 && P.has_z && pok) v *= silu_f(zw.get(e));
-          xv[e] = v * sc;
-          yv[e] = nok ? yw.get(e) : 0.f;
-        }
-        st_bf16x8(Xs + i * LD + c8, xv);
-        st_bf16x8(Ys + i * LD + c8, yv);
-      };
       if constexpr (kAsync) {  // this thread's own staged words
         const int st = it % kS;
-        Vec8<T> xw, yw, zw;
-        memcpy(xw.e, word(st, 0, u), 16);
-        memcpy(yw.e, word(st, 1, u), 16);
-        if (dir == 1 && P.has_z) memcpy(zw.e, word(st, 2, u), 16);
-        put(xw, yw, zw, *scale(st, u));
-      } else {
-        put(xr[u], yr[u], zr[u], dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i]);
+        memcpy(xr[u].e, word(st, 0, u), 16);
+        memcpy(yr[u].e, word(st, 1, u), 16);
+        if (dir == 1 && P.has_z) memcpy(zr[u].e, word(st, 2, u), 16);
       }
+      const float sc = dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i];
+      float xv[8], yv[8];
+      const bool row_ok = i < qc;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const bool pok = row_ok && p0 + c8 + e < P.p, nok = row_ok && n0 + c8 + e < P.n;
+        float v = pok ? xr[u].get(e) : 0.f;
+        if (dir == 1 && P.has_z && pok) v *= silu_f(zr[u].get(e));
+        xv[e] = v * sc;
+        yv[e] = nok ? yr[u].get(e) : 0.f;
+      }
+      st_bf16x8(Xs + i * LD + c8, xv);
+      st_bf16x8(Ys + i * LD + c8, yv);
     }
     __syncthreads();
     if constexpr (!kAsync)
       if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
 
-    const float cont = kAsync ? *scale(it % kS, 4) : cv.cont;
+    const float cont = cv.cont;
     if (warp_on) {
 #pragma unroll
       for (int t = 0; t < 8; ++t)
@@ -274,6 +259,12 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
           frag_b_kn(b0, b1, Ys, LD, t * 8, kk * 16);
           mma_bf16(acc[t], a, b0, b1);
         }
+      }
+    }
+    if constexpr (kAsync) {
+      if (warp == 0 && it + 1 < nk) {  // the other buffer: last read before this step began
+        vectors(it + 1);
+        if (it + 2 < nk) dt_fetch(it + 2);
       }
     }
     __syncthreads();
@@ -298,12 +289,6 @@ void launch_chunk_offsets(const Params& prm, void* stream) {
 
 bool states_async_ok(const Params& P, int tcode) {
   return tcode != kF32 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
-}
-
-void launch_vectors(const Params& prm, void* stream) {
-  const dim3 grid(prm.varlen ? prm.nslots : prm.nch, prm.varlen ? 1 : prm.b, (prm.h + 3) / 4);
-  if (grid.x == 0 || grid.y == 0) return;
-  vectors_kernel<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(prm);
 }
 
 void launch_states(const Params& prm, int tcode, int stages, void* stream) {
