@@ -11,6 +11,7 @@ LOG="${MLMAMBA_LOG_DIR:-/tmp/mlmamba-gpu-check}"
 mkdir -p "$LOG"
 PY="${PYTHON:-python3}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export COLUMNS="${COLUMNS:-400}"  # pytest's short summary keeps the whole failure message (seed included)
 if [ -z "${MLMAMBA_CUDA_ARCHS:-}" ]; then  # build for this card only: faster
   MLMAMBA_CUDA_ARCHS=$($PY -c "import torch; M,m=torch.cuda.get_device_capability(); print(f'{M}{m}' + ('a' if M >= 9 else ''))")
   export MLMAMBA_CUDA_ARCHS

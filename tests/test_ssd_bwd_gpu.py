@@ -257,18 +257,20 @@ def states_kernel_names(case):
 
 
 @needs_kernel
-@pytest.mark.parametrize("p,n,h,dtype,dt_dtype,z,cu", [
-    (64, 128, 5, torch.bfloat16, torch.bfloat16, False, None),
-    (64, 128, 3, torch.bfloat16, torch.float32, True, None),
-    (48, 104, 4, torch.float16, torch.float16, True, None),
-    (32, 64, 3, torch.bfloat16, torch.bfloat16, False, [0, 70, 71, 900, 1500]),
-    (128, 256, 2, torch.bfloat16, torch.float32, False, None)])
-def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, monkeypatch):
+@pytest.mark.parametrize("p,n,h,dtype,dt_dtype,z,cu,l", [
+    (64, 128, 5, torch.bfloat16, torch.bfloat16, False, None, 1111),
+    (64, 128, 3, torch.bfloat16, torch.float32, True, None, 1111),
+    (48, 104, 4, torch.float16, torch.float16, True, None, 1111),
+    (32, 64, 3, torch.bfloat16, torch.bfloat16, False, [0, 70, 71, 900, 1500], 1500),
+    (128, 256, 2, torch.bfloat16, torch.float32, False, None, 1111),
+    (32, 32, 3, torch.bfloat16, torch.bfloat16, True, "no seq_idx", 127)])
+def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, l, monkeypatch):
     """Step 1 streams its tiles by cp.async in 2 (default) or 3 stages (16-bit inputs, 16-byte
     aligned rows); MLMAMBA_SSD_BWD_STATES=sync keeps the one-chunk register prefetch. Same
     arithmetic, so bitwise equal gradients (odd lengths: the zero-filled tail rows too)."""
-    case = make_case(_gen(), b=1 if cu else 2, l=1500 if cu else 1111, h=h, g=1, p=p, n=n, z=z,
-                     dtype=dtype, dt_dtype=dt_dtype, seq_idx=cu is None, cu=cu)
+    seq, cu = cu is None, (None if isinstance(cu, str) else cu)
+    case = make_case(_gen(), b=1 if cu else 2, l=l, h=h, g=1, p=p, n=n, z=z, dtype=dtype,
+                     dt_dtype=dt_dtype, seq_idx=seq, cu=cu)
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "sync")
     assert all(k.endswith(", 0>(mlmamba::ssd_bwd::Params)") for k in states_kernel_names(case))
     want = run_kernel(*case)
