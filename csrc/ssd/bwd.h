@@ -80,7 +80,7 @@ struct Params {
 
 // Launchers (stream = the current CUDA stream). T: 0 fp32, 1 fp16, 2 bf16 for x/dout/z/B/C.
 void launch_chunk_offsets(const Params& prm, void* stream);
-// step 1 by cp.async staging in `stages` (2 or 3) where it applies (16-bit inputs, 16-byte
+// step 1 by cp.async staging in `stages` (2 or 3) where it applies (bf16 inputs, 16-byte
 // aligned rows), else (stages 0) with a one-chunk register prefetch
 bool states_async_ok(const Params& prm, int tcode);
 void launch_states(const Params& prm, int tcode, int stages, void* stream);

@@ -5,12 +5,15 @@
 //   forward:  S <- cont * S + sum_j sout_j dt_j x_j B_j^T      (S_prev stored before the update)
 //   backward: G <- cont * G + sum_i sin_i dy_i C_i^T           (G_next stored before the update)
 // The backward direction ends with dinitial_states = G.
-// Async path (16-bit inputs with 16-byte aligned rows): each thread stages its own raw 16-byte
-// words of the tiles, and the chunk scales vectors_kernel computed beforehand, by cp.async
-// kStages - 1 chunks ahead: no serial per-chunk work, two barriers per chunk. Otherwise the
+// Async path (bf16 inputs with 16-byte aligned rows): by cp.async kStages - 1 chunks ahead,
+// each thread stages its own raw 16-byte words of the x / dy (and z) tile and the chunk scales
+// vectors_kernel computed beforehand, and the B / C tile lands as the mma operand itself (it
+// needs no conversion): no serial per-chunk work, two barriers per chunk. Otherwise the
 // next chunk's tiles are prefetched into registers (one chunk ahead) and warp 0 computes the
 // chunk's scales between barriers.
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "common/launch.h"
 #include "ssd/bwd_common.cuh"
@@ -51,11 +54,13 @@ __global__ void __launch_bounds__(128) vectors_kernel(Params P) {
   if (lane == 0) out[2 * kQ] = cv.cont;
 }
 
-// dynamic shared memory of the async path, per stage: 512 16-byte words for each raw tile
-// (x or dy; B or C; z where the adjoint gates dy), then 5 floats per thread (its 4 rows'
-// scales and the chunk's decay)
+// Async path, dynamic shared memory per stage: 512 16-byte words for each raw tile that is
+// converted (x or dy; z where the adjoint gates dy); the B or C tile, which needs no
+// conversion (bf16 inputs), as the padded mma operand itself; 5 floats per thread (its 4
+// rows' scales and the chunk's decay).
+constexpr int kLdY = kNB + 8;
 size_t states_stage_bytes(const Params& P, int stages) {
-  return size_t(stages) * ((P.has_z ? 3 : 2) * 512 * 16 + 5 * 128 * 4);
+  return size_t(stages) * ((P.has_z ? 2 : 1) * 512 * 16 + kQ * kLdY * 2 + 5 * 128 * 4);
 }
 
 // kStages 0: the register path; 2 or 3: the async path with kStages - 1 chunks in flight while
@@ -65,11 +70,11 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     states_kernel(Params P) {
   constexpr bool kAsync = kStages > 0;
   constexpr int kS = kAsync ? kStages : 1;
-  static_assert(!kAsync || sizeof(T) == 2, "the async path stages 16-bit rows");
+  static_assert(!kAsync || std::is_same<T, bf16>::value, "the async path takes bf16 rows");
   extern __shared__ uint4 stage[];  // async: [stage][tile][u][thread], then the scale words
   __shared__ ChunkVec cv;           // register path
   __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
-  __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
+  __shared__ __align__(16) bf16 Ys[kAsync ? 8 : kQ * (kNB + 8)];  // [t][n] B or C (sync)
   constexpr int LD = kNB + 8;
   const int dir = blockIdx.x & 1;  // 0: states, 1: adjoint
   const int s = blockIdx.x >> 1;
@@ -153,11 +158,16 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     }
   };
   // async: chunk of walk step `it` (none past the end: an empty group keeps the count)
-  const int ntile = P.has_z ? 3 : 2;
-  auto word = [&](int st, int j, int u) { return stage + ((st * ntile + j) * 4 + u) * 128 + tid; };
+  const int nraw = P.has_z ? 2 : 1;  // raw tiles per stage: x or dy (0), z (1)
+  auto word = [&](int st, int j, int u) { return stage + ((st * nraw + j) * 4 + u) * 128 + tid; };
+  // the stage's B or C operand tile [t][n] (row stride kLdY)
+  auto ytile = [&](int st) {
+    return reinterpret_cast<bf16*>(stage + kS * nraw * 512) + st * kQ * kLdY;
+  };
   // scale words: j < 4 the row of slot j (dt*sout or sin), j = 4 the chunk's decay
   auto scale = [&](int st, int j) {
-    return reinterpret_cast<float*>(stage + kS * ntile * 512) + (st * 5 + j) * 128 + tid;
+    return reinterpret_cast<float*>(stage + kS * nraw * 512 + kS * (kQ * kLdY / 8)) +
+           (st * 5 + j) * 128 + tid;
   };
   auto issue = [&](int it) {
     if (it < nk) {
@@ -181,11 +191,11 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
                                     : bb * P.C_sb + t * P.C_sl + gg * P.C_sg + (n0 + c8);
         cp_async4(scale(st, u), vsrc + dir * kQ + i);
         cp_async16(word(st, 0, u), pb ? xs + xo : xs, pb);
-        cp_async16(word(st, 1, u), nb ? ys + yo : ys, nb);
+        cp_async16(ytile(st) + i * kLdY + c8, nb ? ys + yo : ys, nb);
         if (dir == 1 && P.has_z) {
           const T* zs = static_cast<const T*>(P.z);
           const int64_t zo = bb * P.z_sb + t * P.z_sl + hh * P.z_sh + (p0 + c8);
-          cp_async16(word(st, 2, u), pb ? zs + zo : zs, pb);
+          cp_async16(word(st, 1, u), pb ? zs + zo : zs, pb);
         }
       }
     }
@@ -230,28 +240,41 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     for (int u = 0; u < 4; ++u) {
       const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
       const bool row_ok = i < qc;
-      auto put = [&](const Vec8<T>& xw, const Vec8<T>& yw, const Vec8<T>& zw, float sc) {
+      if constexpr (kAsync) {  // x only (B/C landed as the operand): this thread's own words
+        const int st = it % kS;
+        const float sc = *scale(st, u);
+        Vec8<T> xw;
+        memcpy(xw.e, word(st, 0, u), 16);
+        float xv[8];
+        if (dir == 1 && P.has_z) {
+          Vec8<T> zw;
+          memcpy(zw.e, word(st, 1, u), 16);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const bool pok = row_ok && p0 + c8 + e < P.p;
+            xv[e] = (pok ? xw.get(e) * silu_f(zw.get(e)) : 0.f) * sc;
+          }
+        } else if (row_ok && p0 + c8 + 8 <= P.p) {  // the whole 8-column group
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xv[e] = xw.get(e) * sc;
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xv[e] = (row_ok && p0 + c8 + e < P.p ? xw.get(e) : 0.f) * sc;
+        }
+        st_bf16x8(Xs + i * LD + c8, xv);
+      } else {
+        const float sc = dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i];
         float xv[8], yv[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const bool pok = row_ok && p0 + c8 + e < P.p, nok = row_ok && n0 + c8 + e < P.n;
-          float v = pok ? xw.get(e) : 0.f;
-          if (dir == 1 && P.has_z && pok) v *= silu_f(zw.get(e));
+          float v = pok ? xr[u].get(e) : 0.f;
+          if (dir == 1 && P.has_z && pok) v *= silu_f(zr[u].get(e));
           xv[e] = v * sc;
-          yv[e] = nok ? yw.get(e) : 0.f;
+          yv[e] = nok ? yr[u].get(e) : 0.f;
         }
         st_bf16x8(Xs + i * LD + c8, xv);
         st_bf16x8(Ys + i * LD + c8, yv);
-      };
-      if constexpr (kAsync) {  // this thread's own staged words
-        const int st = it % kS;
-        Vec8<T> xw, yw, zw;
-        memcpy(xw.e, word(st, 0, u), 16);
-        memcpy(yw.e, word(st, 1, u), 16);
-        if (dir == 1 && P.has_z) memcpy(zw.e, word(st, 2, u), 16);
-        put(xw, yw, zw, *scale(st, u));
-      } else {
-        put(xr[u], yr[u], zr[u], dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i]);
       }
     }
     __syncthreads();
@@ -271,7 +294,7 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           uint32_t b0, b1;
-          frag_b_kn(b0, b1, Ys, LD, t * 8, kk * 16);
+          frag_b_kn(b0, b1, kAsync ? ytile(it % kS) : Ys, LD, t * 8, kk * 16);
           mma_bf16(acc[t], a, b0, b1);
         }
       }
@@ -297,7 +320,7 @@ void launch_chunk_offsets(const Params& prm, void* stream) {
 }
 
 bool states_async_ok(const Params& P, int tcode) {
-  return tcode != kF32 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
+  return tcode == kBF16 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
 }
 
 void launch_vectors(const Params& prm, void* stream) {
@@ -311,9 +334,7 @@ void launch_states(const Params& prm, int tcode, int stages, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   if (stages > 0) {
     const size_t smem = states_stage_bytes(prm, stages);
-    const bool h16 = tcode == kF16;
-    auto kern = stages == 2 ? (h16 ? states_kernel<__half, 2> : states_kernel<bf16, 2>)
-                            : (h16 ? states_kernel<__half, 3> : states_kernel<bf16, 3>);
+    auto kern = stages == 2 ? states_kernel<bf16, 2> : states_kernel<bf16, 3>;
     ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), static_cast<int>(smem));
     kern<<<grid, 128, smem, st>>>(prm);
   } else if (tcode == kF32) {
