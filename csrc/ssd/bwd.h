@@ -19,7 +19,9 @@ namespace ssd_bwd {
 
 constexpr int kQ = 64;          // chunk length
 constexpr int kNB = 64;         // state columns (n) per block
-constexpr float kMinLogDecay = -60.f;  // dt*A is clamped here for decays: exp(-60) ~ 1e-26
+constexpr float kMinLogDecay = -60.f;
+// per (slot, head): dt*sout (64), sin (64), cont, padding to a 16-byte multiple
+constexpr int kVecW = 2 * 64 + 4;  // dt*A is clamped here for decays: exp(-60) ~ 1e-26
 
 // dtype codes for tensors read or written through a runtime switch (small tensors)
 enum DCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -62,6 +64,7 @@ struct Params {
   float* part_dA;    // (nslots, h)
   float* part_ddtb;  // (nslots, h)
   float* part_dD;    // (nslots, h, p)
+  float* vec;        // (nslots, h, kVecW): step 1's chunk scales (async path; vectors_kernel)
 
   // outputs (contiguous)
   void* dx;       // (b,l,h,p) T
@@ -77,10 +80,12 @@ struct Params {
 
 // Launchers (stream = the current CUDA stream). T: 0 fp32, 1 fp16, 2 bf16 for x/dout/z/B/C.
 void launch_chunk_offsets(const Params& prm, void* stream);
-// step 1 by cp.async staging in `stages` (2 or 3) where it applies (16-bit inputs, 16-byte
+// step 1 by cp.async staging in `stages` (2 or 3) where it applies (bf16 inputs, 16-byte
 // aligned rows), else (stages 0) with a one-chunk register prefetch
 bool states_async_ok(const Params& prm, int tcode);
 void launch_states(const Params& prm, int tcode, int stages, void* stream);
+// the async path's chunk scales, before launch_states
+void launch_vectors(const Params& prm, void* stream);
 void launch_chunk(const Params& prm, int tcode, void* stream);
 void launch_reduce(const Params& prm, int tcode, void* stream);
 size_t chunk_smem_bytes(const Params& prm);       // step 2's dynamic shared memory (prm.onchip)

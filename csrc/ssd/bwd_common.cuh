@@ -294,12 +294,12 @@ struct ChunkPos {
   bool first, valid;
 };
 
-// Kernel-2 block: blockIdx.x = chunk (or slot with cu_seqlens), blockIdx.y = batch row.
-__device__ __forceinline__ ChunkPos chunk_pos(const Params& P) {
+// Chunk x (slot with cu_seqlens) of batch row y (0 with cu_seqlens).
+__device__ __forceinline__ ChunkPos chunk_pos_at(const Params& P, int x, int y) {
   ChunkPos c;
   if (!P.varlen) {
-    const int k = blockIdx.x;
-    c.bb = blockIdx.y;
+    const int k = x;
+    c.bb = y;
     c.seq = c.bb;
     c.slot = c.bb * P.nch + k;
     c.t0 = int64_t(k) * kQ;
@@ -308,7 +308,7 @@ __device__ __forceinline__ ChunkPos chunk_pos(const Params& P) {
     c.valid = true;
     return c;
   }
-  const int slot = blockIdx.x;
+  const int slot = x;
   c.bb = 0;
   c.slot = slot;
   c.valid = slot < P.offs[P.nseq];
@@ -326,6 +326,10 @@ __device__ __forceinline__ ChunkPos chunk_pos(const Params& P) {
   c.qc = int(min(int64_t(kQ), int64_t(P.cu[(lo + 1) * P.cu_s]) - c.t0));
   c.first = k == 0;
   return c;
+}
+// Kernel-2 block: blockIdx.x = chunk (or slot with cu_seqlens), blockIdx.y = batch row.
+__device__ __forceinline__ ChunkPos chunk_pos(const Params& P) {
+  return chunk_pos_at(P, blockIdx.x, blockIdx.y);
 }
 
 // cp.async (sm_80+): 16 bytes global -> shared, zero-filled past `bytes` (0: src not read, it

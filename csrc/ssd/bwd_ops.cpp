@@ -282,6 +282,13 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   const int stages = st_mode == "sync" || !states_async_ok(P, tcode) ? 0
                      : st_mode == "s3"                                ? 3
                                                                       : 2;
+  at::Tensor vec;
+  if (stages > 0) {
+    vec = at::empty({int64_t(P.nslots) * h * kVecW}, fopt);
+    P.vec = vec.data_ptr<float>();
+    launch_vectors(P, stream);
+    MLM_CHECK_LAUNCH();
+  }
   launch_states(P, tcode, stages, stream);
   MLM_CHECK_LAUNCH();
   launch_chunk(P, tcode, stream);

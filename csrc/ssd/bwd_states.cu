@@ -5,12 +5,15 @@
 //   forward:  S <- cont * S + sum_j sout_j dt_j x_j B_j^T      (S_prev stored before the update)
 //   backward: G <- cont * G + sum_i sin_i dy_i C_i^T           (G_next stored before the update)
 // The backward direction ends with dinitial_states = G.
-// Async path (16-bit inputs with 16-byte aligned rows): each thread stages its own raw 16-byte
-// words of the tiles by cp.async kStages - 1 chunks ahead, so the walk streams instead of
-// waiting one DRAM round trip per chunk, and warp 0 computes the next chunk's decay vectors
-// while the others multiply (two barriers per chunk instead of three). Otherwise the next
-// chunk's tiles are prefetched into registers (one chunk ahead).
+// Async path (bf16 inputs with 16-byte aligned rows): by cp.async kStages - 1 chunks ahead,
+// each thread stages its own raw 16-byte words of the x / dy (and z) tile and the chunk scales
+// vectors_kernel computed beforehand, and the B / C tile lands as the mma operand itself (it
+// needs no conversion): no serial per-chunk work, two barriers per chunk. Otherwise the
+// next chunk's tiles are prefetched into registers (one chunk ahead) and warp 0 computes the
+// chunk's scales between barriers.
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "common/launch.h"
 #include "ssd/bwd_common.cuh"
@@ -30,10 +33,34 @@ __global__ void chunk_offsets_kernel(Params P) {
   }
 }
 
-// dynamic shared memory of the async path: per stage 512 16-byte words for each raw tile
-// (x or dy; B or C; z where the adjoint gates dy)
+// Chunk scales of the async path, one warp per (slot, head): the same chunk_vectors_from as
+// the register path, so the same values; the walk then has no serial per-chunk work.
+__global__ void __launch_bounds__(128) vectors_kernel(Params P) {
+  __shared__ ChunkVec cvw[4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int hh = blockIdx.z * 4 + warp;
+  const ChunkPos c = chunk_pos_at(P, blockIdx.x, blockIdx.y);
+  if (!c.valid || hh >= P.h) return;
+  ChunkVec& cv = cvw[warp];
+  DtRaw d;
+  fetch_dt(P, d, c.bb, c.t0, c.qc, c.first, hh);
+  chunk_vectors_from(P, cv, d, c.qc, hh, ld_code(P.A, P.A_code, hh * P.A_s));
+  __syncwarp();
+  float* out = P.vec + (int64_t(c.slot) * P.h + hh) * kVecW;
+  for (int i = lane; i < kQ; i += 32) {
+    out[i] = cv.dt[i] * cv.sout[i];
+    out[kQ + i] = cv.sin[i];
+  }
+  if (lane == 0) out[2 * kQ] = cv.cont;
+}
+
+// Async path, dynamic shared memory per stage: 512 16-byte words for each raw tile that is
+// converted (x or dy; z where the adjoint gates dy); the B or C tile, which needs no
+// conversion (bf16 inputs), as the padded mma operand itself; 5 floats per thread (its 4
+// rows' scales and the chunk's decay).
+constexpr int kLdY = kNB + 8;
 size_t states_stage_bytes(const Params& P, int stages) {
-  return size_t(stages) * (P.has_z ? 3 : 2) * 512 * 16;
+  return size_t(stages) * ((P.has_z ? 2 : 1) * 512 * 16 + kQ * kLdY * 2 + 5 * 128 * 4);
 }
 
 // kStages 0: the register path; 2 or 3: the async path with kStages - 1 chunks in flight while
@@ -43,11 +70,11 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     states_kernel(Params P) {
   constexpr bool kAsync = kStages > 0;
   constexpr int kS = kAsync ? kStages : 1;
-  static_assert(!kAsync || sizeof(T) == 2, "the async path stages 16-bit rows");
-  extern __shared__ uint4 stage[];  // async: [stage][tile][u][thread]
-  __shared__ ChunkVec cvs[kAsync ? 2 : 1];  // async: this step's and the next step's
+  static_assert(!kAsync || std::is_same<T, bf16>::value, "the async path takes bf16 rows");
+  extern __shared__ uint4 stage[];  // async: [stage][tile][u][thread], then the scale words
+  __shared__ ChunkVec cv;           // register path
   __shared__ __align__(16) bf16 Xs[kQ * (kNB + 8)];  // [t][p] scaled input (x or dy)
-  __shared__ __align__(16) bf16 Ys[kQ * (kNB + 8)];  // [t][n] B or C
+  __shared__ __align__(16) bf16 Ys[kAsync ? 8 : kQ * (kNB + 8)];  // [t][n] B or C (sync)
   constexpr int LD = kNB + 8;
   const int dir = blockIdx.x & 1;  // 0: states, 1: adjoint
   const int s = blockIdx.x >> 1;
@@ -131,13 +158,24 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     }
   };
   // async: chunk of walk step `it` (none past the end: an empty group keeps the count)
-  const int ntile = P.has_z ? 3 : 2;
-  auto word = [&](int st, int j, int u) { return stage + ((st * ntile + j) * 4 + u) * 128 + tid; };
+  const int nraw = P.has_z ? 2 : 1;  // raw tiles per stage: x or dy (0), z (1)
+  auto word = [&](int st, int j, int u) { return stage + ((st * nraw + j) * 4 + u) * 128 + tid; };
+  // the stage's B or C operand tile [t][n] (row stride kLdY)
+  auto ytile = [&](int st) {
+    return reinterpret_cast<bf16*>(stage + kS * nraw * 512) + st * kQ * kLdY;
+  };
+  // scale words: j < 4 the row of slot j (dt*sout or sin), j = 4 the chunk's decay
+  auto scale = [&](int st, int j) {
+    return reinterpret_cast<float*>(stage + kS * nraw * 512 + kS * (kQ * kLdY / 8)) +
+           (st * 5 + j) * 128 + tid;
+  };
   auto issue = [&](int it) {
     if (it < nk) {
       const int k = dir == 0 ? it : nk - 1 - it, st = it % kS;
       const int64_t t0 = tbeg + int64_t(k) * kQ;
       const int qc = int(min(int64_t(kQ), tend - t0));
+      const float* vsrc = P.vec + (int64_t(slot0 + k) * P.h + hh) * kVecW;
+      cp_async4(scale(st, 4), vsrc + 2 * kQ);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
         const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
@@ -151,37 +189,20 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
                                     : bb * P.o_sb + t * P.o_sl + hh * P.o_sh + (p0 + c8);
         const int64_t yo = dir == 0 ? bb * P.B_sb + t * P.B_sl + gg * P.B_sg + (n0 + c8)
                                     : bb * P.C_sb + t * P.C_sl + gg * P.C_sg + (n0 + c8);
+        cp_async4(scale(st, u), vsrc + dir * kQ + i);
         cp_async16(word(st, 0, u), pb ? xs + xo : xs, pb);
-        cp_async16(word(st, 1, u), nb ? ys + yo : ys, nb);
+        cp_async16(ytile(st) + i * kLdY + c8, nb ? ys + yo : ys, nb);
         if (dir == 1 && P.has_z) {
           const T* zs = static_cast<const T*>(P.z);
           const int64_t zo = bb * P.z_sb + t * P.z_sl + hh * P.z_sh + (p0 + c8);
-          cp_async16(word(st, 2, u), pb ? zs + zo : zs, pb);
+          cp_async16(word(st, 1, u), pb ? zs + zo : zs, pb);
         }
       }
     }
     cp_async_commit();
   };
-  // async: warp 0 computes the next step's chunk vectors during this step's products, from
-  // dt loaded into registers one step before that
-  auto dt_fetch = [&](int it) {
-    const int k = dir == 0 ? it : nk - 1 - it;
-    const int64_t t0 = tbeg + int64_t(k) * kQ;
-    fetch_dt(P, dr, bb, t0, int(min(int64_t(kQ), tend - t0)), k == 0, hh);
-  };
-  auto vectors = [&](int it) {
-    const int k = dir == 0 ? it : nk - 1 - it;
-    const int64_t t0 = tbeg + int64_t(k) * kQ;
-    chunk_vectors_from(P, cvs[it & 1], dr, int(min(int64_t(kQ), tend - t0)), hh, Ah);
-  };
   if constexpr (kAsync) {
     for (int it = 0; it < kS - 1; ++it) issue(it);
-    if (warp == 0 && nk > 0) {
-      dt_fetch(0);
-      vectors(0);
-      if (nk > 1) dt_fetch(1);
-    }
-    __syncthreads();
   } else {
     if (nk > 0) fetch(dir == 0 ? 0 : nk - 1);
   }
@@ -190,7 +211,6 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
     const int k = dir == 0 ? it : nk - 1 - it;
     const int64_t t0 = tbeg + int64_t(k) * kQ;
     const int qc = int(min(int64_t(kQ), tend - t0));
-    ChunkVec& cv = cvs[kAsync ? (it & 1) : 0];
     // async: the chunk kS - 1 steps ahead, into the stage this thread read its words from one
     // step ago (each thread reads back only its own words), so a full step hides the latency
     if constexpr (kAsync) issue(it + kS - 1);
@@ -209,7 +229,7 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
         }
     }
     if constexpr (kAsync) {
-      cp_async_wait<kS - 1>();  // this thread's words of step it; cv: the last step's barrier
+      cp_async_wait<kS - 1>();  // this thread's words of step it
     } else {
       if (warp == 0) chunk_vectors_from(P, cv, dr, qc, hh, Ah);
       __syncthreads();
@@ -219,31 +239,49 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       const int q = tid + 128 * u, i = q >> 3, c8 = (q & 7) * 8;
-      if constexpr (kAsync) {  // this thread's own staged words
-        const int st = it % kS;
-        memcpy(xr[u].e, word(st, 0, u), 16);
-        memcpy(yr[u].e, word(st, 1, u), 16);
-        if (dir == 1 && P.has_z) memcpy(zr[u].e, word(st, 2, u), 16);
-      }
-      const float sc = dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i];
-      float xv[8], yv[8];
       const bool row_ok = i < qc;
+      if constexpr (kAsync) {  // x only (B/C landed as the operand): this thread's own words
+        const int st = it % kS;
+        const float sc = *scale(st, u);
+        Vec8<T> xw;
+        memcpy(xw.e, word(st, 0, u), 16);
+        float xv[8];
+        if (dir == 1 && P.has_z) {
+          Vec8<T> zw;
+          memcpy(zw.e, word(st, 1, u), 16);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const bool pok = row_ok && p0 + c8 + e < P.p, nok = row_ok && n0 + c8 + e < P.n;
-        float v = pok ? xr[u].get(e) : 0.f;
-        if (dir == 1 && P.has_z && pok) v *= silu_f(zr[u].get(e));
-        xv[e] = v * sc;
-        yv[e] = nok ? yr[u].get(e) : 0.f;
+          for (int e = 0; e < 8; ++e) {
+            const bool pok = row_ok && p0 + c8 + e < P.p;
+            xv[e] = (pok ? xw.get(e) * silu_f(zw.get(e)) : 0.f) * sc;
+          }
+        } else if (row_ok && p0 + c8 + 8 <= P.p) {  // the whole 8-column group
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xv[e] = xw.get(e) * sc;
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xv[e] = (row_ok && p0 + c8 + e < P.p ? xw.get(e) : 0.f) * sc;
+        }
+        st_bf16x8(Xs + i * LD + c8, xv);
+      } else {
+        const float sc = dir == 0 ? cv.dt[i] * cv.sout[i] : cv.sin[i];
+        float xv[8], yv[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const bool pok = row_ok && p0 + c8 + e < P.p, nok = row_ok && n0 + c8 + e < P.n;
+          float v = pok ? xr[u].get(e) : 0.f;
+          if (dir == 1 && P.has_z && pok) v *= silu_f(zr[u].get(e));
+          xv[e] = v * sc;
+          yv[e] = nok ? yr[u].get(e) : 0.f;
+        }
+        st_bf16x8(Xs + i * LD + c8, xv);
+        st_bf16x8(Ys + i * LD + c8, yv);
       }
-      st_bf16x8(Xs + i * LD + c8, xv);
-      st_bf16x8(Ys + i * LD + c8, yv);
     }
     __syncthreads();
     if constexpr (!kAsync)
       if (it + 1 < nk) fetch(dir == 0 ? k + 1 : k - 1);
 
-    const float cont = cv.cont;
+    const float cont = kAsync ? *scale(it % kS, 4) : cv.cont;
     if (warp_on) {
 #pragma unroll
       for (int t = 0; t < 8; ++t)
@@ -256,15 +294,9 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
 #pragma unroll
         for (int t = 0; t < 8; ++t) {
           uint32_t b0, b1;
-          frag_b_kn(b0, b1, Ys, LD, t * 8, kk * 16);
+          frag_b_kn(b0, b1, kAsync ? ytile(it % kS) : Ys, LD, t * 8, kk * 16);
           mma_bf16(acc[t], a, b0, b1);
         }
-      }
-    }
-    if constexpr (kAsync) {
-      if (warp == 0 && it + 1 < nk) {  // the other buffer: last read before this step began
-        vectors(it + 1);
-        if (it + 2 < nk) dt_fetch(it + 2);
       }
     }
     __syncthreads();
@@ -288,7 +320,13 @@ void launch_chunk_offsets(const Params& prm, void* stream) {
 }
 
 bool states_async_ok(const Params& P, int tcode) {
-  return tcode != kF32 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
+  return tcode == kBF16 && P.vec_x && P.vec_o && P.vec_B && P.vec_C && (!P.has_z || P.vec_z);
+}
+
+void launch_vectors(const Params& prm, void* stream) {
+  const dim3 grid(prm.varlen ? prm.nslots : prm.nch, prm.varlen ? 1 : prm.b, (prm.h + 3) / 4);
+  if (grid.x == 0 || grid.y == 0) return;
+  vectors_kernel<<<grid, 128, 0, static_cast<cudaStream_t>(stream)>>>(prm);
 }
 
 void launch_states(const Params& prm, int tcode, int stages, void* stream) {
@@ -296,9 +334,7 @@ void launch_states(const Params& prm, int tcode, int stages, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   if (stages > 0) {
     const size_t smem = states_stage_bytes(prm, stages);
-    const bool h16 = tcode == kF16;
-    auto kern = stages == 2 ? (h16 ? states_kernel<__half, 2> : states_kernel<bf16, 2>)
-                            : (h16 ? states_kernel<__half, 3> : states_kernel<bf16, 3>);
+    auto kern = stages == 2 ? states_kernel<bf16, 2> : states_kernel<bf16, 3>;
     ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), static_cast<int>(smem));
     kern<<<grid, 128, smem, st>>>(prm);
   } else if (tcode == kF32) {
