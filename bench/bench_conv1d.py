@@ -94,3 +94,17 @@ def run(ctx):
     nbytes = (b * d * 2 + 2 * b * d * (W - 1) + d * W + d) * torch.finfo(dtype).bits // 8
     ctx.case(f"conv1d update b{b} d{d} (CUDA graph)", upd, {"torch": torch_upd},
              bytes_moved=nbytes, graph=True)
+
+    # the GPU time of one update: one graph replays `steps` updates, each with its own state
+    # and weights (as the layers of a model do), so the graph launch is amortised
+    steps = 64 if ctx.cuda else 2
+    layers = [(torch.randn_like(state), torch.randn_like(weight), torch.randn_like(bias))
+              for _ in range(steps)]
+
+    def upd_steps(i):
+        for st, w_, b_ in layers:
+            mk.causal_conv1d_update(x, st, w_, b_, activation="silu")
+
+    row = ctx.case(f"conv1d update b{b} d{d}, {steps} steps (CUDA graph)", upd_steps,
+                   bytes_moved=steps * nbytes, graph=True)
+    ctx.note(f"conv1d update b{b} d{d} per step", us=row.us / steps)

@@ -275,6 +275,17 @@ def test_msc_unfused_backward_equals_reference(rng, merge, bias):
         torch.testing.assert_close(gv, wv, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 7, 12), (2, 7, 5), (3, 6, 2, 4)])
+def test_msc_take_rows(rng, dtype, shape):
+    # rows gathered as 8-byte words where they allow it, else element by element: always t[:, idx]
+    from mlmamba_kernels.msc import _take_rows
+    t = torch.randn(*shape, generator=rng).to(dtype)
+    idx = torch.randperm(shape[1], generator=rng)
+    for v in (t, t.transpose(1, 2).contiguous().transpose(1, 2), t[..., 1:], t.expand(2, *t.shape)[1]):
+        assert torch.equal(_take_rows(v, idx), v[:, idx])
+
+
 def test_state_update_dt_limit(rng):
     # the public decode step clamps dt like ssd_scan does (the kernel itself has no clamp)
     b, h, p, n = 2, 4, 8, 8
