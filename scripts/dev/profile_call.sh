@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One device call (~6 min) of ncu data for the kernels that stop the open issues: the SSD
+# backward chunk kernel and states walk (issue 5), the SSD forward wgmma kernel (issue 4), the
+# conv1d channel-last forward (issue 3). Per kernel: the headline metrics and the SASS lines
+# with the most stall samples (ncu_top.py); the reports stay in $OUT/ncu for `ncu --import`.
+#   scripts/dev/profile_call.sh [chunk,states,fwd,conv] > $OUT/profile.log 2>&1
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
+PY="${PYTHON:-python3}"
+OUTD="${OUT:-/tmp}/ncu"
+mkdir -p "$OUTD"
+ONLY="${1:-chunk,states,fwd,conv}"
+$PY setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
+SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats
+  --section WarpStateStats --section InstructionStats --section SourceCounters"
+KEYS="Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Issued Warp Per|Warp Cycles Per Issued|Executed Instructions|Block Limit"
+prof() {  # name, kernel regex, launches to skip, command...
+  local name=$1 re=$2 skip=$3; shift 3
+  case ",$ONLY," in *",$name,"*) ;; *) return ;; esac
+  echo "== $name ($re): $*"
+  timeout 150 ncu --kernel-name "regex:$re" --launch-skip "$skip" --launch-count 1 $SECTIONS \
+    -f -o "$OUTD/$name" "$@" > "$OUTD/$name.log" 2>&1 || { tail -5 "$OUTD/$name.log"; return; }
+  ncu --import "$OUTD/$name.ncu-rep" --page details --csv 2>/dev/null \
+    | $PY -c "import csv,re,sys
+rows = list(csv.reader(sys.stdin)); h = rows[0] if rows else []
+n, u, v = (h.index(k) for k in ('Metric Name', 'Metric Unit', 'Metric Value'))
+for r in rows[1:]:
+    if len(r) > v and re.search(r'''$KEYS''', r[n]): print(f'  {r[n]:<44} {r[v]:>14} {r[u]}')"
+  ncu --import "$OUTD/$name.ncu-rep" --page source --csv --print-source sass \
+    > "$OUTD/${name}_source.csv" 2>/dev/null && $PY scripts/dev/ncu_top.py "$OUTD/${name}_source.csv" 20
+}
+prof chunk chunk_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
+prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
+prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
+export PROF_ONLY="fwd default"
+prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof
