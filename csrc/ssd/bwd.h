@@ -19,9 +19,9 @@ namespace ssd_bwd {
 
 constexpr int kQ = 64;          // chunk length
 constexpr int kNB = 64;         // state columns (n) per block
-constexpr float kMinLogDecay = -60.f;
+constexpr float kMinLogDecay = -60.f;  // dt*A is clamped here for decays: exp(-60) ~ 1e-26
 // per (slot, head): dt*sout (64), sin (64), cont, padding to a 16-byte multiple
-constexpr int kVecW = 2 * 64 + 4;  // dt*A is clamped here for decays: exp(-60) ~ 1e-26
+constexpr int kVecW = 2 * 64 + 4;
 
 // dtype codes for tensors read or written through a runtime switch (small tensors)
 enum DCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
