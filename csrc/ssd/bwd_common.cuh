@@ -147,7 +147,7 @@ struct ChunkVec {
   float cont;      // exp(lam_last) when the incoming state reaches the chunk end, else 0
 };
 
-// Raw per-lane inputs of chunk_vectors (lane holds positions 2*lane and 2*lane+1), so the
+// Raw per-lane inputs of chunk_vectors_from (lane holds positions 2*lane and 2*lane+1), so the
 // loads of the next chunk can be issued early.
 struct DtRaw {
   float v[2];
@@ -241,13 +241,6 @@ __device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv
   if (lane == 0) cv.cont = seg_last == 0 ? __expf(lam_last) : 0.f;
   (void)tot;
   (void)rtot;
-}
-
-__device__ __forceinline__ void chunk_vectors(const Params& P, ChunkVec& cv, int bb, int64_t t0,
-                                              int qc, bool first, int hh, float Ah) {
-  DtRaw d;
-  fetch_dt(P, d, bb, t0, qc, first, hh);
-  chunk_vectors_from(P, cv, d, qc, hh, Ah);
 }
 
 // Eight consecutive elements of a row: one or two 16-byte loads when the row is contiguous and
