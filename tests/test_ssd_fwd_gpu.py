@@ -231,6 +231,37 @@ def test_tma_loads(rng, monkeypatch, n, l, fused, init, segments):
 
 @need_fwd
 @sm90
+@pytest.mark.parametrize("n,l,tma,segments,seq,limit,softplus", [
+    (64, 1, "", "", False, False, True), (128, 63, "0", "", True, False, True),
+    (128, 4097, "", "3", False, True, True), (64, 1000, "", "", True, False, False),
+    (128, 300, "0", "2", False, False, True), (128, 2048, "", "", True, True, True)])
+def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softplus):
+    """The wgmma walk's chunk vectors from the parallel pre-pass (the default) are the values
+    warp 0 computes in the walk (MLMAMBA_SSD_FWD_VEC=0): the same code on the same rows and
+    segments, so bitwise equal outputs and final states; TMA and cp.async, with the split."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", tma)
+    if segments:
+        monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
+    kw = make(rng, 2, l, 5, 64, n, g=1, init=True, softplus=softplus)
+    extra = {"dt_limit": (0.002, 0.5)} if limit else {}
+    if seq:
+        si = torch.zeros(2, l, dtype=torch.int32, device=DEV)
+        si[:, l // 3:] = 1
+        si[:, (2 * l) // 3:] = 2
+        extra["seq_idx"] = si
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_VEC", "0")
+    base, base_fin = run_ours(kw, **extra)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_VEC", "")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, fin = run_ours(kw, **extra)
+        torch.cuda.synchronize()
+    assert any("fwd_vectors_kernel" in e.name for e in prof.events())
+    assert torch.equal(out, base) and torch.equal(fin, base_fin)
+    check(kw, **extra)
+
+
+@need_fwd
+@sm90
 def test_sequence_split_chosen_for_few_heads(rng):
     """Two heads of one long sequence leave most SMs idle: the host splits it by itself."""
     kw = make(rng, 1, 4096, 2, 64, 128, init=True)

@@ -66,7 +66,17 @@ struct FwdParams {
   // instead of cp.async; not with cu_seqlens (a box would run into the next sequence)
   bool tma;
   CUtensorMap tm_x, tm_B, tm_C;  // 64-byte aligned by their type
+  // sm_90 wgmma kernel, not MSC, not cu_seqlens: scratch for the chunk-vector pre-pass
+  // (vec_cap bytes; nullptr: warp 0 computes each chunk's vectors in the walk). The launch
+  // fills it (rows, heads, vec_nch chunks of kFwdVecBytes) and sets vecs; the walk then loads
+  // a chunk's vectors with its tiles.
+  unsigned char* vec_buf;
+  int64_t vec_cap, vec_nch;
+  const unsigned char* vecs;
 };
+
+// bytes of one chunk's vectors (fwd_vectors.cuh, kVecBytes)
+constexpr int kFwdVecBytes = 5 * 64 * 4 + 16;
 
 // Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.
 // Return false for a d_state without a kernel.

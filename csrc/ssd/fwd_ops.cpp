@@ -241,6 +241,17 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
               encode_tile_map(&prm.tm_C, C);
   MLM_CHECK(tma_mode != "require" || prm.tma, op,
             ": MLMAMBA_SSD_FWD_TMA=require, but these inputs cannot use TMA tile loads");
+  // wgmma kernel: each chunk's vectors from a parallel pre-pass (no serial per-chunk work
+  // in the walk); MLMAMBA_SSD_FWD_VEC=0 keeps warp 0 computing them in the walk. Not with
+  // cu_seqlens (rows of different lengths); the sequence split sizes its own buffer.
+  at::Tensor vec_buf;
+  const char* vec_env = std::getenv("MLMAMBA_SSD_FWD_VEC");
+  if (!(vec_env && std::string(vec_env) == "0") && code == 2 && prop.major == 9 && p == 64 &&
+      (n == 64 || n == 128) && prm.vec_loads && !cu_seqlens && impl != "mma" && l > 0) {
+    prm.vec_cap = nrows * h * ((l + 63) / 64) * kFwdVecBytes;
+    vec_buf = at::empty({prm.vec_cap}, x.options().dtype(at::kByte));
+    prm.vec_buf = vec_buf.data_ptr<uint8_t>();
+  }
   if (impl == "wgmma") {  // asked for by name: no silent fallback
     MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma needs bf16 x on an ",
               "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);

@@ -53,6 +53,15 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
   if (b * nseg > 65535) return "more than 65535 (row, segment) pairs";
   const auto f32 = dt.options().dtype(at::kFloat);
 
+  // the chunk-vector pre-pass (fwd_wgmma.cu) where the caller asked for it: its buffer sized
+  // for step 3's rows (whole segments), which also covers step 1's
+  at::Tensor vec_buf;
+  if (prm.vec_buf) {
+    prm.vec_cap = b * nseg * h * (seg_len / 64) * kFwdVecBytes;
+    vec_buf = at::empty({prm.vec_cap}, dt.options().dtype(at::kByte));
+    prm.vec_buf = vec_buf.data_ptr<uint8_t>();
+  }
+
   // 1. segment end states from zero, every segment but the last
   at::Tensor E = at::empty({b * (nseg - 1), h, p, n}, f32);
   FwdParams s1 = prm;

@@ -13,6 +13,7 @@ namespace ssd {
 constexpr int kChunk = 64;
 // one buffer: dt_j, Lambda_j, w_j, e_i (floats), last reset (ints), chunk decay, padding
 constexpr int kVecBytes = 5 * kChunk * 4 + 16;
+static_assert(kVecBytes == kFwdVecBytes && kVecBytes % 16 == 0, "fwd.h's kFwdVecBytes");
 
 struct ChunkVecs {  // views of one buffer
   unsigned char* base;

@@ -9,7 +9,9 @@
 //   batch 2  S = decay S + (w o X)^T B (A: X^T scaled by w); Y += M X (A from registers);
 //            S (bf16) -> shared for the next chunk's batch 1 while Y += M X computes
 //   then     y = Y + D x, * silu(z), stored.
-// Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by cp.async one chunk ahead.
+// Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by TMA (or cp.async) one chunk
+// ahead. Chunk vectors: from a pre-pass (fwd_vectors_kernel below), loaded with the tiles;
+// else (MSC, cu_seqlens, MLMAMBA_SSD_FWD_VEC=0) warp 0 computes the next chunk's during batch 1.
 // MSC mode (msc_scan, fwd_msc.cuh): k scans per CTA through their orders, x conv'd in the load.
 #include <cuda_runtime.h>
 
@@ -130,6 +132,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
   // TMA: stage b's tiles complete mbarrier b (initialised before any load is issued)
   const bool tma = !MSC && p.tma;
+  // chunk vectors from the pre-pass: this (row, head)'s run of chunks
+  const bool pre = !MSC && p.vecs != nullptr;
+  const unsigned char* vsrc =
+      pre ? p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes : nullptr;
   const uint32_t bar0 = smem_u32(sm + Lt::BAR_OFF);
   if (tma) {
     if (tid == 0) {
@@ -225,7 +231,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
         if (tid == 0) {
           const uint32_t bar = bar0 + 8 * (c & 1);
           const int tok = static_cast<int>(tstart + c0), hb = static_cast<int>(bidx);
-          mbar_arrive_expect_tx(bar, Lt::X_B + (SO ? 1 : 2) * Lt::BC_B);
+          mbar_arrive_expect_tx(bar, Lt::X_B + (SO ? 1 : 2) * Lt::BC_B + (pre ? kVecBytes : 0));
+          if (pre) bulk_load(smem_u32(vec0 + (c & 1) * kVecBytes), vsrc + static_cast<int64_t>(c) * kVecBytes, kVecBytes, bar);
           tma_load_4d(smem_u32(Xs(c & 1)), &p.tm_x, 0, tok, h, hb, bar);
 #pragma unroll
           for (int np = 0; np < NP; ++np) {
@@ -239,6 +246,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
       load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
       if (!SO) load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
+      if (pre && tid < kVecBytes / 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                         smem_u32(vec0 + (c & 1) * kVecBytes) + 16 * tid),
+                     "l"(vsrc + static_cast<int64_t>(c) * kVecBytes + 16 * tid));
       cp_async_commit();
     };
     RawDt raw;
@@ -256,7 +267,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     };
     if (nchunks > 0) {
       if (!MSC) issue(0);
-      if (warp == 0) {
+      if (warp == 0 && !pre) {
         fetch(0);
         vectors(0);
       }
@@ -317,7 +328,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       if (c + 1 < nchunks) issue(c + 1);
 
       if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
-        if (warp == 0 && c + 1 < nchunks) vectors(c + 1);
+        if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);
         uint32_t xa[4][4];
         scaled_xt(xa, X, cv);
         decay_state(cv);
@@ -337,7 +348,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
 #pragma unroll
       for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
       wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
-      if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
+      if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
       wgmma_wait<1>();
 
       // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
@@ -444,6 +455,48 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   }
 }
 
+// The pre-pass: each chunk's vectors, one warp per (chunk, row, head), the walk's own code
+// (RawDt::fetch, chunk_vectors) on the walk's rows and segments, so the same values.
+__global__ void __launch_bounds__(128) fwd_vectors_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ __align__(16) unsigned char buf[4][kVecBytes];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.z * 4 + warp, row = blockIdx.y, c = blockIdx.x;
+  if (h >= p.nheads) return;
+  int64_t bidx = row, tstart = 0, len = p.seqlen;
+  if (p.seg_len) {
+    bidx = row / p.seg_rows;
+    tstart = (row % p.seg_rows) * p.seg_len;
+    len = p.seqlen - tstart < p.seg_len ? p.seqlen - tstart : p.seg_len;
+  }
+  const int64_t c0 = static_cast<int64_t>(c) * Q;
+  if (c0 >= len) return;  // the last segment can be shorter
+  RawDt raw;
+  raw.fetch(p, bidx, tstart, len, h, c0, lane);
+  const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+  chunk_vectors(ChunkVecs(buf[warp]), raw, p, p.A[h], p.dt_bias ? p.dt_bias[h] : 0.f, c0, nv, lane);
+  __syncwarp();
+  const uint4* src = reinterpret_cast<const uint4*>(buf[warp]);
+  uint4* dst = reinterpret_cast<uint4*>(
+      p.vec_buf + ((static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch + c) * kVecBytes);
+  for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
+}
+
+// the pre-pass into p.vec_buf where it applies and fits (then q.vecs points to it)
+FwdParams with_vectors(const FwdParams& p, cudaStream_t stream) {
+  FwdParams q = p;
+  q.vecs = nullptr;
+  if (!p.vec_buf || p.cu_seqlens || p.msc.nscans > 0 || p.nrows <= 0 || p.nheads <= 0) return q;
+  q.vec_nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
+  if (q.vec_nch <= 0 || q.vec_nch >= (int64_t(1) << 31) || p.nrows > 65535 ||
+      p.nrows * p.nheads * q.vec_nch * kVecBytes > p.vec_cap)
+    return q;
+  const dim3 grid(static_cast<unsigned>(q.vec_nch), static_cast<unsigned>(p.nrows),
+                  static_cast<unsigned>((p.nheads + 3) / 4));
+  fwd_vectors_kernel<<<grid, 128, 0, stream>>>(q);
+  q.vecs = q.vec_buf;
+  return q;
+}
+
 template <int N, bool SO, bool MSC = false>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
   auto kern = ssd_fwd_wgmma_kernel<N, SO, MSC>;
@@ -463,7 +516,7 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
     return "cannot reserve its shared memory";
   }
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
-  kern<<<grid, NT, smem, stream>>>(p);
+  kern<<<grid, NT, smem, stream>>>(MSC ? p : with_vectors(p, stream));
   return nullptr;
 }
 
