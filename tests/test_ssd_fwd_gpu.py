@@ -262,6 +262,44 @@ def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softp
 
 @need_fwd
 @sm90
+@pytest.mark.parametrize("n,l,init,z,D,seq,limit,fused", [
+    (64, 1, False, False, None, False, False, False), (128, 63, True, True, "h", False, False, False),
+    (128, 65, True, False, "hp", True, False, True), (64, 1000, False, True, "h", True, True, False),
+    (128, 4097, True, True, "h", False, False, True), (128, 2048, True, False, "h", True, True, False)])
+def test_ws_kernel(rng, monkeypatch, n, l, init, z, D, seq, limit, fused):
+    """The warp-specialized kernel (MLMAMBA_SSD_FWD_IMPL=ws: a state and an output warpgroup per
+    CTA) does the wgmma kernel's arithmetic operation for operation: bitwise equal outputs and
+    final states (no sequence split on either side), and within tolerance of float64."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", "1")
+    kw = make(rng, 2, l, 5, 64, n, g=1, D=D, z=z, init=init, fused=fused)
+    extra = {"dt_limit": (0.002, 0.5)} if limit else {}
+    if seq:
+        si = torch.zeros(2, l, dtype=torch.int32, device=DEV)
+        si[:, l // 3:] = 1
+        si[:, (2 * l) // 3:] = 2
+        extra["seq_idx"] = si
+    base, base_fin = run_ours(kw, **extra)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "ws")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, fin = run_ours(kw, **extra)
+        torch.cuda.synchronize()
+    assert any("ssd_fwd_ws_kernel" in e.name for e in prof.events())
+    assert torch.equal(out, base) and torch.equal(fin, base_fin)
+    check(kw, **extra)
+
+
+@need_fwd
+@sm90
+def test_ws_kernel_needs_tma(rng, monkeypatch):
+    """Asked for by name where it cannot run (no TMA maps here), the error says why."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "ws")
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", "0")
+    with pytest.raises(RuntimeError, match="MLMAMBA_SSD_FWD_IMPL=ws: it needs TMA"):
+        run_ours(make(rng, 1, 70, 2, 64, 64))
+
+
+@need_fwd
+@sm90
 def test_sequence_split_chosen_for_few_heads(rng):
     """Two heads of one long sequence leave most SMs idle: the host splits it by itself."""
     kw = make(rng, 1, 4096, 2, 64, 128, init=True)

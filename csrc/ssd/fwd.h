@@ -89,6 +89,13 @@ bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t str
 const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream,
                                  bool state_only = false);
 
+// The chunk-vector pre-pass of the wgmma kernels (fwd_wgmma.cu): fills p.vec_buf for this
+// launch's rows where it applies and fits and returns p with vecs set (else vecs nullptr).
+FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream);
+// Warp-specialized variant (fwd_ws.cu; opt-in MLMAMBA_SSD_FWD_IMPL=ws): needs TMA maps and the
+// pre-pass buffer. nullptr when launched, else why it cannot run these inputs.
+const char* launch_ssd_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream);
+
 // msc_scan forward (fused conv, orders, merge): the wgmma kernel's MSC mode; x/B/C/dt/out
 // strides as for ssd_scan with rows = raster positions. nullptr when launched, else why not.
 const char* launch_msc_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream);

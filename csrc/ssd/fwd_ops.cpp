@@ -252,6 +252,14 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
     vec_buf = at::empty({prm.vec_cap}, x.options().dtype(at::kByte));
     prm.vec_buf = vec_buf.data_ptr<uint8_t>();
   }
+  if (impl == "ws") {  // the warp-specialized kernel (fwd_ws.cu), while it is measured
+    MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=ws needs bf16 x on an ",
+              "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);
+    const char* why = launch_ssd_fwd_ws(prm, static_cast<int>(n), stream);
+    MLM_CHECK(why == nullptr, op, ": MLMAMBA_SSD_FWD_IMPL=ws: ", why);
+    MLM_CHECK_LAUNCH();
+    return {out, final_states};
+  }
   if (impl == "wgmma") {  // asked for by name: no silent fallback
     MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma needs bf16 x on an ",
               "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);

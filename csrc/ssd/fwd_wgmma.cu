@@ -82,14 +82,6 @@ __device__ __forceinline__ void load_tile_at(uint32_t dst, const bf16* base, int
   }
 }
 
-// K-major operand tile (64 rows): k-step s of 16 columns; MN-major: rows 16 s of panel 0
-__device__ __forceinline__ uint64_t desc_k(const unsigned char* t, int s) {
-  return wgmma_desc(t + (s >> 2) * (Q * 128) + (s & 3) * 32, 16, 1024);
-}
-__device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
-  return wgmma_desc(t + s * 16 * 128, Q * 128, 1024);
-}
-
 // SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
 // MSC: the k scans of msc_scan (fwd_msc.cuh) one after another, y merged in the epilogue.
 template <int N, bool SO, bool MSC>
@@ -481,8 +473,9 @@ __global__ void __launch_bounds__(128) fwd_vectors_kernel(const __grid_constant_
   for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
 }
 
-// the pre-pass into p.vec_buf where it applies and fits (then q.vecs points to it)
-FwdParams with_vectors(const FwdParams& p, cudaStream_t stream) {
+}  // namespace
+
+FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
   FwdParams q = p;
   q.vecs = nullptr;
   if (!p.vec_buf || p.cu_seqlens || p.msc.nscans > 0 || p.nrows <= 0 || p.nheads <= 0) return q;
@@ -496,6 +489,8 @@ FwdParams with_vectors(const FwdParams& p, cudaStream_t stream) {
   q.vecs = q.vec_buf;
   return q;
 }
+
+namespace {
 
 template <int N, bool SO, bool MSC = false>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
@@ -516,7 +511,7 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
     return "cannot reserve its shared memory";
   }
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
-  kern<<<grid, NT, smem, stream>>>(MSC ? p : with_vectors(p, stream));
+  kern<<<grid, NT, smem, stream>>>(MSC ? p : ssd_fwd_vectors(p, stream));
   return nullptr;
 }
 
