@@ -151,13 +151,39 @@ def test_both_channel_splits(rng, monkeypatch, pt, minb):
     check(make(rng, 2, 200, 3, 128, 128, init=True))
 
 
-def fwd_kernel_names(kw, **extra):
-    """Names of the forward kernels one call runs (the two sm_90 kernels can give bitwise
-    equal outputs: the same bf16 operands summed in the same k order)."""
+def kernel_names(kw, **extra):
+    """Names of the CUDA kernels one forward call runs."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run_ours(kw, **extra)
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "ssd_fwd" in e.name]
+    return [e.name for e in prof.events()]
+
+
+def fwd_kernel_names(kw, **extra):
+    """Names of the forward kernels one call runs (the two sm_90 kernels can give bitwise
+    equal outputs: the same bf16 operands summed in the same k order)."""
+    return [nm for nm in kernel_names(kw, **extra) if "ssd_fwd" in nm]
+
+
+def three_segments(l):
+    """seq_idx (2, l) with resets at l / 3 and 2 l / 3."""
+    si = torch.zeros(2, l, dtype=torch.int32, device=DEV)
+    si[:, l // 3:] = 1
+    si[:, (2 * l) // 3:] = 2
+    return si
+
+
+def assert_bitwise_as(monkeypatch, base_env, env, kernel, kw, **extra):
+    """Outputs and final states with the variables env set are bitwise those with base_env,
+    and the call runs a kernel whose name holds `kernel`."""
+    for k, v in base_env.items():
+        monkeypatch.setenv(k, v)
+    base, base_fin = run_ours(kw, **extra)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out, fin = run_ours(kw, **extra)
+    assert any(kernel in nm for nm in kernel_names(kw, **extra))
+    assert torch.equal(out, base) and torch.equal(fin, base_fin)
 
 
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
@@ -245,18 +271,9 @@ def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softp
     kw = make(rng, 2, l, 5, 64, n, g=1, init=True, softplus=softplus)
     extra = {"dt_limit": (0.002, 0.5)} if limit else {}
     if seq:
-        si = torch.zeros(2, l, dtype=torch.int32, device=DEV)
-        si[:, l // 3:] = 1
-        si[:, (2 * l) // 3:] = 2
-        extra["seq_idx"] = si
-    monkeypatch.setenv("MLMAMBA_SSD_FWD_VEC", "0")
-    base, base_fin = run_ours(kw, **extra)
-    monkeypatch.setenv("MLMAMBA_SSD_FWD_VEC", "")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out, fin = run_ours(kw, **extra)
-        torch.cuda.synchronize()
-    assert any("fwd_vectors_kernel" in e.name for e in prof.events())
-    assert torch.equal(out, base) and torch.equal(fin, base_fin)
+        extra["seq_idx"] = three_segments(l)
+    assert_bitwise_as(monkeypatch, {"MLMAMBA_SSD_FWD_VEC": "0"}, {"MLMAMBA_SSD_FWD_VEC": ""},
+                      "fwd_vectors_kernel", kw, **extra)
     check(kw, **extra)
 
 
@@ -274,17 +291,9 @@ def test_ws_kernel(rng, monkeypatch, n, l, init, z, D, seq, limit, fused):
     kw = make(rng, 2, l, 5, 64, n, g=1, D=D, z=z, init=init, fused=fused)
     extra = {"dt_limit": (0.002, 0.5)} if limit else {}
     if seq:
-        si = torch.zeros(2, l, dtype=torch.int32, device=DEV)
-        si[:, l // 3:] = 1
-        si[:, (2 * l) // 3:] = 2
-        extra["seq_idx"] = si
-    base, base_fin = run_ours(kw, **extra)
-    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "ws")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        out, fin = run_ours(kw, **extra)
-        torch.cuda.synchronize()
-    assert any("ssd_fwd_ws_kernel" in e.name for e in prof.events())
-    assert torch.equal(out, base) and torch.equal(fin, base_fin)
+        extra["seq_idx"] = three_segments(l)
+    assert_bitwise_as(monkeypatch, {}, {"MLMAMBA_SSD_FWD_IMPL": "ws"}, "ssd_fwd_ws_kernel", kw,
+                      **extra)
     check(kw, **extra)
 
 

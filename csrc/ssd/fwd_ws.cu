@@ -19,6 +19,7 @@
 #include "common/launch.h"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
+#include "ssd/fwd_wg_parts.cuh"
 #include "ssd/tma.cuh"
 #include "ssd/wgmma.cuh"
 
@@ -27,7 +28,9 @@ namespace ssd {
 namespace {
 
 using bf16 = __nv_bfloat16;
-constexpr int Q = kChunk, P = 64, NT = 256;
+using wg::P;
+using wg::Q;
+constexpr int NT = 256;
 constexpr int kRegsState = 112, kRegsOutput = 144;  // per thread, sum 2 x 128
 static_assert(kRegsState + kRegsOutput == 256, "two warpgroups share 2 x 128 registers");
 
@@ -47,11 +50,11 @@ struct WsLayout {
 __device__ __forceinline__ void bar_sync_n(int id, int n) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
-// a wait that cannot hang the device: trap after ~2^34 cycles (seconds) without the phase
+// a wait that cannot hang the device: trap after ~2^35 cycles (~17 s) without the phase
 __device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity) {
   const long long t0 = clock64();
   while (!mbar_test(bar, parity))
-    if (clock64() - t0 > (1ll << 34)) __trap();
+    if (clock64() - t0 > (1ll << 35)) __trap();
 }
 
 template <int N>
@@ -72,12 +75,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
   const int tid = threadIdx.x, lane = tid & 31, wq = (tid >> 5) & 3;  // warp in its warpgroup
   const int g = lane >> 2, t = lane & 3;
   const int h = blockIdx.x, row = blockIdx.y, grp = h / p.heads_per_group;
-  int64_t bidx = row, tstart = 0, len = p.seqlen;
-  if (p.seg_len) {
-    bidx = row / p.seg_rows;
-    tstart = (row % p.seg_rows) * p.seg_len;
-    len = p.seqlen - tstart < p.seg_len ? p.seqlen - tstart : p.seg_len;
-  }
+  const wg::RowSpan span = wg::row_span(p, row);  // never cu_seqlens here
+  const int64_t bidx = span.bidx, tstart = span.tstart, len = span.len;
   const int nchunks = static_cast<int>((len + Q - 1) / Q);
 
   if (tid < P) Dsm[tid] = p.D ? p.D[h * p.D_h + tid * p.D_p] : 0.f;
@@ -96,56 +95,18 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     // sacc[np][4 j + e]: p row 16 wq + g + 8 (e >> 1), n column 64 np + 8 j + 2 t + (e & 1)
     float sacc[NP][32];
     bar_sync_n(1, NT / 2);  // the barrier inits, before this warpgroup's arrivals
-    if (p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
-      float* st = reinterpret_cast<float*>(Xs(0));
-      const int64_t ib = row * p.init_b + h * p.init_h;
-      auto stage = [&](auto zero) {
-        using T = decltype(zero);
-        const T* src = static_cast<const T*>(p.init) + ib;
-        constexpr int PER = P * N / (NT / 2), BATCH = 8;
-#pragma unroll 1
-        for (int k0 = 0; k0 < PER; k0 += BATCH) {
-          float v[BATCH];
-#pragma unroll
-          for (int k = 0; k < BATCH; ++k) {
-            const int e = tid + (k0 + k) * (NT / 2);
-            v[k] = static_cast<float>(src[(e / N) * p.init_p + (e % N) * p.init_n]);
-          }
-#pragma unroll
-          for (int k = 0; k < BATCH; ++k) st[tid + (k0 + k) * (NT / 2)] = v[k];
-        }
-      };
-      const DType it = static_cast<DType>(p.init_dtype);
-      if (it == DType::f32) stage(0.f);
-      else if (it == DType::bf16) stage(__float2bfloat16(0.f));
-      else stage(__float2half(0.f));
-      bar_sync_n(1, NT / 2);
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i)
-          sacc[np][i] = st[(16 * wq + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
+    if (p.init) {  // staged through stage 0 as fp32 [p][n]
+      wg::load_init_state<N, NT / 2>(sacc, p, row, h, reinterpret_cast<float*>(Xs(0)), tid, wq, g,
+                                     t, [] { bar_sync_n(1, NT / 2); });
     } else {
 #pragma unroll
       for (int np = 0; np < NP; ++np)
 #pragma unroll
         for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
     }
-    // S (bf16) as the K-major operand of WG1's Y = C S^T (as in fwd_wgmma.cu)
-    const uint32_t st_base = [&] {
-      const int q = lane >> 3, rr = lane & 7;
-      return smem_u32(Ss) + (16 * wq + 8 * (q & 1) + rr) * 128 + (((q >> 1) ^ rr) << 4);
-    }();
-    auto store_state = [&]() {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int jp = 0; jp < 4; ++jp) {
-          const float* a = sacc[np] + 8 * jp;
-          stsm_x4((st_base + np * P * 128) ^ (jp << 5), pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]),
-                  pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
-        }
-    };
+    // S (bf16) as the K-major operand of WG1's Y = C S^T
+    const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
+    auto store_state = [&]() { wg::store_state(sacc, st_base); };
     store_state();      // S_{-1}: sready's completion 0
     fence_async_smem();  // the state and the staging stores -> the async proxy (wgmma, TMA)
     mbar_arrive(sready);
@@ -158,56 +119,20 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
       const unsigned char *X = Xs(c & 1), *B = Bs(c & 1);
       wait_phase(full0 + 8 * (c & 1), (c >> 1) & 1);
       __syncwarp();
-      // X^T scaled by w: the A operand of S += (w o X)^T B (k-step s = tokens 16 s ..)
       uint32_t xa[4][4];
-      {
-        const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
-                                                           16 * wq + ((lane >> 3) & 1) * 8);
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-          ldsm_x4_t(xa[s], xr + s * 16 * 128);
-          const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
-          const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const float2 f = unpack_bf16(xa[s][q]);
-            xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
-          }
-        }
-      }
-      const float dec = *cv.decay();
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
-      wgmma_fence();
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int s = 0; s < 4; ++s)
-          wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
+      wg::scaled_xt(xa, X, cv, wq, lane);
+      wg::state_update(sacc, xa, B, cv);
       wgmma_commit();
       wgmma_wait<0>();
       mbar_arrive(empty0 + 8 * (c & 1));  // done with X, B and the vectors of stage c & 1
+      if (c + 1 == nchunks) break;         // nobody reads the last state from Sbuf
       wait_phase(sfree, c & 1);            // WG1 has read S_{c-1} (sfree completion c)
       __syncwarp();
       store_state();
       fence_async_smem();
       mbar_arrive(sready);  // completion c + 1: S_c
     }
-    if (p.final_states) {
-      float* f = p.final_states + (static_cast<int64_t>(row) * p.nheads + h) * P * N;
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int pr = 16 * wq + g + 8 * hf, nc = 64 * np + 8 * j + 2 * t;
-            *reinterpret_cast<float2*>(f + static_cast<int64_t>(pr) * N + nc) =
-                make_float2(sacc[np][4 * j + 2 * hf], sacc[np][4 * j + 2 * hf + 1]);
-          }
-    }
+    if (p.final_states) wg::store_final_state<N>(sacc, p, row, h, wq, g, t);
     return;
   }
 
@@ -234,7 +159,6 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     if (nchunks > 1) issue(1);
   }
   __syncwarp();
-  const bool has_D = p.D != nullptr, has_z = p.z != nullptr;
   bf16* out_head = static_cast<bf16*>(p.out) + bidx * p.out_b + h * p.out_h;
 
 #pragma unroll 1
@@ -258,38 +182,11 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     wgmma_commit();
     wgmma_wait<1>();
 
-    // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
     uint32_t ma[4][4];
-    {
-      const int i0 = 16 * wq + g, i1 = i0 + 8;
-      const float li[2] = {cv.lam()[i0] * kLog2e, cv.lam()[i1] * kLog2e};
-      const int lri[2] = {cv.lr()[i0], cv.lr()[i1]};
-#pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) {
-        const float2 lj = *reinterpret_cast<const float2*>(cv.lam() + 8 * j8 + 2 * t);
-        const float2 dj = *reinterpret_cast<const float2*>(cv.dt() + 8 * j8 + 2 * t);
-        float m[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e < 2 ? i0 : i1, j = 8 * j8 + 2 * t + (e & 1);
-          const float lam_j = (e & 1) ? lj.y : lj.x, dt_j = (e & 1) ? dj.y : dj.x;
-          const float v = macc[4 * j8 + e] * exp2_approx(fmaf(-lam_j, kLog2e, li[e >> 1])) * dt_j;
-          m[e] = (j <= i && j >= lri[e >> 1]) ? v : 0.f;
-        }
-        ma[j8 >> 1][(j8 & 1) * 2 + 0] = pack_bf16(m[0], m[1]);
-        ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
-      }
-    }
+    wg::mask_m(ma, macc, cv, wq, g, t);
     wgmma_wait<0>();     // Y = C S_{c-1}^T done: Sbuf is free for S_c
     mbar_arrive(sfree);  // completion c
-    {
-      const float e0 = cv.e()[16 * wq + g], e1 = cv.e()[16 * wq + g + 8];
-#pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) {
-        yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
-        yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
-      }
-    }
+    wg::scale_y(yacc, cv, wq, g);
 
     // ---- batch 2: Y += M X ----
     wgmma_fence();
@@ -305,29 +202,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
       if (i >= nvalid) continue;
       const int64_t tok = tstart + c0 + i;
       float* y = yacc + 2 * hf;
-      if (has_D) {
-        const unsigned char* xrow = X + i * 128 + (g << 4) + 4 * t;
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8) {
-          const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(X + ((xrow - X) ^ (j8 << 4))));
-          const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
-          y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
-          y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
-        }
-      }
-      if (has_z) {
-        const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + 2 * t * p.z_p;
-        const DType zt = static_cast<DType>(p.z_dtype);
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8) {
-          y[4 * j8] *= silu(load_as_float(p.z, zo + 8 * j8 * p.z_p, zt));
-          y[4 * j8 + 1] *= silu(load_as_float(p.z, zo + (8 * j8 + 1) * p.z_p, zt));
-        }
-      }
-      bf16* o = out_head + tok * p.out_l + 2 * t;
-#pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8)
-        *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
+      wg::finish_row(y, X, Dsm, p, bidx, tok, h, i, g, t);
+      wg::store_row(out_head + tok * p.out_l + 2 * t, y);
     }
     mbar_arrive(empty0 + 8 * (c & 1));  // done with C, B, X and the vectors of stage c & 1
     if (leader && c + 2 < nchunks) {     // chunk c + 2 into stage c & 1 once both are done
@@ -356,7 +232,7 @@ const char* launch_ws(const FwdParams& p, cudaStream_t stream) {
     return "cannot reserve its shared memory";
   }
   const FwdParams q = ssd_fwd_vectors(p, stream);
-  if (!q.vecs) return "the chunk-vector pre-pass does not apply (cu_seqlens?) or its buffer is missing";
+  if (!q.vecs) return "it needs the chunk-vector pre-pass (not with cu_seqlens or an empty sequence)";
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kern<<<grid, NT, smem, stream>>>(q);
   return nullptr;
@@ -367,7 +243,9 @@ const char* launch_ws(const FwdParams& p, cudaStream_t stream) {
 const char* launch_ssd_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream) {
   if (p.headdim != P) return "headdim must be 64";
   if (!p.tma) return "it needs TMA tile loads (bf16 x, B, C whose tensor maps encode; no cu_seqlens)";
-  if (!p.vec_buf) return "it needs the chunk-vector pre-pass (MLMAMBA_SSD_FWD_VEC=0 is set)";
+  if (!p.vec_buf)
+    return "it needs the chunk-vector pre-pass (not with MLMAMBA_SSD_FWD_VEC=0, cu_seqlens or an "
+           "empty sequence)";
   if (dstate == 64) return launch_ws<64>(p, stream);
   if (dstate == 128) return launch_ws<128>(p, stream);
   return "dstate must be 64 or 128";
