@@ -151,13 +151,39 @@ def test_both_channel_splits(rng, monkeypatch, pt, minb):
     check(make(rng, 2, 200, 3, 128, 128, init=True))
 
 
-def fwd_kernel_names(kw, **extra):
-    """Names of the forward kernels one call runs (the two sm_90 kernels can give bitwise
-    equal outputs: the same bf16 operands summed in the same k order)."""
+def kernel_names(kw, **extra):
+    """Names of the CUDA kernels one forward call runs."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run_ours(kw, **extra)
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "ssd_fwd" in e.name]
+    return [e.name for e in prof.events()]
+
+
+def fwd_kernel_names(kw, **extra):
+    """Names of the forward kernels one call runs (the two sm_90 kernels can give bitwise
+    equal outputs: the same bf16 operands summed in the same k order)."""
+    return [nm for nm in kernel_names(kw, **extra) if "ssd_fwd" in nm]
+
+
+def three_segments(l):
+    """seq_idx (2, l) with resets at l / 3 and 2 l / 3."""
+    si = torch.zeros(2, l, dtype=torch.int32, device=DEV)
+    si[:, l // 3:] = 1
+    si[:, (2 * l) // 3:] = 2
+    return si
+
+
+def assert_bitwise_as(monkeypatch, base_env, env, kernel, kw, **extra):
+    """Outputs and final states with the variables env set are bitwise those with base_env,
+    and the call runs a kernel whose name holds `kernel`."""
+    for k, v in base_env.items():
+        monkeypatch.setenv(k, v)
+    base, base_fin = run_ours(kw, **extra)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out, fin = run_ours(kw, **extra)
+    assert any(kernel in nm for nm in kernel_names(kw, **extra))
+    assert torch.equal(out, base) and torch.equal(fin, base_fin)
 
 
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
@@ -227,6 +253,58 @@ def test_tma_loads(rng, monkeypatch, n, l, fused, init, segments):
     out, fin = run_ours(kw, **extra)
     assert torch.equal(out, base) and torch.equal(fin, base_fin)
     check(kw, **extra)
+
+
+@need_fwd
+@sm90
+@pytest.mark.parametrize("n,l,tma,segments,seq,limit,softplus", [
+    (64, 1, "", "", False, False, True), (128, 63, "0", "", True, False, True),
+    (128, 4097, "", "3", False, True, True), (64, 1000, "", "", True, False, False),
+    (128, 300, "0", "2", False, False, True), (128, 2048, "", "", True, True, True)])
+def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softplus):
+    """The wgmma walk's chunk vectors from the parallel pre-pass (the default) are the values
+    warp 0 computes in the walk (MLMAMBA_SSD_FWD_VEC=0): the same code on the same rows and
+    segments, so bitwise equal outputs and final states; TMA and cp.async, with the split."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", tma)
+    if segments:
+        monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
+    kw = make(rng, 2, l, 5, 64, n, g=1, init=True, softplus=softplus)
+    extra = {"dt_limit": (0.002, 0.5)} if limit else {}
+    if seq:
+        extra["seq_idx"] = three_segments(l)
+    assert_bitwise_as(monkeypatch, {"MLMAMBA_SSD_FWD_VEC": "0"}, {"MLMAMBA_SSD_FWD_VEC": ""},
+                      "fwd_vectors_kernel", kw, **extra)
+    check(kw, **extra)
+
+
+@need_fwd
+@sm90
+@pytest.mark.parametrize("n,l,init,z,D,seq,limit,fused", [
+    (64, 1, False, False, None, False, False, False), (128, 63, True, True, "h", False, False, False),
+    (128, 65, True, False, "hp", True, False, True), (64, 1000, False, True, "h", True, True, False),
+    (128, 4097, True, True, "h", False, False, True), (128, 2048, True, False, "h", True, True, False)])
+def test_ws_kernel(rng, monkeypatch, n, l, init, z, D, seq, limit, fused):
+    """The warp-specialized kernel (MLMAMBA_SSD_FWD_IMPL=ws: a state and an output warpgroup per
+    CTA) does the wgmma kernel's arithmetic operation for operation: bitwise equal outputs and
+    final states (no sequence split on either side), and within tolerance of float64."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", "1")
+    kw = make(rng, 2, l, 5, 64, n, g=1, D=D, z=z, init=init, fused=fused)
+    extra = {"dt_limit": (0.002, 0.5)} if limit else {}
+    if seq:
+        extra["seq_idx"] = three_segments(l)
+    assert_bitwise_as(monkeypatch, {}, {"MLMAMBA_SSD_FWD_IMPL": "ws"}, "ssd_fwd_ws_kernel", kw,
+                      **extra)
+    check(kw, **extra)
+
+
+@need_fwd
+@sm90
+def test_ws_kernel_needs_tma(rng, monkeypatch):
+    """Asked for by name where it cannot run (no TMA maps here), the error says why."""
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", "ws")
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", "0")
+    with pytest.raises(RuntimeError, match="MLMAMBA_SSD_FWD_IMPL=ws: it needs TMA"):
+        run_ours(make(rng, 1, 70, 2, 64, 64))
 
 
 @need_fwd

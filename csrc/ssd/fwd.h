@@ -66,7 +66,17 @@ struct FwdParams {
   // instead of cp.async; not with cu_seqlens (a box would run into the next sequence)
   bool tma;
   CUtensorMap tm_x, tm_B, tm_C;  // 64-byte aligned by their type
+  // sm_90 wgmma kernel, not MSC, not cu_seqlens: scratch for the chunk-vector pre-pass
+  // (vec_cap bytes; nullptr: warp 0 computes each chunk's vectors in the walk). The launch
+  // fills it (rows, heads, vec_nch chunks of kFwdVecBytes) and sets vecs; the walk then loads
+  // a chunk's vectors with its tiles.
+  unsigned char* vec_buf;
+  int64_t vec_cap, vec_nch;
+  const unsigned char* vecs;
 };
+
+// bytes of one chunk's vectors (fwd_vectors.cuh, kVecBytes)
+constexpr int kFwdVecBytes = 5 * 64 * 4 + 16;
 
 // Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.
 // Return false for a d_state without a kernel.
@@ -78,6 +88,13 @@ bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t str
 // states alone (no C, no outputs).
 const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream,
                                  bool state_only = false);
+
+// The chunk-vector pre-pass of the wgmma kernels (fwd_wgmma.cu): fills p.vec_buf for this
+// launch's rows where it applies and fits and returns p with vecs set (else vecs nullptr).
+FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream);
+// Warp-specialized variant (fwd_ws.cu; opt-in MLMAMBA_SSD_FWD_IMPL=ws): needs TMA maps and the
+// pre-pass buffer. nullptr when launched, else why it cannot run these inputs.
+const char* launch_ssd_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream);
 
 // msc_scan forward (fused conv, orders, merge): the wgmma kernel's MSC mode; x/B/C/dt/out
 // strides as for ssd_scan with rows = raster positions. nullptr when launched, else why not.

@@ -226,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   const int code = dtype_code(x.scalar_type());
   // sm_90a: the wgmma kernel where it applies (bf16, headdim 64, dstate 64 / 128, aligned
   // rows); it was faster than mma.sync on every bench case (docs/perf-log.md). Developer
-  // override MLMAMBA_SSD_FWD_IMPL: "wgmma" (an error where it cannot run) or "mma".
+  // override MLMAMBA_SSD_FWD_IMPL: "wgmma" or "ws" (an error where it cannot run) or "mma".
   const char* impl_env = std::getenv("MLMAMBA_SSD_FWD_IMPL");
   const std::string impl = impl_env ? impl_env : "";
   // wgmma kernel: tiles by TMA where the tensor maps can describe x, B and C (7% faster than
@@ -241,11 +241,20 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
               encode_tile_map(&prm.tm_C, C);
   MLM_CHECK(tma_mode != "require" || prm.tma, op,
             ": MLMAMBA_SSD_FWD_TMA=require, but these inputs cannot use TMA tile loads");
-  if (impl == "wgmma") {  // asked for by name: no silent fallback
-    MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma needs bf16 x on an ",
-              "sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);
-    const char* why = launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream);
-    MLM_CHECK(why == nullptr, op, ": MLMAMBA_SSD_FWD_IMPL=wgmma: ", why);
+  // wgmma kernels: each chunk's vectors from a parallel pre-pass (no serial per-chunk work
+  // in the walk); MLMAMBA_SSD_FWD_VEC=0 keeps warp 0 computing them in the walk. Not with
+  // cu_seqlens (rows of different lengths); the sequence split sizes its own buffer.
+  const char* vec_env = std::getenv("MLMAMBA_SSD_FWD_VEC");
+  const bool vectors = !(vec_env && std::string(vec_env) == "0") && !cu_seqlens && l > 0;
+  at::Tensor vec_buf;
+  if (impl == "wgmma" || impl == "ws") {  // asked for by name: no silent fallback (ws: the
+    // warp-specialized kernel, fwd_ws.cu, opt-in while it is measured)
+    MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=", impl, " needs bf16 x ",
+              "on an sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);
+    if (vectors) vec_buf = attach_vec_buf(prm, nrows, (l + 63) / 64, x.options());
+    const char* why = impl == "ws" ? launch_ssd_fwd_ws(prm, static_cast<int>(n), stream)
+                                   : launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream);
+    MLM_CHECK(why == nullptr, op, ": MLMAMBA_SSD_FWD_IMPL=", impl, ": ", why);
     MLM_CHECK_LAUNCH();
     return {out, final_states};
   }
@@ -255,10 +264,11 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
     const int nseg = (seq_idx || cu_seqlens) ? 1 : pick_segments(nrows, h, l, prop);
     if (nseg > 1 && ssd_fwd_wgmma_split(prm, static_cast<int>(n), nseg, dt, A, dt_bias,
                                         initial_states, dt_softplus, dt_min, dt_max,
-                                        final_states, stream) == nullptr) {
+                                        final_states, vectors, stream) == nullptr) {
       MLM_CHECK_LAUNCH();
       return {out, final_states};
     }
+    if (vectors) vec_buf = attach_vec_buf(prm, nrows, (l + 63) / 64, x.options());
     if (launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream) == nullptr) {
       MLM_CHECK_LAUNCH();
       return {out, final_states};

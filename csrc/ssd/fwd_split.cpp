@@ -14,6 +14,7 @@
 
 #include "common/check.h"
 #include "ssd/fwd_split.h"
+#include "ssd/host.h"
 
 namespace mlmamba {
 namespace ssd {
@@ -45,13 +46,18 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
                                 const at::Tensor& A, const std::optional<at::Tensor>& dt_bias,
                                 const std::optional<at::Tensor>& init, bool dt_softplus,
                                 double dt_min, double dt_max, const at::Tensor& final_states,
-                                cudaStream_t stream) {
+                                bool vectors, cudaStream_t stream) {
   const int64_t b = prm.nrows, h = prm.nheads, p = prm.headdim, n = dstate, l = prm.seqlen;
   const int64_t seg_len = ((l + 63) / 64 + nseg - 1) / nseg * 64;
   nseg = static_cast<int>((l + seg_len - 1) / seg_len);  // no empty trailing segment
   if (nseg < 2) return "fewer than two segments";
   if (b * nseg > 65535) return "more than 65535 (row, segment) pairs";
   const auto f32 = dt.options().dtype(at::kFloat);
+
+  // the chunk-vector pre-pass (fwd_wgmma.cu) where the caller asked for it: its buffer sized
+  // for step 3's rows (whole segments), which also covers step 1's
+  at::Tensor vec_buf;
+  if (vectors) vec_buf = attach_vec_buf(prm, b * nseg, seg_len / 64, dt.options());
 
   // 1. segment end states from zero, every segment but the last
   at::Tensor E = at::empty({b * (nseg - 1), h, p, n}, f32);

@@ -17,7 +17,7 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
                                 const at::Tensor& A, const std::optional<at::Tensor>& dt_bias,
                                 const std::optional<at::Tensor>& init, bool dt_softplus,
                                 double dt_min, double dt_max, const at::Tensor& final_states,
-                                cudaStream_t stream);
+                                bool vectors, cudaStream_t stream);
 
 }  // namespace ssd
 }  // namespace mlmamba

@@ -13,6 +13,7 @@ namespace ssd {
 constexpr int kChunk = 64;
 // one buffer: dt_j, Lambda_j, w_j, e_i (floats), last reset (ints), chunk decay, padding
 constexpr int kVecBytes = 5 * kChunk * 4 + 16;
+static_assert(kVecBytes == kFwdVecBytes && kVecBytes % 16 == 0, "fwd.h's kFwdVecBytes");
 
 struct ChunkVecs {  // views of one buffer
   unsigned char* base;
@@ -60,7 +61,8 @@ __device__ __forceinline__ void chunk_vectors(const ChunkVecs& v, const RawDt& r
     if (p.dt_softplus) x = x <= 20.f ? log1pf(expf(x)) : x;
     if (p.has_dt_limit) x = fminf(fmaxf(x, p.dt_min), p.dt_max);
     d[k] = j < nvalid ? x : 0.f;
-    a[k] = d[k] * Ah;
+    a[k] = __fmul_rn(d[k], Ah);  // rounded here: no FMA contraction into the sums below, so
+                                 // every kernel that inlines this computes the same values
     const int prev = k == 1 ? r.sq[0] : (lane == 0 ? r.sqprev : prev_of_first);
     rs[k] = p.seq_idx != nullptr && j < nvalid && (c0 + j) > 0 && r.sq[k] != prev;
   }

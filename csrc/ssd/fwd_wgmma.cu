@@ -9,7 +9,9 @@
 //   batch 2  S = decay S + (w o X)^T B (A: X^T scaled by w); Y += M X (A from registers);
 //            S (bf16) -> shared for the next chunk's batch 1 while Y += M X computes
 //   then     y = Y + D x, * silu(z), stored.
-// Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by cp.async one chunk ahead.
+// Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by TMA (or cp.async) one chunk
+// ahead. Chunk vectors: from a pre-pass (fwd_vectors_kernel below), loaded with the tiles;
+// else (MSC, cu_seqlens, MLMAMBA_SSD_FWD_VEC=0) warp 0 computes the next chunk's during batch 1.
 // MSC mode (msc_scan, fwd_msc.cuh): k scans per CTA through their orders, x conv'd in the load.
 #include <cuda_runtime.h>
 
@@ -18,6 +20,7 @@
 #include "ssd/fwd.h"
 #include "ssd/fwd_msc.cuh"
 #include "ssd/fwd_vectors.cuh"
+#include "ssd/fwd_wg_parts.cuh"
 #include "ssd/tma.cuh"
 #include "ssd/wgmma.cuh"
 
@@ -80,14 +83,6 @@ __device__ __forceinline__ void load_tile_at(uint32_t dst, const bf16* base, int
   }
 }
 
-// K-major operand tile (64 rows): k-step s of 16 columns; MN-major: rows 16 s of panel 0
-__device__ __forceinline__ uint64_t desc_k(const unsigned char* t, int s) {
-  return wgmma_desc(t + (s >> 2) * (Q * 128) + (s & 3) * 32, 16, 1024);
-}
-__device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
-  return wgmma_desc(t + s * 16 * 128, Q * 128, 1024);
-}
-
 // SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
 // MSC: the k scans of msc_scan (fwd_msc.cuh) one after another, y merged in the epilogue.
 template <int N, bool SO, bool MSC>
@@ -108,21 +103,11 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int h = blockIdx.x, row = blockIdx.y, grp = h / p.heads_per_group;
-  int64_t bidx = row, tstart = 0, len = p.seqlen;
-  if (p.cu_seqlens) {
-    bidx = 0;
-    tstart = p.cu_seqlens[row];
-    len = p.cu_seqlens[row + 1] - tstart;
-  }
-  if (p.seg_len) {  // row = (batch row, segment) of the sequence split (fwd_split.cpp)
-    bidx = row / p.seg_rows;
-    tstart = (row % p.seg_rows) * p.seg_len;
-    len = p.seqlen - tstart < p.seg_len ? p.seqlen - tstart : p.seg_len;
-  }
+  const wg::RowSpan span = wg::row_span(p, row);
+  const int64_t bidx = span.bidx, tstart = span.tstart, len = span.len;
   const bf16* xg = static_cast<const bf16*>(p.x) + bidx * p.x_b + h * p.x_h;
   const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g;
   const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
-  const bool has_D = p.D != nullptr, has_z = p.z != nullptr;
   bf16* out_head = static_cast<bf16*>(p.out) + bidx * p.out_b + h * p.out_h;
   // MSC: the raw x rows, the positions (buffer c % 3 for chunk c), this row of xBC
   unsigned char* rawsm = sm + Lt::RAW_OFF;
@@ -130,6 +115,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
   // TMA: stage b's tiles complete mbarrier b (initialised before any load is issued)
   const bool tma = !MSC && p.tma;
+  // chunk vectors from the pre-pass: this (row, head)'s run of chunks
+  const bool pre = !MSC && p.vecs != nullptr;
+  const unsigned char* vsrc =
+      pre ? p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes : nullptr;
   const uint32_t bar0 = smem_u32(sm + Lt::BAR_OFF);
   if (tma) {
     if (tid == 0) {
@@ -152,35 +141,9 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     const float Ah = p.A[hs];
     const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
     if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
-    if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n], 8 loads in flight per thread
-      float* st = reinterpret_cast<float*>(Xs(0));
-      const int64_t ib = row * p.init_b + h * p.init_h;
-      auto stage = [&](auto zero) {
-        using T = decltype(zero);
-        const T* src = static_cast<const T*>(p.init) + ib;
-        constexpr int PER = P * N / NT, BATCH = 8;
-#pragma unroll 1
-        for (int k0 = 0; k0 < PER; k0 += BATCH) {
-          float v[BATCH];
-#pragma unroll
-          for (int k = 0; k < BATCH; ++k) {
-            const int e = tid + (k0 + k) * NT;
-            v[k] = static_cast<float>(src[(e / N) * p.init_p + (e % N) * p.init_n]);
-          }
-#pragma unroll
-          for (int k = 0; k < BATCH; ++k) st[tid + (k0 + k) * NT] = v[k];
-        }
-      };
-      const DType it = static_cast<DType>(p.init_dtype);
-      if (it == DType::f32) stage(0.f);
-      else if (it == DType::bf16) stage(__float2bfloat16(0.f));
-      else stage(__float2half(0.f));
-      __syncthreads();
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i)
-          sacc[np][i] = st[(16 * warp + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
+    if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n]
+      wg::load_init_state<N, NT>(sacc, p, row, h, reinterpret_cast<float*>(Xs(0)), tid, warp, g, t,
+                                 [] { __syncthreads(); });
       fence_async_smem();  // the generic stores above, then stage 0's loads (maybe TMA: async proxy)
       __syncthreads();     // stage 0 is overwritten by the first chunk's loads
     } else {
@@ -189,24 +152,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
 #pragma unroll
         for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
     }
-    // S (bf16) as a K-major operand, rows p, columns n: stmatrix x4 of n8 blocks 2 jp, 2 jp + 1,
-    // rows 16 w.. (+8). Lane l addresses row 16 w + 8 (q & 1) + l % 8 of block 2 jp + (q >> 1)
-    // (q = l / 8); its 16-byte chunk index (2 jp + (q >> 1)) ^ (l % 8) is the lane's base
-    // chunk with bit 1 flipped by jp: one XOR per store.
-    const uint32_t st_base = [&] {
-      const int q = lane >> 3, rr = lane & 7;
-      return smem_u32(Ss) + (16 * warp + 8 * (q & 1) + rr) * 128 + (((q >> 1) ^ rr) << 4);
-    }();
-    auto store_state = [&]() {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int jp = 0; jp < 4; ++jp) {
-          const float* a = sacc[np] + 8 * jp;
-          stsm_x4((st_base + np * P * 128) ^ (jp << 5), pack_bf16(a[0], a[1]), pack_bf16(a[2], a[3]),
-                  pack_bf16(a[4], a[5]), pack_bf16(a[6], a[7]));
-        }
-    };
+    const uint32_t st_base = wg::state_store_base(Ss, warp, lane);
+    auto store_state = [&]() { wg::store_state(sacc, st_base); };
     store_state();
 
     const int nchunks = static_cast<int>((len + Q - 1) / Q);
@@ -225,7 +172,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
         if (tid == 0) {
           const uint32_t bar = bar0 + 8 * (c & 1);
           const int tok = static_cast<int>(tstart + c0), hb = static_cast<int>(bidx);
-          mbar_arrive_expect_tx(bar, Lt::X_B + (SO ? 1 : 2) * Lt::BC_B);
+          mbar_arrive_expect_tx(bar, Lt::X_B + (SO ? 1 : 2) * Lt::BC_B + (pre ? kVecBytes : 0));
+          if (pre) bulk_load(smem_u32(vec0 + (c & 1) * kVecBytes), vsrc + static_cast<int64_t>(c) * kVecBytes, kVecBytes, bar);
           tma_load_4d(smem_u32(Xs(c & 1)), &p.tm_x, 0, tok, h, hb, bar);
 #pragma unroll
           for (int np = 0; np < NP; ++np) {
@@ -239,6 +187,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       load_tile<P>(smem_u32(Xs(c & 1)), xg, p.x_l, tstart + c0, nv, tid);
       load_tile<N>(smem_u32(Bs(c & 1)), Bg, p.B_l, tstart + c0, nv, tid);
       if (!SO) load_tile<N>(smem_u32(Cs(c & 1)), Cg, p.C_l, tstart + c0, nv, tid);
+      if (pre && tid < kVecBytes / 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                         smem_u32(vec0 + (c & 1) * kVecBytes) + 16 * tid),
+                     "l"(vsrc + static_cast<int64_t>(c) * kVecBytes + 16 * tid));
       cp_async_commit();
     };
     RawDt raw;
@@ -256,7 +208,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     };
     if (nchunks > 0) {
       if (!MSC) issue(0);
-      if (warp == 0) {
+      if (warp == 0 && !pre) {
         fetch(0);
         vectors(0);
       }
@@ -265,39 +217,6 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
         issue(0);
       }
     }
-
-    // X^T scaled by w: the A operand of the state update (k-step s = tokens 16 s ..); k-step s
-    // reads rows 16 s..: the same swizzle phase, 2048 bytes further
-    auto scaled_xt = [&](uint32_t (&xa)[4][4], const unsigned char* X, const ChunkVecs& cv) {
-      const uint32_t xr = smem_u32(X) + sw128_offset<Q>((lane & 7) + (lane >> 4) * 8,
-                                                         16 * warp + ((lane >> 3) & 1) * 8);
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        ldsm_x4_t(xa[s], xr + s * 16 * 128);
-        const float2 wa = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 2 * t);
-        const float2 wb = *reinterpret_cast<const float2*>(cv.w() + 16 * s + 8 + 2 * t);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float2 f = unpack_bf16(xa[s][q]);
-          xa[s][q] = q < 2 ? pack_bf16(f.x * wa.x, f.y * wa.y) : pack_bf16(f.x * wb.x, f.y * wb.y);
-        }
-      }
-    };
-    // S += (w o X)^T B: A = X^T w from registers, B tile N-major, one m64n64 per 64 columns of S
-    auto state_update = [&](const uint32_t (&xa)[4][4], const unsigned char* B) {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int s = 0; s < 4; ++s)
-          wgmma_m64n64_rs<1>(sacc[np], xa[s], desc_mn(B + np * Q * 128, s), true);
-    };
-    auto decay_state = [&](const ChunkVecs& cv) {
-      const float dec = *cv.decay();
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) sacc[np][i] *= dec;
-    };
 
     for (int c = 0; c < nchunks; ++c) {
       const int64_t c0 = static_cast<int64_t>(c) * Q;
@@ -317,12 +236,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       if (c + 1 < nchunks) issue(c + 1);
 
       if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
-        if (warp == 0 && c + 1 < nchunks) vectors(c + 1);
+        if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);
         uint32_t xa[4][4];
-        scaled_xt(xa, X, cv);
-        decay_state(cv);
-        wgmma_fence();
-        state_update(xa, B);
+        wg::scaled_xt(xa, X, cv, warp, lane);
+        wg::state_update(sacc, xa, B, cv);
         wgmma_commit();
         wgmma_wait<0>();
         continue;
@@ -337,49 +254,17 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
 #pragma unroll
       for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
       wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
-      if (warp == 0 && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
+      if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
       wgmma_wait<1>();
 
-      // ---- M: decay, dt, masks -> A fragments (k-step s = key tokens 16 s ..) ----
-      uint32_t ma[4][4];
-      {
-        const int i0 = 16 * warp + g, i1 = i0 + 8;
-        const float li[2] = {cv.lam()[i0] * kLog2e, cv.lam()[i1] * kLog2e};
-        const int lri[2] = {cv.lr()[i0], cv.lr()[i1]};
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8) {
-          // key tokens j, j + 1 of this lane: one 8-byte load of each vector
-          const float2 lj = *reinterpret_cast<const float2*>(cv.lam() + 8 * j8 + 2 * t);
-          const float2 dj = *reinterpret_cast<const float2*>(cv.dt() + 8 * j8 + 2 * t);
-          float m[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e < 2 ? i0 : i1, j = 8 * j8 + 2 * t + (e & 1);
-            const float lam_j = (e & 1) ? lj.y : lj.x, dt_j = (e & 1) ? dj.y : dj.x;
-            const float v = macc[4 * j8 + e] * exp2_approx(fmaf(-lam_j, kLog2e, li[e >> 1])) * dt_j;
-            m[e] = (j <= i && j >= lri[e >> 1]) ? v : 0.f;  // select, never multiply by the mask
-          }
-          // n8 block j8 of the accumulator = half (j8 & 1) of k-step j8 / 2
-          ma[j8 >> 1][(j8 & 1) * 2 + 0] = pack_bf16(m[0], m[1]);
-          ma[j8 >> 1][(j8 & 1) * 2 + 1] = pack_bf16(m[2], m[3]);
-        }
-      }
-      uint32_t xa[4][4];
-      scaled_xt(xa, X, cv);
-      decay_state(cv);
+      uint32_t ma[4][4], xa[4][4];
+      wg::mask_m(ma, macc, cv, warp, g, t);
+      wg::scaled_xt(xa, X, cv, warp, lane);
       wgmma_wait<0>();  // Y = C S_prev^T done: scale row i by e_i
-      {
-        const float e0 = cv.e()[16 * warp + g], e1 = cv.e()[16 * warp + g + 8];
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8) {
-          yacc[4 * j8] *= e0; yacc[4 * j8 + 1] *= e0;
-          yacc[4 * j8 + 2] *= e1; yacc[4 * j8 + 3] *= e1;
-        }
-      }
+      wg::scale_y(yacc, cv, warp, g);
 
-      // ---- batch 2: Y += M X, S += (w o X)^T B ----
-      wgmma_fence();
-      state_update(xa, B);
+      // ---- batch 2: S = decay S + (w o X)^T B, Y += M X ----
+      wg::state_update(sacc, xa, B, cv);
       wgmma_commit();  // group: S
 #pragma unroll
       for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
@@ -388,61 +273,66 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       store_state();   // S for the next chunk (batch 1, its only reader, is done) while Y computes
       wgmma_wait<0>();
 
-      // ---- epilogue: + D x, * silu(z), store; S for the next chunk ----
-      // lane: rows i = 16 w + g (+8), columns 8 j8 + 2 t (+1); the swizzled X row i holds
-      // them at byte (i * 128 + 4 t) ^ (((i & 7) ^ j8) << 4), i & 7 = g
+      // ---- epilogue: + D x, * silu(z), store (lane: rows 16 w + g (+8), columns 8 j8 + 2 t) ----
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int i = 16 * warp + g + 8 * hf;
         if (i >= nvalid) continue;
         const int64_t tok = tstart + c0 + i;
         float* y = yacc + 2 * hf;  // y[4 j8], y[4 j8 + 1]
-        if (has_D) {
-          const unsigned char* xrow = X + i * 128 + (g << 4) + 4 * t;
-#pragma unroll
-          for (int j8 = 0; j8 < 8; ++j8) {
-            const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(
-                X + ((xrow - X) ^ (j8 << 4))));
-            const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
-            y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
-            y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
-          }
-        }
-        if (has_z) {
-          const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + 2 * t * p.z_p;
-          const DType zt = static_cast<DType>(p.z_dtype);
-#pragma unroll
-          for (int j8 = 0; j8 < 8; ++j8) {
-            y[4 * j8] *= silu(load_as_float(p.z, zo + 8 * j8 * p.z_p, zt));
-            y[4 * j8 + 1] *= silu(load_as_float(p.z, zo + (8 * j8 + 1) * p.z_p, zt));
-          }
-        }
+        wg::finish_row(y, X, Dsm, p, bidx, tok, h, i, g, t);
         if constexpr (MSC) {
           msc_store(y, ordsm[(c % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
           continue;
         }
-        bf16* o = out_head + tok * p.out_l + 2 * t;
-#pragma unroll
-        for (int j8 = 0; j8 < 8; ++j8)
-          *reinterpret_cast<__nv_bfloat162*>(o + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
+        wg::store_row(out_head + tok * p.out_l + 2 * t, y);
       }
     }
   }  // scans
 
-  if (!MSC && p.final_states) {
-    float* f = p.final_states + (static_cast<int64_t>(row) * p.nheads + h) * P * N;
-#pragma unroll
-    for (int np = 0; np < NP; ++np)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int pr = 16 * warp + g + 8 * hf, nc = 64 * np + 8 * j + 2 * t;
-          *reinterpret_cast<float2*>(f + static_cast<int64_t>(pr) * N + nc) =
-              make_float2(sacc[np][4 * j + 2 * hf], sacc[np][4 * j + 2 * hf + 1]);
-        }
-  }
+  if (!MSC && p.final_states) wg::store_final_state<N>(sacc, p, row, h, warp, g, t);
 }
+
+// The pre-pass: each chunk's vectors, one warp per (chunk, row, head), the walk's own code
+// (RawDt::fetch, chunk_vectors) on the walk's rows and segments, so the same values.
+__global__ void __launch_bounds__(128) fwd_vectors_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ __align__(16) unsigned char buf[4][kVecBytes];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.z * 4 + warp, row = blockIdx.y, c = blockIdx.x;
+  if (h >= p.nheads) return;
+  const wg::RowSpan span = wg::row_span(p, row);  // never cu_seqlens here
+  const int64_t bidx = span.bidx, tstart = span.tstart, len = span.len;
+  const int64_t c0 = static_cast<int64_t>(c) * Q;
+  if (c0 >= len) return;  // the last segment can be shorter
+  RawDt raw;
+  raw.fetch(p, bidx, tstart, len, h, c0, lane);
+  const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+  chunk_vectors(ChunkVecs(buf[warp]), raw, p, p.A[h], p.dt_bias ? p.dt_bias[h] : 0.f, c0, nv, lane);
+  __syncwarp();
+  const uint4* src = reinterpret_cast<const uint4*>(buf[warp]);
+  uint4* dst = reinterpret_cast<uint4*>(
+      p.vec_buf + ((static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch + c) * kVecBytes);
+  for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
+}
+
+}  // namespace
+
+FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
+  FwdParams q = p;
+  q.vecs = nullptr;
+  if (!p.vec_buf || p.cu_seqlens || p.msc.nscans > 0 || p.nrows <= 0 || p.nheads <= 0) return q;
+  q.vec_nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
+  if (q.vec_nch <= 0 || q.vec_nch >= (int64_t(1) << 31) || p.nrows > 65535 ||
+      p.nrows * p.nheads * q.vec_nch * kVecBytes > p.vec_cap)
+    return q;
+  const dim3 grid(static_cast<unsigned>(q.vec_nch), static_cast<unsigned>(p.nrows),
+                  static_cast<unsigned>((p.nheads + 3) / 4));
+  fwd_vectors_kernel<<<grid, 128, 0, stream>>>(q);
+  q.vecs = q.vec_buf;
+  return q;
+}
+
+namespace {
 
 template <int N, bool SO, bool MSC = false>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
@@ -462,8 +352,9 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
     cudaGetLastError();
     return "cannot reserve its shared memory";
   }
+  const FwdParams q = MSC ? p : ssd_fwd_vectors(p, stream);  // the pre-pass, before this launch
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
-  kern<<<grid, NT, smem, stream>>>(p);
+  kern<<<grid, NT, smem, stream>>>(q);
   return nullptr;
 }
 

@@ -1,7 +1,7 @@
 // Host helpers of the ops that launch SSD kernels (fwd_ops.cpp, bwd_ops.cpp, msc/ops.cpp):
 // float dtypes, the kernels' DType codes (common.cuh), argument checks, the forward's shape.
 #pragma once
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 
 #include "common/check.h"
 #include "ssd/fwd.h"
@@ -42,6 +42,17 @@ inline FwdParams fwd_params(int64_t seqlen, int64_t nheads, int64_t headdim, int
   p.nrows = nrows;
   p.heads_per_group = static_cast<int>(nheads / ngroups);
   return p;
+}
+
+// The buffer of the wgmma forward's chunk-vector pre-pass for rows x heads x chunks, on
+// opts' device; sets p.vec_buf / p.vec_cap (the tensor keeps it alive until the launches are
+// queued).
+inline at::Tensor attach_vec_buf(FwdParams& p, int64_t rows, int64_t chunks,
+                                 const at::TensorOptions& opts) {
+  p.vec_cap = rows * p.nheads * chunks * kFwdVecBytes;
+  at::Tensor buf = at::empty({p.vec_cap}, opts.dtype(at::kByte));
+  p.vec_buf = buf.data_ptr<uint8_t>();
+  return buf;
 }
 
 }  // namespace ssd

@@ -33,6 +33,15 @@ __device__ __forceinline__ uint64_t wgmma_desc(const void* smem, uint32_t lbo, u
          (static_cast<uint64_t>((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+// Descriptors of a 64-row tile of panels: K-major, k-step s of 16 columns; MN-major, rows
+// 16 s of panel 0 (LBO: the next panel, 64 rows x 128 bytes further)
+__device__ __forceinline__ uint64_t desc_k(const unsigned char* t, int s) {
+  return wgmma_desc(t + (s >> 2) * (64 * 128) + (s & 3) * 32, 16, 1024);
+}
+__device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
+  return wgmma_desc(t + s * 16 * 128, 64 * 128, 1024);
+}
+
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }

@@ -1,7 +1,8 @@
 """Cross-check of the bench's SSD forward figures: one input set, 20 back-to-back calls timed
 with events, then the same 20 calls replayed from a CUDA graph (no CPU in the loop), for the
-default, the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1) and the
-mma.sync kernel (MLMAMBA_SSD_FWD_IMPL=mma). SSD_TIME_SEGS=2,4 adds forced segment counts.
+default, the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1), without the
+chunk-vector pre-pass (MLMAMBA_SSD_FWD_VEC=0), the mma.sync kernel (MLMAMBA_SSD_FWD_IMPL=mma)
+and the warp-specialized kernel (=ws, never split). SSD_TIME_SEGS=2,4 adds forced segment counts.
     python3 scripts/dev/ssd_time.py [b l h]...   (default: the four bench cases)
 """
 import os
@@ -25,14 +26,20 @@ def timed(fn, reps=7, inner=20):
 
 def main():
     args = list(map(int, sys.argv[1:])) or [4, 2048, 80, 1, 16384, 80, 8, 2048, 24, 32, 576, 32]
+    names = ("MLMAMBA_SSD_FWD_IMPL", "MLMAMBA_SSD_FWD_SEGMENTS", "MLMAMBA_SSD_FWD_VEC")
+    segs = [s for s in os.environ.get("SSD_TIME_SEGS", "").split(",") if s]
+    variants = [("default", {}), ("no split", {"MLMAMBA_SSD_FWD_SEGMENTS": "1"}),
+                ("no pre-pass", {"MLMAMBA_SSD_FWD_VEC": "0"}),
+                ("mma.sync", {"MLMAMBA_SSD_FWD_IMPL": "mma"}),
+                ("ws, no split", {"MLMAMBA_SSD_FWD_IMPL": "ws"})]
+    variants += [(f"seg {s}", {"MLMAMBA_SSD_FWD_SEGMENTS": s}) for s in segs]
     for b, l, h in zip(args[0::3], args[1::3], args[2::3]):
         k = fwd_inputs(b, l, h, 64, 128, "cuda", 0)
         row = []
-        segs = [s for s in os.environ.get("SSD_TIME_SEGS", "").split(",") if s]
-        for impl, seg in [("", ""), ("", "1"), ("mma", "")] + [("", s) for s in segs]:
-            os.environ["MLMAMBA_SSD_FWD_IMPL"], os.environ["MLMAMBA_SSD_FWD_SEGMENTS"] = impl, seg
-            if not seg:
-                del os.environ["MLMAMBA_SSD_FWD_SEGMENTS"]
+        for _, env in variants:
+            for nm in names:
+                os.environ.pop(nm, None)
+            os.environ.update(env)
 
             def f(k=k):
                 return ssd_scan(k["x"], k["dt"], k["A"], k["B"], k["C"], D=k["D"],
@@ -43,12 +50,11 @@ def main():
             with torch.cuda.graph(g):
                 f()
             row.append((timed(f), timed(g.replay)))
-        os.environ["MLMAMBA_SSD_FWD_IMPL"] = ""
-        print(f"b{b} L{l} h{h}: default {row[0][0]:.1f} us (graph {row[0][1]:.1f}) | no split "
-              f"{row[1][0]:.1f} ({row[1][1]:.1f}) | mma.sync {row[2][0]:.1f} ({row[2][1]:.1f}) | "
-              f"mma.sync / default {row[2][1] / row[0][1]:.2f}"
-              + "".join(f" | seg {s} {t[0]:.1f} ({t[1]:.1f})" for s, t in zip(segs, row[3:])),
-              flush=True)
+        for nm in names:
+            os.environ.pop(nm, None)
+        print(f"b{b} L{l} h{h}: " + " | ".join(
+            f"{name} {t[0]:.1f} us (graph {t[1]:.1f})" for (name, _), t in zip(variants, row)),
+            flush=True)
 
 
 if __name__ == "__main__":
