@@ -12,29 +12,11 @@
 #include <cstdlib>
 
 #include "common/check.h"
+#include "common/cp_async.cuh"
 #include "conv1d/conv1d.h"
 
 namespace mlmamba {
 namespace conv1d {
-
-// 16 bytes global -> shared; bytes < 16 zero-fill the rest (0: nothing is read from src).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
-               : "memory");
-}
-// 8 bytes; bytes < 8 zero-fill.
-__device__ __forceinline__ void cp_async8(void* dst, const void* src, int bytes) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most N of this thread's groups are pending.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Copies n (<= N) valid elements of a run of N at src into dst as N*sizeof(R)/16 16-byte words
 // (or one 8-byte word when N*sizeof(R) == 8); the rest is zero-filled. src (when n > 0) and dst

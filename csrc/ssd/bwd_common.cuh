@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "common/cp_async.cuh"
 #include "ssd/bwd.h"
 #include "ssd/common.cuh"  // ldmatrix helpers
 
@@ -324,27 +325,6 @@ __device__ __forceinline__ ChunkPos chunk_pos_at(const Params& P, int x, int y) 
 __device__ __forceinline__ ChunkPos chunk_pos(const Params& P) {
   return chunk_pos_at(P, blockIdx.x, blockIdx.y);
 }
-
-// cp.async (sm_80+): 16 bytes global -> shared, zero-filled past `bytes` (0: src not read, it
-// only has to be a pointer); 4 bytes through L1. A thread's copies are visible to itself after
-// its cp_async_wait, to the other threads after a barrier that follows that wait.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>  // wait until at most N of this thread's commit groups are pending
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 
 }  // namespace ssd_bwd
 }  // namespace mlmamba

@@ -1,5 +1,6 @@
 // Device helpers for the SSD kernels: bf16 tensor-core mma (m16n8k16, fp32 accumulate),
-// ldmatrix fragment loads from swizzled shared-memory tiles, cp.async, hi/lo bf16 splits.
+// ldmatrix fragment loads from swizzled shared-memory tiles, hi/lo bf16 splits; cp.async from
+// common/cp_async.cuh.
 // Portable: sm_80 and newer.
 //
 // Fragment layout of mma.m16n8k16 (g = lane / 4, t = lane % 4):
@@ -10,6 +11,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+
+#include "common/cp_async.cuh"
 
 namespace mlmamba {
 namespace ssd {
@@ -142,13 +145,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
 }
 constexpr float kLog2e = 1.4426950408889634f;
 
-// ---- cp.async (16 bytes; src_bytes == 0 fills zeros) -------------------------------------
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)),
-               "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
 
 // ---- runtime-typed scalar loads for small side inputs (dt, z, states) -------------------
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };

@@ -124,7 +124,7 @@ __device__ __forceinline__ void load_tile_async(bf16* dst, const bf16* base, int
     const int r = ch / CPR, c = (ch % CPR) * 8;
     const bool ok = r < nvalid;
     const bf16* src = ok ? base + rows(r) * rs + c : base;
-    cp_async16(dst + swz<COLS>(r, c), src, ok);
+    cp_async16(dst + swz<COLS>(r, c), src, ok ? 16 : 0);
   }
 }
 
@@ -141,7 +141,8 @@ __device__ __forceinline__ void load_tile_async_warp(bf16* dst, const bf16* base
     for (int u = 0; u < 2; ++u) {
       const int r = (ch + 32 * u) / CPR, c = ((ch + 32 * u) % CPR) * 8;
       const bool ok = r < nvalid;
-      cp_async16(dst + swz<COLS>(r, c), ok ? base + (first + r) * rs + c : base, ok);
+      cp_async16(dst + swz<COLS>(r, c), ok ? base + (first + r) * rs + c : base,
+                 ok ? 16 : 0);
     }
   }
 }
@@ -289,7 +290,7 @@ __global__ void __launch_bounds__(256, MINB) ssd_fwd_kernel(const FwdParams p) {
     const float* chunk_decay = cv.decay();
 
     if constexpr (K::ASYNC) {
-      cp_async_wait_all();
+      cp_async_wait<0>();
     } else {
       const LinearRows rows{tstart + c0};
       load_tile_sync<T, Q, PT, SPLIT, NT>(Xs(0, 0), Xs(0, 1), xg, p.x_l, p.x_p, rows, nvalid,

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
       unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
       if (tma) mbar_wait(bar0 + 8 * (c & 1), (c >> 1) & 1);  // the (c / 2)-th fill of stage c & 1
-      else cp_async_wait_all();
+      else cp_async_wait<0>();
       if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
         __syncthreads();
         const int64_t cd = p.msc.conv_dim;
