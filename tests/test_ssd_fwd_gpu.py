@@ -218,18 +218,22 @@ def test_wgmma_kernel(rng, monkeypatch, n, l):
 
 @need_fwd
 @sm90
+@pytest.mark.parametrize("ws", ["", "0"])
 @pytest.mark.parametrize("segments", ["2", "3", "7"])
 @pytest.mark.parametrize("l,n", [(300, 64), (1000, 128), (4097, 128)])
-def test_sequence_split(rng, monkeypatch, segments, l, n):
+def test_sequence_split(rng, monkeypatch, segments, l, n, ws):
     """The wgmma forward with the sequence split in segments (fwd_split.cpp): segment states
-    from zero, combined with the decays, then every segment from its incoming state."""
+    from zero, combined with the decays, then every segment from its incoming state (on the
+    warp-specialized kernel by default, on the wgmma one with MLMAMBA_SSD_FWD_WS=0)."""
     monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_WS", ws)
     kw = make(rng, 2, l, 3, 64, n, D="hp", init=True)
     check(kw, dt_limit=(0.002, 0.5))
     names = fwd_kernel_names(kw, dt_limit=(0.002, 0.5))
     # template <N, SO (state only), MSC>: the state-only pass and the full pass both ran
     assert any("true, false>" in nm for nm in names), names
-    assert any("false, false>" in nm for nm in names), names
+    full = "false, false>" if ws == "0" else "ssd_fwd_ws_kernel"
+    assert any(full in nm for nm in names), names
     check(make(rng, 1, l, 2, 64, n, softplus=False, dt_bias=False, z=False))  # no init, no bias
 
 
@@ -266,6 +270,7 @@ def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softp
     warp 0 computes in the walk (MLMAMBA_SSD_FWD_VEC=0): the same code on the same rows and
     segments, so bitwise equal outputs and final states; TMA and cp.async, with the split."""
     monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", tma)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_WS", "0")  # the wgmma kernel on both sides
     if segments:
         monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
     kw = make(rng, 2, l, 5, 64, n, g=1, init=True, softplus=softplus)
@@ -284,15 +289,17 @@ def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softp
     (128, 65, True, False, "hp", True, False, True), (64, 1000, False, True, "h", True, True, False),
     (128, 4097, True, True, "h", False, False, True), (128, 2048, True, False, "h", True, True, False)])
 def test_ws_kernel(rng, monkeypatch, n, l, init, z, D, seq, limit, fused):
-    """The warp-specialized kernel (MLMAMBA_SSD_FWD_IMPL=ws: a state and an output warpgroup per
-    CTA) does the wgmma kernel's arithmetic operation for operation: bitwise equal outputs and
-    final states (no sequence split on either side), and within tolerance of float64."""
+    """The warp-specialized kernel (the default where it can run: a state and an output
+    warpgroup per CTA) does the wgmma kernel's (MLMAMBA_SSD_FWD_WS=0) arithmetic operation for
+    operation: bitwise equal outputs and final states (no sequence split on either side), and
+    within tolerance of float64."""
     monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", "1")
     kw = make(rng, 2, l, 5, 64, n, g=1, D=D, z=z, init=init, fused=fused)
     extra = {"dt_limit": (0.002, 0.5)} if limit else {}
     if seq:
         extra["seq_idx"] = three_segments(l)
-    assert_bitwise_as(monkeypatch, {}, {"MLMAMBA_SSD_FWD_IMPL": "ws"}, "ssd_fwd_ws_kernel", kw,
+    assert_bitwise_as(monkeypatch, {"MLMAMBA_SSD_FWD_WS": "0"}, {"MLMAMBA_SSD_FWD_WS": ""},
+                      "ssd_fwd_ws_kernel", kw,
                       **extra)
     check(kw, **extra)
 
@@ -321,11 +328,14 @@ def test_sequence_split_chosen_for_few_heads(rng):
 @sm90
 @pytest.mark.parametrize("impl", ["", "mma"])
 def test_sm90_kernel_choice(rng, monkeypatch, impl):
-    """Unset: the wgmma kernel for bf16 headdim 64; MLMAMBA_SSD_FWD_IMPL=mma: the portable one
-    (what sm_80 runs), still correct on these shapes."""
+    """Unset: a wgmma kernel for bf16 headdim 64 (the warp-specialized one with TMA tiles);
+    MLMAMBA_SSD_FWD_IMPL=mma: the portable one (what sm_80 runs), still correct on these shapes."""
     monkeypatch.setenv("MLMAMBA_SSD_FWD_IMPL", impl)
     kw = make(rng, 2, 150, 3, 64, 128, init=True)
     check(kw)
+    names = fwd_kernel_names(kw)
+    assert names and all(("ssd_fwd_ws_kernel" in nm) == (impl == "") for nm in names), names
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", "0")  # no TMA tiles: the one-warpgroup kernel
     names = fwd_kernel_names(kw)
     assert names and all(("wgmma" in nm) == (impl == "") for nm in names), names
 

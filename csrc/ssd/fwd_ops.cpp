@@ -247,8 +247,7 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   const char* vec_env = std::getenv("MLMAMBA_SSD_FWD_VEC");
   const bool vectors = !(vec_env && std::string(vec_env) == "0") && !cu_seqlens && l > 0;
   at::Tensor vec_buf;
-  if (impl == "wgmma" || impl == "ws") {  // asked for by name: no silent fallback (ws: the
-    // warp-specialized kernel, fwd_ws.cu, opt-in while it is measured)
+  if (impl == "wgmma" || impl == "ws") {  // asked for by name: no silent fallback, no split
     MLM_CHECK(code == 2 && prop.major == 9, op, ": MLMAMBA_SSD_FWD_IMPL=", impl, " needs bf16 x ",
               "on an sm_90 GPU, got ", x.scalar_type(), " on sm_", prop.major, prop.minor);
     if (vectors) vec_buf = attach_vec_buf(prm, nrows, (l + 63) / 64, x.options());
@@ -260,16 +259,22 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   }
   if (impl != "mma" && code == 2 && prop.major == 9 && p == 64 && (n == 64 || n == 128) &&
       prm.vec_loads) {
+    // the warp-specialized kernel (fwd_ws.cu) where it can run: TMA tiles and the pre-pass
+    // (H200, docs/perf-log.md v9: b4 L2048 h80 234 -> 193 µs, never slower); else the
+    // one-warpgroup wgmma kernel. MLMAMBA_SSD_FWD_WS=0 keeps the latter (A/B).
+    const char* ws_env = std::getenv("MLMAMBA_SSD_FWD_WS");
+    const bool ws = !(ws_env && std::string(ws_env) == "0");
     // long sequences on few (row, head) pairs: split the sequence (fwd_split.cpp)
     const int nseg = (seq_idx || cu_seqlens) ? 1 : pick_segments(nrows, h, l, prop);
     if (nseg > 1 && ssd_fwd_wgmma_split(prm, static_cast<int>(n), nseg, dt, A, dt_bias,
                                         initial_states, dt_softplus, dt_min, dt_max,
-                                        final_states, vectors, stream) == nullptr) {
+                                        final_states, vectors, ws, stream) == nullptr) {
       MLM_CHECK_LAUNCH();
       return {out, final_states};
     }
     if (vectors) vec_buf = attach_vec_buf(prm, nrows, (l + 63) / 64, x.options());
-    if (launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream) == nullptr) {
+    if ((ws && launch_ssd_fwd_ws(prm, static_cast<int>(n), stream) == nullptr) ||
+        launch_ssd_fwd_wgmma(prm, static_cast<int>(n), stream) == nullptr) {
       MLM_CHECK_LAUNCH();
       return {out, final_states};
     }

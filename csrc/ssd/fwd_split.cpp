@@ -3,7 +3,8 @@
 // Split each sequence into nseg segments of whole chunks and run three steps:
 //   1. every segment but the last, state only, from a zero state: E_s (fp32, per head)
 //   2. S_0 = initial state (or 0), S_{s+1} = exp(sum over segment s of dt A) S_s + E_s
-//   3. every segment, the full kernel from its S_s: outputs, and the final state of the last
+//   3. every segment, the full kernel (warp-specialized where it can run) from its S_s: outputs,
+//      and the final state of the last
 // (linear in the state: the segment's own contribution plus the decayed incoming state).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -46,7 +47,7 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
                                 const at::Tensor& A, const std::optional<at::Tensor>& dt_bias,
                                 const std::optional<at::Tensor>& init, bool dt_softplus,
                                 double dt_min, double dt_max, const at::Tensor& final_states,
-                                bool vectors, cudaStream_t stream) {
+                                bool vectors, bool ws, cudaStream_t stream) {
   const int64_t b = prm.nrows, h = prm.nheads, p = prm.headdim, n = dstate, l = prm.seqlen;
   const int64_t seg_len = ((l + 63) / 64 + nseg - 1) / nseg * 64;
   nseg = static_cast<int>((l + seg_len - 1) / seg_len);  // no empty trailing segment
@@ -99,7 +100,8 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
     fin = at::empty({b * nseg, h, p, n}, f32);
     s3.final_states = fin.data_ptr<float>();
   }
-  if (const char* why = launch_ssd_fwd_wgmma(s3, dstate, stream)) return why;
+  if (!(ws && launch_ssd_fwd_ws(s3, dstate, stream) == nullptr))
+    if (const char* why = launch_ssd_fwd_wgmma(s3, dstate, stream)) return why;
   if (prm.final_states) final_states.copy_(fin.view({b, nseg, h, p, n}).select(1, nseg - 1));
   return nullptr;
 }

@@ -11,13 +11,14 @@ namespace mlmamba {
 namespace ssd {
 
 // The wgmma forward with the sequence split into nseg segments; pick_segments chooses
-// nseg (1: no split). Needs no seq_idx, no cu_seqlens; nullptr when it ran.
+// nseg (1: no split). Needs no seq_idx, no cu_seqlens; nullptr when it ran. ws: step 3 on the
+// warp-specialized kernel where it can run.
 int pick_segments(int64_t rows, int64_t heads, int64_t seqlen, const cudaDeviceProp& prop);
 const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::Tensor& dt,
                                 const at::Tensor& A, const std::optional<at::Tensor>& dt_bias,
                                 const std::optional<at::Tensor>& init, bool dt_softplus,
                                 double dt_min, double dt_max, const at::Tensor& final_states,
-                                bool vectors, cudaStream_t stream);
+                                bool vectors, bool ws, cudaStream_t stream);
 
 }  // namespace ssd
 }  // namespace mlmamba

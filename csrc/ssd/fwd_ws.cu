@@ -1,5 +1,5 @@
-// SSD chunked scan forward, warp-specialized (sm_90a; opt-in MLMAMBA_SSD_FWD_IMPL=ws while it is
-// measured; docs/perf-log.md "ssd_scan forward", v9). One CTA of two warpgroups per (row, head),
+// SSD chunked scan forward, warp-specialized (sm_90a; the default where it can run, fwd_ops.cpp;
+// docs/perf-log.md "ssd_scan forward", v9). One CTA of two warpgroups per (row, head),
 // bf16, headdim 64, d_state 64 / 128, TMA tiles and the pre-pass's chunk vectors. The wgmma
 // kernel (fwd_wgmma.cu) runs one chain per chunk: M, Y -> mask -> S update, M X -> epilogue.
 // Here the chain is split:

@@ -1,7 +1,9 @@
 """Where the time of msc_scan goes on CUDA: torch.profiler over a few calls of one bench case,
 kernel table by GPU time, plus CPU vs GPU time per call.
     python3 scripts/dev/msc_prof.py [cross|bidirectional|random] [bwd]
+MSC_MERGE=mean|sum|none picks the merge (default: msc_scan's).
 """
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,9 @@ def main():
     bwd = "bwd" in sys.argv[2:]
     name, b, hh, ww, h, kind, *_ = next(c for c in CASES if c[5] == kind)
     a = make_inputs(b, hh, ww, h, 64, 128, kind, "cuda", torch.bfloat16, 0)
+    merge = os.environ.get("MSC_MERGE")
+    if merge:
+        a["merge"] = None if merge == "none" else merge
     if bwd:
         a["xBC"].requires_grad_(True)
         a["dt"].requires_grad_(True)
@@ -27,7 +32,7 @@ def main():
     def f():
         y = mk.msc_scan(**a)
         if bwd:
-            torch.autograd.grad(y, (a["xBC"], a["dt"]), dout)
+            torch.autograd.grad(y, (a["xBC"], a["dt"]), dout.expand_as(y))
 
     for _ in range(3):
         f()

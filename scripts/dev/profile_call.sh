@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # One device call (~6 min) of ncu data for the kernels that stop the open issues: the SSD
 # backward chunk kernel and states walk (issue 5), the SSD forward wgmma kernel (issue 4), the
-# conv1d channel-last forward (issue 3). Per kernel: the headline metrics and the SASS lines
+# conv1d channel-last forward (issue 3), the warp-specialized forward (ws) and the msc
+# forward's scan kernel (msc, issue 8). Per kernel: the headline metrics and the SASS lines
 # with the most stall samples (ncu_top.py); the reports stay in $OUT/ncu for `ncu --import`.
-#   scripts/dev/profile_call.sh [chunk,states,fwd,conv] > $OUT/profile.log 2>&1
+#   scripts/dev/profile_call.sh [chunk,states,fwd,conv,ws,msc] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
 PY="${PYTHON:-python3}"
 OUTD="${OUT:-/tmp}/ncu"
 mkdir -p "$OUTD"
-ONLY="${1:-chunk,states,fwd,conv}"
+ONLY="${1:-chunk,states,fwd,conv,ws,msc}"
 $PY setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
 SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats
   --section WarpStateStats --section InstructionStats --section SourceCounters"
@@ -32,6 +33,8 @@ for r in rows[1:]:
 }
 prof chunk chunk_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
-prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
+MLMAMBA_SSD_FWD_WS=0 prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
+prof ws ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
+prof msc ssd_fwd_wgmma 2 $PY scripts/dev/msc_prof.py cross
 export PROF_ONLY="fwd default"
 prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof

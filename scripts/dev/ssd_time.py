@@ -1,8 +1,9 @@
 """Cross-check of the bench's SSD forward figures: one input set, 20 back-to-back calls timed
 with events, then the same 20 calls replayed from a CUDA graph (no CPU in the loop), for the
-default, the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1), without the
-chunk-vector pre-pass (MLMAMBA_SSD_FWD_VEC=0), the mma.sync kernel (MLMAMBA_SSD_FWD_IMPL=mma)
-and the warp-specialized kernel (=ws, never split). SSD_TIME_SEGS=2,4 adds forced segment counts.
+default (the warp-specialized kernel), the one-warpgroup wgmma kernel (MLMAMBA_SSD_FWD_WS=0),
+the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1), without the chunk-vector
+pre-pass (MLMAMBA_SSD_FWD_VEC=0, which also rules out ws) and the mma.sync kernel
+(MLMAMBA_SSD_FWD_IMPL=mma). SSD_TIME_SEGS=2,4 adds forced segment counts.
     python3 scripts/dev/ssd_time.py [b l h]...   (default: the four bench cases)
 """
 import os
@@ -26,12 +27,13 @@ def timed(fn, reps=7, inner=20):
 
 def main():
     args = list(map(int, sys.argv[1:])) or [4, 2048, 80, 1, 16384, 80, 8, 2048, 24, 32, 576, 32]
-    names = ("MLMAMBA_SSD_FWD_IMPL", "MLMAMBA_SSD_FWD_SEGMENTS", "MLMAMBA_SSD_FWD_VEC")
+    names = ("MLMAMBA_SSD_FWD_IMPL", "MLMAMBA_SSD_FWD_SEGMENTS", "MLMAMBA_SSD_FWD_VEC",
+             "MLMAMBA_SSD_FWD_WS")
     segs = [s for s in os.environ.get("SSD_TIME_SEGS", "").split(",") if s]
-    variants = [("default", {}), ("no split", {"MLMAMBA_SSD_FWD_SEGMENTS": "1"}),
+    variants = [("default", {}), ("no ws", {"MLMAMBA_SSD_FWD_WS": "0"}),
+                ("no split", {"MLMAMBA_SSD_FWD_SEGMENTS": "1"}),
                 ("no pre-pass", {"MLMAMBA_SSD_FWD_VEC": "0"}),
-                ("mma.sync", {"MLMAMBA_SSD_FWD_IMPL": "mma"}),
-                ("ws, no split", {"MLMAMBA_SSD_FWD_IMPL": "ws"})]
+                ("mma.sync", {"MLMAMBA_SSD_FWD_IMPL": "mma"})]
     variants += [(f"seg {s}", {"MLMAMBA_SSD_FWD_SEGMENTS": s}) for s in segs]
     for b, l, h in zip(args[0::3], args[1::3], args[2::3]):
         k = fwd_inputs(b, l, h, 64, 128, "cuda", 0)
