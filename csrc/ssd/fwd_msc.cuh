@@ -59,25 +59,33 @@ __device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
   }
 }
 
+// All threads, once per scan: the head's conv weights (P x 4) and bias (P; zeros without)
+// into shared memory, so the per-chunk conv reads no global memory. w: (conv_dim, 4) of the
+// scan, bias: (conv_dim) or nullptr, xcol: the head's first channel.
+template <int P, int NT>
+__device__ __forceinline__ void msc_stage_weights(float* wsm, const float* w, const float* bias,
+                                                  int64_t xcol, int tid) {
+  for (int i = tid; i < P * kMscW; i += NT) wsm[i] = __ldg(w + xcol * kMscW + i);
+  for (int i = tid; i < P; i += NT) wsm[P * kMscW + i] = bias ? __ldg(bias + xcol + i) : 0.f;
+}
+
 // All threads: conv (fp32) + SiLU of the staged raw x rows into the swizzled X tile; rows at
 // or past nvalid are zero. Thread: 8 channels (one 16-byte column chunk) of a strip of rows,
-// the 3 previous raw rows in registers. w: (conv_dim, 4) of this scan.
+// the 3 previous raw rows in registers. wsm: the head's weights and bias (msc_stage_weights).
 template <int P, int NT>
 __device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char* raw,
-                                           const float* w, const float* bias, int64_t xcol,
-                                           int nvalid, int tid) {
+                                           const float* wsm, int nvalid, int tid) {
   using R = MscRaw<P>;
   constexpr int STRIPS = NT / R::CPR, RPS = kChunk / STRIPS;
   static_assert(kChunk % STRIPS == 0, "strips must tile the chunk");
   const int cg = tid % R::CPR, strip = tid / R::CPR, c8 = 8 * cg;
-  const int64_t gc = xcol + c8;
   float wt[8][4], bs[8];
-  const float4* wp = reinterpret_cast<const float4*>(w + gc * kMscW);
+  const float4* wp = reinterpret_cast<const float4*>(wsm + c8 * kMscW);
 #pragma unroll
   for (int c = 0; c < 8; ++c) {
-    const float4 v = __ldg(wp + c);
+    const float4 v = wp[c];
     wt[c][0] = v.x, wt[c][1] = v.y, wt[c][2] = v.z, wt[c][3] = v.w;
-    bs[c] = bias ? __ldg(bias + gc + c) : 0.f;
+    bs[c] = wsm[P * kMscW + c8 + c];
   }
   auto row8 = [&](int r, float (&v)[8]) {
     const uint4 u = *reinterpret_cast<const uint4*>(raw + (r * R::CPR + cg) * 16);
@@ -106,6 +114,20 @@ __device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char
         make_uint4(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]), pack_bf16(o[4], o[5]),
                    pack_bf16(o[6], o[7]));
   }
+}
+
+// All threads, early in a chunk of scan sc > 0 with a running sum: pull the chunk's rows of
+// acc (written by scan sc - 1) into L2, so the epilogue's read of them is an L2 hit. Thread:
+// one 128-byte line (half a row of P = 64 fp32).
+__device__ __forceinline__ void msc_prefetch_acc(const int* ord, int sc, int nscans, int nvalid,
+                                                 int64_t bidx, int h, int tid,
+                                                 const FwdParams& p) {
+  const MscParams& m = p.msc;
+  if (sc == 0 || m.merge == 0 || nscans == 1 || p.headdim != 64) return;
+  const int i = tid >> 1;
+  if (i >= kChunk || i >= nvalid || ord[i] < 0) return;
+  const float* a = m.acc + ((bidx * p.seqlen + ord[i]) * p.nheads + h) * p.headdim + 32 * (tid & 1);
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
 }
 
 // The epilogue of one output row of a scan: y[4 j8], y[4 j8 + 1] are head channels

@@ -46,7 +46,9 @@ struct WgLayout {
   static constexpr int BAR_OFF = D_OFF + P * 4;  // two mbarriers (TMA stages)
   static constexpr int RAW_OFF = BAR_OFF + 16;
   static constexpr int ORD_OFF = RAW_OFF + (MSC ? MscRaw<P>::BYTES : 0);
-  static constexpr int SMEM = ORD_OFF + (MSC ? 3 * kMscOrd * 4 : 0) + 1024;  // + alignment slack
+  static constexpr int CW_OFF = ORD_OFF + (MSC ? 3 * kMscOrd * 4 : 0);  // conv weights, bias
+  static constexpr int SMEM = CW_OFF + (MSC ? P * (kMscW + 1) * 4 : 0) + 1024;  // + alignment slack
+  static_assert(CW_OFF % 16 == 0, "conv weights are read as float4");
 };
 
 // 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout.
@@ -112,6 +114,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   // MSC: the raw x rows, the positions (buffer c % 3 for chunk c), this row of xBC
   unsigned char* rawsm = sm + Lt::RAW_OFF;
   int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
+  float* cwsm = reinterpret_cast<float*>(sm + Lt::CW_OFF);
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
   // TMA: stage b's tiles complete mbarrier b (initialised before any load is issued)
   const bool tma = !MSC && p.tma;
@@ -141,6 +144,11 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     const float Ah = p.A[hs];
     const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
     if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
+    if constexpr (MSC) {  // read after the __syncthreads before the first chunk's conv
+      const int64_t cd = p.msc.conv_dim;
+      msc_stage_weights<P, NT>(cwsm, p.msc.conv_w + sc * cd * kMscW,
+                               p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, tid);
+    }
     if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n]
       wg::load_init_state<N, NT>(sacc, p, row, h, reinterpret_cast<float*>(Xs(0)), tid, warp, g, t,
                                  [] { __syncthreads(); });
@@ -227,13 +235,13 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       else cp_async_wait<0>();
       if constexpr (MSC) {  // raw x rows of chunk c -> conv + SiLU -> X
         __syncthreads();
-        const int64_t cd = p.msc.conv_dim;
-        msc_conv_x<P, NT>(X, rawsm, p.msc.conv_w + sc * cd * kMscW,
-                          p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, nvalid, tid);
+        msc_conv_x<P, NT>(X, rawsm, cwsm, nvalid, tid);
       }
       fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
       __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
       if (c + 1 < nchunks) issue(c + 1);
+      if constexpr (MSC)
+        msc_prefetch_acc(ordsm + (c % 3) * kMscOrd + kMscLB, sc, nscans, nvalid, bidx, h, tid, p);
 
       if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
         if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);
