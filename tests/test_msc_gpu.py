@@ -103,6 +103,35 @@ def test_long_grid_many_chunks(rng):
     assert rel_err(fused(a, "mean"), reference(a, "mean")) < TOL
 
 
+def kernel_names(fn):
+    """Names of the CUDA kernels fn() runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events()]
+
+
+@need
+@pytest.mark.parametrize("kind,H,W,k,dt_dtype", [("cross", 24, 24, 4, torch.float32),
+                                                 ("random", 5, 3, 4, torch.bfloat16),
+                                                 ("bidirectional", 40, 33, 2, torch.float32)])
+@pytest.mark.parametrize("merge", ["mean", None])
+def test_vector_prepass(rng, monkeypatch, kind, H, W, k, dt_dtype, merge):
+    """The chunk vectors from the pre-pass (msc_vectors_kernel, the default) are the values
+    warp 0 computes in the walk (MLMAMBA_SSD_FWD_VEC=0): the same code through the same orders,
+    so the outputs are bitwise equal; odd grids, partial chunks, dt limits included."""
+    a = make(rng, 2, H, W, k=k, kind=kind, dt_dtype=dt_dtype)
+    lim = (0.01, 0.5)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_VEC", "0")
+    base = fused(a, merge, lim)
+    monkeypatch.delenv("MLMAMBA_SSD_FWD_VEC")
+    got = fused(a, merge, lim)
+    assert torch.equal(got, base)
+    assert rel_err(got, reference(a, merge, lim)) < TOL
+    names = kernel_names(lambda: fused(a, merge, lim))
+    assert any("msc_vectors_kernel" in nm for nm in names), names
+
+
 @need
 def test_deterministic(rng):
     a = make(rng, 4, 24, 24, kind="cross")

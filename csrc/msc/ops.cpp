@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdlib>
 #include <deque>
 #include <limits>
 #include <mutex>
@@ -193,6 +194,12 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   prm.msc.merge = none ? 0 : merge == "sum" ? 1 : 2;
   prm.msc.out_s = none ? out.stride(0) : 0;
   prm.msc.bc_s = b * L * nbc;
+  // each (scan, row, head, chunk)'s vectors from the pre-pass (csrc/ssd/fwd_wgmma.cu), as in
+  // ssd_scan; MLMAMBA_SSD_FWD_VEC=0 keeps warp 0 computing them in the walk (A/B)
+  const char* vec_env = std::getenv("MLMAMBA_SSD_FWD_VEC");
+  at::Tensor vec_buf;
+  if (!(vec_env && std::string(vec_env) == "0"))
+    vec_buf = ssd::attach_vec_buf(prm, k * b, (L + 63) / 64, xBC.options());
   const char* why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n), stream);
   MLM_CHECK(why == nullptr, op, ": the fused CUDA kernel cannot run: ", why);
   MLM_CHECK_LAUNCH();

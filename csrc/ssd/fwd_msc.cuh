@@ -24,17 +24,19 @@ struct MscRaw {
 };
 
 // Warp 0: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
-// outside the sequence), and the raw dt of its tokens through them.
+// outside the sequence), and (with_dt: when no pre-pass made the vectors) the raw dt of its
+// tokens through them.
 __device__ __forceinline__ void msc_fetch(RawDt& r, int* ord, const FwdParams& p,
                                           const int* order, int64_t bidx, int64_t len, int h,
-                                          int64_t c0, int lane) {
+                                          int64_t c0, int lane, bool with_dt = true) {
   const DType dt_t = static_cast<DType>(p.dt_dtype);
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int64_t tk = c0 + 2 * lane + k;
     int pos = tk < len ? order[tk] : -1;
     if (pos >= len) pos = -1;  // not a position (unchecked orders): read zeros, write nothing
-    r.dt[k] = pos >= 0 ? load_as_float(p.dt, bidx * p.dt_b + pos * p.dt_l + h * p.dt_h, dt_t) : 0.f;
+    if (with_dt)
+      r.dt[k] = pos >= 0 ? load_as_float(p.dt, bidx * p.dt_b + pos * p.dt_l + h * p.dt_h, dt_t) : 0.f;
     ord[kMscLB + 2 * lane + k] = pos;
   }
   if (lane < kMscLB) {

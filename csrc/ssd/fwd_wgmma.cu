@@ -10,8 +10,9 @@
 //            S (bf16) -> shared for the next chunk's batch 1 while Y += M X computes
 //   then     y = Y + D x, * silu(z), stored.
 // Tiles: 128-byte-swizzled panels (wgmma.cuh); X, B, C land by TMA (or cp.async) one chunk
-// ahead. Chunk vectors: from a pre-pass (fwd_vectors_kernel below), loaded with the tiles;
-// else (MSC, cu_seqlens, MLMAMBA_SSD_FWD_VEC=0) warp 0 computes the next chunk's during batch 1.
+// ahead. Chunk vectors: from a pre-pass (fwd_vectors_kernel, msc_vectors_kernel below), loaded
+// with the tiles; else (cu_seqlens, MLMAMBA_SSD_FWD_VEC=0) warp 0 computes the next chunk's
+// during batch 1. In MSC mode warp 0 always fetches the next chunk's positions then.
 // MSC mode (msc_scan, fwd_msc.cuh): k scans per CTA through their orders, x conv'd in the load.
 #include <cuda_runtime.h>
 
@@ -118,9 +119,9 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
   // TMA: stage b's tiles complete mbarrier b (initialised before any load is issued)
   const bool tma = !MSC && p.tma;
-  // chunk vectors from the pre-pass: this (row, head)'s run of chunks
-  const bool pre = !MSC && p.vecs != nullptr;
-  const unsigned char* vsrc =
+  // chunk vectors from the pre-pass: this (row, head)'s run of chunks (MSC: of scan 0)
+  const bool pre = p.vecs != nullptr;
+  const unsigned char* vsrc0 =
       pre ? p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes : nullptr;
   const uint32_t bar0 = smem_u32(sm + Lt::BAR_OFF);
   if (tma) {
@@ -141,6 +142,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     if (MSC && sc > 0) __syncthreads();  // scan sc - 1 is done with the buffers and the sums
     const int hs = MSC ? sc * static_cast<int>(p.nheads) + h : h;  // A, D, dt_bias: (k, h) in MSC
     const int* order = MSC ? p.msc.orders + sc * p.seqlen : nullptr;
+    const unsigned char* vsrc =  // MSC: the pre-pass's rows are (scan, row)
+        pre && MSC ? vsrc0 + sc * p.nrows * p.nheads * p.vec_nch * kVecBytes : vsrc0;
     const float Ah = p.A[hs];
     const float dtb = p.dt_bias ? p.dt_bias[hs] : 0.f;
     if (tid < P) Dsm[tid] = p.D ? p.D[hs * p.D_h + tid * p.D_p] : 0.f;
@@ -172,6 +175,10 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
         msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
         load_tile_at<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
         load_tile_at<N>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
+        if (pre && tid < kVecBytes / 16)
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                           smem_u32(vec0 + (c & 1) * kVecBytes) + 16 * tid),
+                       "l"(vsrc + static_cast<int64_t>(c) * kVecBytes + 16 * tid));
         cp_async_commit();
         return;
       }
@@ -204,19 +211,20 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     RawDt raw;
     auto fetch = [&](int64_t c0) {  // warp 0: raw dt (MSC: and positions) of the chunk at c0
       if constexpr (MSC)
-        msc_fetch(raw, ordsm + (c0 / Q % 3) * kMscOrd, p, order, bidx, len, h, c0, lane);
+        msc_fetch(raw, ordsm + (c0 / Q % 3) * kMscOrd, p, order, bidx, len, h, c0, lane, !pre);
       else
         raw.fetch(p, bidx, tstart, len, h, c0, lane);
     };
-    auto vectors = [&](int c) {  // warp 0: chunk c's vectors into buffer c & 1, then fetch c + 1
+    auto vectors = [&](int c) {  // warp 0: chunk c's vectors into buffer c & 1 (unless the
+      // pre-pass made them), then fetch c + 1
       const int64_t c0 = static_cast<int64_t>(c) * Q;
       const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
-      chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nv, lane);
+      if (!pre) chunk_vectors(ChunkVecs(vec0 + (c & 1) * kVecBytes), raw, p, Ah, dtb, c0, nv, lane);
       if (c + 1 < nchunks) fetch(c0 + Q);
     };
     if (nchunks > 0) {
       if (!MSC) issue(0);
-      if (warp == 0 && !pre) {
+      if (warp == 0 && (MSC || !pre)) {
         fetch(0);
         vectors(0);
       }
@@ -262,7 +270,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
 #pragma unroll
       for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
       wgmma_commit();  // group: Y; the M mask and X^T w below run while it computes
-      if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
+      if (warp == 0 && (MSC || !pre) && c + 1 < nchunks) vectors(c + 1);  // overlaps the tensor cores
       wgmma_wait<1>();
 
       uint32_t ma[4][4], xa[4][4];
@@ -323,19 +331,46 @@ __global__ void __launch_bounds__(128) fwd_vectors_kernel(const __grid_constant_
   for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
 }
 
+// The same for MSC mode: one warp per (chunk, scan, row, head), dt through the scan's order
+// (msc_fetch) and the scan's A, dt_bias, as the walk would; rows of the buffer are (scan, row).
+__global__ void __launch_bounds__(128) msc_vectors_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ __align__(16) unsigned char buf[4][kVecBytes];
+  __shared__ int ord[4][kMscOrd];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int hgroups = static_cast<int>((p.nheads + 3) / 4);
+  const int sc = blockIdx.z / hgroups, h = (blockIdx.z % hgroups) * 4 + warp;
+  const int row = blockIdx.y, c = blockIdx.x;
+  if (h >= p.nheads) return;
+  const int64_t len = p.seqlen, c0 = static_cast<int64_t>(c) * Q;
+  const int hs = sc * static_cast<int>(p.nheads) + h;
+  RawDt raw;
+  msc_fetch(raw, ord[warp], p, p.msc.orders + sc * p.seqlen, row, len, h, c0, lane);
+  const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+  chunk_vectors(ChunkVecs(buf[warp]), raw, p, p.A[hs], p.dt_bias ? p.dt_bias[hs] : 0.f, c0, nv, lane);
+  __syncwarp();
+  const uint4* src = reinterpret_cast<const uint4*>(buf[warp]);
+  uint4* dst = reinterpret_cast<uint4*>(
+      p.vec_buf +
+      (((static_cast<int64_t>(sc) * p.nrows + row) * p.nheads + h) * p.vec_nch + c) * kVecBytes);
+  for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
+}
+
 }  // namespace
 
 FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
   FwdParams q = p;
   q.vecs = nullptr;
-  if (!p.vec_buf || p.cu_seqlens || p.msc.nscans > 0 || p.nrows <= 0 || p.nheads <= 0) return q;
+  if (!p.vec_buf || p.cu_seqlens || p.nrows <= 0 || p.nheads <= 0) return q;
+  const int64_t scans = p.msc.nscans > 0 ? p.msc.nscans : 1;
   q.vec_nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
   if (q.vec_nch <= 0 || q.vec_nch >= (int64_t(1) << 31) || p.nrows > 65535 ||
-      p.nrows * p.nheads * q.vec_nch * kVecBytes > p.vec_cap)
+      (p.nheads + 3) / 4 * scans > 65535 ||
+      scans * p.nrows * p.nheads * q.vec_nch * kVecBytes > p.vec_cap)
     return q;
   const dim3 grid(static_cast<unsigned>(q.vec_nch), static_cast<unsigned>(p.nrows),
-                  static_cast<unsigned>((p.nheads + 3) / 4));
-  fwd_vectors_kernel<<<grid, 128, 0, stream>>>(q);
+                  static_cast<unsigned>((p.nheads + 3) / 4 * scans));
+  if (p.msc.nscans > 0) msc_vectors_kernel<<<grid, 128, 0, stream>>>(q);
+  else fwd_vectors_kernel<<<grid, 128, 0, stream>>>(q);
   q.vecs = q.vec_buf;
   return q;
 }
@@ -360,7 +395,7 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
     cudaGetLastError();
     return "cannot reserve its shared memory";
   }
-  const FwdParams q = MSC ? p : ssd_fwd_vectors(p, stream);  // the pre-pass, before this launch
+  const FwdParams q = ssd_fwd_vectors(p, stream);  // the pre-pass (if asked), before this launch
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kern<<<grid, NT, smem, stream>>>(q);
   return nullptr;
