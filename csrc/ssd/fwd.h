@@ -24,6 +24,7 @@ struct MscParams {
   int merge;                  // 0: per-scan outputs, out (nscans, b, l, h, p); 1 sum; 2 mean
   int64_t out_s;              // scan stride of out (merge 0)
   int64_t bc_s;               // scan stride of B and C
+  int prefetch;               // acc rows to L2: 0 no, 1 at their chunk's top, 2 a chunk ahead
 };
 
 struct FwdParams {

@@ -248,8 +248,13 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
       __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
       if (c + 1 < nchunks) issue(c + 1);
-      if constexpr (MSC)
-        msc_prefetch_acc(ordsm + (c % 3) * kMscOrd + kMscLB, sc, nscans, nvalid, bidx, h, tid, p);
+      if constexpr (MSC) {  // rows of the running sum to L2: the next chunk's (or this one's)
+        const int ahead = p.msc.prefetch == 2 ? 1 : 0;
+        const int64_t n0 = c0 + ahead * Q;
+        if (p.msc.prefetch > 0 && n0 < len)
+          msc_prefetch_acc(ordsm + ((c + ahead) % 3) * kMscOrd + kMscLB, sc, nscans,
+                           static_cast<int>(len - n0 < Q ? len - n0 : Q), bidx, h, tid, p);
+      }
 
       if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
         if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);
