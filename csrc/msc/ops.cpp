@@ -194,8 +194,10 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   prm.msc.merge = none ? 0 : merge == "sum" ? 1 : 2;
   prm.msc.out_s = none ? out.stride(0) : 0;
   prm.msc.bc_s = b * L * nbc;
-  const char* pf_env = std::getenv("MLMAMBA_MSC_PREFETCH");  // developer A/B: 0, 1 or 2
-  prm.msc.prefetch = pf_env ? std::atoi(pf_env) : 2;
+  // acc rows to L2 at their chunk's top: H200 call 4 (docs/perf-log.md), 1281-1292 µs against
+  // 1329-1334 a chunk ahead and 1337-1351 without. Developer A/B: MLMAMBA_MSC_PREFETCH=0/1/2.
+  const char* pf_env = std::getenv("MLMAMBA_MSC_PREFETCH");
+  prm.msc.prefetch = pf_env ? std::atoi(pf_env) : 1;
   // each (scan, row, head, chunk)'s vectors from the pre-pass (csrc/ssd/fwd_wgmma.cu), as in
   // ssd_scan; MLMAMBA_SSD_FWD_VEC=0 keeps warp 0 computing them in the walk (A/B)
   const char* vec_env = std::getenv("MLMAMBA_SSD_FWD_VEC");

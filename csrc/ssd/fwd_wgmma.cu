@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       fence_async_smem();  // this thread's cp.async and S stores -> the async proxy
       __syncthreads();     // tiles, vectors and S_prev of chunk c visible to all
       if (c + 1 < nchunks) issue(c + 1);
-      if constexpr (MSC) {  // rows of the running sum to L2: the next chunk's (or this one's)
+      if constexpr (MSC) {  // rows of the running sum to L2: this chunk's (or the next one's)
         const int ahead = p.msc.prefetch == 2 ? 1 : 0;
         const int64_t n0 = c0 + ahead * Q;
         if (p.msc.prefetch > 0 && n0 < len)
