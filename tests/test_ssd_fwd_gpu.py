@@ -218,22 +218,27 @@ def test_wgmma_kernel(rng, monkeypatch, n, l):
 
 @need_fwd
 @sm90
-@pytest.mark.parametrize("ws", ["", "0"])
+@pytest.mark.parametrize("ws,subseg,vec", [("", "", ""), ("0", "", ""), ("", "1", ""),
+                                            ("", "3", ""), ("", "3", "0"), ("0", "2", "0")])
 @pytest.mark.parametrize("segments", ["2", "3", "7"])
 @pytest.mark.parametrize("l,n", [(300, 64), (1000, 128), (4097, 128)])
-def test_sequence_split(rng, monkeypatch, segments, l, n, ws):
-    """The wgmma forward with the sequence split in segments (fwd_split.cpp): segment states
-    from zero, combined with the decays, then every segment from its incoming state (on the
+def test_sequence_split(rng, monkeypatch, segments, l, n, ws, subseg, vec):
+    """The wgmma forward with the sequence split in segments (fwd_split.cpp): (sub-)segment
+    states from zero, combined with the decays (one kernel from the pre-pass's chunk decays, or
+    torch ops without the pre-pass), then every segment from its incoming state (on the
     warp-specialized kernel by default, on the wgmma one with MLMAMBA_SSD_FWD_WS=0)."""
     monkeypatch.setenv("MLMAMBA_SSD_FWD_SEGMENTS", segments)
     monkeypatch.setenv("MLMAMBA_SSD_FWD_WS", ws)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_SUBSEG", subseg)
+    monkeypatch.setenv("MLMAMBA_SSD_FWD_VEC", vec)
     kw = make(rng, 2, l, 3, 64, n, D="hp", init=True)
     check(kw, dt_limit=(0.002, 0.5))
-    names = fwd_kernel_names(kw, dt_limit=(0.002, 0.5))
+    names = kernel_names(kw, dt_limit=(0.002, 0.5))
     # template <N, SO (state only), MSC>: the state-only pass and the full pass both ran
     assert any("true, false>" in nm for nm in names), names
-    full = "false, false>" if ws == "0" else "ssd_fwd_ws_kernel"
+    full = "false, false>" if ws == "0" or vec == "0" else "ssd_fwd_ws_kernel"
     assert any(full in nm for nm in names), names
+    assert any("split_states_kernel" in nm for nm in names) == (vec != "0"), names
     check(make(rng, 1, l, 2, 64, n, softplus=False, dt_bias=False, z=False))  # no init, no bias
 
 

@@ -20,5 +20,11 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
                                 double dt_min, double dt_max, const at::Tensor& final_states,
                                 bool vectors, bool ws, cudaStream_t stream);
 
+// Step 2 in one launch (fwd_split_states.cu): S (b, nsub / m + 1, h, pn) fp32 with S[:, 0]
+// set gets S[:, j] for j >= 1 from E (b * nsub, h, pn) and the decays in step 1's pre-pass
+// buffer (rows b * nsub, vec_nch chunks each).
+void split_combine_states(const float* E, const unsigned char* vecs, int64_t vec_nch, float* S,
+                          int64_t b, int64_t h, int64_t pn, int nsub, int m, cudaStream_t stream);
+
 }  // namespace ssd
 }  // namespace mlmamba

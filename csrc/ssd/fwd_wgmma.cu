@@ -362,16 +362,21 @@ __global__ void __launch_bounds__(128) msc_vectors_kernel(const __grid_constant_
 
 }  // namespace
 
+bool ssd_fwd_vectors_apply(const FwdParams& p) {
+  if (!p.vec_buf || p.cu_seqlens || p.nrows <= 0 || p.nheads <= 0) return false;
+  const int64_t scans = p.msc.nscans > 0 ? p.msc.nscans : 1;
+  const int64_t nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
+  return nch > 0 && nch < (int64_t(1) << 31) && p.nrows <= 65535 &&
+         (p.nheads + 3) / 4 * scans <= 65535 &&
+         scans * p.nrows * p.nheads * nch * kVecBytes <= p.vec_cap;
+}
+
 FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
   FwdParams q = p;
   q.vecs = nullptr;
-  if (!p.vec_buf || p.cu_seqlens || p.nrows <= 0 || p.nheads <= 0) return q;
+  if (!ssd_fwd_vectors_apply(p)) return q;
   const int64_t scans = p.msc.nscans > 0 ? p.msc.nscans : 1;
   q.vec_nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
-  if (q.vec_nch <= 0 || q.vec_nch >= (int64_t(1) << 31) || p.nrows > 65535 ||
-      (p.nheads + 3) / 4 * scans > 65535 ||
-      scans * p.nrows * p.nheads * q.vec_nch * kVecBytes > p.vec_cap)
-    return q;
   const dim3 grid(static_cast<unsigned>(q.vec_nch), static_cast<unsigned>(p.nrows),
                   static_cast<unsigned>((p.nheads + 3) / 4 * scans));
   if (p.msc.nscans > 0) msc_vectors_kernel<<<grid, 128, 0, stream>>>(q);

@@ -3,7 +3,8 @@ with events, then the same 20 calls replayed from a CUDA graph (no CPU in the lo
 default (the warp-specialized kernel), the one-warpgroup wgmma kernel (MLMAMBA_SSD_FWD_WS=0),
 the default without the sequence split (MLMAMBA_SSD_FWD_SEGMENTS=1), without the chunk-vector
 pre-pass (MLMAMBA_SSD_FWD_VEC=0, which also rules out ws) and the mma.sync kernel
-(MLMAMBA_SSD_FWD_IMPL=mma). SSD_TIME_SEGS=2,4 adds forced segment counts.
+(MLMAMBA_SSD_FWD_IMPL=mma). SSD_TIME_SEGS=2,4 adds forced segment counts, SSD_TIME_SUBSEG=1,3
+forced sub-segment counts of the split's state pass.
     python3 scripts/dev/ssd_time.py [b l h]...   (default: the four bench cases)
 """
 import os
@@ -28,13 +29,15 @@ def timed(fn, reps=7, inner=20):
 def main():
     args = list(map(int, sys.argv[1:])) or [4, 2048, 80, 1, 16384, 80, 8, 2048, 24, 32, 576, 32]
     names = ("MLMAMBA_SSD_FWD_IMPL", "MLMAMBA_SSD_FWD_SEGMENTS", "MLMAMBA_SSD_FWD_VEC",
-             "MLMAMBA_SSD_FWD_WS")
+             "MLMAMBA_SSD_FWD_WS", "MLMAMBA_SSD_FWD_SUBSEG")
     segs = [s for s in os.environ.get("SSD_TIME_SEGS", "").split(",") if s]
     variants = [("default", {}), ("no ws", {"MLMAMBA_SSD_FWD_WS": "0"}),
                 ("no split", {"MLMAMBA_SSD_FWD_SEGMENTS": "1"}),
                 ("no pre-pass", {"MLMAMBA_SSD_FWD_VEC": "0"}),
                 ("mma.sync", {"MLMAMBA_SSD_FWD_IMPL": "mma"})]
     variants += [(f"seg {s}", {"MLMAMBA_SSD_FWD_SEGMENTS": s}) for s in segs]
+    subs = [s for s in os.environ.get("SSD_TIME_SUBSEG", "").split(",") if s]
+    variants += [(f"subseg {s}", {"MLMAMBA_SSD_FWD_SUBSEG": s}) for s in subs]
     for b, l, h in zip(args[0::3], args[1::3], args[2::3]):
         k = fwd_inputs(b, l, h, 64, 128, "cuda", 0)
         row = []
