@@ -173,8 +173,9 @@ def three_segments(l):
     return si
 
 
-def assert_bitwise_as(monkeypatch, base_env, env, kernel, kw, **extra):
-    """Outputs and final states with the variables env set are bitwise those with base_env,
+def assert_bitwise_as(monkeypatch, base_env, env, kernel, kw, exact=True, **extra):
+    """Outputs and final states with the variables env set are bitwise those with base_env
+    (exact=False: within a bf16 rounding of the outputs and 1e-4 of the fp32 final states),
     and the call runs a kernel whose name holds `kernel`."""
     for k, v in base_env.items():
         monkeypatch.setenv(k, v)
@@ -183,7 +184,13 @@ def assert_bitwise_as(monkeypatch, base_env, env, kernel, kw, **extra):
         monkeypatch.setenv(k, v)
     out, fin = run_ours(kw, **extra)
     assert any(kernel in nm for nm in kernel_names(kw, **extra))
-    assert torch.equal(out, base) and torch.equal(fin, base_fin)
+    if exact:
+        assert torch.equal(out, base) and torch.equal(fin, base_fin)
+        return
+    scale = base.float().abs().max().item()
+    assert (out.float() - base.float()).abs().max().item() <= 8e-3 * scale
+    fscale = base_fin.abs().max().item()
+    assert torch.allclose(fin, base_fin, rtol=1e-4, atol=1e-5 * fscale)
 
 
 sm90 = pytest.mark.skipif(not torch.cuda.is_available() or
@@ -273,7 +280,9 @@ def test_tma_loads(rng, monkeypatch, n, l, fused, init, segments):
 def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softplus):
     """The wgmma walk's chunk vectors from the parallel pre-pass (the default) are the values
     warp 0 computes in the walk (MLMAMBA_SSD_FWD_VEC=0): the same code on the same rows and
-    segments, so bitwise equal outputs and final states; TMA and cp.async, with the split."""
+    segments, so bitwise equal outputs and final states; TMA and cp.async. With the split,
+    step 2 differs (the segment decays from the chunk decays' product in one kernel, or from
+    torch ops), so there the two agree within rounding."""
     monkeypatch.setenv("MLMAMBA_SSD_FWD_TMA", tma)
     monkeypatch.setenv("MLMAMBA_SSD_FWD_WS", "0")  # the wgmma kernel on both sides
     if segments:
@@ -283,7 +292,7 @@ def test_vector_prepass(rng, monkeypatch, n, l, tma, segments, seq, limit, softp
     if seq:
         extra["seq_idx"] = three_segments(l)
     assert_bitwise_as(monkeypatch, {"MLMAMBA_SSD_FWD_VEC": "0"}, {"MLMAMBA_SSD_FWD_VEC": ""},
-                      "fwd_vectors_kernel", kw, **extra)
+                      "fwd_vectors_kernel", kw, exact=not segments, **extra)
     check(kw, **extra)
 
 
