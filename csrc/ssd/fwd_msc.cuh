@@ -118,9 +118,10 @@ __device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char
   }
 }
 
-// All threads, a chunk ahead, in scan sc > 0 with a running sum: pull a chunk's rows of acc
-// (written by scan sc - 1) into L2, so the epilogue's read of them is an L2 hit. ord: the
-// chunk's positions. Thread: one 128-byte line (half a row of P = 64 fp32).
+// All threads, at a chunk's top (or a chunk ahead, MscParams::prefetch), in scan sc > 0 with
+// a running sum: pull the chunk's rows of acc (written by scan sc - 1) into L2, so the
+// epilogue's read of them is an L2 hit. ord: the chunk's positions. Thread: one 128-byte line
+// (half a row of P = 64 fp32).
 __device__ __forceinline__ void msc_prefetch_acc(const int* ord, int sc, int nscans, int nvalid,
                                                  int64_t bidx, int h, int tid,
                                                  const FwdParams& p) {
