@@ -3,16 +3,18 @@
 // bf16, headdim 64, d_state 64 / 128, TMA tiles and the pre-pass's chunk vectors. The wgmma
 // kernel (fwd_wgmma.cu) runs one chain per chunk: M, Y -> mask -> S update, M X -> epilogue.
 // Here the chain is split:
-//   WG0 (state):  S_c = decay S_{c-1} + (w o X_c)^T B_c in registers, then S_c (bf16) -> Sbuf
-//   WG1 (output): M = C_c B_c^T, Y = C_c S_{c-1}^T (from Sbuf) -> mask -> Y += M X_c ->
-//                 epilogue; its thread 0 issues the TMA loads two chunks ahead
+//   WG0 (state, mask): M = C_c B_c^T -> decay / dt / causal mask -> Mbuf (bf16); S_c = decay
+//                 S_{c-1} + (w o X_c)^T B_c in registers, then S_c (bf16) -> Sbuf
+//   WG1 (output): Y = C_c S_{c-1}^T (from Sbuf), Y += M X_c (M from Mbuf) -> epilogue; its
+//                 thread 0 issues the TMA loads two chunks ahead
 // so a chunk costs the longer chain, not the sum, and two CTAs (four warpgroups) share an SM
-// (setmaxnreg: WG0 112 registers, WG1 144; 0 spills). Operation for operation the wgmma kernel's
-// arithmetic: bitwise equal outputs and final states.
+// (setmaxnreg: WG0 kRegsState registers, WG1 kRegsOutput). Operation for operation the wgmma
+// kernel's arithmetic: bitwise equal outputs and final states.
 // mbarriers (completion k waited with parity k & 1; none can run two completions ahead of its
 // waiter, see the loops): full[s] (stage s landed: TMA bytes), empty[s] (stage s read by all
 // 256 threads), sready (Sbuf holds the state WG1 reads next: 128 WG0 arrivals), sfree (WG1's
-// batch 1 has read Sbuf: 128 WG1 arrivals).
+// batch 1 has read Sbuf: 128 WG1 arrivals), mready (Mbuf holds chunk c's masked M: 128 WG0
+// arrivals), mfree (WG1's Y += M X has read Mbuf: 128 WG1 arrivals).
 #include <cuda_runtime.h>
 
 #include "common/device_utils.cuh"
@@ -31,7 +33,7 @@ using bf16 = __nv_bfloat16;
 using wg::P;
 using wg::Q;
 constexpr int NT = 256;
-constexpr int kRegsState = 112, kRegsOutput = 144;  // per thread, sum 2 x 128
+constexpr int kRegsState = 152, kRegsOutput = 104;  // per thread, sum 2 x 128
 static_assert(kRegsState + kRegsOutput == 256, "two warpgroups share 2 x 128 registers");
 
 template <int N>
@@ -40,10 +42,12 @@ struct WsLayout {
   static constexpr int X_B = Q * P * 2, BC_B = Q * N * 2;
   static constexpr int STAGE_B = X_B + 2 * BC_B;
   static constexpr int S_OFF = 2 * STAGE_B;      // Sbuf: the state, bf16 [p][n] panels
-  static constexpr int VEC_OFF = S_OFF + P * N * 2;
+  static constexpr int M_OFF = S_OFF + P * N * 2;  // Mbuf: masked M, bf16 [i][j], one panel
+  static constexpr int VEC_OFF = M_OFF + Q * Q * 2;
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
-  static constexpr int BAR_OFF = D_OFF + P * 4;  // full[2], empty[2], sready, sfree
-  static constexpr int SMEM = BAR_OFF + 6 * 8 + 1024;  // + alignment slack
+  static constexpr int BAR_OFF = D_OFF + P * 4;  // full[2], empty[2], sready, sfree, mready, mfree
+  static constexpr int SMEM = BAR_OFF + 8 * 8 + 1024;  // + alignment slack
+  static_assert(M_OFF % 1024 == 0, "Mbuf is a 128-byte-swizzled panel");
   static_assert(P * N * 4 <= STAGE_B, "initial states are staged through stage 0");
 };
 
@@ -67,10 +71,11 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
   auto Bs = [&](int s) { return sm + s * Lt::STAGE_B + Lt::X_B; };
   auto Cs = [&](int s) { return sm + s * Lt::STAGE_B + Lt::X_B + Lt::BC_B; };
   unsigned char* Ss = sm + Lt::S_OFF;
+  unsigned char* Ms = sm + Lt::M_OFF;
   unsigned char* vec0 = sm + Lt::VEC_OFF;
   float* Dsm = reinterpret_cast<float*>(sm + Lt::D_OFF);
   const uint32_t full0 = smem_u32(sm + Lt::BAR_OFF), empty0 = full0 + 16;
-  const uint32_t sready = full0 + 32, sfree = full0 + 40;
+  const uint32_t sready = full0 + 32, sfree = full0 + 40, mready = full0 + 48, mfree = full0 + 56;
 
   const int tid = threadIdx.x, lane = tid & 31, wq = (tid >> 5) & 3;  // warp in its warpgroup
   const int g = lane >> 2, t = lane & 3;
@@ -87,11 +92,13 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     mbar_init(empty0 + 8, NT);
     mbar_init(sready, NT / 2);
     mbar_init(sfree, NT / 2);
+    mbar_init(mready, NT / 2);
+    mbar_init(mfree, NT / 2);
     mbar_init_fence();
   }
 
   if (tid < NT / 2) {
-    // ================= WG0: the state =================
+    // ================= WG0: the mask and the state =================
     // sacc[np][4 j + e]: p row 16 wq + g + 8 (e >> 1), n column 64 np + 8 j + 2 t + (e & 1)
     float sacc[NP][32];
     bar_sync_n(1, NT / 2);  // the barrier inits, before this warpgroup's arrivals
@@ -107,24 +114,40 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     // S (bf16) as the K-major operand of WG1's Y = C S^T
     const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
     auto store_state = [&]() { wg::store_state(sacc, st_base); };
+    // masked M as WG1's K-major A operand: the accumulator layout of one 64-column panel, as S
+    const uint32_t m_base = wg::state_store_base(Ms, wq, lane);
     store_state();      // S_{-1}: sready's completion 0
     fence_async_smem();  // the state and the staging stores -> the async proxy (wgmma, TMA)
     mbar_arrive(sready);
     bar_sync_n(0, NT);  // stage 0 free for the TMA loads
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
 
 #pragma unroll 1
     for (int c = 0; c < nchunks; ++c) {
       const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
-      const unsigned char *X = Xs(c & 1), *B = Bs(c & 1);
+      const unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
       wait_phase(full0 + 8 * (c & 1), (c >> 1) & 1);
       __syncwarp();
+      float macc[32];
+      wgmma_fence();
+#pragma unroll
+      for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, s), desc_k(B, s), s > 0);
+      wgmma_commit();  // group: M
       uint32_t xa[4][4];
       wg::scaled_xt(xa, X, cv, wq, lane);
       wg::state_update(sacc, xa, B, cv);
-      wgmma_commit();
+      wgmma_commit();  // group: S
+      wgmma_wait<1>();
+      uint32_t ma[4][4];
+      wg::mask_m(ma, macc, cv, wq, g, t);
+      if (c > 0) wait_phase(mfree, (c - 1) & 1);  // WG1's M X of chunk c - 1 is done
+      __syncwarp();
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) stsm_x4(m_base ^ (jp << 5), ma[jp][0], ma[jp][1], ma[jp][2], ma[jp][3]);
+      fence_async_smem();
+      mbar_arrive(mready);  // completion c: M_c
       wgmma_wait<0>();
-      mbar_arrive(empty0 + 8 * (c & 1));  // done with X, B and the vectors of stage c & 1
+      mbar_arrive(empty0 + 8 * (c & 1));  // done with X, B, C and the vectors of stage c & 1
       if (c + 1 == nchunks) break;         // nobody reads the last state from Sbuf
       wait_phase(sfree, c & 1);            // WG1 has read S_{c-1} (sfree completion c)
       __syncwarp();
@@ -138,7 +161,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
 
   // ================= WG1: the output, and the loads =================
   bar_sync_n(0, NT);
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsOutput));
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsOutput));
   const bool leader = tid == NT / 2;
   const unsigned char* vsrc = p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes;
   auto issue = [&](int c) {  // the leader: stage c & 1's tiles and vectors on its full barrier
@@ -171,29 +194,25 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     wait_phase(sready, c & 1);  // S_{c-1} in Sbuf (completion c)
     __syncwarp();
 
-    // ---- batch 1: M = C B^T, Y = C S_{c-1}^T ----
-    float macc[32], yacc[32];
+    // ---- batch 1: Y = C S_{c-1}^T ----
+    float yacc[32];
     wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, s), desc_k(B, s), s > 0);
-    wgmma_commit();
 #pragma unroll
     for (int s = 0; s < N / 16; ++s) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, s), desc_k(Ss, s), s > 0);
     wgmma_commit();
-    wgmma_wait<1>();
-
-    uint32_t ma[4][4];
-    wg::mask_m(ma, macc, cv, wq, g, t);
     wgmma_wait<0>();     // Y = C S_{c-1}^T done: Sbuf is free for S_c
     mbar_arrive(sfree);  // completion c
     wg::scale_y(yacc, cv, wq, g);
 
-    // ---- batch 2: Y += M X ----
+    // ---- batch 2: Y += M X (M masked by WG0, in Mbuf) ----
+    wait_phase(mready, c & 1);  // completion c
+    __syncwarp();
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_m64n64_rs<1>(yacc, ma[s], desc_mn(X, s), true);
+    for (int s = 0; s < 4; ++s) wgmma_m64n64_ss<0, 1>(yacc, desc_k(Ms, s), desc_mn(X, s), true);
     wgmma_commit();
     wgmma_wait<0>();
+    mbar_arrive(mfree);  // completion c
 
     // ---- epilogue: + D x, * silu(z), store (as fwd_wgmma.cu) ----
 #pragma unroll
