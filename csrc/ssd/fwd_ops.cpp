@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> ssd_scan_fwd_cuda(
   if (impl != "mma" && code == 2 && prop.major == 9 && p == 64 && (n == 64 || n == 128) &&
       prm.vec_loads) {
     // the warp-specialized kernel (fwd_ws.cu) where it can run: TMA tiles and the pre-pass
-    // (H200, docs/perf-log.md v9: b4 L2048 h80 234 -> 193 µs, the other cases equal); else the
+    // (H200, docs/perf-log.md v9 / v11: b4 L2048 h80 233 -> 163 µs, b32 L576 135 -> 119); else the
     // one-warpgroup wgmma kernel. MLMAMBA_SSD_FWD_WS=0 keeps the latter (A/B).
     const char* ws_env = std::getenv("MLMAMBA_SSD_FWD_WS");
     const bool ws = !(ws_env && std::string(ws_env) == "0");
