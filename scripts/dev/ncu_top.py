@@ -22,7 +22,14 @@ def main():
         except ValueError:
             return 0.0
     total = sum(num(r[col]) for r in body if len(r) > col)
-    print(f"total samples {total:.0f}; columns: {[head[i] for i in stall_cols][:12]}")
+    print(f"total samples {total:.0f}")
+    # the kernel's stall reasons over all lines (issued and not-issued samples together)
+    sums = {}
+    for i in stall_cols:
+        k = head[i].replace(" (Not Issued)", "")
+        sums[k] = sums.get(k, 0.0) + sum(num(r[i]) for r in body if len(r) > i)
+    top = sorted(sums.items(), key=lambda kv: -kv[1])[:10]
+    print("reasons: " + ", ".join(f"{k} {v / total * 100:.1f}%" for k, v in top if v))
     body.sort(key=lambda r: -num(r[col]) if len(r) > col else 0)
     for r in body[:n]:
         reasons = sorted(((num(r[i]), head[i]) for i in stall_cols), reverse=True)[:3]

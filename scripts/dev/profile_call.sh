@@ -3,13 +3,14 @@
 # backward chunk kernel and states walk (issue 5), the SSD forward wgmma kernel (issue 4), the
 # conv1d channel-last forward (issue 3), the warp-specialized forward (ws) and the msc
 # forward's scan kernel (msc, issue 8). Per kernel: the headline metrics and the SASS lines
-# with the most stall samples (ncu_top.py); the reports stay in $OUT/ncu for `ncu --import`.
+# with the most stall samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the
+# device returns at most 8 files), the reports stay in /tmp/ncu on that machine.
 #   scripts/dev/profile_call.sh [chunk,states,fwd,conv,ws,msc] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
 PY="${PYTHON:-python3}"
-OUTD="${OUT:-/tmp}/ncu"
+OUTD=/tmp/ncu
 mkdir -p "$OUTD"
 ONLY="${1:-chunk,states,fwd,conv,ws,msc}"
 $PY setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
@@ -38,3 +39,4 @@ prof ws ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
 prof msc ssd_fwd_wgmma 2 $PY scripts/dev/msc_prof.py cross
 export PROF_ONLY="fwd default"
 prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/ncu_src.tgz" --exclude='*.ncu-rep' -C /tmp ncu; fi
