@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     const ChunkVecs cv(vec0 + (c & 1) * kVecBytes);
-    unsigned char *X = Xs(c & 1), *B = Bs(c & 1), *C = Cs(c & 1);
+    unsigned char *X = Xs(c & 1), *C = Cs(c & 1);
     wait_phase(full0 + 8 * (c & 1), (c >> 1) & 1);
     wait_phase(sready, c & 1);  // S_{c-1} in Sbuf (completion c)
     __syncwarp();
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
       wg::finish_row(y, X, Dsm, p, bidx, tok, h, i, g, t);
       wg::store_row(out_head + tok * p.out_l + 2 * t, y);
     }
-    mbar_arrive(empty0 + 8 * (c & 1));  // done with C, B, X and the vectors of stage c & 1
+    mbar_arrive(empty0 + 8 * (c & 1));  // done with C, X and the vectors of stage c & 1
     if (leader && c + 2 < nchunks) {     // chunk c + 2 into stage c & 1 once both are done
       wait_phase(empty0 + 8 * (c & 1), (c >> 1) & 1);
       issue(c + 2);
