@@ -76,6 +76,15 @@ __device__ __forceinline__ void load_init_state(float (&sacc)[N / 64][32], const
       sacc[np][i] = st[(16 * w + g + 8 * ((i & 3) >> 1)) * N + 64 * np + 8 * (i >> 2) + 2 * t + (i & 1)];
 }
 
+// S = 0 (no initial state; the MSC mode's start of each scan)
+template <int NP>
+__device__ __forceinline__ void zero_state(float (&sacc)[NP][32]) {
+#pragma unroll
+  for (int np = 0; np < NP; ++np)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
+}
+
 // S (bf16) as a K-major operand at Ss, rows p, columns n: stmatrix x4 of n8 blocks 2 jp,
 // 2 jp + 1, rows 16 w.. (+8). Lane l addresses row 16 w + 8 (q & 1) + l % 8 of block
 // 2 jp + (q >> 1) (q = l / 8); its 16-byte chunk index (2 jp + (q >> 1)) ^ (l % 8) is the

@@ -158,10 +158,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       fence_async_smem();  // the generic stores above, then stage 0's loads (maybe TMA: async proxy)
       __syncthreads();     // stage 0 is overwritten by the first chunk's loads
     } else {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
+      wg::zero_state(sacc);
     }
     const uint32_t st_base = wg::state_store_base(Ss, warp, lane);
     auto store_state = [&]() { wg::store_state(sacc, st_base); };

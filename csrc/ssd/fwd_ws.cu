@@ -106,10 +106,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
       wg::load_init_state<N, NT / 2>(sacc, p, row, h, reinterpret_cast<float*>(Xs(0)), tid, wq, g,
                                      t, [] { bar_sync_n(1, NT / 2); });
     } else {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
+      wg::zero_state(sacc);
     }
     // S (bf16) as the K-major operand of WG1's Y = C S^T
     const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
