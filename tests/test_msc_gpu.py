@@ -133,6 +133,25 @@ def test_vector_prepass(rng, monkeypatch, kind, H, W, k, dt_dtype, merge):
 
 
 @need
+@pytest.mark.parametrize("kind,H,W,k,n", [("cross", 24, 24, 4, 128), ("bidirectional", 27, 27, 2, 64),
+                                          ("random", 5, 3, 4, 128), ("random", 1, 1, 1, 128),
+                                          ("random", 1, 7, 8, 64), ("cross", 40, 33, 4, 128)])
+@pytest.mark.parametrize("merge", ["mean", "sum", None])
+def test_ws_kernel(rng, monkeypatch, kind, H, W, k, n, merge):
+    """The warp-specialized MSC kernel (MLMAMBA_MSC_WS=1: mask and state in one warpgroup;
+    loads, conv and output in the other) does the one-warpgroup kernel's arithmetic operation
+    for operation: bitwise equal outputs; odd grids, one-token grids, partial chunks."""
+    a = make(rng, 2, H, W, n=n, k=k, kind=kind)
+    base = fused(a, merge)
+    monkeypatch.setenv("MLMAMBA_MSC_WS", "1")
+    got = fused(a, merge)
+    names = kernel_names(lambda: fused(a, merge))
+    assert any("ssd_fwd_ws_msc_kernel" in nm for nm in names), names
+    assert torch.equal(got, base)
+    assert rel_err(got, reference(a, merge)) < TOL
+
+
+@need
 def test_deterministic(rng):
     a = make(rng, 4, 24, 24, kind="cross")
     assert torch.equal(fused(a, "mean"), fused(a, "mean"))

@@ -61,6 +61,22 @@ __device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
   }
 }
 
+// NT threads: cp.async of a 64-row tile, COLS bf16 wide, rows at positions pos[r] (< 0:
+// zeros), into the 128-byte-swizzled panel layout (the MSC mode's B and C).
+template <int COLS, int NT>
+__device__ __forceinline__ void load_tile_at(uint32_t dst, const __nv_bfloat16* base, int64_t rs,
+                                             const int* pos, int tid) {
+  constexpr int CPR = COLS / 8, RSTEP = NT / CPR;
+  const int r0 = tid / CPR, c = (tid % CPR) * 8;
+  const uint32_t d = dst + sw128_offset<kChunk>(r0, c);
+#pragma unroll
+  for (int k = 0; k < kChunk / RSTEP; ++k) {
+    const int ps = pos[r0 + k * RSTEP];
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + k * RSTEP * 128),
+                 "l"(ps >= 0 ? base + ps * rs + c : base), "r"(ps >= 0 ? 16 : 0));
+  }
+}
+
 // All threads, once per scan: the head's conv weights (P x 4) and bias (P; zeros without)
 // into shared memory, so the per-chunk conv reads no global memory. w: (conv_dim, 4) of the
 // scan, bias: (conv_dim) or nullptr, xcol: the head's first channel.
@@ -115,6 +131,72 @@ __device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char
     *reinterpret_cast<uint4*>(X + sw128_offset<kChunk>(i, c8)) =
         make_uint4(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]), pack_bf16(o[4], o[5]),
                    pack_bf16(o[6], o[7]));
+  }
+}
+
+// ---- the warp-specialized MSC kernel (fwd_ws_msc.cu): the raw rows land in place ----
+// A chunk's raw x rows go straight into its stage's X region (token c0 + r at row r, 128 bytes,
+// not swizzled) and the 3 look-back rows into lb (3 x 128 bytes); the conv then rewrites the
+// X region as the swizzled tile. NT threads, cp.async, no commit (the caller completes an
+// mbarrier with cp.async.mbarrier.arrive).
+template <int P, int NT>
+__device__ __forceinline__ void msc_issue_raw_inplace(uint32_t xlin, uint32_t lb, const int* ord,
+                                                      const __nv_bfloat16* rows, int64_t rs,
+                                                      int64_t xcol, int tid) {
+  using R = MscRaw<P>;
+  static_assert(P == 64, "one 128-byte row per token");
+#pragma unroll 2
+  for (int e = tid; e < R::ROWS * R::CPR; e += NT) {
+    const int r = e / R::CPR, cg = e - r * R::CPR;
+    const int pos = ord[r];
+    const __nv_bfloat16* src = pos >= 0 ? rows + pos * rs + xcol + 8 * cg : rows;
+    const uint32_t dst = (r < kMscLB ? lb + r * 128 : xlin + (r - kMscLB) * 128) + cg * 16;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(pos >= 0 ? 16 : 0));
+  }
+}
+
+// 128 threads (one warpgroup, warp w rows 16 w.., lane = channel pair 2 lane, 2 lane + 1): the
+// conv + SiLU of the raw rows staged by msc_issue_raw_inplace, written back over them as the
+// swizzled X tile; rows at or past nvalid are zero. The same operations as msc_conv_x, so the
+// same bf16 values. sync(): a barrier of the 128 threads (every raw word read before any write).
+template <typename Sync>
+__device__ __forceinline__ void msc_conv_inplace(unsigned char* X, const unsigned char* lb,
+                                                 const float* wsm, int nvalid, int w, int lane,
+                                                 Sync sync) {
+  constexpr int P = 64, RW = 16;
+  uint32_t raw[RW + kMscLB];  // tokens 16 w - 3 .. 16 w + 15, channels 2 lane, 2 lane + 1
+#pragma unroll
+  for (int k = 0; k < RW + kMscLB; ++k) {
+    const int r = 16 * w + k - kMscLB;
+    const unsigned char* row = r < 0 ? lb + (r + kMscLB) * 128 : X + r * 128;
+    raw[k] = *reinterpret_cast<const uint32_t*>(row + 4 * lane);
+  }
+  float wt[2][4], bs[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const float4 v = *reinterpret_cast<const float4*>(wsm + (2 * lane + c) * kMscW);
+    wt[c][0] = v.x, wt[c][1] = v.y, wt[c][2] = v.z, wt[c][3] = v.w;
+    bs[c] = wsm[P * kMscW + 2 * lane + c];
+  }
+  sync();
+#pragma unroll
+  for (int k = 0; k < RW; ++k) {
+    const int i = 16 * w + k;
+    float o[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float x[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = unpack_bf16(raw[k + q]);
+        x[q] = c == 0 ? f.x : f.y;
+      }
+      const float a = fmaf(wt[c][0], x[0], fmaf(wt[c][1], x[1], fmaf(wt[c][2], x[2],
+                           fmaf(wt[c][3], x[3], bs[c]))));
+      o[c] = i < nvalid ? silu_fast(a) : 0.f;
+    }
+    *reinterpret_cast<uint32_t*>(X + sw128_offset<kChunk>(i, 2 * lane)) = pack_bf16(o[0], o[1]);
   }
 }
 

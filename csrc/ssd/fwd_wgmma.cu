@@ -71,21 +71,6 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_
   }
 }
 
-// The same, rows at positions pos[r] (< 0: zeros): the MSC mode's B and C.
-template <int COLS>
-__device__ __forceinline__ void load_tile_at(uint32_t dst, const bf16* base, int64_t rs,
-                                             const int* pos, int tid) {
-  constexpr int CPR = COLS / 8, RSTEP = NT / CPR;
-  const int r0 = tid / CPR, c = (tid % CPR) * 8;
-  const uint32_t d = dst + sw128_offset<Q>(r0, c);
-#pragma unroll
-  for (int k = 0; k < Q / RSTEP; ++k) {
-    const int ps = pos[r0 + k * RSTEP];
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + k * RSTEP * 128),
-                 "l"(ps >= 0 ? base + ps * rs + c : base), "r"(ps >= 0 ? 16 : 0));
-  }
-}
-
 // SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
 // MSC: the k scans of msc_scan (fwd_msc.cuh) one after another, y merged in the epilogue.
 template <int N, bool SO, bool MSC>
@@ -170,8 +155,8 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
         const int* ord = ordsm + (c % 3) * kMscOrd;
         const int64_t bc = sc * p.msc.bc_s;
         msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
-        load_tile_at<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
-        load_tile_at<N>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
+        load_tile_at<N, NT>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
+        load_tile_at<N, NT>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
         if (pre && tid < kVecBytes / 16)
           asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
                            smem_u32(vec0 + (c & 1) * kVecBytes) + 16 * tid),

@@ -24,6 +24,7 @@
 #include "ssd/fwd_wg_parts.cuh"
 #include "ssd/tma.cuh"
 #include "ssd/wgmma.cuh"
+#include "ssd/ws_sync.cuh"
 
 namespace mlmamba {
 namespace ssd {
@@ -50,16 +51,6 @@ struct WsLayout {
   static_assert(M_OFF % 1024 == 0, "Mbuf is a 128-byte-swizzled panel");
   static_assert(P * N * 4 <= STAGE_B, "initial states are staged through stage 0");
 };
-
-__device__ __forceinline__ void bar_sync_n(int id, int n) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-// a wait that cannot hang the device: trap after ~2^35 cycles (~17 s) without the phase
-__device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity) {
-  const long long t0 = clock64();
-  while (!mbar_test(bar, parity))
-    if (clock64() - t0 > (1ll << 35)) __trap();
-}
 
 template <int N>
 __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant__ FwdParams p) {

@@ -1,0 +1,297 @@
+// msc_scan forward on the warp-specialized kernel (sm_90a; opt-in MLMAMBA_MSC_WS=1 until it is
+// measured; docs/perf-log.md "msc_scan", the plan). The split of fwd_ws.cu (v11) for the k
+// scans of a patch grid, one CTA per (row, head), the scans one after another:
+//   WG0 (mask, state): M = C B^T -> mask -> Mbuf; S = decay S + (w o X)^T B -> Sbuf; S is
+//                 zeroed at each scan's start
+//   WG1 (loads, conv, output): the gathered loads two chunks ahead (cp.async, completed on
+//                 the stage's mbarrier), the conv of the raw x rows in place into the X tile,
+//                 Y = C S^T, Y += M X, the epilogue with the scans' merge (msc_store)
+// The chunk counter g runs over all scans (stages, parities and loads continue across a scan
+// boundary). Operation for operation the one-warpgroup MSC kernel's arithmetic (fwd_wgmma.cu):
+// bitwise equal outputs.
+// mbarriers (completion k waited with parity k & 1; none runs two completions ahead of its
+// waiter): full[s] (128 WG1 cp.async arrivals), empty[s] (256), sready / sfree, mready / mfree
+// (as fwd_ws.cu), xready (128 WG1 arrivals: chunk g's X tile written; arrived only after WG1
+// waited sready of g, which WG0 arrives after its wait of xready of g - 1).
+#include <cuda_runtime.h>
+
+#include "common/device_utils.cuh"
+#include "common/launch.h"
+#include "ssd/fwd.h"
+#include "ssd/fwd_msc.cuh"
+#include "ssd/fwd_vectors.cuh"
+#include "ssd/fwd_wg_parts.cuh"
+#include "ssd/tma.cuh"
+#include "ssd/wgmma.cuh"
+#include "ssd/ws_sync.cuh"
+
+namespace mlmamba {
+namespace ssd {
+namespace {
+
+using bf16 = __nv_bfloat16;
+using wg::P;
+using wg::Q;
+constexpr int NT = 256, NW = 128;  // threads, threads of a warpgroup
+constexpr int kRegsState = 152, kRegsOutput = 104;
+static_assert(kRegsState + kRegsOutput == 256, "two warpgroups share 2 x 128 registers");
+constexpr int kBarWg1 = 2;  // named barrier of WG1's 128 threads
+
+template <int N>
+struct WsMscLayout {
+  static constexpr int X_B = Q * P * 2, BC_B = Q * N * 2;
+  static constexpr int STAGE_B = X_B + 2 * BC_B;
+  static constexpr int S_OFF = 2 * STAGE_B;
+  static constexpr int M_OFF = S_OFF + P * N * 2;
+  static constexpr int VEC_OFF = M_OFF + Q * Q * 2;
+  static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
+  static constexpr int LB_OFF = D_OFF + P * 4;           // look-back raw rows, per stage
+  static constexpr int ORD_OFF = LB_OFF + 2 * kMscLB * 128;  // positions, 3 buffers
+  static constexpr int CW_OFF = ORD_OFF + 3 * kMscOrd * 4;   // conv weights, bias (this scan)
+  static constexpr int BAR_OFF = CW_OFF + P * (kMscW + 1) * 4;
+  static constexpr int SMEM = BAR_OFF + 9 * 8 + 1024;  // + alignment slack
+  static_assert(M_OFF % 1024 == 0 && CW_OFF % 16 == 0 && BAR_OFF % 8 == 0, "alignment");
+  static_assert(SMEM + 1024 <= 233472 / 2, "two CTAs per SM");
+};
+
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+template <int N>
+__global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_constant__ FwdParams p) {
+  using Lt = WsMscLayout<N>;
+  constexpr int NP = N / 64;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* sm = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  auto Xs = [&](int s) { return sm + s * Lt::STAGE_B; };
+  auto Bs = [&](int s) { return sm + s * Lt::STAGE_B + Lt::X_B; };
+  auto Cs = [&](int s) { return sm + s * Lt::STAGE_B + Lt::X_B + Lt::BC_B; };
+  auto LBs = [&](int s) { return sm + Lt::LB_OFF + s * kMscLB * 128; };
+  unsigned char* Ss = sm + Lt::S_OFF;
+  unsigned char* Ms = sm + Lt::M_OFF;
+  unsigned char* vec0 = sm + Lt::VEC_OFF;
+  float* Dsm = reinterpret_cast<float*>(sm + Lt::D_OFF);
+  int* ordsm = reinterpret_cast<int*>(sm + Lt::ORD_OFF);
+  float* cwsm = reinterpret_cast<float*>(sm + Lt::CW_OFF);
+  const uint32_t full0 = smem_u32(sm + Lt::BAR_OFF), empty0 = full0 + 16;
+  const uint32_t sready = full0 + 32, sfree = full0 + 40, mready = full0 + 48, mfree = full0 + 56;
+  const uint32_t xready = full0 + 64;
+
+  const int tid = threadIdx.x, lane = tid & 31, wq = (tid >> 5) & 3;
+  const int g = lane >> 2, t = lane & 3;
+  const int h = blockIdx.x, row = blockIdx.y, grp = h / p.heads_per_group;
+  const int64_t bidx = row, len = p.seqlen;
+  const int nchunks = static_cast<int>((len + Q - 1) / Q);
+  const int nscans = p.msc.nscans;
+  const int total = nscans * nchunks;  // chunks over all scans
+
+  if (tid == 0) {
+    mbar_init(full0, NW);
+    mbar_init(full0 + 8, NW);
+    mbar_init(empty0, NT);
+    mbar_init(empty0 + 8, NT);
+    mbar_init(sready, NW);
+    mbar_init(sfree, NW);
+    mbar_init(mready, NW);
+    mbar_init(mfree, NW);
+    mbar_init(xready, NW);
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid < NW) {
+    // ================= WG0: the mask and the state =================
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
+    float sacc[NP][32];
+    auto zero_state = [&]() {
+#pragma unroll
+      for (int np = 0; np < NP; ++np)
+#pragma unroll
+        for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
+    };
+    zero_state();
+    const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
+    const uint32_t m_base = wg::state_store_base(Ms, wq, lane);
+    wg::store_state(sacc, st_base);  // scan 0's S_{-1}: sready's completion 0
+    fence_async_smem();
+    mbar_arrive(sready);
+
+#pragma unroll 1
+    for (int gc = 0; gc < total; ++gc) {
+      const int s = gc & 1;
+      const ChunkVecs cv(vec0 + s * kVecBytes);
+      const unsigned char *X = Xs(s), *B = Bs(s), *C = Cs(s);
+      wait_phase(full0 + 8 * s, (gc >> 1) & 1);  // B, C, the vectors (cp.async by WG1)
+      fence_async_smem();                         // ... for the wgmma (async proxy) below
+      __syncwarp();
+      float macc[32];
+      wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < N / 16; ++k) wgmma_m64n64_ss<0, 0>(macc, desc_k(C, k), desc_k(B, k), k > 0);
+      wgmma_commit();
+      wgmma_wait<0>();
+      uint32_t ma[4][4];
+      wg::mask_m(ma, macc, cv, wq, g, t);
+      if (gc > 0) wait_phase(mfree, (gc - 1) & 1);  // WG1's M X of chunk gc - 1 is done
+      __syncwarp();
+#pragma unroll
+      for (int jp = 0; jp < 4; ++jp) stsm_x4(m_base ^ (jp << 5), ma[jp][0], ma[jp][1], ma[jp][2], ma[jp][3]);
+      fence_async_smem();
+      mbar_arrive(mready);            // completion gc: M of chunk gc
+      wait_phase(xready, gc & 1);     // the X tile (conv'd by WG1)
+      __syncwarp();
+      uint32_t xa[4][4];
+      wg::scaled_xt(xa, X, cv, wq, lane);
+      wg::state_update(sacc, xa, B, cv);
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbar_arrive(empty0 + 8 * s);  // done with X, B, C and the vectors of stage s
+      if (gc + 1 == total) break;   // nobody reads the last state
+      if ((gc + 1) % nchunks == 0) zero_state();  // the next scan starts from zero
+      wait_phase(sfree, gc & 1);    // WG1 has read the previous state (sfree completion gc)
+      __syncwarp();
+      wg::store_state(sacc, st_base);
+      fence_async_smem();
+      mbar_arrive(sready);  // completion gc + 1
+    }
+    return;
+  }
+
+  // ================= WG1: loads, conv, output =================
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsOutput));
+  const int wt = tid - NW;  // thread in WG1
+  const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
+  const int64_t xcol = h * p.x_h;
+  const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g;
+  const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
+  const int64_t vrow = static_cast<int64_t>(p.nrows) * p.nheads * p.vec_nch * kVecBytes;
+  const unsigned char* vbase =
+      p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes;
+  auto fetch = [&](int gn) {  // warp 0 of WG1: the positions of chunk gn into buffer gn % 3
+    const int sc = gn / nchunks, c = gn - sc * nchunks;
+    RawDt unused;
+    msc_fetch(unused, ordsm + (gn % 3) * kMscOrd, p, p.msc.orders + sc * p.seqlen, bidx, len, h,
+              static_cast<int64_t>(c) * Q, lane, false);
+  };
+  auto issue = [&](int gn) {  // all WG1 threads: chunk gn's loads into stage gn & 1
+    const int s = gn & 1, sc = gn / nchunks, c = gn - sc * nchunks;
+    const int* ord = ordsm + (gn % 3) * kMscOrd;
+    const int64_t bc = sc * p.msc.bc_s;
+    msc_issue_raw_inplace<P, NW>(smem_u32(Xs(s)), smem_u32(LBs(s)), ord, rows, p.x_l, xcol, wt);
+    load_tile_at<N, NW>(smem_u32(Bs(s)), Bg + bc, p.B_l, ord + kMscLB, wt);
+    load_tile_at<N, NW>(smem_u32(Cs(s)), Cg + bc, p.C_l, ord + kMscLB, wt);
+    if (wt < kVecBytes / 16)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                       smem_u32(vec0 + s * kVecBytes) + 16 * wt),
+                   "l"(vbase + sc * vrow + static_cast<int64_t>(c) * kVecBytes + 16 * wt));
+    cp_async_arrive(full0 + 8 * s);
+  };
+  if (wq == 0) {
+    if (total > 0) fetch(0);
+    if (total > 1) fetch(1);
+  }
+  bar_sync_n(kBarWg1, NW);
+  if (total > 0) issue(0);
+  if (total > 1) issue(1);
+
+#pragma unroll 1
+  for (int gc = 0; gc < total; ++gc) {
+    const int s = gc & 1, sc = gc / nchunks, c = gc - sc * nchunks;
+    const int64_t c0 = static_cast<int64_t>(c) * Q;
+    const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
+    const ChunkVecs cv(vec0 + s * kVecBytes);
+    unsigned char *X = Xs(s), *C = Cs(s);
+    if (c == 0) {  // this scan's conv weights and D, once the previous scan's readers are done
+      if (gc > 0) bar_sync_n(kBarWg1, NW);
+      const int hs = sc * static_cast<int>(p.nheads) + h;
+      const int64_t cd = p.msc.conv_dim;
+      msc_stage_weights<P, NW>(cwsm, p.msc.conv_w + sc * cd * kMscW,
+                               p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, xcol, wt);
+      if (wt < P) Dsm[wt] = p.D ? p.D[hs * p.D_h + wt * p.D_p] : 0.f;
+      bar_sync_n(kBarWg1, NW);  // staged; the previous scan's running-sum writes are ordered
+    }
+    wait_phase(full0 + 8 * s, (gc >> 1) & 1);
+    // raw x rows -> conv + SiLU -> the swizzled X tile, in place
+    msc_conv_inplace(X, LBs(s), cwsm, nvalid, wq, lane, [] { bar_sync_n(kBarWg1, NW); });
+    fence_async_smem();       // the X tile and the landed B / C -> the async proxy
+    bar_sync_n(kBarWg1, NW);  // the whole X tile written (WG1 reads it below)
+    wait_phase(sready, gc & 1);  // the state WG1 reads (completion gc)
+    mbar_arrive(xready);         // completion gc (after sready gc: never two ahead of WG0)
+    msc_prefetch_acc(ordsm + (gc % 3) * kMscOrd + kMscLB, sc, nscans, nvalid, bidx, h, wt, p);
+    if (wq == 0 && gc + 2 < total) fetch(gc + 2);
+
+    // ---- Y = C S^T ----
+    float yacc[32];
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < N / 16; ++k) wgmma_m64n64_ss<0, 0>(yacc, desc_k(C, k), desc_k(Ss, k), k > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    mbar_arrive(sfree);  // completion gc
+    wg::scale_y(yacc, cv, wq, g);
+
+    // ---- Y += M X ----
+    wait_phase(mready, gc & 1);
+    __syncwarp();
+    wgmma_fence();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) wgmma_m64n64_ss<0, 1>(yacc, desc_k(Ms, k), desc_mn(X, k), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    mbar_arrive(mfree);  // completion gc
+
+    // ---- epilogue: + D x, merge ----
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = 16 * wq + g + 8 * hf;
+      if (i >= nvalid) continue;
+      float* y = yacc + 2 * hf;
+      wg::finish_row(y, X, Dsm, p, bidx, c0 + i, h, i, g, t);
+      msc_store(y, ordsm[(gc % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
+    }
+    mbar_arrive(empty0 + 8 * s);  // done with C, X and the vectors of stage s
+    if (gc + 2 < total) {
+      wait_phase(empty0 + 8 * s, (gc >> 1) & 1);  // WG0 is done with stage s too
+      bar_sync_n(kBarWg1, NW);                    // chunk gc + 2's positions (warp 0) visible
+      issue(gc + 2);
+    }
+  }
+}
+
+template <int N>
+const char* launch_ws_msc(const FwdParams& p, cudaStream_t stream) {
+  auto kern = ssd_fwd_ws_msc_kernel<N>;
+  static const char* const image = [kern]() -> const char* {
+    cudaFuncAttributes attr;
+    const char* why = nullptr;
+    if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) why = "no sm_90a kernel image in this build";
+    else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
+    if (why) cudaGetLastError();
+    return why;
+  }();
+  if (image) return image;
+  constexpr int smem = WsMscLayout<N>::SMEM;
+  if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), smem) != cudaSuccess) {
+    cudaGetLastError();
+    return "cannot reserve its shared memory";
+  }
+  const FwdParams q = ssd_fwd_vectors(p, stream);
+  if (!q.vecs) return "it needs the chunk-vector pre-pass";
+  dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
+  kern<<<grid, NT, smem, stream>>>(q);
+  return nullptr;
+}
+
+}  // namespace
+
+const char* launch_msc_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream) {
+  if (p.headdim != P) return "headdim must be 64";
+  if (!p.vec_buf) return "it needs the chunk-vector pre-pass (not with MLMAMBA_SSD_FWD_VEC=0)";
+  if (dstate == 64) return launch_ws_msc<64>(p, stream);
+  if (dstate == 128) return launch_ws_msc<128>(p, stream);
+  return "dstate must be 64 or 128";
+}
+
+}  // namespace ssd
+}  // namespace mlmamba
