@@ -212,14 +212,22 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       bar_sync_n(kBarWg1, NW);  // staged; the previous scan's running-sum writes are ordered
     }
     wait_phase(full0 + 8 * s, (gc >> 1) & 1);
+    __syncwarp();  // converged before the barriers (bar.sync is .aligned)
     // raw x rows -> conv + SiLU -> the swizzled X tile, in place
     msc_conv_inplace(X, LBs(s), cwsm, nvalid, wq, lane, [] { bar_sync_n(kBarWg1, NW); });
     fence_async_smem();       // the X tile and the landed B / C -> the async proxy
     bar_sync_n(kBarWg1, NW);  // the whole X tile written (WG1 reads it below)
     wait_phase(sready, gc & 1);  // the state WG1 reads (completion gc)
     mbar_arrive(xready);         // completion gc (after sready gc: never two ahead of WG0)
-    msc_prefetch_acc(ordsm + (gc % 3) * kMscOrd + kMscLB, sc, nscans, nvalid, bidx, h, wt, p);
+    {  // rows of the running sum to L2: this chunk's (or the next one's in the scan)
+      const int ahead = p.msc.prefetch == 2 ? 1 : 0;
+      const int64_t n0 = c0 + ahead * Q;
+      if (p.msc.prefetch > 0 && n0 < len)
+        msc_prefetch_acc(ordsm + ((gc + ahead) % 3) * kMscOrd + kMscLB, sc, nscans,
+                         static_cast<int>(len - n0 < Q ? len - n0 : Q), bidx, h, wt, p);
+    }
     if (wq == 0 && gc + 2 < total) fetch(gc + 2);
+    __syncwarp();  // converged before the wgmma (.sync.aligned)
 
     // ---- Y = C S^T ----
     float yacc[32];
@@ -253,6 +261,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     mbar_arrive(empty0 + 8 * s);  // done with C, X and the vectors of stage s
     if (gc + 2 < total) {
       wait_phase(empty0 + 8 * s, (gc >> 1) & 1);  // WG0 is done with stage s too
+      __syncwarp();
       bar_sync_n(kBarWg1, NW);                    // chunk gc + 2's positions (warp 0) visible
       issue(gc + 2);
     }
