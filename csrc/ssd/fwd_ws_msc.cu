@@ -104,13 +104,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     // ================= WG0: the mask and the state =================
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
     float sacc[NP][32];
-    auto zero_state = [&]() {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-#pragma unroll
-        for (int i = 0; i < 32; ++i) sacc[np][i] = 0.f;
-    };
-    zero_state();
+    wg::zero_state(sacc);
     const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
     const uint32_t m_base = wg::state_store_base(Ms, wq, lane);
     wg::store_state(sacc, st_base);  // scan 0's S_{-1}: sready's completion 0
@@ -148,7 +142,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       wgmma_wait<0>();
       mbar_arrive(empty0 + 8 * s);  // done with X, B, C and the vectors of stage s
       if (gc + 1 == total) break;   // nobody reads the last state
-      if ((gc + 1) % nchunks == 0) zero_state();  // the next scan starts from zero
+      if ((gc + 1) % nchunks == 0) wg::zero_state(sacc);  // the next scan starts from zero
       wait_phase(sfree, gc & 1);    // WG1 has read the previous state (sfree completion gc)
       __syncwarp();
       wg::store_state(sacc, st_base);
