@@ -1,6 +1,8 @@
 """The fused msc_scan forward by merge mode and scan count (bench timing, one input set):
     python3 scripts/dev/msc_time.py [b H W h]   (default: issue 8's cross case, b32 24x24 h32)
+MSC_TIME_WS=0,1 times each case under those MLMAMBA_MSC_WS values, interleaved (A/B).
 """
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -25,10 +27,13 @@ def main():
             def f(s=s, merge=merge):
                 return op(s["xBC"], s["dt"], s["A"], s["D"], s["conv_weight"], s["conv_bias"],
                           s["dt_bias"], s["orders"], 64, 1, 0.0, float("inf"), merge)
-            f()
-            us = statistics.median(_time_once(f, dev, 20, lead=True) * 1e6 for _ in range(5))
-            print(f"b{b} {H}x{W} h{h} k{k} merge {merge}: {us:.1f} us ({us / k:.1f} per scan)",
-                  flush=True)
+            for ws in os.environ.get("MSC_TIME_WS", "").split(","):
+                if ws:
+                    os.environ["MLMAMBA_MSC_WS"] = ws
+                f()
+                us = statistics.median(_time_once(f, dev, 20, lead=True) * 1e6 for _ in range(5))
+                print(f"b{b} {H}x{W} h{h} k{k} merge {merge}{' ws ' + ws if ws else ''}: "
+                      f"{us:.1f} us ({us / k:.1f} per scan)", flush=True)
 
 
 if __name__ == "__main__":
