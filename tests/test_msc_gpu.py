@@ -138,10 +138,11 @@ def test_vector_prepass(rng, monkeypatch, kind, H, W, k, dt_dtype, merge):
                                           ("random", 1, 7, 8, 64), ("cross", 40, 33, 4, 128)])
 @pytest.mark.parametrize("merge", ["mean", "sum", None])
 def test_ws_kernel(rng, monkeypatch, kind, H, W, k, n, merge):
-    """The warp-specialized MSC kernel (MLMAMBA_MSC_WS=1: mask and state in one warpgroup;
+    """The warp-specialized MSC kernel (the default; mask and state in one warpgroup;
     loads, conv and output in the other) does the one-warpgroup kernel's arithmetic operation
     for operation: bitwise equal outputs; odd grids, one-token grids, partial chunks."""
     a = make(rng, 2, H, W, n=n, k=k, kind=kind)
+    monkeypatch.setenv("MLMAMBA_MSC_WS", "0")
     base = fused(a, merge)
     monkeypatch.setenv("MLMAMBA_MSC_WS", "1")
     got = fused(a, merge)

@@ -103,8 +103,8 @@ const char* launch_ssd_fwd_ws(const FwdParams& p, int dstate, cudaStream_t strea
 // msc_scan forward (fused conv, orders, merge): the wgmma kernel's MSC mode; x/B/C/dt/out
 // strides as for ssd_scan with rows = raster positions. nullptr when launched, else why not.
 const char* launch_msc_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream);
-// The same on the warp-specialized kernel (fwd_ws_msc.cu; opt-in MLMAMBA_MSC_WS=1 until it is
-// measured): needs the chunk-vector pre-pass buffer (p.vec_buf).
+// The same on the warp-specialized kernel (fwd_ws_msc.cu; the default, MLMAMBA_MSC_WS=0 for
+// the one above): needs the chunk-vector pre-pass buffer (p.vec_buf).
 const char* launch_msc_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream);
 
 // Dynamic shared memory of one CTA (bytes); mirrors FwdTraits::SMEM (fwd_kernel.cuh).

@@ -1,5 +1,5 @@
-// msc_scan forward on the warp-specialized kernel (sm_90a; opt-in MLMAMBA_MSC_WS=1 until it is
-// measured; docs/perf-log.md "msc_scan", the plan). The split of fwd_ws.cu (v11) for the k
+// msc_scan forward on the warp-specialized kernel (sm_90a; the default where it can run,
+// MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel; docs/perf-log.md "msc_scan"). The split of fwd_ws.cu (v11) for the k
 // scans of a patch grid, one CTA per (row, head), the scans one after another:
 //   WG0 (mask, state): M = C B^T -> mask -> Mbuf; S = decay S + (w o X)^T B -> Sbuf; S is
 //                 zeroed at each scan's start

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call (~6 min) of ncu data for the kernels that stop the open issues: the SSD
 # backward chunk kernel and states walk (issue 5), the SSD forward wgmma kernel (issue 4), the
-# conv1d channel-last forward (issue 3), the warp-specialized forward (ws) and the msc
-# forward's scan kernel (msc, issue 8). Per kernel: the headline metrics and the SASS lines
-# with the most stall samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the
+# conv1d channel-last forward (issue 3), the warp-specialized forward (ws: b4 L2048, ws576:
+# b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the one-warpgroup
+# one; issue 8). Per kernel: the headline metrics and the SASS lines with the most stall
+# samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the
 # device returns at most 8 files), the reports stay in /tmp/ncu on that machine.
-#   scripts/dev/profile_call.sh [chunk,states,fwd,conv,ws,msc] > $OUT/profile.log 2>&1
+#   scripts/dev/profile_call.sh [chunk,states,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
@@ -36,7 +37,9 @@ prof chunk chunk_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 MLMAMBA_SSD_FWD_WS=0 prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
 prof ws ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
-prof msc ssd_fwd_wgmma 2 $PY scripts/dev/msc_prof.py cross
+prof msc ssd_fwd_ws_msc 2 $PY scripts/dev/msc_prof.py cross
+MLMAMBA_MSC_WS=0 prof mscwg ssd_fwd_wgmma 2 $PY scripts/dev/msc_prof.py cross
+prof ws576 ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 32 576 32
 export PROF_ONLY="fwd default"
 prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/ncu_src.tgz" --exclude='*.ncu-rep' -C /tmp ncu; fi
