@@ -17,31 +17,48 @@ namespace ssd {
 constexpr int kMscW = 4, kMscLB = kMscW - 1;  // conv width, look-back rows
 constexpr int kMscOrd = kChunk + kMscLB + 1;  // positions of tokens c0 - 3 .. c0 + 63 (+ pad)
 
+// v, computed even where a select drops it: without this the compiler wraps each conv row's
+// SiLU in a branch on `i < nvalid`, and the rows' dependency chains run one after another.
+__device__ __forceinline__ float computed(float v) {
+  asm volatile("" : "+f"(v));
+  return v;
+}
+
 // The raw x rows of one chunk: row r is token c0 - 3 + r, the head's P channels.
 template <int P>
 struct MscRaw {
   static constexpr int CPR = P / 8, ROWS = kChunk + kMscLB, BYTES = ROWS * P * 2;
 };
 
-// Warp 0: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
-// outside the sequence), and (with_dt: when no pre-pass made the vectors) the raw dt of its
-// tokens through them.
-__device__ __forceinline__ void msc_fetch(RawDt& r, int* ord, const FwdParams& p,
-                                          const int* order, int64_t bidx, int64_t len, int h,
-                                          int64_t c0, int lane, bool with_dt = true) {
-  const DType dt_t = static_cast<DType>(p.dt_dtype);
+// One warp: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
+// outside the sequence).
+__device__ __forceinline__ void msc_fetch_positions(int* ord, const int* order, int64_t len,
+                                                    int64_t c0, int lane) {
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int64_t tk = c0 + 2 * lane + k;
     int pos = tk < len ? order[tk] : -1;
     if (pos >= len) pos = -1;  // not a position (unchecked orders): read zeros, write nothing
-    if (with_dt)
-      r.dt[k] = pos >= 0 ? load_as_float(p.dt, bidx * p.dt_b + pos * p.dt_l + h * p.dt_h, dt_t) : 0.f;
     ord[kMscLB + 2 * lane + k] = pos;
   }
   if (lane < kMscLB) {
     const int pos = c0 - kMscLB + lane >= 0 ? order[c0 - kMscLB + lane] : -1;
     ord[lane] = pos < len ? pos : -1;
+  }
+}
+
+// Warp 0: the positions (above) and, with_dt (when no pre-pass made the vectors), the raw dt
+// of the lane's two tokens through them.
+__device__ __forceinline__ void msc_fetch(RawDt& r, int* ord, const FwdParams& p,
+                                          const int* order, int64_t bidx, int64_t len, int h,
+                                          int64_t c0, int lane, bool with_dt = true) {
+  msc_fetch_positions(ord, order, len, c0, lane);
+  if (!with_dt) return;
+  const DType dt_t = static_cast<DType>(p.dt_dtype);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int pos = ord[kMscLB + 2 * lane + k];  // this lane's own write above
+    r.dt[k] = pos >= 0 ? load_as_float(p.dt, bidx * p.dt_b + pos * p.dt_l + h * p.dt_h, dt_t) : 0.f;
   }
 }
 
@@ -126,7 +143,8 @@ __device__ __forceinline__ void msc_conv_x(unsigned char* X, const unsigned char
     for (int c = 0; c < 8; ++c) {
       const float a = fmaf(wt[c][0], win[k][c], fmaf(wt[c][1], win[k + 1][c],
                            fmaf(wt[c][2], win[k + 2][c], fmaf(wt[c][3], win[k + 3][c], bs[c]))));
-      o[c] = i < nvalid ? silu_fast(a) : 0.f;
+      const float sa = computed(silu_fast(a));
+      o[c] = i < nvalid ? sa : 0.f;
     }
     *reinterpret_cast<uint4*>(X + sw128_offset<kChunk>(i, c8)) =
         make_uint4(pack_bf16(o[0], o[1]), pack_bf16(o[2], o[3]), pack_bf16(o[4], o[5]),
@@ -194,7 +212,8 @@ __device__ __forceinline__ void msc_conv_inplace(unsigned char* X, const unsigne
       }
       const float a = fmaf(wt[c][0], x[0], fmaf(wt[c][1], x[1], fmaf(wt[c][2], x[2],
                            fmaf(wt[c][3], x[3], bs[c]))));
-      o[c] = i < nvalid ? silu_fast(a) : 0.f;
+      const float sa = computed(silu_fast(a));
+      o[c] = i < nvalid ? sa : 0.f;
     }
     *reinterpret_cast<uint32_t*>(X + sw128_offset<kChunk>(i, 2 * lane)) = pack_bf16(o[0], o[1]);
   }
@@ -215,38 +234,66 @@ __device__ __forceinline__ void msc_prefetch_acc(const int* ord, int sc, int nsc
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
 }
 
-// The epilogue of one output row of a scan: y[4 j8], y[4 j8 + 1] are head channels
-// 8 j8 + 2 t (+1), landing at raster position pos. Merge 0: out[sc]; sum / mean: a running fp32
-// sum in acc that only this CTA touches, scans in order (deterministic); the last scan writes out.
-__device__ __forceinline__ void msc_store(const float* y, int pos, int sc, int nscans,
-                                          int64_t bidx, int h, int t, const FwdParams& p) {
-  if (pos < 0) return;
+// The epilogue of a thread's two output rows of a scan: yacc[4 j8 + 2 hf], yacc[4 j8 + 2 hf + 1]
+// are head channels 8 j8 + 2 t (+1) of row hf, landing at raster position pos[hf] (< 0: not
+// stored). Merge 0: out[sc]; sum / mean: a running fp32 sum in acc that only this CTA touches,
+// scans in order (deterministic); the last scan writes out. Both rows' sixteen loads of the
+// running sum are in flight together (one round trip).
+__device__ __forceinline__ void msc_store(const float* yacc, const int (&pos)[2], int sc,
+                                          int nscans, int64_t bidx, int h, int t,
+                                          const FwdParams& p) {
   const MscParams& m = p.msc;
-  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out) + bidx * p.out_b + pos * p.out_l +
-                       h * p.out_h + 2 * t;
+  auto out_at = [&](int ps) {
+    return static_cast<__nv_bfloat16*>(p.out) + bidx * p.out_b + ps * p.out_l + h * p.out_h +
+           2 * t;
+  };
   if (m.merge == 0 || nscans == 1) {
-    if (m.merge == 0) out += sc * m.out_s;
 #pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8)
-      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) = __floats2bfloat162_rn(y[4 * j8], y[4 * j8 + 1]);
+    for (int hf = 0; hf < 2; ++hf) {
+      if (pos[hf] < 0) continue;
+      __nv_bfloat16* out = out_at(pos[hf]) + (m.merge == 0 ? sc * m.out_s : 0);
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8)
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) =
+            __floats2bfloat162_rn(yacc[4 * j8 + 2 * hf], yacc[4 * j8 + 2 * hf + 1]);
+    }
     return;
   }
-  float* a = m.acc + ((bidx * p.seqlen + pos) * p.nheads + h) * p.headdim + 2 * t;
-  const float scale = m.merge == 2 ? 1.f / nscans : 1.f;
-  float2 v[8];
+  auto acc_at = [&](int ps) {
+    return m.acc + ((bidx * p.seqlen + ps) * p.nheads + h) * p.headdim + 2 * t;
+  };
+  float2 v[2][8];
 #pragma unroll
-  for (int j8 = 0; j8 < 8; ++j8) v[j8] = make_float2(y[4 * j8], y[4 * j8 + 1]);
-  if (sc > 0) {  // all eight loads in flight before the first add (one round trip)
-    float2 o[8];
+  for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) o[j8] = *reinterpret_cast<const float2*>(a + 8 * j8);
+    for (int j8 = 0; j8 < 8; ++j8) v[hf][j8] = make_float2(yacc[4 * j8 + 2 * hf], yacc[4 * j8 + 2 * hf + 1]);
+  if (sc > 0) {
+    float2 o[2][8];
 #pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) v[j8].x += o[j8].x, v[j8].y += o[j8].y;
+    for (int hf = 0; hf < 2; ++hf) {
+      const float* a = acc_at(pos[hf] < 0 ? 0 : pos[hf]);
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8)
+        o[hf][j8] = pos[hf] < 0 ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(a + 8 * j8);
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8) v[hf][j8].x += o[hf][j8].x, v[hf][j8].y += o[hf][j8].y;
   }
+  const float scale = m.merge == 2 ? 1.f / nscans : 1.f;
 #pragma unroll
-  for (int j8 = 0; j8 < 8; ++j8) {
-    if (sc + 1 < nscans) *reinterpret_cast<float2*>(a + 8 * j8) = v[j8];
-    else *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) = __floats2bfloat162_rn(v[j8].x * scale, v[j8].y * scale);
+  for (int hf = 0; hf < 2; ++hf) {
+    if (pos[hf] < 0) continue;
+    float* a = acc_at(pos[hf]);
+    __nv_bfloat16* out = out_at(pos[hf]);
+#pragma unroll
+    for (int j8 = 0; j8 < 8; ++j8) {
+      if (sc + 1 < nscans) *reinterpret_cast<float2*>(a + 8 * j8) = v[hf][j8];
+      else
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) =
+            __floats2bfloat162_rn(v[hf][j8].x * scale, v[hf][j8].y * scale);
+    }
   }
 }
 

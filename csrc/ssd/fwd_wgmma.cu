@@ -277,19 +277,18 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       wgmma_wait<0>();
 
       // ---- epilogue: + D x, * silu(z), store (lane: rows 16 w + g (+8), columns 8 j8 + 2 t) ----
+      int pos[2];  // MSC: the rows' raster positions (-1: not stored)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int i = 16 * warp + g + 8 * hf;
+        pos[hf] = MSC && i < nvalid ? ordsm[(c % 3) * kMscOrd + kMscLB + i] : -1;
         if (i >= nvalid) continue;
         const int64_t tok = tstart + c0 + i;
         float* y = yacc + 2 * hf;  // y[4 j8], y[4 j8 + 1]
         wg::finish_row(y, X, Dsm, p, bidx, tok, h, i, g, t);
-        if constexpr (MSC) {
-          msc_store(y, ordsm[(c % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
-          continue;
-        }
-        wg::store_row(out_head + tok * p.out_l + 2 * t, y);
+        if (!MSC) wg::store_row(out_head + tok * p.out_l + 2 * t, y);
       }
+      if constexpr (MSC) msc_store(yacc, pos, sc, nscans, bidx, h, t, p);
     }
   }  // scans
 

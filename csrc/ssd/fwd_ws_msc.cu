@@ -1,16 +1,18 @@
 // msc_scan forward on the warp-specialized kernel (sm_90a; the default where it can run,
-// MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel; docs/perf-log.md "msc_scan"). The split of fwd_ws.cu (v11) for the k
-// scans of a patch grid, one CTA per (row, head), the scans one after another:
-//   WG0 (mask, state): M = C B^T -> mask -> Mbuf; S = decay S + (w o X)^T B -> Sbuf; S is
-//                 zeroed at each scan's start
-//   WG1 (loads, conv, output): the gathered loads two chunks ahead (cp.async, completed on
-//                 the stage's mbarrier), the conv of the raw x rows in place into the X tile,
-//                 Y = C S^T, Y += M X, the epilogue with the scans' merge (msc_store)
+// MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel; docs/perf-log.md "msc_scan"). The split of
+// fwd_ws.cu (v11) for the k scans of a patch grid, one CTA per (row, head), one scan after
+// another:
+//   WG0 (mask, state, loads): M = C B^T -> mask -> Mbuf; S = decay S + (w o X)^T B -> Sbuf
+//                 (zeroed at each scan's start); then chunk g + 2's positions and its gathered
+//                 loads (cp.async, completed on the stage's mbarrier) once WG1 is done with g
+//   WG1 (conv, output): the conv of the raw x rows in place into the X tile, Y = C S^T,
+//                 Y += M X, the epilogue with the scans' merge (msc_store)
 // The chunk counter g runs over all scans (stages, parities and loads continue across a scan
 // boundary). Operation for operation the one-warpgroup MSC kernel's arithmetic (fwd_wgmma.cu):
 // bitwise equal outputs.
 // mbarriers (completion k waited with parity k & 1; none runs two completions ahead of its
-// waiter): full[s] (128 WG1 cp.async arrivals), empty[s] (256), sready / sfree, mready / mfree
+// waiter): full[s] (128 WG0 cp.async arrivals + one plain arrival after the positions were
+// written: WG1 reads them), empty[s] (256), sready / sfree, mready / mfree
 // (as fwd_ws.cu), xready (128 WG1 arrivals: chunk g's X tile written; arrived only after WG1
 // waited sready of g, which WG0 arrives after its wait of xready of g - 1).
 #include <cuda_runtime.h>
@@ -35,7 +37,7 @@ using wg::Q;
 constexpr int NT = 256, NW = 128;  // threads, threads of a warpgroup
 constexpr int kRegsState = 152, kRegsOutput = 104;
 static_assert(kRegsState + kRegsOutput == 256, "two warpgroups share 2 x 128 registers");
-constexpr int kBarWg1 = 2;  // named barrier of WG1's 128 threads
+constexpr int kBarWg0 = 1, kBarWg1 = 2;  // named barriers of one warpgroup's 128 threads
 
 template <int N>
 struct WsMscLayout {
@@ -87,8 +89,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   const int total = nscans * nchunks;  // chunks over all scans
 
   if (tid == 0) {
-    mbar_init(full0, NW);
-    mbar_init(full0 + 8, NW);
+    mbar_init(full0, NW + 1);
+    mbar_init(full0 + 8, NW + 1);
     mbar_init(empty0, NT);
     mbar_init(empty0 + 8, NT);
     mbar_init(sready, NW);
@@ -100,6 +102,32 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   }
   __syncthreads();
 
+  // Chunk gn's positions (warp 0 of WG0, into buffer gn % 3), then its gathered loads into
+  // stage gn & 1 (all WG0 threads). Addresses are rebuilt from p at each call: nothing held in
+  // WG0's registers across the walk.
+  auto load_chunk = [&](int gn) {
+    const int s = gn & 1, sc = gn / nchunks, c = gn - sc * nchunks;
+    int* ord = ordsm + (gn % 3) * kMscOrd;
+    if (wq == 0)
+      msc_fetch_positions(ord, p.msc.orders + sc * p.seqlen, len, static_cast<int64_t>(c) * Q, lane);
+    bar_sync_n(kBarWg0, NW);  // the positions, for every WG0 thread
+    const int64_t bc = sc * p.msc.bc_s;
+    const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
+    const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g + bc;
+    const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g + bc;
+    msc_issue_raw_inplace<P, NW>(smem_u32(Xs(s)), smem_u32(LBs(s)), ord, rows, p.x_l, h * p.x_h, tid);
+    load_tile_at<N, NW>(smem_u32(Bs(s)), Bg, p.B_l, ord + kMscLB, tid);
+    load_tile_at<N, NW>(smem_u32(Cs(s)), Cg, p.C_l, ord + kMscLB, tid);
+    if (tid < kVecBytes / 16) {
+      const int64_t v = ((static_cast<int64_t>(sc) * p.nrows + row) * p.nheads + h) * p.vec_nch + c;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
+                       smem_u32(vec0 + s * kVecBytes) + 16 * tid),
+                   "l"(p.vecs + v * kVecBytes + 16 * tid));
+    }
+    cp_async_arrive(full0 + 8 * s);
+    if (tid == 0) mbar_arrive(full0 + 8 * s);  // after the barrier: the positions go with it
+  };
+
   if (tid < NW) {
     // ================= WG0: the mask and the state =================
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
@@ -110,6 +138,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     wg::store_state(sacc, st_base);  // scan 0's S_{-1}: sready's completion 0
     fence_async_smem();
     mbar_arrive(sready);
+    if (total > 0) load_chunk(0);
+    if (total > 1) load_chunk(1);
 
 #pragma unroll 1
     for (int gc = 0; gc < total; ++gc) {
@@ -148,46 +178,20 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       wg::store_state(sacc, st_base);
       fence_async_smem();
       mbar_arrive(sready);  // completion gc + 1
+      if (gc + 2 < total) {
+        // WG1 is done with stage s and with chunk gc - 1's positions (buffer (gc + 2) % 3)
+        wait_phase(empty0 + 8 * s, (gc >> 1) & 1);
+        __syncwarp();
+        load_chunk(gc + 2);
+      }
     }
     return;
   }
 
-  // ================= WG1: loads, conv, output =================
+  // ================= WG1: conv, output =================
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsOutput));
   const int wt = tid - NW;  // thread in WG1
-  const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
   const int64_t xcol = h * p.x_h;
-  const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g;
-  const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g;
-  const int64_t vrow = static_cast<int64_t>(p.nrows) * p.nheads * p.vec_nch * kVecBytes;
-  const unsigned char* vbase =
-      p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes;
-  auto fetch = [&](int gn) {  // warp 0 of WG1: the positions of chunk gn into buffer gn % 3
-    const int sc = gn / nchunks, c = gn - sc * nchunks;
-    RawDt unused;
-    msc_fetch(unused, ordsm + (gn % 3) * kMscOrd, p, p.msc.orders + sc * p.seqlen, bidx, len, h,
-              static_cast<int64_t>(c) * Q, lane, false);
-  };
-  auto issue = [&](int gn) {  // all WG1 threads: chunk gn's loads into stage gn & 1
-    const int s = gn & 1, sc = gn / nchunks, c = gn - sc * nchunks;
-    const int* ord = ordsm + (gn % 3) * kMscOrd;
-    const int64_t bc = sc * p.msc.bc_s;
-    msc_issue_raw_inplace<P, NW>(smem_u32(Xs(s)), smem_u32(LBs(s)), ord, rows, p.x_l, xcol, wt);
-    load_tile_at<N, NW>(smem_u32(Bs(s)), Bg + bc, p.B_l, ord + kMscLB, wt);
-    load_tile_at<N, NW>(smem_u32(Cs(s)), Cg + bc, p.C_l, ord + kMscLB, wt);
-    if (wt < kVecBytes / 16)
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
-                       smem_u32(vec0 + s * kVecBytes) + 16 * wt),
-                   "l"(vbase + sc * vrow + static_cast<int64_t>(c) * kVecBytes + 16 * wt));
-    cp_async_arrive(full0 + 8 * s);
-  };
-  if (wq == 0) {
-    if (total > 0) fetch(0);
-    if (total > 1) fetch(1);
-  }
-  bar_sync_n(kBarWg1, NW);
-  if (total > 0) issue(0);
-  if (total > 1) issue(1);
 
 #pragma unroll 1
   for (int gc = 0; gc < total; ++gc) {
@@ -220,7 +224,6 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
         msc_prefetch_acc(ordsm + ((gc + ahead) % 3) * kMscOrd + kMscLB, sc, nscans,
                          static_cast<int>(len - n0 < Q ? len - n0 : Q), bidx, h, wt, p);
     }
-    if (wq == 0 && gc + 2 < total) fetch(gc + 2);
     __syncwarp();  // converged before the wgmma (.sync.aligned)
 
     // ---- Y = C S^T ----
@@ -244,21 +247,15 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     mbar_arrive(mfree);  // completion gc
 
     // ---- epilogue: + D x, merge ----
+    int pos[2];
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int i = 16 * wq + g + 8 * hf;
-      if (i >= nvalid) continue;
-      float* y = yacc + 2 * hf;
-      wg::finish_row(y, X, Dsm, p, bidx, c0 + i, h, i, g, t);
-      msc_store(y, ordsm[(gc % 3) * kMscOrd + kMscLB + i], sc, nscans, bidx, h, t, p);
+      pos[hf] = i < nvalid ? ordsm[(gc % 3) * kMscOrd + kMscLB + i] : -1;
+      if (i < nvalid) wg::finish_row(yacc + 2 * hf, X, Dsm, p, bidx, c0 + i, h, i, g, t);
     }
-    mbar_arrive(empty0 + 8 * s);  // done with C, X and the vectors of stage s
-    if (gc + 2 < total) {
-      wait_phase(empty0 + 8 * s, (gc >> 1) & 1);  // WG0 is done with stage s too
-      __syncwarp();
-      bar_sync_n(kBarWg1, NW);                    // chunk gc + 2's positions (warp 0) visible
-      issue(gc + 2);
-    }
+    msc_store(yacc, pos, sc, nscans, bidx, h, t, p);
+    mbar_arrive(empty0 + 8 * s);  // done with C, X, the vectors of stage s and the positions
   }
 }
 
