@@ -1,5 +1,6 @@
 // B and C of each msc_scan scan, conv'd once (width 4, SiLU, fp32) along the scan's order and
-// stored at raster positions, so the heads of a group share them (msc.h). Thread: 8 channels
+// stored in scan order (row t: scan token t; zeros where the order has no valid position), so
+// the heads of a group share them and the scan kernel loads them as plain tiles (msc.h). Thread: 8 channels
 // of kSeg consecutive scan tokens, with its 32 weights and the conv window in registers: one
 // 16-byte row load per token (the window's 3 look-back rows before the first token).
 #include "common/device_utils.cuh"
@@ -75,10 +76,12 @@ __global__ void __launch_bounds__(kThreads) bc_conv_kernel(const BcConvParams p)
         acc[c] = silu_fast(fmaf(w[3][c], cur[c], a));
         win[0][c] = win[1][c], win[1][c] = win[2][c], win[2][c] = cur[c];
       }
-      if (pos < 0 || pos >= p.seqlen) continue;
-      *reinterpret_cast<uint4*>(out + pos * p.nch + c8) =
-          make_uint4(pack_bf16(acc[0], acc[1]), pack_bf16(acc[2], acc[3]),
-                     pack_bf16(acc[4], acc[5]), pack_bf16(acc[6], acc[7]));
+      // a token without a valid position reads zeros in the scan (as its gathered row did)
+      const bool ok = pos >= 0 && pos < p.seqlen;
+      *reinterpret_cast<uint4*>(out + t * p.nch + c8) =
+          ok ? make_uint4(pack_bf16(acc[0], acc[1]), pack_bf16(acc[2], acc[3]),
+                          pack_bf16(acc[4], acc[5]), pack_bf16(acc[6], acc[7]))
+             : make_uint4(0u, 0u, 0u, 0u);
     }
   }
 }

@@ -20,7 +20,7 @@ struct BcConvParams {
   const int* orders;          // (k, L) int32
   const float* w;             // (k, conv_dim, 4) fp32
   const float* bias;          // (k, conv_dim) fp32 or nullptr
-  __nv_bfloat16* out;         // (k, b, L, nch) contiguous
+  __nv_bfloat16* out;         // (k, b, L, nch) contiguous, rows in scan order
 };
 
 void launch_bc_conv(const BcConvParams& p, cudaStream_t stream);

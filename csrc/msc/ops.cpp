@@ -158,6 +158,11 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   MLM_CHECK_LAUNCH();
 
   ssd::FwdParams prm = ssd::fwd_params(L, h, headdim, ngroups, b);
+  {  // TMA maps of the conv'd B and C as (k b, L, g, n) for the warp-specialized kernel
+    const at::Tensor bcv = bc.view({k * b, L, 2, ngroups, n});
+    prm.tma = ssd::encode_tile_map(&prm.tm_B, bcv.select(2, 0)) &&
+              ssd::encode_tile_map(&prm.tm_C, bcv.select(2, 1));
+  }
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
   const auto* bcp = static_cast<const at::BFloat16*>(bc.data_ptr());
   prm.x = base;

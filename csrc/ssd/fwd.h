@@ -12,8 +12,9 @@ namespace ssd {
 // The fused multi-order 2D scan (msc_scan, csrc/msc/ops.cpp) on the wgmma kernel: per scan s,
 // rows are read and written through orders[s]; x is the causal conv (width 4, SiLU) of the
 // raster rows of xBC along that order, computed in the kernel's chunk load (x of FwdParams
-// points into xBC); B and C point to the per-scan conv'd B, C at raster positions (bc_s
-// apart); A, D, dt_bias hold (nscans, h) fp32.
+// points into xBC); B and C point to the per-scan conv'd B, C in scan order (bc_s apart; the
+// warp-specialized kernel loads them by TMA through tm_B / tm_C over (nscans b, l, g, n));
+// A, D, dt_bias hold (nscans, h) fp32.
 struct MscParams {
   int nscans;                 // 0: a plain ssd_scan launch
   const int* orders;          // (nscans, seqlen) int32: raster position of each scan token
@@ -104,7 +105,8 @@ const char* launch_ssd_fwd_ws(const FwdParams& p, int dstate, cudaStream_t strea
 // strides as for ssd_scan with rows = raster positions. nullptr when launched, else why not.
 const char* launch_msc_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream);
 // The same on the warp-specialized kernel (fwd_ws_msc.cu; the default, MLMAMBA_MSC_WS=0 for
-// the one above): needs the chunk-vector pre-pass buffer (p.vec_buf).
+// the one above): needs the chunk-vector pre-pass buffer (p.vec_buf) and the TMA maps tm_B /
+// tm_C of the conv'd B and C (p.tma).
 const char* launch_msc_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream);
 
 // Dynamic shared memory of one CTA (bytes); mirrors FwdTraits::SMEM (fwd_kernel.cuh).

@@ -1,8 +1,8 @@
 // The MSC mode of the wgmma SSD forward (fwd_wgmma.cu; msc_scan, issue 8): a scan's tokens are
 // raster rows taken through its order. x is the causal conv (width 4, SiLU) of the head's xBC
 // channels, computed from raw rows staged in shared memory; B and C, which every head of a
-// group shares, come conv'd once per scan (csrc/msc/bc_conv.cu) at raster positions. No
-// permuted copy of xBC, dt or the output exists.
+// group shares, come conv'd once per scan (csrc/msc/bc_conv.cu) in scan order, loaded as
+// plain tiles. No permuted copy of xBC, dt or the output exists.
 #pragma once
 #include <cuda_bf16.h>
 
@@ -75,22 +75,6 @@ __device__ __forceinline__ void msc_issue_raw(uint32_t raw, const int* ord,
     const __nv_bfloat16* src = pos >= 0 ? rows + pos * rs + xcol + 8 * cg : rows;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(raw + e * 16), "l"(src),
                  "r"(pos >= 0 ? 16 : 0));
-  }
-}
-
-// NT threads: cp.async of a 64-row tile, COLS bf16 wide, rows at positions pos[r] (< 0:
-// zeros), into the 128-byte-swizzled panel layout (the MSC mode's B and C).
-template <int COLS, int NT>
-__device__ __forceinline__ void load_tile_at(uint32_t dst, const __nv_bfloat16* base, int64_t rs,
-                                             const int* pos, int tid) {
-  constexpr int CPR = COLS / 8, RSTEP = NT / CPR;
-  const int r0 = tid / CPR, c = (tid % CPR) * 8;
-  const uint32_t d = dst + sw128_offset<kChunk>(r0, c);
-#pragma unroll
-  for (int k = 0; k < kChunk / RSTEP; ++k) {
-    const int ps = pos[r0 + k * RSTEP];
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d + k * RSTEP * 128),
-                 "l"(ps >= 0 ? base + ps * rs + c : base), "r"(ps >= 0 ? 16 : 0));
   }
 }
 

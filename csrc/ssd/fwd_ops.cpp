@@ -19,38 +19,10 @@
 
 namespace mlmamba {
 namespace ssd {
-namespace {
-
-using OptT = std::optional<at::Tensor>;
-
-void check_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                 at::IntArrayRef shape, bool floating = true) {
-  check_like(op, name, t, x, "x", shape, floating);
-}
-
-void check_D(const char* op, const at::Tensor& D, const at::Tensor& x, int64_t h, int64_t p) {
-  MLM_CHECK(D.is_cuda() && D.device() == x.device(), op, ": D must be on ", x.device(),
-            " like x, got ", D.device());
-  MLM_CHECK((D.dim() == 1 && D.size(0) == h) || (D.dim() == 2 && D.size(0) == h && D.size(1) == p),
-            op, ": D must have shape (", h, ",) or (", h, ", ", p, "), got ", D.sizes());
-  MLM_CHECK(is_float(D), op, ": D must be float32, float16 or bfloat16, got ", D.scalar_type());
-}
-
-bool valid_dstate(int64_t n) { return n == 16 || n == 32 || n == 64 || n == 128 || n == 256; }
-
-// Rows contiguous in the last dim and 16-byte aligned at every index of the other dims.
-bool rows_aligned16(const at::Tensor& t) {
-  if (t.stride(-1) != 1 && t.size(-1) > 1) return false;
-  const int64_t es = t.element_size();
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
-  for (int d = 0; d < t.dim() - 1; ++d)
-    if (t.size(d) > 1 && (t.stride(d) * es) % 16) return false;
-  return true;
-}
 
 // cuTensorMapEncodeTiled from the driver, found through the runtime (no libcuda link);
 // nullptr where the driver has none.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult q{};
@@ -84,6 +56,35 @@ bool encode_tile_map(CUtensorMap* map, const at::Tensor& t) {
   return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, t.data_ptr(), dims, strides, box, estr,
              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+namespace {
+
+using OptT = std::optional<at::Tensor>;
+
+void check_input(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                 at::IntArrayRef shape, bool floating = true) {
+  check_like(op, name, t, x, "x", shape, floating);
+}
+
+void check_D(const char* op, const at::Tensor& D, const at::Tensor& x, int64_t h, int64_t p) {
+  MLM_CHECK(D.is_cuda() && D.device() == x.device(), op, ": D must be on ", x.device(),
+            " like x, got ", D.device());
+  MLM_CHECK((D.dim() == 1 && D.size(0) == h) || (D.dim() == 2 && D.size(0) == h && D.size(1) == p),
+            op, ": D must have shape (", h, ",) or (", h, ", ", p, "), got ", D.sizes());
+  MLM_CHECK(is_float(D), op, ": D must be float32, float16 or bfloat16, got ", D.scalar_type());
+}
+
+bool valid_dstate(int64_t n) { return n == 16 || n == 32 || n == 64 || n == 128 || n == 256; }
+
+// Rows contiguous in the last dim and 16-byte aligned at every index of the other dims.
+bool rows_aligned16(const at::Tensor& t) {
+  if (t.stride(-1) != 1 && t.size(-1) > 1) return false;
+  const int64_t es = t.element_size();
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
+  for (int d = 0; d < t.dim() - 1; ++d)
+    if (t.size(d) > 1 && (t.stride(d) * es) % 16) return false;
+  return true;
 }
 
 // Head channels per CTA: 64 was as fast as 32 or faster on every bench case (H100,

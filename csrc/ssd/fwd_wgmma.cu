@@ -151,12 +151,14 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
 
     const int nchunks = static_cast<int>((len + Q - 1) / Q);
     auto issue = [&](int c) {
-      if constexpr (MSC) {  // raw x rows; B, C (conv'd per scan) at the chunk's positions
+      if constexpr (MSC) {  // raw x rows at the chunk's positions; B, C (conv'd per scan, in
+                            // scan order) as plain tiles
         const int* ord = ordsm + (c % 3) * kMscOrd;
-        const int64_t bc = sc * p.msc.bc_s;
+        const int64_t bc = sc * p.msc.bc_s, c0 = static_cast<int64_t>(c) * Q;
+        const int nv = static_cast<int>(len - c0 < Q ? len - c0 : Q);
         msc_issue_raw<P, NT>(smem_u32(rawsm), ord, rows, p.x_l, h * p.x_h, tid);
-        load_tile_at<N, NT>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, ord + kMscLB, tid);
-        load_tile_at<N, NT>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, ord + kMscLB, tid);
+        load_tile<N>(smem_u32(Bs(c & 1)), Bg + bc, p.B_l, c0, nv, tid);
+        load_tile<N>(smem_u32(Cs(c & 1)), Cg + bc, p.C_l, c0, nv, tid);
         if (pre && tid < kVecBytes / 16)
           asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
                            smem_u32(vec0 + (c & 1) * kVecBytes) + 16 * tid),

@@ -11,8 +11,9 @@
 // boundary). Operation for operation the one-warpgroup MSC kernel's arithmetic (fwd_wgmma.cu):
 // bitwise equal outputs.
 // mbarriers (completion k waited with parity k & 1; none runs two completions ahead of its
-// waiter): full[s] (128 WG0 cp.async arrivals + one plain arrival after the positions were
-// written: WG1 reads them), empty[s] (256), sready / sfree, mready / mfree
+// waiter): full[s] (128 WG0 cp.async arrivals for the raw x rows + one arrival with the TMA /
+// bulk bytes of B, C and the vectors, made after the positions were written: WG1 reads them),
+// empty[s] (256), sready / sfree, mready / mfree
 // (as fwd_ws.cu), xready (128 WG1 arrivals: chunk g's X tile written; arrived only after WG1
 // waited sready of g, which WG0 arrives after its wait of xready of g - 1).
 #include <cuda_runtime.h>
@@ -111,21 +112,23 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     if (wq == 0)
       msc_fetch_positions(ord, p.msc.orders + sc * p.seqlen, len, static_cast<int64_t>(c) * Q, lane);
     bar_sync_n(kBarWg0, NW);  // the positions, for every WG0 thread
-    const int64_t bc = sc * p.msc.bc_s;
     const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
-    const bf16* Bg = static_cast<const bf16*>(p.B) + bidx * p.B_b + grp * p.B_g + bc;
-    const bf16* Cg = static_cast<const bf16*>(p.C) + bidx * p.C_b + grp * p.C_g + bc;
     msc_issue_raw_inplace<P, NW>(smem_u32(Xs(s)), smem_u32(LBs(s)), ord, rows, p.x_l, h * p.x_h, tid);
-    load_tile_at<N, NW>(smem_u32(Bs(s)), Bg, p.B_l, ord + kMscLB, tid);
-    load_tile_at<N, NW>(smem_u32(Cs(s)), Cg, p.C_l, ord + kMscLB, tid);
-    if (tid < kVecBytes / 16) {
-      const int64_t v = ((static_cast<int64_t>(sc) * p.nrows + row) * p.nheads + h) * p.vec_nch + c;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(
-                       smem_u32(vec0 + s * kVecBytes) + 16 * tid),
-                   "l"(p.vecs + v * kVecBytes + 16 * tid));
-    }
     cp_async_arrive(full0 + 8 * s);
-    if (tid == 0) mbar_arrive(full0 + 8 * s);  // after the barrier: the positions go with it
+    if (tid == 0) {  // after the barrier: the positions go with this arrival
+      // B, C (conv'd per scan, in scan order: rows of map row sc * b + row) by TMA, the
+      // vectors by a bulk copy, counted in bytes on the same barrier
+      const uint32_t bar = full0 + 8 * s;
+      mbar_arrive_expect_tx(bar, 2 * Lt::BC_B + kVecBytes);
+      const int64_t v = ((static_cast<int64_t>(sc) * p.nrows + row) * p.nheads + h) * p.vec_nch + c;
+      bulk_load(smem_u32(vec0 + s * kVecBytes), p.vecs + v * kVecBytes, kVecBytes, bar);
+      const int tok = c * Q, hb = sc * static_cast<int>(p.nrows) + row;
+#pragma unroll
+      for (int np = 0; np < NP; ++np) {
+        tma_load_4d(smem_u32(Bs(s)) + np * Q * 128, &p.tm_B, 64 * np, tok, grp, hb, bar);
+        tma_load_4d(smem_u32(Cs(s)) + np * Q * 128, &p.tm_C, 64 * np, tok, grp, hb, bar);
+      }
+    }
   };
 
   if (tid < NW) {
@@ -287,6 +290,7 @@ const char* launch_ws_msc(const FwdParams& p, cudaStream_t stream) {
 
 const char* launch_msc_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream) {
   if (p.headdim != P) return "headdim must be 64";
+  if (!p.tma) return "it needs TMA maps of the conv'd B and C";
   if (!p.vec_buf) return "it needs the chunk-vector pre-pass (not with MLMAMBA_SSD_FWD_VEC=0)";
   if (dstate == 64) return launch_ws_msc<64>(p, stream);
   if (dstate == 128) return launch_ws_msc<128>(p, stream);
