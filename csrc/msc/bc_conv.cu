@@ -1,8 +1,8 @@
 // B and C of each msc_scan scan, conv'd once (width 4, SiLU, fp32) along the scan's order and
 // stored in scan order (row t: scan token t; zeros where the order has no valid position), so
-// the heads of a group share them and the scan kernel loads them as plain tiles (msc.h). Thread: 8 channels
-// of kSeg consecutive scan tokens, with its 32 weights and the conv window in registers: one
-// 16-byte row load per token (the window's 3 look-back rows before the first token).
+// the heads of a group share them and the scan kernel loads them as plain tiles (msc.h).
+// Thread: 8 channels of kSeg consecutive scan tokens, with its 32 weights and the conv window
+// in registers: one 16-byte row load per token (the window's 3 look-back rows first).
 #include "common/device_utils.cuh"
 #include "msc/msc.h"
 #include "ssd/common.cuh"
