@@ -264,26 +264,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 
 template <int N>
 const char* launch_ws_msc(const FwdParams& p, cudaStream_t stream) {
-  auto kern = ssd_fwd_ws_msc_kernel<N>;
-  static const char* const image = [kern]() -> const char* {
-    cudaFuncAttributes attr;
-    const char* why = nullptr;
-    if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) why = "no sm_90a kernel image in this build";
-    else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
-    if (why) cudaGetLastError();
-    return why;
-  }();
-  if (image) return image;
-  constexpr int smem = WsMscLayout<N>::SMEM;
-  if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), smem) != cudaSuccess) {
-    cudaGetLastError();
-    return "cannot reserve its shared memory";
-  }
-  const FwdParams q = ssd_fwd_vectors(p, stream);
-  if (!q.vecs) return "it needs the chunk-vector pre-pass";
-  dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
-  kern<<<grid, NT, smem, stream>>>(q);
-  return nullptr;
+  return launch_ws_grid<ssd_fwd_ws_msc_kernel<N>>(p, NT, WsMscLayout<N>::SMEM,
+                                                  "it needs the chunk-vector pre-pass", stream);
 }
 
 }  // namespace

@@ -1,7 +1,12 @@
-// Synchronisation of the warp-specialized forward kernels (fwd_ws.cu, fwd_ws_msc.cu).
+// What the warp-specialized forward kernels (fwd_ws.cu, fwd_ws_msc.cu) share: their
+// synchronisation and their launch.
 #pragma once
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
+#include "common/launch.h"
+#include "ssd/fwd.h"
 #include "ssd/tma.cuh"
 
 namespace mlmamba {
@@ -16,6 +21,32 @@ __device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity) {
   const long long t0 = clock64();
   while (!mbar_test(bar, parity))
     if (clock64() - t0 > (1ll << 35)) __trap();
+}
+
+// The launch of a warp-specialized kernel: one CTA per (head, row) of `threads` threads and
+// `smem` bytes, after the chunk-vector pre-pass. nullptr when launched, else why not
+// (no_vecs: where the pre-pass cannot serve these inputs).
+template <auto kKernel>
+const char* launch_ws_grid(const FwdParams& p, int threads, int smem, const char* no_vecs,
+                           cudaStream_t stream) {
+  static const char* const image = []() -> const char* {
+    cudaFuncAttributes attr;
+    const char* why = nullptr;
+    if (cudaFuncGetAttributes(&attr, kKernel) != cudaSuccess) why = "no sm_90a kernel image in this build";
+    else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
+    if (why) cudaGetLastError();
+    return why;
+  }();
+  if (image) return image;
+  if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kKernel), smem) != cudaSuccess) {
+    cudaGetLastError();
+    return "cannot reserve its shared memory";
+  }
+  const FwdParams q = ssd_fwd_vectors(p, stream);
+  if (!q.vecs) return no_vecs;
+  const dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
+  kKernel<<<grid, threads, smem, stream>>>(q);
+  return nullptr;
 }
 
 }  // namespace ssd
