@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       const int s = gc & 1;
       const ChunkVecs cv(vec0 + s * kVecBytes);
       const unsigned char *X = Xs(s), *B = Bs(s), *C = Cs(s);
-      wait_phase(full0 + 8 * s, (gc >> 1) & 1);  // B, C, the vectors (cp.async by WG1)
+      wait_phase(full0 + 8 * s, (gc >> 1) & 1);  // the stage's loads (load_chunk)
       fence_async_smem();                         // ... for the wgmma (async proxy) below
       __syncwarp();
       float macc[32];
