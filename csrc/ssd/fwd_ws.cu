@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     fence_async_smem();  // the state and the staging stores -> the async proxy (wgmma, TMA)
     mbar_arrive(sready);
     bar_sync_n(0, NT);  // stage 0 free for the TMA loads
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
+    setmaxnreg_inc<kRegsState>();
 
 #pragma unroll 1
     for (int c = 0; c < nchunks; ++c) {
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
 
   // ================= WG1: the output, and the loads =================
   bar_sync_n(0, NT);
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsOutput));
+  setmaxnreg_dec<kRegsOutput>();
   const bool leader = tid == NT / 2;
   const unsigned char* vsrc = p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes;
   auto issue = [&](int c) {  // the leader: stage c & 1's tiles and vectors on its full barrier

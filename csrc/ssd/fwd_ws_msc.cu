@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 
   if (tid < NW) {
     // ================= WG0: the mask and the state =================
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegsState));
+    setmaxnreg_inc<kRegsState>();
     float sacc[NP][32];
     wg::zero_state(sacc);
     const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   }
 
   // ================= WG1: conv, output =================
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegsOutput));
+  setmaxnreg_dec<kRegsOutput>();
   const int wt = tid - NW;  // thread in WG1
   const int64_t xcol = h * p.x_h;
 

@@ -1,6 +1,8 @@
 // sm_90 tensor-memory-access (TMA) loads and the shared-memory mbarriers that track them, for
-// the wgmma SSD forward (fwd_wgmma.cu). One thread issues a tile's loads; every consumer waits
-// on the stage's mbarrier (phase parity = how many times the stage was filled before, mod 2).
+// the wgmma SSD kernels (fwd_wgmma.cu, ...). One thread issues a tile's loads; every consumer
+// waits on the stage's mbarrier (phase parity = how many times the stage was filled before,
+// mod 2). Compiled for an older target (the default build also makes sm_80 code) each helper
+// traps: the sm_90 kernels are only launched on an sm_90 image (their launchers check).
 #pragma once
 #include <cuda.h>
 
@@ -12,33 +14,54 @@ namespace mlmamba {
 namespace ssd {
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+#if MLM_SM90
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+#else
+  __trap();
+#endif
 }
 // the inits -> the async proxy (the TMA unit completes transactions on these barriers)
 __device__ __forceinline__ void mbar_init_fence() {
+#if MLM_SM90
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#else
+  __trap();
+#endif
 }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if MLM_SM90
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                : "memory");
+#else
+  __trap();
+#endif
 }
 // one arrival (release: this thread's earlier shared-memory accesses happen before the phase
 // completes for the waiters)
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if MLM_SM90
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#else
+  __trap();
+#endif
 }
 // one probe: whether the phase of this parity has completed
 __device__ __forceinline__ bool mbar_test(uint32_t bar, uint32_t parity) {
-  uint32_t done;
+  uint32_t done = 1;
+#if MLM_SM90
   asm volatile(
       "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
       "selp.u32 %0, 1, 0, p;\n}\n"
       : "=r"(done)
       : "r"(bar), "r"(parity)
       : "memory");
+#else
+  __trap();
+#endif
   return done != 0;
 }
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if MLM_SM90
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
@@ -48,25 +71,36 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "}\n" ::"r"(bar),
       "r"(parity)
       : "memory");
+#else
+  __trap();
+#endif
 }
 // box at coordinates (c0 innermost .. c3) of a 4-D tensor map into shared memory at dst
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
                                             int c2, int c3, uint32_t bar) {
+#if MLM_SM90
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
       "[%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
       : "memory");
+#else
+  __trap();
+#endif
 }
 
 // `bytes` (a multiple of 16, both addresses 16-byte aligned) from global src into shared
 // memory at dst, completing on the mbarrier like the tile loads
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes,
                                           uint32_t bar) {
+#if MLM_SM90
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
       ::"r"(dst), "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
       : "memory");
+#else
+  __trap();
+#endif
 }
 
 }  // namespace ssd

@@ -42,19 +42,54 @@ __device__ __forceinline__ uint64_t desc_mn(const unsigned char* t, int s) {
   return wgmma_desc(t + s * 16 * 128, 64 * 128, 1024);
 }
 
+// (compiled for a target without wgmma, the default build's sm_80 code, these trap: the
+// kernels that use them only run from an sm_90a image, which their launchers check)
 __device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
 }
 __device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
 }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+// this warpgroup's registers per thread: raised to / lowered to N (warp-specialized kernels)
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+  __trap();
+#endif
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+#else
+  __trap();
+#endif
 }
 // generic-proxy writes to shared memory (st.shared, cp.async) -> visible to wgmma's reads
 __device__ __forceinline__ void fence_async_smem() {
+#if MLM_SM90
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
 }
 
 // store four 8 x 8 bf16 matrices (the mma fragment layout: lane holds row lane / 4, columns
