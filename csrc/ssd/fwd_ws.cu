@@ -128,12 +128,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
       wgmma_wait<1>();
       uint32_t ma[4][4];
       wg::mask_m(ma, macc, cv, wq, g, t);
-      if (c > 0) wait_phase(mfree, (c - 1) & 1);  // WG1's M X of chunk c - 1 is done
-      __syncwarp();
-#pragma unroll
-      for (int jp = 0; jp < 4; ++jp) stsm_x4(m_base ^ (jp << 5), ma[jp][0], ma[jp][1], ma[jp][2], ma[jp][3]);
-      fence_async_smem();
-      mbar_arrive(mready);  // completion c: M_c
+      hand_over_m(ma, m_base, mfree, mready, c);  // M_c to WG1
       wgmma_wait<0>();
       mbar_arrive(empty0 + 8 * (c & 1));  // done with X, B, C and the vectors of stage c & 1
       if (c + 1 == nchunks) break;         // nobody reads the last state from Sbuf

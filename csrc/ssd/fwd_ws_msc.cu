@@ -160,12 +160,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       wgmma_wait<0>();
       uint32_t ma[4][4];
       wg::mask_m(ma, macc, cv, wq, g, t);
-      if (gc > 0) wait_phase(mfree, (gc - 1) & 1);  // WG1's M X of chunk gc - 1 is done
-      __syncwarp();
-#pragma unroll
-      for (int jp = 0; jp < 4; ++jp) stsm_x4(m_base ^ (jp << 5), ma[jp][0], ma[jp][1], ma[jp][2], ma[jp][3]);
-      fence_async_smem();
-      mbar_arrive(mready);            // completion gc: M of chunk gc
+      hand_over_m(ma, m_base, mfree, mready, gc);  // M of chunk gc to WG1
       wait_phase(xready, gc & 1);     // the X tile (conv'd by WG1)
       __syncwarp();
       uint32_t xa[4][4];

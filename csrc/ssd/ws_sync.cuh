@@ -8,6 +8,7 @@
 #include "common/launch.h"
 #include "ssd/fwd.h"
 #include "ssd/tma.cuh"
+#include "ssd/wgmma.cuh"
 
 namespace mlmamba {
 namespace ssd {
@@ -21,6 +22,19 @@ __device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity) {
   const long long t0 = clock64();
   while (!mbar_test(bar, parity))
     if (clock64() - t0 > (1ll << 35)) __trap();
+}
+
+// The state warpgroup hands chunk c's masked M (A fragments ma, from wg::mask_m) to the
+// output warpgroup: once its M X of chunk c - 1 is done (mfree), M goes to the bf16 panel at
+// m_base (wg::state_store_base of Mbuf) and mready completes (completion c).
+__device__ __forceinline__ void hand_over_m(const uint32_t (&ma)[4][4], uint32_t m_base,
+                                            uint32_t mfree, uint32_t mready, int c) {
+  if (c > 0) wait_phase(mfree, (c - 1) & 1);
+  __syncwarp();
+#pragma unroll
+  for (int jp = 0; jp < 4; ++jp) stsm_x4(m_base ^ (jp << 5), ma[jp][0], ma[jp][1], ma[jp][2], ma[jp][3]);
+  fence_async_smem();
+  mbar_arrive(mready);
 }
 
 // The launch of a warp-specialized kernel: one CTA per (head, row) of `threads` threads and
