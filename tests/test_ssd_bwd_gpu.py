@@ -215,6 +215,19 @@ def test_long_strong_decay():
 
 
 @needs_kernel
+def test_dinit_strong_first_decay():
+    """Every head decays past e^-60 at its first token (a_1 = dt_1 A about -70 and -80):
+    dinitial_states is then about e^a_1 |dy_1 C_1|, tiny but a normal fp32, and keeps its
+    relative accuracy (a clamp of the log decay at -60 once gave e^-60 |dy_1 C_1|: 1e4 off)."""
+    t, kw, dout, dfin = make_case(_gen(), b=1, l=200, h=2, g=1, p=64, n=64)
+    t["A"] = torch.tensor([-14.0, -16.0], device="cuda")
+    dt = t["dt"].float()
+    dt[:, 0, :] = 5.0 - t["dt_bias"]  # softplus(5) = 5.007
+    t["dt"] = dt.to(t["dt"].dtype)
+    check(t, kw, dout, dfin)
+
+
+@needs_kernel
 def test_extreme_dt_and_A_near_zero():
     gen = _gen()
     t, kw, dout, dfin = make_case(gen, b=1, l=257, h=2, g=1, p=32, n=32)

@@ -19,7 +19,10 @@ namespace ssd_bwd {
 
 constexpr int kQ = 64;          // chunk length
 constexpr int kNB = 64;         // state columns (n) per block
-constexpr float kMinLogDecay = -60.f;  // dt*A is clamped here for decays: exp(-60) ~ 1e-26
+// dt*A is clamped here where the backward takes differences of its in-chunk cumsum (the
+// decay mask L, sout): fp32 differences of large cumsums lose the exponent's precision.
+// exp(-60) ~ 1e-26. The exponentials of plain cumsums (sin, cont) take the unclamped value.
+constexpr float kMinLogDecay = -60.f;
 // per (slot, head): dt*sout (64), sin (64), cont, padding to a 16-byte multiple
 constexpr int kVecW = 2 * 64 + 4;
 

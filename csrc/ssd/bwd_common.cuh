@@ -199,7 +199,7 @@ __device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv
                                                    int qc, int hh, float Ah) {
   const int lane = threadIdx.x & 31;
   const float bias = P.has_dt_bias ? ld_code(P.dt_bias, P.dtb_code, hh * P.dtb_s) : 0.f;
-  float a[2];
+  float a[2], au[2];
   int rs[2];
 #pragma unroll
   for (int u = 0; u < 2; ++u) {
@@ -220,7 +220,8 @@ __device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv
     }
     cv.dt[i] = dv;
     cv.gfac[i] = gf;
-    a[u] = fmaxf(dv * Ah, kMinLogDecay);
+    au[u] = dv * Ah;                    // the log decay as the forward takes it
+    a[u] = fmaxf(au[u], kMinLogDecay);  // clamped: differences of its cumsum stay precise
     rs[u] = (i < qc) ? int(d.s[u] != (u == 0 ? d.s_prev : d.s[0])) : 0;
   }
   float e0, e1, tot;
@@ -231,17 +232,25 @@ __device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv
   const int seg0 = int(r0) + rs[0], seg1 = int(r1) + rs[1];
   const float lam_last = __shfl_sync(0xffffffffu, lam1, 31);
   const int seg_last = __shfl_sync(0xffffffffu, seg1, 31);
+  // sin and cont are exponentials of cumsums from the chunk's start, never differences, so
+  // they take the unclamped decays: with the clamp, a head whose first decay is below -60
+  // got dinitial_states ~ e^-60 |dy C| instead of its true e^a (docs/perf-log.md)
+  float f0, f1, ftot;
+  warp_scan2(au[0], au[1], f0, f1, ftot);
+  const float lu0 = f0 + au[0], lu1 = f1 + au[1];
+  const float lu_last = __shfl_sync(0xffffffffu, lu1, 31);
   cv.lam[2 * lane] = lam0;
   cv.lam[2 * lane + 1] = lam1;
   cv.seg[2 * lane] = seg0;
   cv.seg[2 * lane + 1] = seg1;
-  cv.sin[2 * lane] = seg0 == 0 ? __expf(lam0) : 0.f;
-  cv.sin[2 * lane + 1] = seg1 == 0 ? __expf(lam1) : 0.f;
+  cv.sin[2 * lane] = seg0 == 0 ? __expf(lu0) : 0.f;
+  cv.sin[2 * lane + 1] = seg1 == 0 ? __expf(lu1) : 0.f;
   cv.sout[2 * lane] = seg0 == seg_last ? __expf(lam_last - lam0) : 0.f;
   cv.sout[2 * lane + 1] = seg1 == seg_last ? __expf(lam_last - lam1) : 0.f;
-  if (lane == 0) cv.cont = seg_last == 0 ? __expf(lam_last) : 0.f;
+  if (lane == 0) cv.cont = seg_last == 0 ? __expf(lu_last) : 0.f;
   (void)tot;
   (void)rtot;
+  (void)ftot;
 }
 
 // Eight consecutive elements of a row: one or two 16-byte loads when the row is contiguous and

@@ -66,8 +66,10 @@ def emulate(dout, dfinal, x, dt, A, B, C, D=None, z=None, dt_bias=None, init=Non
             def vecs(t0, qc, first):
                 d = torch.zeros(Q, dtype=f); gf = torch.zeros(Q, dtype=f)
                 d[:qc] = dtp[bb, t0:t0 + qc, hh]; gf[:qc] = gfac[bb, t0:t0 + qc, hh]
-                a = (d * Ah).clamp(min=-60.0)
+                au = d * Ah
+                a = au.clamp(min=-60.0)  # the kernels' clamp, for differences of lam only
                 lam = a.cumsum(0)
+                lu = au.cumsum(0)  # sin and cont: exponentials of the unclamped cumsum
                 rs = torch.zeros(Q, dtype=torch.long)
                 if seq_idx is not None and cu is None:
                     for i in range(qc):
@@ -75,9 +77,9 @@ def emulate(dout, dfinal, x, dt, A, B, C, D=None, z=None, dt_bias=None, init=Non
                         if i > 0 or not first:
                             rs[i] = int(seq_idx[bb, t] != seq_idx[bb, t - 1])
                 seg = rs.cumsum(0)
-                sin = torch.where(seg == 0, lam.exp(), 0.0)
+                sin = torch.where(seg == 0, lu.exp(), 0.0)
                 sout = torch.where(seg == seg[-1], (lam[-1] - lam).exp(), 0.0)
-                cont = lam[-1].exp() if seg[-1] == 0 else torch.tensor(0.0, dtype=f)
+                cont = lu[-1].exp() if seg[-1] == 0 else torch.tensor(0.0, dtype=f)
                 return d, gf, lam, seg, sin, sout, cont
 
             def tile(t, t0, qc, hsel=None):
@@ -200,6 +202,8 @@ def run_emulate():
         dict(b=1, l=45, h=2, p=3, g=1, n=4, Q=8, cu=[0, 3, 3, 20, 45]),
         dict(b=2, l=30, h=2, p=3, g=2, n=4, Q=8, strong=True, z=False, D2=True),
         dict(b=2, l=29, h=2, p=3, g=1, n=4, Q=8, clamp=(0.2, 1.5)),
+        # every head's first decay below the kernels' -60 clamp (e^-70, e^-80: dinit tiny)
+        dict(b=1, l=40, h=2, p=3, g=1, n=4, Q=8, first=True),
     ]
     worst = 0.0
     for cs in cases:
@@ -207,7 +211,11 @@ def run_emulate():
         Q = cs.pop("Q"); cu = cs.pop("cu", None); seq = cs.pop("seq", False)
         strong = cs.pop("strong", False); zz = cs.pop("z", True); D2 = cs.pop("D2", False)
         lo, hi = cs.pop("clamp", (0.0, math.inf))
+        first = cs.pop("first", False)
         t = _inputs(**cs, gen=gen, z=zz, D2=D2, seq=seq, cu=cu, strong=strong)
+        if first:
+            t["A"] = torch.tensor([-14.0, -16.0], dtype=torch.float64)
+            t["dt"][:, 0] = 5.0 - (t["dt_bias"] if t["dt_bias"] is not None else 0.0)
         b, l, h, p = t["x"].shape
         nseq = b if cu is None else len(cu) - 1
         dout = torch.randn(b, l, h, p, generator=gen, dtype=torch.float64)
