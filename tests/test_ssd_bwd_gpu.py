@@ -319,6 +319,30 @@ def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, l, monkeypat
 
 
 @needs_kernel
+@pytest.mark.skipif(not HAVE or torch.cuda.get_device_capability()[0] != 9, reason="sm_90 only")
+@pytest.mark.parametrize("b,l,h,g,n,z,seq", [
+    (2, 1000, 4, 2, 128, True, True),    # 64 state columns per CTA; gated dy, resets, a tail
+    (8, 300, 24, 1, 64, False, False),
+    (4, 256, 80, 1, 128, False, False),  # 128 columns per CTA
+    (4, 257, 40, 1, 128, True, True)])
+def test_states_wgmma(b, l, h, g, n, z, seq, monkeypatch):
+    """MLMAMBA_SSD_BWD_STATES=wgmma: step 1 on sm_90a tensor cores (bwd_states_wg.cu). Its fp32
+    sums run in another order than the mma.sync walk's, so a stored bf16 state can differ in
+    its last bit: gradients are held to the reference and close to the default path's."""
+    case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=z, seq_idx=seq)
+    want = run_kernel(*case)
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "wgmma")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = run_kernel(*case)
+        torch.cuda.synchronize()
+    assert any("states_wg_kernel" in e.name for e in prof.events())
+    for name, a, r in zip(NAMES, got, want):
+        if name in ("dx", "dB", "dC", "dz", "dinit") and r.numel():
+            assert rel_err(a, r.double()) < 1e-2, name
+    check(*case)
+
+
+@needs_kernel
 def test_states_mode_checked(monkeypatch):
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "fast")
     with pytest.raises(RuntimeError, match="MLMAMBA_SSD_BWD_STATES"):

@@ -11,6 +11,8 @@
 // Chunks are kQ = 64 steps whatever chunk_size says (the result does not depend on it); with
 // cu_seqlens, chunks restart at every sequence start, so each chunk belongs to one sequence.
 #pragma once
+#include <cuda.h>  // CUtensorMap
+
 #include <cstddef>
 #include <cstdint>
 
@@ -89,6 +91,14 @@ bool states_async_ok(const Params& prm, int tcode);
 void launch_states(const Params& prm, int tcode, int stages, void* stream);
 // the async path's chunk scales, before launch_states
 void launch_vectors(const Params& prm, void* stream);
+// step 1 on sm_90a wgmma (bwd_states_wg.cu; opt-in MLMAMBA_SSD_BWD_STATES=wgmma): TMA maps of
+// x, dout, z, B, C ((b, l, j, cols) as ssd::encode_tile_map makes them), after launch_vectors
+struct StatesMaps {
+  CUtensorMap x, o, z, B, C;
+};
+bool states_wg_ok(const Params& prm, int tcode);
+// false where it cannot run (no sm_90a image, shared memory): then launch_states
+bool launch_states_wg(const Params& prm, const StatesMaps& maps, int num_sms, void* stream);
 void launch_chunk(const Params& prm, int tcode, void* stream);
 void launch_reduce(const Params& prm, int tcode, void* stream);
 size_t chunk_smem_bytes(const Params& prm);       // step 2's dynamic shared memory (prm.onchip)

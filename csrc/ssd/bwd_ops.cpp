@@ -274,14 +274,17 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   }
   // step 1 streams its tiles by cp.async where it can, in 2 stages (4 CTAs/SM; faster than 3
   // stages at 3 CTAs/SM on 3 of 4 bench cases, H200); MLMAMBA_SSD_BWD_STATES=s3 takes 3,
-  // =sync the one-chunk register prefetch (A/B; bitwise the same gradients)
+  // =sync the one-chunk register prefetch (A/B; bitwise the same gradients), =wgmma the
+  // sm_90a tensor-core walk (bwd_states_wg.cu; not yet measured) where it applies
   const char* st_env = std::getenv("MLMAMBA_SSD_BWD_STATES");
   const std::string st_mode = st_env ? st_env : "";
-  MLM_CHECK(st_mode.empty() || st_mode == "sync" || st_mode == "s2" || st_mode == "s3", kOp,
-            ": MLMAMBA_SSD_BWD_STATES must be sync, s2 or s3, got '", st_mode, "'");
+  MLM_CHECK(st_mode.empty() || st_mode == "sync" || st_mode == "s2" || st_mode == "s3" ||
+                st_mode == "wgmma",
+            kOp, ": MLMAMBA_SSD_BWD_STATES must be sync, s2, s3 or wgmma, got '", st_mode, "'");
   const int stages = st_mode == "sync" || !states_async_ok(P, tcode) ? 0
                      : st_mode == "s3"                                ? 3
                                                                       : 2;
+  const bool wg = st_mode == "wgmma" && prop.major == 9 && stages > 0;
   at::Tensor vec;
   if (stages > 0) {
     vec = at::empty({int64_t(P.nslots) * h * kVecW}, fopt);
@@ -289,7 +292,18 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     launch_vectors(P, stream);
     MLM_CHECK_LAUNCH();
   }
-  launch_states(P, tcode, stages, stream);
+  bool states_done = false;
+  if (wg && states_wg_ok(P, tcode)) {
+    // TMA maps need the last dim contiguous and 16-byte aligned rows (rows16)
+    auto enc = [](CUtensorMap* m, const at::Tensor& t) {
+      return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
+    };
+    StatesMaps maps{};
+    if (enc(&maps.x, x) && enc(&maps.o, dout) && (!z_in || enc(&maps.z, z)) && enc(&maps.B, B) &&
+        enc(&maps.C, C))
+      states_done = launch_states_wg(P, maps, prop.multiProcessorCount, stream);
+  }
+  if (!states_done) launch_states(P, tcode, stages, stream);
   MLM_CHECK_LAUNCH();
   launch_chunk(P, tcode, stream);
   MLM_CHECK_LAUNCH();
