@@ -320,16 +320,18 @@ def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, l, monkeypat
 
 @needs_kernel
 @pytest.mark.skipif(not HAVE or torch.cuda.get_device_capability()[0] != 9, reason="sm_90 only")
-@pytest.mark.parametrize("b,l,h,g,n,z,seq", [
-    (2, 1000, 4, 2, 128, True, True),    # 64 state columns per CTA; gated dy, resets, a tail
-    (8, 300, 24, 1, 64, False, False),
-    (4, 256, 80, 1, 128, False, False),  # 128 columns per CTA
-    (4, 257, 40, 1, 128, True, True)])
-def test_states_wgmma(b, l, h, g, n, z, seq, monkeypatch):
+@pytest.mark.parametrize("b,l,h,g,n,z,seq,ends", [
+    (2, 1000, 4, 2, 128, True, True, True),    # 64 state columns per CTA; gated dy, resets, a tail
+    (8, 300, 24, 1, 64, False, False, True),
+    (4, 256, 80, 1, 128, False, False, True),  # 128 columns per CTA
+    (4, 257, 40, 1, 128, True, True, True),
+    (1, 40, 3, 1, 64, False, False, False)])   # one chunk, no initial / final states
+def test_states_wgmma(b, l, h, g, n, z, seq, ends, monkeypatch):
     """MLMAMBA_SSD_BWD_STATES=wgmma: step 1 on sm_90a tensor cores (bwd_states_wg.cu). Its fp32
     sums run in another order than the mma.sync walk's, so a stored bf16 state can differ in
     its last bit: gradients are held to the reference and close to the default path's."""
-    case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=z, seq_idx=seq)
+    case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=z, seq_idx=seq, init=ends,
+                     dfinal=ends)
     want = run_kernel(*case)
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "wgmma")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
