@@ -6,7 +6,7 @@
 # one; issue 8). Per kernel: the headline metrics and the SASS lines with the most stall
 # samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the
 # device returns at most 8 files), the reports stay in /tmp/ncu on that machine.
-#   scripts/dev/profile_call.sh [chunk,states,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
+#   scripts/dev/profile_call.sh [chunk,states,stateswg,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
@@ -35,6 +35,7 @@ for r in rows[1:]:
 }
 prof chunk chunk_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
+MLMAMBA_SSD_BWD_STATES=wgmma prof stateswg states_wg_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 MLMAMBA_SSD_FWD_WS=0 prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
 prof ws ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
 prof msc ssd_fwd_ws_msc 2 $PY scripts/dev/msc_prof.py cross
