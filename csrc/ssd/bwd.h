@@ -93,8 +93,9 @@ void launch_states(const Params& prm, int tcode, int stages, void* stream);
 void launch_vectors(const Params& prm, void* stream);
 // step 1 on sm_90a wgmma (bwd_states_wg.cu; opt-in MLMAMBA_SSD_BWD_STATES=wgmma): TMA maps of
 // x, dout, z, B, C ((b, l, j, cols) as ssd::encode_tile_map makes them), after launch_vectors
+// and of the state workspaces wsS / wsG as (nslots h, p, 1, npad)
 struct StatesMaps {
-  CUtensorMap x, o, z, B, C;
+  CUtensorMap x, o, z, B, C, wsS, wsG;
 };
 bool states_wg_ok(const Params& prm, int tcode);
 // false where it cannot run (no sm_90a image, shared memory): then launch_states

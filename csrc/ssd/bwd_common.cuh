@@ -220,7 +220,9 @@ __device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv
     }
     cv.dt[i] = dv;
     cv.gfac[i] = gf;
-    au[u] = dv * Ah;                    // the log decay as the forward takes it
+    // the log decay as the forward takes it; __fmul_rn: no fma contraction into the scan's
+    // adds, which nvcc decides per call site (the sync and async walks must agree bitwise)
+    au[u] = __fmul_rn(dv, Ah);
     a[u] = fmaxf(au[u], kMinLogDecay);  // clamped: differences of its cumsum stay precise
     rs[u] = (i < qc) ? int(d.s[u] != (u == 0 ? d.s_prev : d.s[0])) : 0;
   }

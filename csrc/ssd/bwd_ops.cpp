@@ -299,8 +299,9 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
       return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
     };
     StatesMaps maps{};
+    const auto ws4 = [&](const at::Tensor& w) { return w.view({int64_t(P.nslots) * h, p, 1, P.npad}); };
     if (enc(&maps.x, x) && enc(&maps.o, dout) && (!z_in || enc(&maps.z, z)) && enc(&maps.B, B) &&
-        enc(&maps.C, C))
+        enc(&maps.C, C) && enc(&maps.wsS, ws4(wsS)) && enc(&maps.wsG, ws4(wsG)))
       states_done = launch_states_wg(P, maps, prop.multiProcessorCount, stream);
   }
   if (!states_done) launch_states(P, tcode, stages, stream);

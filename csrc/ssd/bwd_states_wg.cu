@@ -7,7 +7,8 @@
 // and dinitial_states = G at the end. The forward kernel's state update (fwd_wg_parts.cuh)
 // with the backward's chunk scales (vectors_kernel): thread 0 streams each chunk's x / dy
 // (and z), B / C tiles by TMA and its scales by a bulk copy, kStages - 1 chunks ahead
-// (full[s]: bytes; empty[s]: the 128 threads' arrivals after their wgmma). bf16, headdim 64,
+// (full[s]: bytes; empty[s]: the 128 threads' arrivals after their wgmma); each chunk's
+// outgoing tile goes out through shared memory by a TMA store. bf16, headdim 64,
 // d_state 64 or 128, no cu_seqlens; elsewhere bwd_states.cu runs.
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -22,18 +23,24 @@ namespace mlmamba {
 namespace ssd_bwd {
 namespace {
 
-constexpr int kStages = 3, kThr = 128;
+constexpr int kThr = 128;
 constexpr int kTileB = kQ * 64 * 2;  // one 64 x 64 bf16 tile (128-byte swizzled panel)
 constexpr int kVecB = kVecW * 4;     // a chunk's scales: dt sout (64), sin (64), cont, pad
 
+// Shared memory: the outgoing state tile (NP panels, the TMA store's source), then kStages
+// stages of input tiles (x or dout, z, NP panels of B or C), their scales and the barriers.
+// 3 stages; 2 with z and 128 columns, so that two CTAs still fit on an SM.
 template <int NP, bool Z>
 struct StLayout {
-  static constexpr int X_OFF = 0, Z_OFF = kTileB, Y_OFF = (Z ? 2 : 1) * kTileB;
+  static constexpr int kStages = Z && NP == 2 ? 2 : 3;
+  static constexpr int OUT_OFF = 0, IN_OFF = NP * kTileB;
+  static constexpr int X_OFF = 0, Z_OFF = kTileB, Y_OFF = (Z ? 2 : 1) * kTileB;  // in a stage
   static constexpr int STAGE_B = Y_OFF + NP * kTileB;
-  static constexpr int VEC_OFF = kStages * STAGE_B;
+  static constexpr int VEC_OFF = IN_OFF + kStages * STAGE_B;
   static constexpr int BAR_OFF = VEC_OFF + kStages * kVecB;
   static constexpr int SMEM = BAR_OFF + 2 * kStages * 8 + 1024;  // + alignment slack
   static_assert(kVecB % 16 == 0 && BAR_OFF % 8 == 0, "alignment");
+  static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two CTAs per SM");
 };
 
 // The A operand (rows p, k = tokens 16 s ..) of the update: the input tile's transpose scaled
@@ -76,6 +83,7 @@ template <int NP, bool Z>
 __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constant__ Params P,
                                                             const __grid_constant__ StatesMaps M) {
   using Lt = StLayout<NP, Z>;
+  constexpr int kStages = Lt::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sm = smem_raw + ((1024u - (ssd::smem_u32(smem_raw) & 1023u)) & 1023u);
   const int dir = blockIdx.x & 1, s = blockIdx.x >> 1, hh = blockIdx.y;
@@ -95,7 +103,7 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
 
   auto issue = [&](int it) {  // thread 0: walk step it's tiles and scales into stage it % S
     const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
-    unsigned char* base = sm + st * Lt::STAGE_B;
+    unsigned char* base = sm + Lt::IN_OFF + st * Lt::STAGE_B;
     const uint32_t bar = full0 + 8 * st;
     ssd::mbar_arrive_expect_tx(bar, (gate ? 2 : 1) * kTileB + NP * kTileB + kVecB);
     ssd::bulk_load(ssd::smem_u32(sm + Lt::VEC_OFF + st * kVecB),
@@ -129,7 +137,8 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
       }
   }
 
-  bf16* ws = static_cast<bf16*>(dir == 0 ? P.wsS : P.wsG);
+  const CUtensorMap* ws = dir == 0 ? &M.wsS : &M.wsG;
+  unsigned char* out = sm + Lt::OUT_OFF;
 #pragma unroll 1
   for (int it = 0; it < nk; ++it) {
     const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
@@ -138,17 +147,28 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
       if (it >= 1) ssd::mbar_wait(empty0 + 8 * ((it - 1) % kStages), ((it - 1) / kStages) & 1);
       issue(it + kStages - 1);
     }
-    // the tile entering chunk k (forward) / arriving at its end (backward), bf16
-    bf16* dst = ws + ((int64_t(slot0 + k) * P.h + hh) * P.p) * P.npad + n0;
+    // the tile entering chunk k (forward) / arriving at its end (backward), bf16, by a TMA
+    // store from shared memory (per-thread 4-byte global stores held the registers: ncu)
+    if (tid == 0) ssd::bulk_wait_read<0>();  // the last chunk's store has read `out`
+    __syncthreads();
 #pragma unroll
     for (int np = 0; np < NP; ++np)
 #pragma unroll
       for (int i = 0; i < 32; i += 2)
-        *reinterpret_cast<__nv_bfloat162*>(dst + int64_t(acc_row(w, g, i)) * P.npad + acc_col(np, t, i)) =
+        *reinterpret_cast<__nv_bfloat162*>(out + ssd::sw128_offset<kQ>(acc_row(w, g, i), acc_col(np, t, i))) =
             __floats2bfloat162_rn(acc[np][i], acc[np][i + 1]);
+    ssd::fence_async_smem();
+    __syncthreads();
+    if (tid == 0) {
+#pragma unroll
+      for (int np = 0; np < NP; ++np)
+        ssd::tma_store_4d(ws, ssd::smem_u32(out + np * kTileB), n0 + 64 * np, 0, 0,
+                          (slot0 + k) * P.h + hh);
+      ssd::bulk_commit();
+    }
 
     ssd::mbar_wait(full0 + 8 * st, (it / kStages) & 1);
-    const unsigned char* base = sm + st * Lt::STAGE_B;
+    const unsigned char* base = sm + Lt::IN_OFF + st * Lt::STAGE_B;
     const float* vec = reinterpret_cast<const float*>(sm + Lt::VEC_OFF + st * kVecB);
     uint32_t xa[4][4];
     if (gate) scaled_in_t<true>(xa, base + Lt::X_OFF, base + Lt::Z_OFF, vec + kQ, w, lane);
@@ -169,6 +189,7 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
     ssd::mbar_arrive(empty0 + 8 * st);
   }
 
+  if (tid == 0) ssd::bulk_wait_all();  // `out` stays valid until the last store has read it
   if (dir == 1 && P.has_init) {
 #pragma unroll
     for (int np = 0; np < NP; ++np)

@@ -103,5 +103,44 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 #endif
 }
 
+// TMA stores (bulk groups): one thread writes a box of shared memory at src to a 4-D tensor
+// map's tensor at coordinates (c0 innermost .. c3). The writers of src first run
+// fence_async_smem (wgmma.cuh) and meet the issuing thread at a barrier.
+__device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1,
+                                             int c2, int c3) {
+#if MLM_SM90
+  asm volatile(
+      "cp.async.bulk.tensor.4d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4, %5}], [%1];\n"
+      ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if MLM_SM90
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// this thread's committed bulk groups: all but the newest N have read their shared memory
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+#if MLM_SM90
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+// ... and are complete (their global writes done)
+__device__ __forceinline__ void bulk_wait_all() {
+#if MLM_SM90
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
 }  // namespace ssd
 }  // namespace mlmamba
