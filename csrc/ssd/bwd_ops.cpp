@@ -272,10 +272,11 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     launch_chunk_offsets(P, stream);
     MLM_CHECK_LAUNCH();
   }
-  // step 1 streams its tiles by cp.async where it can, in 2 stages (4 CTAs/SM; faster than 3
-  // stages at 3 CTAs/SM on 3 of 4 bench cases, H200); MLMAMBA_SSD_BWD_STATES=s3 takes 3,
-  // =sync the one-chunk register prefetch (A/B; bitwise the same gradients), =wgmma the
-  // sm_90a tensor-core walk (bwd_states_wg.cu; not yet measured) where it applies
+  // step 1: on sm_90a the tensor-core walk (bwd_states_wg.cu) where it applies (2.4x the
+  // mma.sync walk at b4 L2048, H200); else mma.sync streaming its tiles by cp.async, in 2
+  // stages (4 CTAs/SM; faster than 3 at 3 CTAs/SM on 3 of 4 bench cases, H200).
+  // MLMAMBA_SSD_BWD_STATES=s2 / s3 force the mma.sync walk with 2 / 3 stages, =sync its
+  // one-chunk register prefetch (A/B; the three bitwise the same), =wgmma the default
   const char* st_env = std::getenv("MLMAMBA_SSD_BWD_STATES");
   const std::string st_mode = st_env ? st_env : "";
   MLM_CHECK(st_mode.empty() || st_mode == "sync" || st_mode == "s2" || st_mode == "s3" ||
@@ -284,7 +285,7 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   const int stages = st_mode == "sync" || !states_async_ok(P, tcode) ? 0
                      : st_mode == "s3"                                ? 3
                                                                       : 2;
-  const bool wg = st_mode == "wgmma" && prop.major == 9 && stages > 0;
+  const bool wg = (st_mode.empty() || st_mode == "wgmma") && prop.major == 9 && stages > 0;
   at::Tensor vec;
   if (stages > 0) {
     vec = at::empty({int64_t(P.nslots) * h * kVecW}, fopt);

@@ -8,7 +8,8 @@
 // with the backward's chunk scales (vectors_kernel): thread 0 streams each chunk's x / dy
 // (and z), B / C tiles by TMA and its scales by a bulk copy, kStages - 1 chunks ahead
 // (full[s]: bytes; empty[s]: the 128 threads' arrivals after their wgmma); each chunk's
-// outgoing tile goes out through shared memory by a TMA store. bf16, headdim 64,
+// outgoing tile goes out through shared memory (two tiles, out_full / out_free) by thread
+// 0's TMA store, issued while the wgmma runs. bf16, headdim 64,
 // d_state 64 or 128, no cu_seqlens; elsewhere bwd_states.cu runs.
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -27,20 +28,21 @@ constexpr int kThr = 128;
 constexpr int kTileB = kQ * 64 * 2;  // one 64 x 64 bf16 tile (128-byte swizzled panel)
 constexpr int kVecB = kVecW * 4;     // a chunk's scales: dt sout (64), sin (64), cont, pad
 
-// Shared memory: the outgoing state tile (NP panels, the TMA store's source), then kStages
-// stages of input tiles (x or dout, z, NP panels of B or C), their scales and the barriers.
-// 3 stages; 2 with z and 128 columns, so that two CTAs still fit on an SM.
-template <int NP, bool Z>
+// Shared memory: two outgoing state tiles (NP panels each, the TMA stores' sources), then
+// kStages stages of input tiles (x or dout, z, NP panels of B or C), their scales and the
+// barriers (full / empty per stage, out_full / out_free per outgoing tile).
+// S stages and NO outgoing tiles sized for MB CTAs per SM.
+template <int NP, bool Z, int S, int NO, int MB>
 struct StLayout {
-  static constexpr int kStages = Z && NP == 2 ? 2 : 3;
-  static constexpr int OUT_OFF = 0, IN_OFF = NP * kTileB;
+  static constexpr int kStages = S;
+  static constexpr int OUT_OFF = 0, OUT_B = NP * kTileB, IN_OFF = NO * OUT_B;
   static constexpr int X_OFF = 0, Z_OFF = kTileB, Y_OFF = (Z ? 2 : 1) * kTileB;  // in a stage
   static constexpr int STAGE_B = Y_OFF + NP * kTileB;
   static constexpr int VEC_OFF = IN_OFF + kStages * STAGE_B;
   static constexpr int BAR_OFF = VEC_OFF + kStages * kVecB;
-  static constexpr int SMEM = BAR_OFF + 2 * kStages * 8 + 1024;  // + alignment slack
+  static constexpr int SMEM = BAR_OFF + (2 * kStages + 4) * 8 + 1024;  // + alignment slack
   static_assert(kVecB % 16 == 0 && BAR_OFF % 8 == 0, "alignment");
-  static_assert(2 * (SMEM + 1024) <= 228 * 1024, "two CTAs per SM");
+  static_assert(MB * (SMEM + 1024) <= 228 * 1024, "MB CTAs per SM");
 };
 
 // The A operand (rows p, k = tokens 16 s ..) of the update: the input tile's transpose scaled
@@ -79,10 +81,10 @@ __device__ __forceinline__ void scaled_in_t(uint32_t (&xa)[4][4], const unsigned
 __device__ __forceinline__ int acc_row(int w, int g, int i) { return 16 * w + g + 8 * ((i & 3) >> 1); }
 __device__ __forceinline__ int acc_col(int np, int t, int i) { return 64 * np + 8 * (i >> 2) + 2 * t + (i & 1); }
 
-template <int NP, bool Z>
-__global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constant__ Params P,
-                                                            const __grid_constant__ StatesMaps M) {
-  using Lt = StLayout<NP, Z>;
+template <int NP, bool Z, int S, int NO, int MB>
+__global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_constant__ Params P,
+                                                             const __grid_constant__ StatesMaps M) {
+  using Lt = StLayout<NP, Z, S, NO, MB>;
   constexpr int kStages = Lt::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sm = smem_raw + ((1024u - (ssd::smem_u32(smem_raw) & 1023u)) & 1023u);
@@ -92,10 +94,15 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
   const int gg = hh / P.hpg, bb = s, nk = P.nch, slot0 = s * P.nch;
   const bool gate = Z && dir == 1;  // dy = dout silu(z)
   const uint32_t full0 = ssd::smem_u32(sm + Lt::BAR_OFF), empty0 = full0 + 8 * kStages;
+  const uint32_t ofull0 = empty0 + 8 * kStages, ofree0 = ofull0 + 16;
   if (tid == 0) {
     for (int k = 0; k < kStages; ++k) {
       ssd::mbar_init(full0 + 8 * k, 1);
       ssd::mbar_init(empty0 + 8 * k, kThr);
+    }
+    for (int k = 0; k < NO; ++k) {
+      ssd::mbar_init(ofull0 + 8 * k, kThr);  // the threads' writes of outgoing tile k
+      ssd::mbar_init(ofree0 + 8 * k, 1);     // its TMA store has read it
     }
     ssd::mbar_init_fence();
   }
@@ -138,7 +145,6 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
   }
 
   const CUtensorMap* ws = dir == 0 ? &M.wsS : &M.wsG;
-  unsigned char* out = sm + Lt::OUT_OFF;
 #pragma unroll 1
   for (int it = 0; it < nk; ++it) {
     const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
@@ -147,10 +153,12 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
       if (it >= 1) ssd::mbar_wait(empty0 + 8 * ((it - 1) % kStages), ((it - 1) / kStages) & 1);
       issue(it + kStages - 1);
     }
-    // the tile entering chunk k (forward) / arriving at its end (backward), bf16, by a TMA
-    // store from shared memory (per-thread 4-byte global stores held the registers: ncu)
-    if (tid == 0) ssd::bulk_wait_read<0>();  // the last chunk's store has read `out`
-    __syncthreads();
+    // the tile entering chunk k (forward) / arriving at its end (backward), bf16, into
+    // outgoing tile ob once step it - NO's store has read it; thread 0 stores it by TMA while
+    // the wgmma runs (per-thread 4-byte global stores held the registers: ncu)
+    const int ob = it % NO;
+    unsigned char* out = sm + Lt::OUT_OFF + ob * Lt::OUT_B;
+    if (it >= NO) ssd::mbar_wait(ofree0 + 8 * ob, (it / NO - 1) & 1);
 #pragma unroll
     for (int np = 0; np < NP; ++np)
 #pragma unroll
@@ -158,14 +166,7 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
         *reinterpret_cast<__nv_bfloat162*>(out + ssd::sw128_offset<kQ>(acc_row(w, g, i), acc_col(np, t, i))) =
             __floats2bfloat162_rn(acc[np][i], acc[np][i + 1]);
     ssd::fence_async_smem();
-    __syncthreads();
-    if (tid == 0) {
-#pragma unroll
-      for (int np = 0; np < NP; ++np)
-        ssd::tma_store_4d(ws, ssd::smem_u32(out + np * kTileB), n0 + 64 * np, 0, 0,
-                          (slot0 + k) * P.h + hh);
-      ssd::bulk_commit();
-    }
+    ssd::mbar_arrive(ofull0 + 8 * ob);
 
     ssd::mbar_wait(full0 + 8 * st, (it / kStages) & 1);
     const unsigned char* base = sm + Lt::IN_OFF + st * Lt::STAGE_B;
@@ -185,11 +186,23 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
       for (int s4 = 0; s4 < 4; ++s4)
         ssd::wgmma_m64n64_rs<1>(acc[np], xa[s4], ssd::desc_mn(base + Lt::Y_OFF + np * kTileB, s4), true);
     ssd::wgmma_commit();
+    if (tid == 0) {
+      ssd::mbar_wait(ofull0 + 8 * ob, (it / NO) & 1);
+#pragma unroll
+      for (int np = 0; np < NP; ++np)
+        ssd::tma_store_4d(ws, ssd::smem_u32(out + np * kTileB), n0 + 64 * np, 0, 0,
+                          (slot0 + k) * P.h + hh);
+      ssd::bulk_commit();
+      if (it >= NO - 1) {  // step it - NO + 1's store has read its tile: free it
+        ssd::bulk_wait_read<NO - 1>();
+        ssd::mbar_arrive(ofree0 + 8 * ((it - NO + 1) % NO));
+      }
+    }
     ssd::wgmma_wait<0>();
     ssd::mbar_arrive(empty0 + 8 * st);
   }
 
-  if (tid == 0) ssd::bulk_wait_all();  // `out` stays valid until the last store has read it
+  if (tid == 0) ssd::bulk_wait_all();  // the outgoing tiles stay valid until the stores are done
   if (dir == 1 && P.has_init) {
 #pragma unroll
     for (int np = 0; np < NP; ++np)
@@ -201,10 +214,10 @@ __global__ void __launch_bounds__(kThr, 2) states_wg_kernel(const __grid_constan
   }
 }
 
-template <int NP, bool Z>
+template <int NP, bool Z, int S, int NO, int MB>
 bool launch_np(const Params& P, const StatesMaps& M, cudaStream_t st) {
-  auto kern = states_wg_kernel<NP, Z>;
-  constexpr int smem = StLayout<NP, Z>::SMEM;
+  auto kern = states_wg_kernel<NP, Z, S, NO, MB>;
+  constexpr int smem = StLayout<NP, Z, S, NO, MB>::SMEM;
   if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), smem) != cudaSuccess) {
     cudaGetLastError();
     return false;
@@ -224,7 +237,7 @@ bool states_wg_ok(const Params& P, int tcode) {
 bool launch_states_wg(const Params& P, const StatesMaps& M, int num_sms, void* stream) {
   static const bool image = [] {
     cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, states_wg_kernel<1, false>) == cudaSuccess &&
+    const bool ok = cudaFuncGetAttributes(&attr, states_wg_kernel<1, false, 3, 2, 2>) == cudaSuccess &&
                     attr.binaryVersion == 90;
     if (!ok) cudaGetLastError();
     return ok;
@@ -233,8 +246,11 @@ bool launch_states_wg(const Params& P, const StatesMaps& M, int num_sms, void* s
   auto st = static_cast<cudaStream_t>(stream);
   // 128 state columns in one tile where that still gives two CTAs per SM, else 64 per CTA
   const bool np2 = P.npad == 128 && int64_t(P.nseq) * 2 * P.h >= 2LL * num_sms;
-  if (P.has_z) return np2 ? launch_np<2, true>(P, M, st) : launch_np<1, true>(P, M, st);
-  return np2 ? launch_np<2, false>(P, M, st) : launch_np<1, false>(P, M, st);
+  // 3 stages and 2 outgoing tiles at 2 CTAs per SM (2 stages with z and 128 columns). Measured
+  // against (H200, session 9): 2 stages, 1 tile, 3 CTAs/SM (-1..+2%) and 64 columns at 3
+  // CTAs/SM (-0..+4%): docs/perf-log.md
+  if (P.has_z) return np2 ? launch_np<2, true, 2, 2, 2>(P, M, st) : launch_np<1, true, 3, 2, 2>(P, M, st);
+  return np2 ? launch_np<2, false, 3, 2, 2>(P, M, st) : launch_np<1, false, 3, 2, 2>(P, M, st);
 }
 
 }  // namespace ssd_bwd

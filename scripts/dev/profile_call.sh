@@ -34,7 +34,7 @@ for r in rows[1:]:
     > "$OUTD/${name}_source.csv" 2>/dev/null && $PY scripts/dev/ncu_top.py "$OUTD/${name}_source.csv" 20
 }
 prof chunk chunk_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
-prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
+MLMAMBA_SSD_BWD_STATES=s2 prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 MLMAMBA_SSD_BWD_STATES=wgmma prof stateswg states_wg_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 MLMAMBA_SSD_FWD_WS=0 prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80
 prof ws ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80

@@ -1,6 +1,6 @@
 """Race or tolerance? Runs the backward test shapes over many fresh seeds and reports, per
-case: runs that differ bitwise from a repeat of the same call (a race), the async states walk
-against the register path (MLMAMBA_SSD_BWD_STATES=sync), and the largest error per gradient
+case: runs that differ bitwise from a repeat of the same call (a race), the mma.sync async
+states walk (MLMAMBA_SSD_BWD_STATES=s2) against its register path (=sync), and the largest error per gradient
 against the float64 reference, with the seed of each case over the test tolerance.
   python scripts/dev/ssd_bwd_stress.py [seeds per case]"""
 import os
@@ -42,11 +42,13 @@ def main():
             case = T.make_case(torch.Generator(device="cuda").manual_seed(seed), **kw)
             os.environ["MLMAMBA_SSD_BWD_STATES"] = ""
             g1, g2 = T.run_kernel(*case), T.run_kernel(*case)
+            os.environ["MLMAMBA_SSD_BWD_STATES"] = "s2"
+            g4 = T.run_kernel(*case)
             os.environ["MLMAMBA_SSD_BWD_STATES"] = "sync"
             g3 = T.run_kernel(*case)
             os.environ["MLMAMBA_SSD_BWD_STATES"] = ""
             d12 = [nm for nm, a, b in zip(T.NAMES, g1, g2) if not torch.equal(a, b)]
-            d13 = [nm for nm, a, b in zip(T.NAMES, g1, g3) if not torch.equal(a, b)]
+            d13 = [nm for nm, a, b in zip(T.NAMES, g4, g3) if not torch.equal(a, b)]
             nondet += bool(d12)
             mism += bool(d13)
             if d12:
