@@ -140,18 +140,21 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     scan after another. Each scan's rows are gathered by its order and its conv is recomputed
     (the scan's inputs; the scan's own forward is not); the gradients are gathered back by the
     inverse order and summed over the scans in order in fp32 (float64 for float64 inputs), so
-    the result is deterministic."""
+    the result is deterministic. The first scan's gradients start the sums (no zero fill and
+    add), and the mean's 1/k is applied to dout once, before the gathers."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
     n = (cd - h * p) // (2 * g)
     acc = torch.float64 if xBC.dtype == torch.float64 else torch.float32
     f32 = dict(dtype=acc, device=xBC.device)
-    dxBC, ddt = torch.zeros(b, L, cd, **f32), torch.zeros(b, L, h, **f32)
+    dxBC = ddt = None
     dA, dD, ddtb = (torch.zeros(k, h, **f32) for _ in range(3))
     dw = torch.zeros(conv_weight.shape, **f32)
     db = None if conv_bias is None else torch.zeros(k, cd, **f32)
     ar = torch.arange(L, device=xBC.device)
+    if merge == "mean":  # fp32 opmath, one rounding: the same values as dividing each gather
+        dout = dout / k
     for i in range(k):
         idx = orders[i].to(device=xBC.device, dtype=torch.int64)
         inv = torch.empty_like(idx).scatter_(0, idx, ar)
@@ -161,7 +164,6 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
         x, B, C = torch.split(u.transpose(1, 2), [h * p, g * n, g * n], dim=-1)
         dy = dout[i] if merge == "none" else dout
         dy = _take_rows(dy, idx)
-        dy = dy.div_(k) if merge == "mean" else dy  # fp32 opmath, one rounding
         gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
             dy, None, x.reshape(b, L, h, p), _take_rows(dt, idx), A[i], B.reshape(b, L, g, n),
             C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
@@ -170,8 +172,12 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
                         gC.reshape(b, L, g * n)], dim=-1).to(u.dtype)
         gxs, gw, gb, _ = ops.causal_conv1d_bwd(xs, conv_weight[i], bias, None, None,
                                                du.transpose(1, 2), None, True)
-        dxBC += _take_rows(gxs.transpose(1, 2), inv)
-        ddt += _take_rows(gdt, inv)
+        gxs, gdt = _take_rows(gxs.transpose(1, 2), inv), _take_rows(gdt, inv)
+        if i == 0:
+            dxBC, ddt = gxs.to(acc), gdt.to(acc)
+        else:
+            dxBC += gxs
+            ddt += gdt
         dA[i], dD[i], ddtb[i], dw[i] = gA, gD, gdtb, gw
         if db is not None:
             db[i] = gb
