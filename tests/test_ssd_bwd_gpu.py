@@ -358,6 +358,44 @@ def test_many_heads_per_split():
 
 
 @needs_kernel
+@pytest.mark.parametrize("mode", ["", "s2"])
+def test_over_2_31_elements(mode, monkeypatch):
+    """b*l*h*p > 2^31: the second batch row's tail lives past element 2^31. A seq_idx reset
+    near the end makes the tail's gradients (dfinal's path included) independent of the rest,
+    so they are checked against the reference on the tail. "" takes the wgmma states walk on
+    sm_90a, s2 the mma.sync walk; the chunk kernel is the same."""
+    if torch.cuda.mem_get_info()[0] < 30 * 2**30:
+        pytest.skip("needs ~30 GB of free GPU memory")
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", mode)
+    b, h, p, n, tail = 2, 64, 64, 64, 200
+    l = 2**31 // (b * h * p) + 1001
+    gen = _gen()
+
+    def r(*s, dtype=torch.bfloat16):
+        return torch.randn(*s, generator=gen, device="cuda", dtype=dtype)
+
+    t = dict(x=r(b, l, h, p), dt=r(b, l, h, dtype=torch.float32),
+             A=-(torch.rand(h, generator=gen, device="cuda") + 0.05), B=r(b, l, 1, n),
+             C=r(b, l, 1, n), D=r(h, dtype=torch.float32), z=None, dt_bias=None,
+             initial_states=None)
+    assert t["x"].numel() > 2**31
+    seq = torch.zeros(b, l, dtype=torch.int32, device="cuda")
+    seq[:, l - tail:] = 1
+    kw = dict(seq_idx=seq, cu_seqlens=None, dt_softplus=True, dt_limit=(0.0, math.inf))
+    dout, dfin = r(b, l, h, p), r(b, h, p, n, dtype=torch.float32)
+    got = run_kernel(t, kw, dout, dfin)
+
+    def tail_of(v):
+        return v[1:, l - tail:]
+
+    ts = {k: tail_of(v) if k in ("x", "dt", "B", "C") else v for k, v in t.items()}
+    want = run_reference(ts, dict(kw, seq_idx=None), tail_of(dout), dfin[1:])
+    for name in ("dx", "ddt", "dB", "dC"):
+        i = NAMES.index(name)
+        assert rel_err(tail_of(got[i]), want[i]) < TOL[torch.bfloat16], name
+
+
+@needs_kernel
 def test_deterministic():
     case = make_case(_gen(), b=2, l=700, h=8, g=2, p=64, n=128)
     a = run_kernel(*case)
