@@ -91,7 +91,7 @@ bool states_async_ok(const Params& prm, int tcode);
 void launch_states(const Params& prm, int tcode, int stages, void* stream);
 // the async path's chunk scales, before launch_states
 void launch_vectors(const Params& prm, void* stream);
-// step 1 on sm_90a wgmma (bwd_states_wg.cu; opt-in MLMAMBA_SSD_BWD_STATES=wgmma): TMA maps of
+// step 1 on sm_90a wgmma (bwd_states_wg.cu; the default there): TMA maps of
 // x, dout, z, B, C ((b, l, j, cols) as ssd::encode_tile_map makes them), after launch_vectors
 // and of the state workspaces wsS / wsG as (nslots h, p, 1, npad)
 struct StatesMaps {

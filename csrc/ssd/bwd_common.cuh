@@ -148,6 +148,22 @@ struct ChunkVec {
   float cont;      // exp(lam_last) when the incoming state reaches the chunk end, else 0
 };
 
+// Where a states walk's carried tile starts: initial_states (forward walk, dir 0) or
+// dfinal_states (backward walk, dir 1); element (s, hh, pp, nn) in fp32, 0 without one.
+struct CarriedSrc {
+  bool has;
+  const void* src;
+  int code;
+  int64_t ss, sh, sp, sn;
+  __device__ __forceinline__ float at(int s, int hh, int pp, int nn) const {
+    return ld_code(src, code, s * ss + hh * sh + pp * sp + nn * sn);
+  }
+};
+__device__ __forceinline__ CarriedSrc carried_src(const Params& P, int dir) {
+  return dir == 0 ? CarriedSrc{P.has_init, P.init, P.init_code, P.i_ss, P.i_sh, P.i_sp, P.i_sn}
+                  : CarriedSrc{P.has_dfinal, P.dfinal, P.dfinal_code, P.f_ss, P.f_sh, P.f_sp, P.f_sn};
+}
+
 // Raw per-lane inputs of chunk_vectors_from (lane holds positions 2*lane and 2*lane+1), so the
 // loads of the next chunk can be issued early.
 struct DtRaw {

@@ -107,19 +107,13 @@ __global__ void __launch_bounds__(128, kStages == 3 ? 3 : (sizeof(T) == 4 ? 2 : 
   // the carried tile, starting from initial_states (forward) or dfinal_states (backward)
   float acc[8][4];
   {
-    const bool has0 = dir == 0 ? P.has_init : P.has_dfinal;
-    const void* src = dir == 0 ? P.init : P.dfinal;
-    const int code = dir == 0 ? P.init_code : P.dfinal_code;
-    const int64_t ss = dir == 0 ? P.i_ss : P.f_ss, sh = dir == 0 ? P.i_sh : P.f_sh;
-    const int64_t sp = dir == 0 ? P.i_sp : P.f_sp, sn = dir == 0 ? P.i_sn : P.f_sn;
+    const CarriedSrc c0 = carried_src(P, dir);
 #pragma unroll
     for (int t = 0; t < 8; ++t)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int pp = prow + r + (e >> 1) * 8, nn = n0 + t * 8 + c2 + (e & 1);
-        acc[t][e] = (has0 && pp < P.p && nn < P.n)
-                        ? ld_code(src, code, s * ss + hh * sh + pp * sp + nn * sn)
-                        : 0.f;
+        acc[t][e] = (c0.has && pp < P.p && nn < P.n) ? c0.at(s, hh, pp, nn) : 0.f;
       }
   }
 

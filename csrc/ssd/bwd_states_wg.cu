@@ -1,5 +1,5 @@
-// SSD backward, step 1 on sm_90a tensor cores (opt-in MLMAMBA_SSD_BWD_STATES=wgmma; the plan
-// and the measurements: docs/perf-log.md "ssd_scan backward"). The same walks as
+// SSD backward, step 1 on sm_90a tensor cores (the default there; the plan and the
+// measurements: docs/perf-log.md "ssd_scan backward" v8). The same walks as
 // bwd_states.cu, one warpgroup per (sequence, direction, head, 64 NP state columns) carrying
 // the whole 64 x 64 NP tile in wgmma accumulators:
 //   forward:  S <- cont * S + (dt sout o x)^T B      (S_prev stored before each update)
@@ -40,7 +40,7 @@ struct StLayout {
   static constexpr int STAGE_B = Y_OFF + NP * kTileB;
   static constexpr int VEC_OFF = IN_OFF + kStages * STAGE_B;
   static constexpr int BAR_OFF = VEC_OFF + kStages * kVecB;
-  static constexpr int SMEM = BAR_OFF + (2 * kStages + 4) * 8 + 1024;  // + alignment slack
+  static constexpr int SMEM = BAR_OFF + (2 * kStages + 2 * NO) * 8 + 1024;  // + alignment slack
   static_assert(kVecB % 16 == 0 && BAR_OFF % 8 == 0, "alignment");
   static_assert(MB * (SMEM + 1024) <= 228 * 1024, "MB CTAs per SM");
 };
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
   const int gg = hh / P.hpg, bb = s, nk = P.nch, slot0 = s * P.nch;
   const bool gate = Z && dir == 1;  // dy = dout silu(z)
   const uint32_t full0 = ssd::smem_u32(sm + Lt::BAR_OFF), empty0 = full0 + 8 * kStages;
-  const uint32_t ofull0 = empty0 + 8 * kStages, ofree0 = ofull0 + 16;
+  const uint32_t ofull0 = empty0 + 8 * kStages, ofree0 = ofull0 + 8 * NO;
   if (tid == 0) {
     for (int k = 0; k < kStages; ++k) {
       ssd::mbar_init(full0 + 8 * k, 1);
@@ -129,18 +129,13 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
   // the carried tile from initial_states (forward) or dfinal_states (backward), else zero
   float acc[NP][32];
   {
-    const bool has0 = dir == 0 ? P.has_init : P.has_dfinal;
-    const void* src = dir == 0 ? P.init : P.dfinal;
-    const int code = dir == 0 ? P.init_code : P.dfinal_code;
-    const int64_t ss = dir == 0 ? P.i_ss : P.f_ss, sh = dir == 0 ? P.i_sh : P.f_sh;
-    const int64_t sp = dir == 0 ? P.i_sp : P.f_sp, sn = dir == 0 ? P.i_sn : P.f_sn;
+    const CarriedSrc c0 = carried_src(P, dir);
 #pragma unroll
     for (int np = 0; np < NP; ++np)
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int nn = n0 + acc_col(np, t, i);
-        acc[np][i] = has0 && nn < P.n ? ld_code(src, code, s * ss + hh * sh + acc_row(w, g, i) * sp + nn * sn)
-                                      : 0.f;
+        acc[np][i] = c0.has && nn < P.n ? c0.at(s, hh, acc_row(w, g, i), nn) : 0.f;
       }
   }
 

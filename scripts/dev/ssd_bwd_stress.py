@@ -1,7 +1,8 @@
 """Race or tolerance? Runs the backward test shapes over many fresh seeds and reports, per
 case: runs that differ bitwise from a repeat of the same call (a race), the mma.sync async
-states walk (MLMAMBA_SSD_BWD_STATES=s2) against its register path (=sync), and the largest error per gradient
-against the float64 reference, with the seed of each case over the test tolerance.
+states walk (MLMAMBA_SSD_BWD_STATES=s2) against its register path (=sync), and the largest
+error per gradient against the float64 reference, with the seed of each case over the test
+tolerance.
   python scripts/dev/ssd_bwd_stress.py [seeds per case]"""
 import os
 import sys
