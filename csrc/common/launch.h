@@ -7,6 +7,17 @@
 
 namespace mlmamba {
 
+// Why an sm_90a kernel cannot run from this build (nullptr: it can): no image of it, or one
+// for another arch. The error that causes is cleared: callers fall back or report.
+inline const char* sm90_image_missing(const void* kernel) {
+  cudaFuncAttributes attr;
+  const char* why = nullptr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) why = "no sm_90a kernel image in this build";
+  else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
+  if (why) cudaGetLastError();
+  return why;
+}
+
 // Raise a kernel's dynamic shared-memory limit to at least `bytes` on the current device, once
 // per (kernel, device, size): a driver call per launch costs host time on every call.
 inline cudaError_t ensure_max_dynamic_smem(const void* kernel, int bytes) {

@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
   const int dir = blockIdx.x & 1, s = blockIdx.x >> 1, hh = blockIdx.y;
   const int n0 = blockIdx.z * 64 * NP;
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int gg = hh / P.hpg, bb = s, nk = P.nch, slot0 = s * P.nch;
+  const int gg = hh / P.hpg, nk = P.nch, slot0 = s * P.nch;
   const bool gate = Z && dir == 1;  // dy = dout silu(z)
   const uint32_t full0 = ssd::smem_u32(sm + Lt::BAR_OFF), empty0 = full0 + 8 * kStages;
   const uint32_t ofull0 = empty0 + 8 * kStages, ofree0 = ofull0 + 8 * NO;
@@ -116,12 +116,12 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
     ssd::bulk_load(ssd::smem_u32(sm + Lt::VEC_OFF + st * kVecB),
                    P.vec + (int64_t(slot0 + k) * P.h + hh) * kVecW, kVecB, bar);
     const int tok = k * kQ;
-    ssd::tma_load_4d(ssd::smem_u32(base + Lt::X_OFF), dir == 0 ? &M.x : &M.o, 0, tok, hh, bb, bar);
-    if (gate) ssd::tma_load_4d(ssd::smem_u32(base + Lt::Z_OFF), &M.z, 0, tok, hh, bb, bar);
+    ssd::tma_load_4d(ssd::smem_u32(base + Lt::X_OFF), dir == 0 ? &M.x : &M.o, 0, tok, hh, s, bar);
+    if (gate) ssd::tma_load_4d(ssd::smem_u32(base + Lt::Z_OFF), &M.z, 0, tok, hh, s, bar);
 #pragma unroll
     for (int np = 0; np < NP; ++np)
       ssd::tma_load_4d(ssd::smem_u32(base + Lt::Y_OFF + np * kTileB), dir == 0 ? &M.B : &M.C,
-                       n0 + 64 * np, tok, gg, bb, bar);
+                       n0 + 64 * np, tok, gg, s, bar);
   };
   if (tid == 0)  // the first loads fly while the carried tile is read below
     for (int it = 0; it < kStages - 1 && it < nk; ++it) issue(it);
@@ -230,13 +230,8 @@ bool states_wg_ok(const Params& P, int tcode) {
 }
 
 bool launch_states_wg(const Params& P, const StatesMaps& M, int num_sms, void* stream) {
-  static const bool image = [] {
-    cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, states_wg_kernel<1, false, 3, 2, 2>) == cudaSuccess &&
-                    attr.binaryVersion == 90;
-    if (!ok) cudaGetLastError();
-    return ok;
-  }();
+  static const bool image =
+      !sm90_image_missing(reinterpret_cast<const void*>(states_wg_kernel<1, false, 3, 2, 2>));
   if (!image) return false;
   auto st = static_cast<cudaStream_t>(stream);
   // 128 state columns in one tile where that still gives two CTAs per SM, else 64 per CTA

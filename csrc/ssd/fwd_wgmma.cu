@@ -374,14 +374,7 @@ template <int N, bool SO, bool MSC = false>
 const char* launch_n(const FwdParams& p, cudaStream_t stream) {
   auto kern = ssd_fwd_wgmma_kernel<N, SO, MSC>;
   // the image check once per process; the shared-memory limit once per device (launch.h)
-  static const char* const image = [kern]() -> const char* {
-    cudaFuncAttributes attr;
-    const char* why = nullptr;
-    if (cudaFuncGetAttributes(&attr, kern) != cudaSuccess) why = "no sm_90a kernel image in this build";
-    else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
-    if (why) cudaGetLastError();  // not sticky: clear it, the caller falls back or reports
-    return why;
-  }();
+  static const char* const image = sm90_image_missing(reinterpret_cast<const void*>(kern));
   if (image) return image;
   constexpr int smem = WgLayout<N, MSC>::SMEM;
   if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), smem) != cudaSuccess) {

@@ -8,7 +8,7 @@
 //   WG1 (output): Y = C_c S_{c-1}^T (from Sbuf), Y += M X_c (M from Mbuf) -> epilogue; its
 //                 thread 0 issues the TMA loads two chunks ahead
 // so a chunk costs the longer chain, not the sum, and two CTAs (four warpgroups) share an SM
-// (setmaxnreg: WG0 kRegsState registers, WG1 kRegsOutput). Operation for operation the wgmma
+// (setmaxnreg: WG0 kWsRegsState registers, WG1 kWsRegsOutput). Operation for operation the wgmma
 // kernel's arithmetic: bitwise equal outputs and final states.
 // mbarriers (completion k waited with parity k & 1; none can run two completions ahead of its
 // waiter, see the loops): full[s] (stage s landed: TMA bytes), empty[s] (stage s read by all
@@ -33,9 +33,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 using wg::P;
 using wg::Q;
-constexpr int NT = 256;
-constexpr int kRegsState = 152, kRegsOutput = 104;  // per thread, sum 2 x 128
-static_assert(kRegsState + kRegsOutput == 256, "two warpgroups share 2 x 128 registers");
+constexpr int NT = kWsThreads;
 
 template <int N>
 struct WsLayout {
@@ -108,7 +106,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
     fence_async_smem();  // the state and the staging stores -> the async proxy (wgmma, TMA)
     mbar_arrive(sready);
     bar_sync_n(0, NT);  // stage 0 free for the TMA loads
-    setmaxnreg_inc<kRegsState>();
+    setmaxnreg_inc<kWsRegsState>();
 
 #pragma unroll 1
     for (int c = 0; c < nchunks; ++c) {
@@ -144,7 +142,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
 
   // ================= WG1: the output, and the loads =================
   bar_sync_n(0, NT);
-  setmaxnreg_dec<kRegsOutput>();
+  setmaxnreg_dec<kWsRegsOutput>();
   const bool leader = tid == NT / 2;
   const unsigned char* vsrc = p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes;
   auto issue = [&](int c) {  // the leader: stage c & 1's tiles and vectors on its full barrier
@@ -219,7 +217,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
 template <int N>
 const char* launch_ws(const FwdParams& p, cudaStream_t stream) {
   return launch_ws_grid<ssd_fwd_ws_kernel<N>>(
-      p, NT, WsLayout<N>::SMEM,
+      p, WsLayout<N>::SMEM,
       "it needs the chunk-vector pre-pass (not with cu_seqlens or an empty sequence)", stream);
 }
 

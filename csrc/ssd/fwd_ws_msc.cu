@@ -35,9 +35,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 using wg::P;
 using wg::Q;
-constexpr int NT = 256, NW = 128;  // threads, threads of a warpgroup
-constexpr int kRegsState = 152, kRegsOutput = 104;
-static_assert(kRegsState + kRegsOutput == 256, "two warpgroups share 2 x 128 registers");
+constexpr int NT = kWsThreads, NW = kWsWgThreads;  // threads, threads of a warpgroup
 constexpr int kBarWg0 = 1, kBarWg1 = 2;  // named barriers of one warpgroup's 128 threads
 
 template <int N>
@@ -133,7 +131,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 
   if (tid < NW) {
     // ================= WG0: the mask and the state =================
-    setmaxnreg_inc<kRegsState>();
+    setmaxnreg_inc<kWsRegsState>();
     float sacc[NP][32];
     wg::zero_state(sacc);
     const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
@@ -187,7 +185,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   }
 
   // ================= WG1: conv, output =================
-  setmaxnreg_dec<kRegsOutput>();
+  setmaxnreg_dec<kWsRegsOutput>();
   const int wt = tid - NW;  // thread in WG1
   const int64_t xcol = h * p.x_h;
 
@@ -259,7 +257,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 
 template <int N>
 const char* launch_ws_msc(const FwdParams& p, cudaStream_t stream) {
-  return launch_ws_grid<ssd_fwd_ws_msc_kernel<N>>(p, NT, WsMscLayout<N>::SMEM,
+  return launch_ws_grid<ssd_fwd_ws_msc_kernel<N>>(p, WsMscLayout<N>::SMEM,
                                                   "it needs the chunk-vector pre-pass", stream);
 }
 

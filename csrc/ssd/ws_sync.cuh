@@ -13,6 +13,12 @@
 namespace mlmamba {
 namespace ssd {
 
+// Their shape: two warpgroups of 128 threads; setmaxnreg gives the state warpgroup (WG0)
+// kWsRegsState registers per thread and the output warpgroup (WG1) kWsRegsOutput.
+constexpr int kWsThreads = 256, kWsWgThreads = 128;
+constexpr int kWsRegsState = 152, kWsRegsOutput = 104;
+static_assert(kWsRegsState + kWsRegsOutput == 256, "two warpgroups share 2 x 128 registers");
+
 // named barrier id over n threads (warps of whole warpgroups)
 __device__ __forceinline__ void bar_sync_n(int id, int n) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
@@ -37,20 +43,12 @@ __device__ __forceinline__ void hand_over_m(const uint32_t (&ma)[4][4], uint32_t
   mbar_arrive(mready);
 }
 
-// The launch of a warp-specialized kernel: one CTA per (head, row) of `threads` threads and
+// The launch of a warp-specialized kernel: one CTA per (head, row) of kWsThreads threads and
 // `smem` bytes, after the chunk-vector pre-pass. nullptr when launched, else why not
 // (no_vecs: where the pre-pass cannot serve these inputs).
 template <auto kKernel>
-const char* launch_ws_grid(const FwdParams& p, int threads, int smem, const char* no_vecs,
-                           cudaStream_t stream) {
-  static const char* const image = []() -> const char* {
-    cudaFuncAttributes attr;
-    const char* why = nullptr;
-    if (cudaFuncGetAttributes(&attr, kKernel) != cudaSuccess) why = "no sm_90a kernel image in this build";
-    else if (attr.binaryVersion != 90) why = "the kernel image is not for sm_90";
-    if (why) cudaGetLastError();
-    return why;
-  }();
+const char* launch_ws_grid(const FwdParams& p, int smem, const char* no_vecs, cudaStream_t stream) {
+  static const char* const image = sm90_image_missing(reinterpret_cast<const void*>(kKernel));
   if (image) return image;
   if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kKernel), smem) != cudaSuccess) {
     cudaGetLastError();
@@ -59,7 +57,7 @@ const char* launch_ws_grid(const FwdParams& p, int threads, int smem, const char
   const FwdParams q = ssd_fwd_vectors(p, stream);
   if (!q.vecs) return no_vecs;
   const dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
-  kKernel<<<grid, threads, smem, stream>>>(q);
+  kKernel<<<grid, kWsThreads, smem, stream>>>(q);
   return nullptr;
 }
 
