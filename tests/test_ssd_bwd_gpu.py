@@ -249,7 +249,9 @@ def test_partials_on_chip_match_global(p, n, h, z, monkeypatch):
     alternate heads at headdim <= 64); MLMAMBA_SSD_BWD_PARTIALS=global forces the per-head
     global read-modify-write. Everything but dB/dC is computed the same way (bitwise equal);
     dB/dC may differ only by the grouping of the splits' fp32 sums. Long enough that a split
-    holds several heads (odd counts: one group takes one head more)."""
+    holds several heads (odd counts: one group takes one head more). bwd_chunk.cuh forced
+    (MLMAMBA_SSD_BWD_CHUNK=mma; the wgmma kernel keeps its sums in registers)."""
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", "mma")
     case = make_case(_gen(), b=4, l=1500, h=h, g=1, p=p, n=n, z=z, seq_idx=True)
     got = run_kernel(*case)
     monkeypatch.setenv("MLMAMBA_SSD_BWD_PARTIALS", "global")
@@ -267,12 +269,13 @@ def test_partials_on_chip_match_global(p, n, h, z, monkeypatch):
     (64, 128, 7, torch.float32, None), (64, 64, 5, torch.bfloat16, None),
     (32, 64, 5, torch.float16, None), (128, 128, 3, torch.bfloat16, None),
     (48, 100, 6, torch.float32, None), (64, 128, 4, torch.bfloat16, [0, 70, 71, 900, 1500])])
-def test_prefetch_matches_load_path(p, n, h, dt_dtype, cu):
-    """Step 2 prefetches the next head's x/dy by cp.async only where the tile is the raw input
-    (bf16, 16-byte aligned contiguous rows, no z, headdim % 8 == 0), else phase 0 loads them.
-    The same values through a view at a 2-byte offset (no vector rows: the load path) must give
-    bitwise the same gradients. dt at an odd element offset exercises the upper half of the
-    staged 32-bit dt words (16-bit dt)."""
+def test_prefetch_matches_load_path(p, n, h, dt_dtype, cu, monkeypatch):
+    """Step 2 (bwd_chunk.cuh, forced by MLMAMBA_SSD_BWD_CHUNK=mma) prefetches the next head's
+    x/dy by cp.async only where the tile is the raw input (bf16, 16-byte aligned contiguous
+    rows, no z, headdim % 8 == 0), else phase 0 loads them. The same values through a view at a
+    2-byte offset (no vector rows: the load path) must give bitwise the same gradients. dt at
+    an odd element offset exercises the upper half of the staged 32-bit dt words (16-bit dt)."""
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", "mma")
     case = make_case(_gen(), b=1 if cu else 3, l=1500, h=h, g=1, p=p, n=n, z=False,
                      dt_dtype=dt_dtype, seq_idx=cu is None, cu=cu)
     t, kw, dout, dfin = case
@@ -345,6 +348,50 @@ def test_states_wgmma(b, l, h, g, n, z, seq, ends, monkeypatch):
     check(*case)
 
 
+def kernel_names(case, part):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = run_kernel(*case)
+        torch.cuda.synchronize()
+    return got, [e.name for e in prof.events() if part in e.name]
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAVE or torch.cuda.get_device_capability()[0] != 9, reason="sm_90 only")
+@pytest.mark.parametrize("b,l,h,g,n,seq,ends,D", [
+    (2, 1000, 4, 2, 128, True, True, "h"),    # two groups, resets, a tail
+    (8, 300, 24, 1, 64, False, False, "hp"),  # d_state 64, D per channel
+    (4, 256, 80, 1, 128, False, True, "h"),   # 80 heads walked by one CTA
+    (3, 257, 40, 1, 128, True, True, None),   # a one-row last chunk, no D
+    (1, 40, 3, 1, 64, False, False, "h"),     # one partial chunk
+    (16, 576, 8, 1, 128, False, True, "h")])  # two head splits on 132 SMs: the fp32 workspace
+def test_chunk_wgmma(b, l, h, g, n, seq, ends, D, monkeypatch):
+    """Step 2 on sm_90a tensor cores (bwd_chunk_wg.cu, the default there for bf16, headdim 64,
+    no z). Its fp32 sums run in another order than bwd_chunk.cuh's (MLMAMBA_SSD_BWD_CHUNK=mma):
+    gradients are held to the reference and close to the mma.sync kernel's; two runs are
+    bitwise equal."""
+    case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=False, D=D, seq_idx=seq,
+                     init=ends, dfinal=ends)
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", "mma")
+    want, names = kernel_names(case, "chunk_")
+    assert names and not any("chunk_wg_kernel" in k for k in names), names
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", "")  # the default on sm_90
+    got, names = kernel_names(case, "chunk_wg_kernel")
+    assert names, "the wgmma chunk kernel did not run"
+    for name, a, r in zip(NAMES, got, want):
+        if name in ("dx", "dB", "dC", "dinit") and r.numel():
+            assert rel_err(a, r.double()) < 1e-2, name
+    for name, a, r in zip(NAMES, run_kernel(*case), got):
+        assert torch.equal(a, r), f"{name} differs between two runs"
+    check(*case)
+
+
+@needs_kernel
+def test_chunk_mode_checked(monkeypatch):
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", "fast")
+    with pytest.raises(RuntimeError, match="MLMAMBA_SSD_BWD_CHUNK"):
+        run_kernel(*make_case(_gen(), l=70, h=2))
+
+
 @needs_kernel
 def test_states_mode_checked(monkeypatch):
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "fast")
@@ -358,15 +405,16 @@ def test_many_heads_per_split():
 
 
 @needs_kernel
-@pytest.mark.parametrize("mode", ["", "s2"])
-def test_over_2_31_elements(mode, monkeypatch):
+@pytest.mark.parametrize("mode,chunk", [("", ""), ("s2", "mma")])
+def test_over_2_31_elements(mode, chunk, monkeypatch):
     """b*l*h*p > 2^31: the second batch row's tail lives past element 2^31. A seq_idx reset
     near the end makes the tail's gradients (dfinal's path included) independent of the rest,
-    so they are checked against the reference on the tail. "" takes the wgmma states walk on
-    sm_90a, s2 the mma.sync walk; the chunk kernel is the same."""
+    so they are checked against the reference on the tail. "" takes the wgmma kernels on
+    sm_90a (states walk and chunk kernel), s2 / mma the mma.sync ones."""
     if torch.cuda.mem_get_info()[0] < 30 * 2**30:
         pytest.skip("needs ~30 GB of free GPU memory")
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", mode)
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", chunk)
     b, h, p, n, tail = 2, 64, 64, 64, 200
     l = 2**31 // (b * h * p) + 1001
     gen = _gen()

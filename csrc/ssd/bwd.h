@@ -100,6 +100,11 @@ struct StatesMaps {
 bool states_wg_ok(const Params& prm, int tcode);
 // false where it cannot run (no sm_90a image, shared memory): then launch_states
 bool launch_states_wg(const Params& prm, const StatesMaps& maps, int num_sms, void* stream);
+// step 2 on sm_90a wgmma (bwd_chunk_wg.cu; the default there): bf16, headdim 64, d_state 64
+// or 128, no z, no cu_seqlens, the sm_90a image and its shared memory; the maps' x, o, B, C,
+// wsS, wsG as for step 1. It writes dB / dC itself with one split (as prm.onchip)
+bool chunk_wg_ok(const Params& prm, int tcode);
+void launch_chunk_wg(const Params& prm, const StatesMaps& maps, void* stream);
 void launch_chunk(const Params& prm, int tcode, void* stream);
 void launch_reduce(const Params& prm, int tcode, void* stream);
 size_t chunk_smem_bytes(const Params& prm);       // step 2's dynamic shared memory (prm.onchip)

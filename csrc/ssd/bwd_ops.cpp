@@ -158,29 +158,6 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   P.nslots = varlen ? int((l + kQ - 1) / kQ + nseq) : int(b) * P.nch;
   MLM_CHECK(nseq * 2 < (int64_t(1) << 31) && P.nslots <= (1 << 30), kOp, ": too many sequences");
   MLM_CHECK(varlen || b <= 65535, kOp, ": at most 65535 batch rows, got ", b);
-  // step 2 variant: dB/dC partials on chip where they fit (MLMAMBA_SSD_BWD_PARTIALS=global
-  // forces the per-head global read-modify-write, for comparisons)
-  {
-    const char* env = std::getenv("MLMAMBA_SSD_BWD_PARTIALS");
-    const bool force_global = env && std::strcmp(env, "global") == 0;
-    P.onchip = !force_global && chunk_onchip_fits(P, prop.sharedMemPerBlockOptin);
-  }
-  // head splits: the fewest waves times heads per block (step 2 sums dB/dC over a split's heads);
-  // on chip: one block per SM whose groups share the heads, plus one head's worth of fixed
-  // work per block (B/C tiles, the partials' write-out)
-  P.ctas_per_sm = P.onchip ? 1 : (p <= 64 ? 2 : 1);
-  {
-    const int groups = chunk_groups(P), extra = P.onchip ? 1 : 0;
-    const int64_t base = int64_t(P.nslots) * g, slots = int64_t(P.ctas_per_sm) * prop.multiProcessorCount;
-    int64_t best = -1, best_ns = 1;
-    for (int ns = 1; ns <= std::min(P.hpg, 16); ++ns) {
-      const int64_t hs = (P.hpg + ns - 1) / ns, ctas = base * ((P.hpg + hs - 1) / hs);
-      const int64_t cost = (ctas + slots - 1) / slots * ((hs + groups - 1) / groups + extra);
-      if (best < 0 || cost < best) { best = cost; best_ns = ns; }
-    }
-    P.hsplit = int((P.hpg + best_ns - 1) / best_ns);
-    P.nsplit = (P.hpg + P.hsplit - 1) / P.hsplit;
-  }
   P.varlen = varlen;
   P.has_seq_idx = seq_idx_in.has_value();
   P.has_z = z_in.has_value();
@@ -244,6 +221,52 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   auto bopt = x.options().dtype(at::kBFloat16);
   const int64_t wsn = int64_t(P.nslots) * h * p * P.npad;
   at::Tensor wsS = at::empty({wsn}, bopt), wsG = at::empty({wsn}, bopt);
+  const int tcode = code_of(T);
+
+  // TMA maps of the inputs and the state workspaces for the sm_90a kernels (steps 1 and 2);
+  // they need the last dim contiguous and 16-byte aligned rows (rows16)
+  StatesMaps maps{};
+  bool maps_ok = false;
+  if (prop.major == 9 && tcode == kBF16) {
+    auto enc = [](CUtensorMap* m, const at::Tensor& t) {
+      return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
+    };
+    const auto ws4 = [&](const at::Tensor& w) { return w.view({int64_t(P.nslots) * h, p, 1, P.npad}); };
+    maps_ok = enc(&maps.x, x) && enc(&maps.o, dout) && (!z_in || enc(&maps.z, z)) &&
+              enc(&maps.B, B) && enc(&maps.C, C) && enc(&maps.wsS, ws4(wsS)) &&
+              enc(&maps.wsG, ws4(wsG));
+  }
+  // step 2: on sm_90a the wgmma kernel (bwd_chunk_wg.cu) where it applies, else bwd_chunk.cuh.
+  // MLMAMBA_SSD_BWD_CHUNK=mma forces bwd_chunk.cuh (A/B), =wgmma the default
+  const char* ck_env = std::getenv("MLMAMBA_SSD_BWD_CHUNK");
+  const std::string ck_mode = ck_env ? ck_env : "";
+  MLM_CHECK(ck_mode.empty() || ck_mode == "mma" || ck_mode == "wgmma", kOp,
+            ": MLMAMBA_SSD_BWD_CHUNK must be mma or wgmma, got '", ck_mode, "'");
+  const bool chunk_wg = ck_mode != "mma" && maps_ok && chunk_wg_ok(P, tcode);
+  // step 2 variant: dB/dC partials on chip where they fit (MLMAMBA_SSD_BWD_PARTIALS=global
+  // forces the per-head global read-modify-write, for comparisons)
+  {
+    const char* env = std::getenv("MLMAMBA_SSD_BWD_PARTIALS");
+    const bool force_global = env && std::strcmp(env, "global") == 0;
+    P.onchip = chunk_wg || (!force_global && chunk_onchip_fits(P, prop.sharedMemPerBlockOptin));
+  }
+  // head splits: the fewest waves times heads per block (step 2 sums dB/dC over a split's heads);
+  // on chip: one block per SM whose groups share the heads, plus one head's worth of fixed
+  // work per block (B/C tiles, the partials' write-out); the wgmma kernel: one block per SM
+  // walking its heads, plus about two heads' worth (B/C, CB, the pipeline's start, the write)
+  P.ctas_per_sm = P.onchip ? 1 : (p <= 64 ? 2 : 1);
+  {
+    const int groups = chunk_wg ? 1 : chunk_groups(P), extra = chunk_wg ? 2 : P.onchip ? 1 : 0;
+    const int64_t base = int64_t(P.nslots) * g, slots = int64_t(P.ctas_per_sm) * prop.multiProcessorCount;
+    int64_t best = -1, best_ns = 1;
+    for (int ns = 1; ns <= std::min(P.hpg, 16); ++ns) {
+      const int64_t hs = (P.hpg + ns - 1) / ns, ctas = base * ((P.hpg + hs - 1) / hs);
+      const int64_t cost = (ctas + slots - 1) / slots * ((hs + groups - 1) / groups + extra);
+      if (best < 0 || cost < best) { best = cost; best_ns = ns; }
+    }
+    P.hsplit = int((P.hpg + best_ns - 1) / best_ns);
+    P.nsplit = (P.hpg + P.hsplit - 1) / P.hsplit;
+  }
   // (no dB/dC workspace where step 2 writes dB/dC itself: on chip with one split)
   const int64_t wbc = P.onchip && P.nsplit == 1 ? 0 : b * l * P.nsplit * g * P.npad;
   at::Tensor wsdB = at::empty({wbc}, fopt), wsdC = at::empty({wbc}, fopt);
@@ -261,13 +284,12 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   P.ddtb = dt_bias ? ddtb32.data_ptr<float>() : nullptr;
   P.dD = D ? dD32.data_ptr<float>() : nullptr;
 
-  const size_t smem = chunk_smem_bytes(P);
+  const size_t smem = chunk_wg ? 0 : chunk_smem_bytes(P);
   MLM_CHECK(smem <= prop.sharedMemPerBlockOptin, kOp, ": headdim ", p, " with dstate ", n,
             " needs ", smem, " bytes of shared memory per block; this GPU has ",
             prop.sharedMemPerBlockOptin);
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int tcode = code_of(T);
   if (varlen) {
     launch_chunk_offsets(P, stream);
     MLM_CHECK_LAUNCH();
@@ -294,20 +316,12 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     MLM_CHECK_LAUNCH();
   }
   bool states_done = false;
-  if (wg && states_wg_ok(P, tcode)) {
-    // TMA maps need the last dim contiguous and 16-byte aligned rows (rows16)
-    auto enc = [](CUtensorMap* m, const at::Tensor& t) {
-      return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
-    };
-    StatesMaps maps{};
-    const auto ws4 = [&](const at::Tensor& w) { return w.view({int64_t(P.nslots) * h, p, 1, P.npad}); };
-    if (enc(&maps.x, x) && enc(&maps.o, dout) && (!z_in || enc(&maps.z, z)) && enc(&maps.B, B) &&
-        enc(&maps.C, C) && enc(&maps.wsS, ws4(wsS)) && enc(&maps.wsG, ws4(wsG)))
-      states_done = launch_states_wg(P, maps, prop.multiProcessorCount, stream);
-  }
+  if (wg && maps_ok && states_wg_ok(P, tcode))
+    states_done = launch_states_wg(P, maps, prop.multiProcessorCount, stream);
   if (!states_done) launch_states(P, tcode, stages, stream);
   MLM_CHECK_LAUNCH();
-  launch_chunk(P, tcode, stream);
+  if (chunk_wg) launch_chunk_wg(P, maps, stream);
+  else launch_chunk(P, tcode, stream);
   MLM_CHECK_LAUNCH();
   launch_reduce(P, tcode, stream);
   MLM_CHECK_LAUNCH();

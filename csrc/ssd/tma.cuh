@@ -75,6 +75,16 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   __trap();
 #endif
 }
+// a wait that cannot hang the device: trap after ~2^35 cycles (~17 s) without the phase
+__device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity) {
+  const long long t0 = clock64();
+  while (!mbar_test(bar, parity))
+    if (clock64() - t0 > (1ll << 35)) __trap();
+}
+// named barrier id over n threads (warps of whole warpgroups)
+__device__ __forceinline__ void bar_sync_n(int id, int n) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 // box at coordinates (c0 innermost .. c3) of a 4-D tensor map into shared memory at dst
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
                                             int c2, int c3, uint32_t bar) {

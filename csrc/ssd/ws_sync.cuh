@@ -19,17 +19,6 @@ constexpr int kWsThreads = 256, kWsWgThreads = 128;
 constexpr int kWsRegsState = 152, kWsRegsOutput = 104;
 static_assert(kWsRegsState + kWsRegsOutput == 256, "two warpgroups share 2 x 128 registers");
 
-// named barrier id over n threads (warps of whole warpgroups)
-__device__ __forceinline__ void bar_sync_n(int id, int n) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-// a wait that cannot hang the device: trap after ~2^35 cycles (~17 s) without the phase
-__device__ __forceinline__ void wait_phase(uint32_t bar, uint32_t parity) {
-  const long long t0 = clock64();
-  while (!mbar_test(bar, parity))
-    if (clock64() - t0 > (1ll << 35)) __trap();
-}
-
 // The state warpgroup hands chunk c's masked M (A fragments ma, from wg::mask_m) to the
 // output warpgroup: once its M X of chunk c - 1 is done (mfree), M goes to the bf16 panel at
 // m_base (wg::state_store_base of Mbuf) and mready completes (completion c).
