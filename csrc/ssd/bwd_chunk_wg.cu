@@ -44,6 +44,11 @@ struct HeadSums {
   float din[kQ];      // x_j . u_j
   float gs[4];        // <G_next, S_prev>, per warp
 };
+// what WG1 hands WG0 per head with the chunk vectors (two sets: head parity)
+struct HeadIn {
+  float D[kQ];  // D per channel (0 without D)
+  float A, pad[3];
+};
 
 // B, C (NP panels each, once per CTA); two stages of x, dy, S_prev, G_next; T1, T2, the scaled
 // tiles; chunk vectors and head sums (two each); WG1's dD partials; the barriers.
@@ -56,10 +61,12 @@ struct CkLayout {
   static constexpr int XS_OFF = T2_OFF + kTileB, DS_OFF = XS_OFF + kTileB;
   static constexpr int CV_OFF = DS_OFF + kTileB;
   static constexpr int SUM_OFF = CV_OFF + 2 * kCvB;
-  static constexpr int DD_OFF = SUM_OFF + 2 * int(sizeof(HeadSums));
+  static constexpr int IN_OFF = SUM_OFF + 2 * int(sizeof(HeadSums));
+  static constexpr int DD_OFF = IN_OFF + 2 * int(sizeof(HeadIn));
   static constexpr int BAR_OFF = DD_OFF + 4 * kQ * 4;
-  static constexpr int SMEM = BAR_OFF + 8 * 8 + 1024;  // 8 barriers; alignment slack
-  static_assert(sizeof(HeadSums) % 16 == 0 && BAR_OFF % 8 == 0, "alignment");
+  static constexpr int SMEM = BAR_OFF + 10 * 8 + 1024;  // 10 barriers; alignment slack
+  static_assert(sizeof(HeadSums) % 16 == 0 && sizeof(HeadIn) % 16 == 0 && BAR_OFF % 8 == 0,
+                "alignment");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
 
@@ -90,11 +97,15 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
   auto sums = [&](int k) {
     return reinterpret_cast<HeadSums*>(sm + Lt::SUM_OFF + (k & 1) * int(sizeof(HeadSums)));
   };
+  auto heads_in = [&](int k) {
+    return reinterpret_cast<HeadIn*>(sm + Lt::IN_OFF + (k & 1) * int(sizeof(HeadIn)));
+  };
   auto stage = [&](int k) { return sm + Lt::STG_OFF + (k & 1) * Lt::STAGE_B; };
   const uint32_t bar0 = ssd::smem_u32(sm + Lt::BAR_OFF);
   auto full = [&](int k) { return bar0 + 8 * (k & 1); };
   auto empty = [&](int k) { return bar0 + 16 + 8 * (k & 1); };
   const uint32_t bc = bar0 + 32, cvb = bar0 + 40, t2r = bar0 + 48, t2f = bar0 + 56;
+  auto srd = [&](int k) { return bar0 + 64 + 8 * (k & 1); };  // head k's sums written
   if (tid == 0) {
     for (int s = 0; s < 2; ++s) {
       ssd::mbar_init(full(s), 1);
@@ -104,6 +115,8 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     ssd::mbar_init(cvb, 1);
     ssd::mbar_init(t2r, kWg);
     ssd::mbar_init(t2f, kWg);
+    ssd::mbar_init(srd(0), kWg);
+    ssd::mbar_init(srd(1), kWg);
     ssd::mbar_init_fence();
   }
   __syncthreads();
@@ -161,18 +174,20 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
       const unsigned char* Y = stage(k) + Lt::Y;
       const unsigned char* S = stage(k) + Lt::S;
       const unsigned char* G = stage(k) + Lt::G;
+      const HeadIn& hin = *heads_in(k);
       float wa[32], u[32], v[32];
       __syncwarp();  // converged before the warpgroup's wgmma (thread 0 may have issued loads)
       ssd::wgmma_fence();
 #pragma unroll
       for (int s4 = 0; s4 < 4; ++s4) wgmma_m64n64_ss<0, 0>(wa, desc_k(Y, s4), desc_k(X, s4), s4 > 0);
+      ssd::wgmma_commit();  // W first: T1 / T2 need only W, while u and v run
 #pragma unroll
       for (int s4 = 0; s4 < 4 * NP; ++s4) wgmma_m64n64_ss<0, 0>(u, desc_k(Bs, s4), desc_k(G, s4), s4 > 0);
 #pragma unroll
       for (int s4 = 0; s4 < 4 * NP; ++s4) wgmma_m64n64_ss<0, 0>(v, desc_k(Cs, s4), desc_k(S, s4), s4 > 0);
       ssd::wgmma_commit();
-      {  // <G_next, S_prev> while the products run (both tiles in the same layout)
-        float gs = 0.f;
+      float gs = 0.f;  // <G_next, S_prev> while the products run (both tiles in one layout)
+      {
 #pragma unroll
         for (int q = 0; q < 4 * NP; ++q) {
           const uint4 a = reinterpret_cast<const uint4*>(S)[tid + kWg * q];
@@ -184,10 +199,9 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
             gs += fa.x * fb.x + fa.y * fb.y;
           }
         }
-        gs = warp_sum(gs);
-        if (lane == 0) hs.gs[w] = gs;
       }
-      ssd::wgmma_wait<0>();
+      gs = warp_sum(gs);
+      ssd::wgmma_wait<1>();
 
       // T1 = L o CB, T2 = dt_j L o W (j <= i, one segment), and the strict sums of M
       float rs[2] = {0.f, 0.f}, cs[8][2] = {};
@@ -220,7 +234,11 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
             t2p[2 * jj + hf] = ssd::pack_bf16(a2[0], a2[1]);
           }
       }
-      if (k > 0) ssd::wait_phase(t2f, (k - 1) & 1);  // WG1's products with head k - 1's T2 done
+      ssd::wgmma_wait<0>();  // u, v: retired before the wait loop below (C7520)
+      // WG1's products with head k - 1's T2 are done, and so is its lambda pass of head k - 2
+      // (the sums' set this head writes)
+      if (k > 0) ssd::wait_phase(t2f, (k - 1) & 1);
+      if (lane == 0) hs.gs[w] = gs;
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
@@ -294,11 +312,8 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
           const int pc = 8 * jj + 2 * t;
-          float d0 = 0.f, d1 = 0.f;
-          if (P.has_D) {
-            d0 = ld_code(P.D, P.D_code, hh * P.D_sh + pc * P.D_sp);
-            d1 = ld_code(P.D, P.D_code, hh * P.D_sh + (pc + 1) * P.D_sp);
-          }
+          const float2 dd = *reinterpret_cast<const float2*>(hin.D + pc);
+          const float d0 = dd.x, d1 = dd.y;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             const int j = i0 + 8 * hf, off = ssd::sw128_offset<kQ>(j, pc), q = 4 * jj + 2 * hf;
@@ -319,45 +334,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
         }
       }
       ssd::mbar_arrive(empty(k));  // this thread's reads of the stage (and its wgmma) are done
-      ssd::bar_sync_n(1, kWg);     // the head's sums
-
-      // lambda (exclusive scans of the sums), ddt, and the (chunk, head) partials of dA, ddt_bias
-      if (w == 0) {
-        const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
-        const float term3 = cv.cont * (hs.gs[0] + hs.gs[1] + hs.gs[2] + hs.gs[3]);
-        float dlt[2], t2v[2], t4v[2];
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int i = 2 * lane + q;
-          dlt[q] = (hs.colp[0][i] + hs.colp[1][i] + hs.colp[2][i] + hs.colp[3][i]) - hs.rowp[i];
-          t2v[q] = hs.t2[i];
-          t4v[q] = hs.t4[i];
-        }
-        float R0, R1, Rt, S0, S1, St, F0, F1, Ft;
-        warp_scan2(dlt[0], dlt[1], R0, R1, Rt);
-        warp_scan2(t2v[0], t2v[1], S0, S1, St);
-        warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
-        const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
-        float da = 0.f, db = 0.f;
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int i = 2 * lane + q;
-          if (i < qc) {
-            const float graw = (hs.din[i] + Ah * lam_g[q]) * cv.gfac[i];
-            st_code(P.ddt, P.dt_code, (int64_t(bb) * P.l + t0 + i) * P.h + hh, graw);
-            da += cv.dt[i] * lam_g[q];
-            db += graw;
-          }
-        }
-        da = warp_sum(da);
-        db = warp_sum(db);
-        if (lane == 0) {
-          P.part_dA[int64_t(slot) * P.h + hh] = da;
-          P.part_ddtb[int64_t(slot) * P.h + hh] = db;
-        }
-        (void)Rt;
-        (void)Ft;
-      }
+      ssd::mbar_arrive(srd(k));    // the head's sums: WG1's lambda pass
     }
     return;
   }
@@ -369,6 +346,48 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
   for (int np = 0; np < NP; ++np)
 #pragma unroll
     for (int q = 0; q < 32; ++q) db[np][q] = dc[np][q] = 0.f;
+  // lambda (exclusive scans of WG0's sums), ddt, and the (chunk, head) partials of dA and
+  // ddt_bias of head k: one warp, once WG0 has written the sums
+  auto lambda_pass = [&](int k) {
+    const int hh = hbeg + k;
+    const ChunkVec& cv = *cvp(k);
+    const HeadSums& hs = *sums(k);
+    ssd::wait_phase(srd(k), (k >> 1) & 1);
+    const float term3 = cv.cont * (hs.gs[0] + hs.gs[1] + hs.gs[2] + hs.gs[3]);
+    float dlt[2], t2v[2], t4v[2];
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int i = 2 * lane + q;
+      dlt[q] = (hs.colp[0][i] + hs.colp[1][i] + hs.colp[2][i] + hs.colp[3][i]) - hs.rowp[i];
+      t2v[q] = hs.t2[i];
+      t4v[q] = hs.t4[i];
+    }
+    float R0, R1, Rt, S0, S1, St, F0, F1, Ft;
+    warp_scan2(dlt[0], dlt[1], R0, R1, Rt);
+    warp_scan2(t2v[0], t2v[1], S0, S1, St);
+    warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
+    const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
+    const float Ah = heads_in(k)->A;
+    float da = 0.f, db = 0.f;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int i = 2 * lane + q;
+      if (i < qc) {
+        const float graw = (hs.din[i] + Ah * lam_g[q]) * cv.gfac[i];
+        st_code(P.ddt, P.dt_code, (int64_t(bb) * P.l + t0 + i) * P.h + hh, graw);
+        da += cv.dt[i] * lam_g[q];
+        db += graw;
+      }
+    }
+    da = warp_sum(da);
+    db = warp_sum(db);
+    if (lane == 0) {
+      P.part_dA[int64_t(slot) * P.h + hh] = da;
+      P.part_ddtb[int64_t(slot) * P.h + hh] = db;
+    }
+    (void)Rt;
+    (void)Ft;
+  };
   DtRaw dr;
   if (w == 0) fetch_dt(P, dr, bb, cp.t0, qc, cp.first, hbeg);
   ssd::wait_phase(bc, 0);
@@ -377,11 +396,23 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     const int hh = hbeg + k;
     ChunkVec& cv = *cvp(k);  // WG0 is past head k - 2 (it handed over T2 of head k - 1)
     if (w == 0) {
-      chunk_vectors_from(P, cv, dr, qc, hh, ld_code(P.A, P.A_code, hh * P.A_s));
+      // the head's chunk vectors, D and A (WG0 is past head k - 2: it handed over T2 of k - 1)
+      HeadIn& hin = *heads_in(k);
+      const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
+      chunk_vectors_from(P, cv, dr, qc, hh, Ah);
       if (k + 1 < nh) fetch_dt(P, dr, bb, cp.t0, qc, cp.first, hh + 1);
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int pp = 2 * lane + q;
+        hin.D[pp] = P.has_D ? ld_code(P.D, P.D_code, hh * P.D_sh + pp * P.D_sp) : 0.f;
+      }
+      if (lane == 0) hin.A = Ah;
     }
-    ssd::bar_sync_n(2, kWg);  // cv written
+    ssd::bar_sync_n(2, kWg);  // cv, D, A written
     if (tid1 == 0) ssd::mbar_arrive(cvb);
+    // warp 1: the lambda pass of head k - 1 (WG0 cannot write its sums' set again before this
+    // warp joins the barrier below: WG0 waits for t2f of head k first)
+    if (w == 1 && k > 0) lambda_pass(k - 1);
     ssd::wait_phase(full(k), (k >> 1) & 1);
     const unsigned char* X = stage(k) + Lt::X;
     const unsigned char* Y = stage(k) + Lt::Y;
@@ -452,6 +483,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     if (k + 1 < nh) ssd::mbar_arrive(t2f);
     ssd::mbar_arrive(empty(k));
   }
+  if (w == 1) lambda_pass(nh - 1);
 
   // the split's sums: dB / dC themselves with one split, else the fp32 workspace
 #pragma unroll
