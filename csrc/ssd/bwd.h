@@ -27,6 +27,9 @@ constexpr int kNB = 64;         // state columns (n) per block
 constexpr float kMinLogDecay = -60.f;
 // per (slot, head): dt*sout (64), sin (64), cont, padding to a 16-byte multiple
 constexpr int kVecW = 2 * 64 + 4;
+// per (slot, head) record of the sm_90a chunk kernel's inputs (HeadRec, bwd_common.cuh: the
+// chunk vectors, D, A), written by vectors_kernel and loaded with the head's tiles
+constexpr int kHeadRecB = 1808;
 
 // dtype codes for tensors read or written through a runtime switch (small tensors)
 enum DCode : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
@@ -70,6 +73,7 @@ struct Params {
   float* part_ddtb;  // (nslots, h)
   float* part_dD;    // (nslots, h, p)
   float* vec;        // (nslots, h, kVecW): step 1's chunk scales (async path; vectors_kernel)
+  void* hrec;        // (nslots, h) x kHeadRecB bytes, or null: bwd_chunk_wg.cu's HeadRec
 
   // outputs (contiguous)
   void* dx;       // (b,l,h,p) T

@@ -1,19 +1,21 @@
 // SSD backward, step 2 on sm_90a tensor cores (the default there for bf16, headdim 64,
 // d_state 64 / 128, no z, no cu_seqlens; elsewhere bwd_chunk.cuh, whose header has the
 // equations). One CTA per (chunk, batch row, group, head split): two warpgroups walk the
-// split's heads.
-//   WG0: CB = C B^T once (registers); per head one wgmma batch W = dy x^T, u = B G^T (the state
-//        part), v = C S^T; the masked T1 = L o CB and T2 = dt_j L o W to shared memory and the
-//        strict row / column sums of M; u = sout u + T1^T dy; dx = dt u + D dy; warp 0 the
-//        lambda scans (ddt, the dA / ddt_bias partials).
-//   WG1: the head's chunk vectors (its warp 0, dt fetched a head ahead), the scaled tiles
-//        dt sout o x and sin o dy, the dD partials, and the sums over heads in registers:
-//        dB += (dt sout x) G + T2^T C, dC += (sin dy) S + T2 B; written once at the end (dB /
-//        dC themselves with one split, else the per-split fp32 workspace for bwd_reduce.cu).
-// Thread 0 streams each head's x, dy, S_prev, G_next by TMA one head ahead (two stages; full:
-// bytes, empty: all 256 threads). Handoffs by mbarrier: cv (WG1 -> WG0, completion k for head
-// k), T2 ready (WG0 -> WG1), T2 free (WG1 -> WG0). Waits trap instead of hanging.
-// Tiles are 128-byte-swizzled 64 x 64 bf16 panels (wgmma.cuh); every product is m64n64k16.
+// split's heads. Each head's x, dy, S_prev, G_next tiles and its record (HeadRec: the chunk
+// vectors, D, A; from vectors_kernel) arrive by TMA one head ahead (two stages; full: bytes,
+// empty: all 256 threads).
+//   WG0: CB = C B^T once (registers); per head W = dy x^T, then u = B G^T (the state part) and
+//        v = C S^T; the masked T1 = L o CB and T2 = dt_j L o W to shared memory (while u, v
+//        run) and the strict row / column sums of M; u = sout u + T1^T dy; dx = dt u + D dy;
+//        the head's sums for the lambda pass.
+//   WG1: the scaled tiles dt sout o x and sin o dy, the dD partials, and the sums over heads
+//        in registers: dB += (dt sout x) G + T2^T C, dC += (sin dy) S + T2 B, written once at
+//        the end (dB / dC themselves with one split, else the per-split fp32 workspace that
+//        bwd_reduce.cu sums); its warp 1 runs the lambda pass of the previous head (ddt, the
+//        dA / ddt_bias partials) and streams the next head's loads (it waits for T2 anyway).
+// Handoffs by mbarrier: T2 ready (WG0 -> WG1), T2 free (WG1 -> WG0), sums written (WG0 -> WG1,
+// two: head parity). Waits trap instead of hanging. Tiles are 128-byte-swizzled 64 x 64 bf16
+// panels (wgmma.cuh); every product is m64n64k16. docs/perf-log.md has the measurements.
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -33,7 +35,6 @@ using ssd::wgmma_m64n64_ss;
 
 constexpr int kThr = 256, kWg = 128;
 constexpr int kTileB = kQ * 64 * 2;  // one 64 x 64 bf16 panel
-constexpr int kCvB = (int(sizeof(ChunkVec)) + 15) / 16 * 16;
 
 // what WG0's warps hand its warp 0 per head (two sets: head parity)
 struct HeadSums {
@@ -44,29 +45,24 @@ struct HeadSums {
   float din[kQ];      // x_j . u_j
   float gs[4];        // <G_next, S_prev>, per warp
 };
-// what WG1 hands WG0 per head with the chunk vectors (two sets: head parity)
-struct HeadIn {
-  float D[kQ];  // D per channel (0 without D)
-  float A, pad[3];
-};
 
-// B, C (NP panels each, once per CTA); two stages of x, dy, S_prev, G_next; T1, T2, the scaled
-// tiles; chunk vectors and head sums (two each); WG1's dD partials; the barriers.
+// B, C (NP panels each, once per CTA); two stages of x, dy, S_prev, G_next and the head's
+// record (HeadRec: chunk vectors, D, A); T1, T2, the scaled tiles; head sums (two sets); WG1's
+// dD partials (two sets); the barriers.
 template <int NP>
 struct CkLayout {
   static constexpr int B_OFF = 0, C_OFF = NP * kTileB, STG_OFF = 2 * NP * kTileB;
-  static constexpr int X = 0, Y = kTileB, S = 2 * kTileB, G = (2 + NP) * kTileB;  // in a stage
-  static constexpr int STAGE_B = (2 + 2 * NP) * kTileB;
+  // in a stage
+  static constexpr int X = 0, Y = kTileB, S = 2 * kTileB, G = (2 + NP) * kTileB, REC = (2 + 2 * NP) * kTileB;
+  static constexpr int STAGE_TX = REC + kHeadRecB;                  // bytes the loads bring
+  static constexpr int STAGE_B = REC + (kHeadRecB + 1023) / 1024 * 1024;  // tiles 1024-aligned
   static constexpr int T1_OFF = STG_OFF + 2 * STAGE_B, T2_OFF = T1_OFF + kTileB;
   static constexpr int XS_OFF = T2_OFF + kTileB, DS_OFF = XS_OFF + kTileB;
-  static constexpr int CV_OFF = DS_OFF + kTileB;
-  static constexpr int SUM_OFF = CV_OFF + 2 * kCvB;
-  static constexpr int IN_OFF = SUM_OFF + 2 * int(sizeof(HeadSums));
-  static constexpr int DD_OFF = IN_OFF + 2 * int(sizeof(HeadIn));
-  static constexpr int BAR_OFF = DD_OFF + 4 * kQ * 4;
-  static constexpr int SMEM = BAR_OFF + 10 * 8 + 1024;  // 10 barriers; alignment slack
-  static_assert(sizeof(HeadSums) % 16 == 0 && sizeof(HeadIn) % 16 == 0 && BAR_OFF % 8 == 0,
-                "alignment");
+  static constexpr int SUM_OFF = DS_OFF + kTileB;
+  static constexpr int DD_OFF = SUM_OFF + 2 * int(sizeof(HeadSums));
+  static constexpr int BAR_OFF = DD_OFF + 2 * 4 * kQ * 4;
+  static constexpr int SMEM = BAR_OFF + 9 * 8 + 1024;  // 9 barriers; alignment slack
+  static_assert(sizeof(HeadSums) % 16 == 0 && BAR_OFF % 8 == 0, "alignment");
   static_assert(SMEM <= 227 * 1024, "shared memory per CTA");
 };
 
@@ -92,27 +88,24 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
   unsigned char* T2 = sm + Lt::T2_OFF;
   unsigned char* Xs = sm + Lt::XS_OFF;
   unsigned char* Ds = sm + Lt::DS_OFF;
-  float(*ddw)[kQ] = reinterpret_cast<float(*)[kQ]>(sm + Lt::DD_OFF);
-  auto cvp = [&](int k) { return reinterpret_cast<ChunkVec*>(sm + Lt::CV_OFF + (k & 1) * kCvB); };
+  // WG1's per-warp dD partials of head k (set k % 2: one barrier per head orders them)
+  auto ddw = [&](int k) { return reinterpret_cast<float(*)[kQ]>(sm + Lt::DD_OFF + (k & 1) * 4 * kQ * 4); };
   auto sums = [&](int k) {
     return reinterpret_cast<HeadSums*>(sm + Lt::SUM_OFF + (k & 1) * int(sizeof(HeadSums)));
   };
-  auto heads_in = [&](int k) {
-    return reinterpret_cast<HeadIn*>(sm + Lt::IN_OFF + (k & 1) * int(sizeof(HeadIn)));
-  };
   auto stage = [&](int k) { return sm + Lt::STG_OFF + (k & 1) * Lt::STAGE_B; };
+  auto rec = [&](int k) { return reinterpret_cast<const HeadRec*>(stage(k) + Lt::REC); };
   const uint32_t bar0 = ssd::smem_u32(sm + Lt::BAR_OFF);
   auto full = [&](int k) { return bar0 + 8 * (k & 1); };
   auto empty = [&](int k) { return bar0 + 16 + 8 * (k & 1); };
-  const uint32_t bc = bar0 + 32, cvb = bar0 + 40, t2r = bar0 + 48, t2f = bar0 + 56;
-  auto srd = [&](int k) { return bar0 + 64 + 8 * (k & 1); };  // head k's sums written
+  const uint32_t bc = bar0 + 32, t2r = bar0 + 40, t2f = bar0 + 48;
+  auto srd = [&](int k) { return bar0 + 56 + 8 * (k & 1); };  // head k's sums written
   if (tid == 0) {
     for (int s = 0; s < 2; ++s) {
       ssd::mbar_init(full(s), 1);
       ssd::mbar_init(empty(s), kThr);
     }
     ssd::mbar_init(bc, 1);
-    ssd::mbar_init(cvb, 1);
     ssd::mbar_init(t2r, kWg);
     ssd::mbar_init(t2f, kWg);
     ssd::mbar_init(srd(0), kWg);
@@ -126,7 +119,9 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     unsigned char* base = stage(k);
     const uint32_t bar = full(k);
     const int hn = hbeg + k, row = slot * P.h + hn;
-    ssd::mbar_arrive_expect_tx(bar, Lt::STAGE_B);
+    ssd::mbar_arrive_expect_tx(bar, Lt::STAGE_TX);
+    ssd::bulk_load(ssd::smem_u32(base + Lt::REC),
+                   static_cast<const char*>(P.hrec) + int64_t(row) * kHeadRecB, kHeadRecB, bar);
     ssd::tma_load_4d(ssd::smem_u32(base + Lt::X), &M.x, 0, t0, hn, bb, bar);
     ssd::tma_load_4d(ssd::smem_u32(base + Lt::Y), &M.o, 0, t0, hn, bb, bar);
 #pragma unroll
@@ -162,21 +157,15 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
 #pragma unroll 1
     for (int k = 0; k < nh; ++k) {
       const int hh = hbeg + k;
-      if (tid == 0 && k >= 1 && k + 1 < nh) {
-        ssd::wait_phase(empty(k + 1), ((k - 1) >> 1) & 1);  // head k - 1 is done with the stage
-        issue(k + 1);
-      }
       ssd::wait_phase(full(k), (k >> 1) & 1);
-      ssd::wait_phase(cvb, k & 1);
-      const ChunkVec& cv = *cvp(k);
+      const ChunkVec& cv = rec(k)->cv;
       HeadSums& hs = *sums(k);
       const unsigned char* X = stage(k) + Lt::X;
       const unsigned char* Y = stage(k) + Lt::Y;
       const unsigned char* S = stage(k) + Lt::S;
       const unsigned char* G = stage(k) + Lt::G;
-      const HeadIn& hin = *heads_in(k);
       float wa[32], u[32], v[32];
-      __syncwarp();  // converged before the warpgroup's wgmma (thread 0 may have issued loads)
+      __syncwarp();  // converged before the warpgroup's wgmma
       ssd::wgmma_fence();
 #pragma unroll
       for (int s4 = 0; s4 < 4; ++s4) wgmma_m64n64_ss<0, 0>(wa, desc_k(Y, s4), desc_k(X, s4), s4 > 0);
@@ -312,7 +301,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
           const int pc = 8 * jj + 2 * t;
-          const float2 dd = *reinterpret_cast<const float2*>(hin.D + pc);
+          const float2 dd = *reinterpret_cast<const float2*>(rec(k)->D + pc);
           const float d0 = dd.x, d1 = dd.y;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
@@ -350,7 +339,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
   // ddt_bias of head k: one warp, once WG0 has written the sums
   auto lambda_pass = [&](int k) {
     const int hh = hbeg + k;
-    const ChunkVec& cv = *cvp(k);
+    const ChunkVec& cv = rec(k)->cv;
     const HeadSums& hs = *sums(k);
     ssd::wait_phase(srd(k), (k >> 1) & 1);
     const float term3 = cv.cont * (hs.gs[0] + hs.gs[1] + hs.gs[2] + hs.gs[3]);
@@ -367,7 +356,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     warp_scan2(t2v[0], t2v[1], S0, S1, St);
     warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
     const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
-    const float Ah = heads_in(k)->A;
+    const float Ah = rec(k)->A;
     float da = 0.f, db = 0.f;
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
@@ -388,32 +377,25 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     (void)Rt;
     (void)Ft;
   };
-  DtRaw dr;
-  if (w == 0) fetch_dt(P, dr, bb, cp.t0, qc, cp.first, hbeg);
   ssd::wait_phase(bc, 0);
 #pragma unroll 1
   for (int k = 0; k < nh; ++k) {
     const int hh = hbeg + k;
-    ChunkVec& cv = *cvp(k);  // WG0 is past head k - 2 (it handed over T2 of head k - 1)
-    if (w == 0) {
-      // the head's chunk vectors, D and A (WG0 is past head k - 2: it handed over T2 of k - 1)
-      HeadIn& hin = *heads_in(k);
-      const float Ah = ld_code(P.A, P.A_code, hh * P.A_s);
-      chunk_vectors_from(P, cv, dr, qc, hh, Ah);
-      if (k + 1 < nh) fetch_dt(P, dr, bb, cp.t0, qc, cp.first, hh + 1);
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int pp = 2 * lane + q;
-        hin.D[pp] = P.has_D ? ld_code(P.D, P.D_code, hh * P.D_sh + pp * P.D_sp) : 0.f;
-      }
-      if (lane == 0) hin.A = Ah;
-    }
-    ssd::bar_sync_n(2, kWg);  // cv, D, A written
-    if (tid1 == 0) ssd::mbar_arrive(cvb);
     // warp 1: the lambda pass of head k - 1 (WG0 cannot write its sums' set again before this
-    // warp joins the barrier below: WG0 waits for t2f of head k first)
-    if (w == 1 && k > 0) lambda_pass(k - 1);
+    // warp joins the barrier below: WG0 waits for t2f of head k first); then its share of
+    // head k - 1's empty, and lane 0 streams head k + 1 into that stage (a producer here
+    // stalls only this warpgroup, which waits for T2 anyway)
+    if (w == 1 && k > 0) {
+      lambda_pass(k - 1);
+      ssd::mbar_arrive(empty(k - 1));
+      if (lane == 0 && k + 1 < nh) {
+        ssd::wait_phase(empty(k - 1), ((k - 1) >> 1) & 1);
+        issue(k + 1);
+      }
+      __syncwarp();
+    }
     ssd::wait_phase(full(k), (k >> 1) & 1);
+    const ChunkVec& cv = rec(k)->cv;
     const unsigned char* X = stage(k) + Lt::X;
     const unsigned char* Y = stage(k) + Lt::Y;
     const unsigned char* S = stage(k) + Lt::S;
@@ -449,12 +431,13 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
       }
       if (lane < 8)
 #pragma unroll
-        for (int e = 0; e < 8; ++e) ddw[w][8 * lane + e] = dd[e];
+        for (int e = 0; e < 8; ++e) ddw(k)[w][8 * lane + e] = dd[e];
     }
     ssd::fence_async_smem();
     ssd::bar_sync_n(2, kWg);  // the scaled tiles and the dD partials written
     if (tid1 < kQ)
-      P.part_dD[(int64_t(slot) * P.h + hh) * P.p + tid1] = ddw[0][tid1] + ddw[1][tid1] + ddw[2][tid1] + ddw[3][tid1];
+      P.part_dD[(int64_t(slot) * P.h + hh) * P.p + tid1] =
+          ddw(k)[0][tid1] + ddw(k)[1][tid1] + ddw(k)[2][tid1] + ddw(k)[3][tid1];
     __syncwarp();
     ssd::wgmma_fence();
 #pragma unroll
@@ -481,7 +464,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     ssd::wgmma_commit();
     ssd::wgmma_wait<0>();
     if (k + 1 < nh) ssd::mbar_arrive(t2f);
-    ssd::mbar_arrive(empty(k));
+    if (w != 1) ssd::mbar_arrive(empty(k));  // warp 1's after its lambda pass of head k
   }
   if (w == 1) lambda_pass(nh - 1);
 

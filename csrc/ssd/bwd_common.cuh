@@ -148,6 +148,14 @@ struct ChunkVec {
   float cont;      // exp(lam_last) when the incoming state reaches the chunk end, else 0
 };
 
+// The sm_90a chunk kernel's per-(slot, head) inputs, one record of kHeadRecB bytes (bwd.h)
+struct HeadRec {
+  ChunkVec cv;
+  float D[kQ];  // D per channel (0 without D)
+  float A;
+};
+static_assert(sizeof(HeadRec) <= kHeadRecB && kHeadRecB % 16 == 0, "kHeadRecB");
+
 // Where a states walk's carried tile starts: initial_states (forward walk, dir 0) or
 // dfinal_states (backward walk, dir 1); element (s, hh, pp, nn) in fp32, 0 without one.
 struct CarriedSrc {

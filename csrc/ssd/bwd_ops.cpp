@@ -308,8 +308,12 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
                      : st_mode == "s3"                                ? 3
                                                                       : 2;
   const bool wg = (st_mode.empty() || st_mode == "wgmma") && prop.major == 9 && stages > 0;
-  at::Tensor vec;
-  if (stages > 0) {
+  at::Tensor vec, hrec;
+  if (chunk_wg) {
+    hrec = at::empty({int64_t(P.nslots) * h * kHeadRecB}, x.options().dtype(at::kByte));
+    P.hrec = hrec.data_ptr();
+  }
+  if (stages > 0 || chunk_wg) {
     vec = at::empty({int64_t(P.nslots) * h * kVecW}, fopt);
     P.vec = vec.data_ptr<float>();
     launch_vectors(P, stream);

@@ -34,7 +34,8 @@ __global__ void chunk_offsets_kernel(Params P) {
 }
 
 // Chunk scales of the async path, one warp per (slot, head): the same chunk_vectors_from as
-// the register path, so the same values; the walk then has no serial per-chunk work.
+// the register path, so the same values; the walk then has no serial per-chunk work. Where
+// P.hrec is set, also the whole record of the sm_90a chunk kernel (HeadRec).
 __global__ void __launch_bounds__(128) vectors_kernel(Params P) {
   __shared__ ChunkVec cvw[4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -52,6 +53,16 @@ __global__ void __launch_bounds__(128) vectors_kernel(Params P) {
     out[kQ + i] = cv.sin[i];
   }
   if (lane == 0) out[2 * kQ] = cv.cont;
+  if (P.hrec) {
+    HeadRec* rec = reinterpret_cast<HeadRec*>(static_cast<char*>(P.hrec) +
+                                              (int64_t(c.slot) * P.h + hh) * kHeadRecB);
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(&cv);
+    uint32_t* dst = reinterpret_cast<uint32_t*>(&rec->cv);
+    for (int i = lane; i < int(sizeof(ChunkVec) / 4); i += 32) dst[i] = src[i];
+    for (int i = lane; i < kQ; i += 32)
+      rec->D[i] = P.has_D && i < P.p ? ld_code(P.D, P.D_code, hh * P.D_sh + i * P.D_sp) : 0.f;
+    if (lane == 0) rec->A = ld_code(P.A, P.A_code, hh * P.A_s);
+  }
 }
 
 // Async path, dynamic shared memory per stage: 512 16-byte words for each raw tile that is
