@@ -199,7 +199,12 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
         const float lam_i[2] = {cv.lam[i0], cv.lam[i0 + 8]};
         const int seg_i[2] = {cv.seg[i0], cv.seg[i0 + 8]};
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj)
+        for (int jj = 0; jj < 8; ++jj) {
+          // columns j0, j0 + 1: one 8-byte load per vector
+          const int j0 = 8 * jj + 2 * t;
+          const float2 lam2 = *reinterpret_cast<const float2*>(cv.lam + j0);
+          const float2 dt2 = *reinterpret_cast<const float2*>(cv.dt + j0);
+          const int2 seg2 = *reinterpret_cast<const int2*>(cv.seg + j0);
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             const int i = i0 + 8 * hf;
@@ -208,11 +213,11 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
             for (int e = 0; e < 2; ++e) {
               // selects, no branches: accumulator registers read in a divergent path make
               // ptxas serialize the wgmma (C7520)
-              const int j = 8 * jj + 2 * t + e, idx = 4 * jj + 2 * hf + e;
-              const bool in = j <= i && cv.seg[j] == seg_i[hf];
-              const float l = __expf(in ? lam_i[hf] - cv.lam[j] : 0.f);
+              const int j = j0 + e, idx = 4 * jj + 2 * hf + e;
+              const bool in = j <= i && (e ? seg2.y : seg2.x) == seg_i[hf];
+              const float l = __expf(in ? lam_i[hf] - (e ? lam2.y : lam2.x) : 0.f);
               const float lcb = in ? l * cb[idx] : 0.f, lw = in ? l * wa[idx] : 0.f;
-              const float dtj = cv.dt[j];
+              const float dtj = e ? dt2.y : dt2.x;
               a1[e] = lcb;
               a2[e] = dtj * lw;
               const float m = j < i ? lcb * wa[idx] * dtj : 0.f;
@@ -222,6 +227,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
             t1p[2 * jj + hf] = ssd::pack_bf16(a1[0], a1[1]);
             t2p[2 * jj + hf] = ssd::pack_bf16(a2[0], a2[1]);
           }
+        }
       }
       ssd::wgmma_wait<0>();  // u, v: retired before the wait loop below (C7520)
       // WG1's products with head k - 1's T2 are done, and so is its lambda pass of head k - 2
@@ -381,19 +387,6 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
 #pragma unroll 1
   for (int k = 0; k < nh; ++k) {
     const int hh = hbeg + k;
-    // warp 1: the lambda pass of head k - 1 (WG0 cannot write its sums' set again before this
-    // warp joins the barrier below: WG0 waits for t2f of head k first); then its share of
-    // head k - 1's empty, and lane 0 streams head k + 1 into that stage (a producer here
-    // stalls only this warpgroup, which waits for T2 anyway)
-    if (w == 1 && k > 0) {
-      lambda_pass(k - 1);
-      ssd::mbar_arrive(empty(k - 1));
-      if (lane == 0 && k + 1 < nh) {
-        ssd::wait_phase(empty(k - 1), ((k - 1) >> 1) & 1);
-        issue(k + 1);
-      }
-      __syncwarp();
-    }
     ssd::wait_phase(full(k), (k >> 1) & 1);
     const ChunkVec& cv = rec(k)->cv;
     const unsigned char* X = stage(k) + Lt::X;
@@ -448,9 +441,22 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
         wgmma_m64n64_ss<0, 1>(dc[np], desc_k(Ds, s4), desc_mn(S + np * kTileB, s4), true);
       }
     ssd::wgmma_commit();
-    // retired before the wait: accumulators in flight across its loop make ptxas insert a
+    // retired before the waits: accumulators in flight across their loops make ptxas insert a
     // warpgroup.arrive there and serialize the wgmma (C7519 / C7520)
     ssd::wgmma_wait<0>();
+    // warp 1, while the warpgroup waits for T2: the lambda pass of head k - 1 (WG0 cannot
+    // write its sums' set again before WG1's t2f of head k, which follows); then its share
+    // of head k - 1's empty, and lane 0 streams head k + 1 into that stage (a producer here
+    // stalls only this warpgroup)
+    if (w == 1 && k > 0) {
+      lambda_pass(k - 1);
+      ssd::mbar_arrive(empty(k - 1));
+      if (lane == 0 && k + 1 < nh) {
+        ssd::wait_phase(empty(k - 1), ((k - 1) >> 1) & 1);
+        issue(k + 1);
+      }
+      __syncwarp();
+    }
     ssd::wait_phase(t2r, k & 1);
     __syncwarp();
     ssd::wgmma_fence();
