@@ -4,9 +4,11 @@
 //   1. bwd_states.cu  per (sequence, head, direction, 64x64 state tile): walks the chunks in
 //      order carrying the state S (forward) or the adjoint G (backward) in fp32 registers and
 //      stores each chunk's incoming S_prev / G_next as bf16 (the chunk products' operand type).
+//      On sm_90a bwd_states_wg.cu where it applies (wgmma + TMA).
 //   2. bwd_chunk.cuh  per (chunk, batch, group, head split): every gradient of the chunk, with
 //      dB/dC summed over the split's heads in a fixed order (on chip where it fits) and
-//      written once per block into an fp32 workspace.
+//      written once per block into an fp32 workspace. On sm_90a bwd_chunk_wg.cu where it
+//      applies (wgmma; dB/dC summed in registers).
 //   3. bwd_reduce.cu  fixed-order sums over head splits (dB, dC) and chunks (dA, dD, ddt_bias).
 // Chunks are kQ = 64 steps whatever chunk_size says (the result does not depend on it); with
 // cu_seqlens, chunks restart at every sequence start, so each chunk belongs to one sequence.
