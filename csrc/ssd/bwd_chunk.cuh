@@ -737,7 +737,7 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
 #pragma unroll
       for (int q = 0; q < kThreads / 32; ++q) g3 += red[q];
       const float term3 = cv.cont * g3;
-      float dlt[2], t2v[2], t4v[2];
+      float dlt[2], t2v[2], t4v[2], din[2];
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int i = 2 * lane + q;
@@ -745,30 +745,9 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
                  (rowpart[0][i] + rowpart[1][i]);
         t2v[q] = t2part[0][i] + t2part[1][i];
         t4v[q] = t4part[0][i] + t4part[1][i];
+        din[q] = dinpart[0][i] + dinpart[1][i];
       }
-      float R0, R1, Rt, S0, S1, St, F0, F1, Ft;
-      warp_scan2(dlt[0], dlt[1], R0, R1, Rt);
-      warp_scan2(t2v[0], t2v[1], S0, S1, St);
-      warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
-      const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
-      float da = 0.f, db = 0.f;
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int i = 2 * lane + q;
-        if (i < qc) {
-          const float ddt = dinpart[0][i] + dinpart[1][i] + Ah * lam_g[q];
-          const float graw = ddt * cv.gfac[i];
-          st_code(P.ddt, P.dt_code, (int64_t(bb) * P.l + t0 + i) * P.h + hh, graw);
-          da += cv.dt[i] * lam_g[q];
-          db += graw;
-        }
-      }
-      da = warp_sum(da);
-      db = warp_sum(db);
-      if (lane == 0) {
-        P.part_dA[int64_t(slot) * P.h + hh] = da;
-        P.part_ddtb[int64_t(slot) * P.h + hh] = db;
-      }
+      lambda_tail(P, cv, dlt, t2v, t4v, din, term3, Ah, bb, t0, qc, slot, hh);
     } else if (warp >= 4 && tid - 128 < kP) {
       const int pp = tid - 128;
       float s = 0.f;

@@ -349,39 +349,16 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     const HeadSums& hs = *sums(k);
     ssd::wait_phase(srd(k), (k >> 1) & 1);
     const float term3 = cv.cont * (hs.gs[0] + hs.gs[1] + hs.gs[2] + hs.gs[3]);
-    float dlt[2], t2v[2], t4v[2];
+    float dlt[2], t2v[2], t4v[2], din[2];
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int i = 2 * lane + q;
       dlt[q] = (hs.colp[0][i] + hs.colp[1][i] + hs.colp[2][i] + hs.colp[3][i]) - hs.rowp[i];
       t2v[q] = hs.t2[i];
       t4v[q] = hs.t4[i];
+      din[q] = hs.din[i];
     }
-    float R0, R1, Rt, S0, S1, St, F0, F1, Ft;
-    warp_scan2(dlt[0], dlt[1], R0, R1, Rt);
-    warp_scan2(t2v[0], t2v[1], S0, S1, St);
-    warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
-    const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
-    const float Ah = rec(k)->A;
-    float da = 0.f, db = 0.f;
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      const int i = 2 * lane + q;
-      if (i < qc) {
-        const float graw = (hs.din[i] + Ah * lam_g[q]) * cv.gfac[i];
-        st_code(P.ddt, P.dt_code, (int64_t(bb) * P.l + t0 + i) * P.h + hh, graw);
-        da += cv.dt[i] * lam_g[q];
-        db += graw;
-      }
-    }
-    da = warp_sum(da);
-    db = warp_sum(db);
-    if (lane == 0) {
-      P.part_dA[int64_t(slot) * P.h + hh] = da;
-      P.part_ddtb[int64_t(slot) * P.h + hh] = db;
-    }
-    (void)Rt;
-    (void)Ft;
+    lambda_tail(P, cv, dlt, t2v, t4v, din, term3, rec(k)->A, bb, t0, qc, slot, hh);
   };
   ssd::wait_phase(bc, 0);
 #pragma unroll 1

@@ -279,6 +279,42 @@ __device__ __forceinline__ void chunk_vectors_from(const Params& P, ChunkVec& cv
   (void)ftot;
 }
 
+// The end of a (chunk, head)'s lambda-gradient, one warp (lane: positions 2 lane, 2 lane + 1):
+// from the strict column-minus-row sums of M (dlt), the sin dy.v (t2) and dt x.(sout G B)
+// (t4) terms, x.u (din) and term3 = cont <G_next, S_prev>: lambda's gradient by exclusive
+// scans, ddt (stored), and the (slot, head) partials of dA and ddt_bias.
+__device__ __forceinline__ void lambda_tail(const Params& P, const ChunkVec& cv,
+                                            const float (&dlt)[2], const float (&t2v)[2],
+                                            const float (&t4v)[2], const float (&din)[2],
+                                            float term3, float Ah, int bb, int64_t t0, int qc,
+                                            int slot, int hh) {
+  const int lane = threadIdx.x & 31;
+  float R0, R1, Rt, S0, S1, St, F0, F1, Ft;
+  warp_scan2(dlt[0], dlt[1], R0, R1, Rt);
+  warp_scan2(t2v[0], t2v[1], S0, S1, St);
+  warp_scan2(t4v[0], t4v[1], F0, F1, Ft);
+  const float lam_g[2] = {R0 + (St - S0) + term3 + F0, R1 + (St - S1) + term3 + F1};
+  float da = 0.f, db = 0.f;
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    const int i = 2 * lane + q;
+    if (i < qc) {
+      const float graw = (din[q] + Ah * lam_g[q]) * cv.gfac[i];
+      st_code(P.ddt, P.dt_code, (int64_t(bb) * P.l + t0 + i) * P.h + hh, graw);
+      da += cv.dt[i] * lam_g[q];
+      db += graw;
+    }
+  }
+  da = warp_sum(da);
+  db = warp_sum(db);
+  if (lane == 0) {
+    P.part_dA[int64_t(slot) * P.h + hh] = da;
+    P.part_ddtb[int64_t(slot) * P.h + hh] = db;
+  }
+  (void)Rt;
+  (void)Ft;
+}
+
 // Eight consecutive elements of a row: one or two 16-byte loads when the row is contiguous and
 // aligned (vec), else eight independent scalar loads. Missing elements read as 0.
 template <typename T>
