@@ -357,20 +357,22 @@ def kernel_names(case, part):
 
 @needs_kernel
 @pytest.mark.skipif(not HAVE or torch.cuda.get_device_capability()[0] != 9, reason="sm_90 only")
-@pytest.mark.parametrize("b,l,h,g,n,seq,ends,D", [
-    (2, 1000, 4, 2, 128, True, True, "h"),    # two groups, resets, a tail
-    (8, 300, 24, 1, 64, False, False, "hp"),  # d_state 64, D per channel
-    (4, 256, 80, 1, 128, False, True, "h"),   # 80 heads walked by one CTA
-    (3, 257, 40, 1, 128, True, True, None),   # a one-row last chunk, no D
-    (1, 40, 3, 1, 64, False, False, "h"),     # one partial chunk
-    (16, 576, 8, 1, 128, False, True, "h")])  # two head splits on 132 SMs: the fp32 workspace
-def test_chunk_wgmma(b, l, h, g, n, seq, ends, D, monkeypatch):
+@pytest.mark.parametrize("b,l,h,g,n,seq,ends,D,dt32", [
+    (2, 1000, 4, 2, 128, True, True, "h", False),    # two groups, resets, a tail
+    (8, 300, 24, 1, 64, False, False, "hp", False),  # d_state 64, D per channel
+    (4, 256, 80, 1, 128, False, True, "h", False),   # 80 heads walked by one CTA
+    (3, 257, 40, 1, 128, True, True, None, False),   # a one-row last chunk, no D
+    (1, 40, 3, 1, 64, False, False, "h", False),     # one partial chunk
+    (16, 576, 8, 1, 128, False, True, "h", False),   # two head splits on 132 SMs: fp32 workspace
+    (2, 700, 6, 3, 64, True, True, "h", True)])      # fp32 dt with dt_limit (ddt 0 where clamped)
+def test_chunk_wgmma(b, l, h, g, n, seq, ends, D, dt32, monkeypatch):
     """Step 2 on sm_90a tensor cores (bwd_chunk_wg.cu, the default there for bf16, headdim 64,
     no z). Its fp32 sums run in another order than bwd_chunk.cuh's (MLMAMBA_SSD_BWD_CHUNK=mma):
     gradients are held to the reference and close to the mma.sync kernel's; two runs are
     bitwise equal."""
     case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=False, D=D, seq_idx=seq,
-                     init=ends, dfinal=ends)
+                     init=ends, dfinal=ends, dt_dtype=torch.float32 if dt32 else None,
+                     limit=(0.05, 1.5) if dt32 else (0.0, math.inf))
     monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", "mma")
     want, names = kernel_names(case, "chunk_")
     assert names and not any("chunk_wg_kernel" in k for k in names), names

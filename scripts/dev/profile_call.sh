@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call (~6 min) of ncu data for the kernels that stop the open issues: the SSD
-# backward chunk kernel (chunk: bwd_chunk.cuh, chunkwg: the sm_90a one) and states walk (issue 5), the SSD forward wgmma kernel (issue 4), the
-# conv1d channel-last forward (issue 3), the warp-specialized forward (ws: b4 L2048, ws576:
-# b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the one-warpgroup
-# one; issue 8). Per kernel: the headline metrics and the SASS lines with the most stall
-# samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the
-# device returns at most 8 files), the reports stay in /tmp/ncu on that machine.
+# backward chunk kernel (chunk: bwd_chunk.cuh, chunkwg: the sm_90a one) and states walk
+# (issue 5), the SSD forward wgmma kernel (issue 4), the conv1d channel-last forward (issue
+# 3), the warp-specialized forward (ws: b4 L2048, ws576: b32 L576) and the msc forward's scan
+# kernel (msc: the ws kernel, mscwg: the one-warpgroup one; issue 8). Per kernel: the
+# headline metrics and the SASS lines with the most stall samples (ncu_top.py); the source
+# CSVs come back as $OUT/ncu_src.tgz (the device returns at most 8 files), the reports stay
+# in /tmp/ncu on that machine.
 #   scripts/dev/profile_call.sh [chunk,chunkwg,states,stateswg,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
