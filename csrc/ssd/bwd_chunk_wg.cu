@@ -36,7 +36,7 @@ using ssd::wgmma_m64n64_ss;
 constexpr int kThr = 256, kWg = 128;
 constexpr int kTileB = kQ * 64 * 2;  // one 64 x 64 bf16 panel
 
-// what WG0's warps hand its warp 0 per head (two sets: head parity)
+// what WG0's warps hand WG1's lambda pass per head (two sets: head parity)
 struct HeadSums {
   float rowp[kQ];     // strict row sums of M
   float colp[4][kQ];  // strict column sums of M, per warp
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
   }
   __syncthreads();
 
-  // thread 0: head k's tiles into stage k % 2
+  // one thread (thread 0 for heads 0 and 1, then WG1's warp 1): head k's loads into stage k % 2
   auto issue = [&](int k) {
     unsigned char* base = stage(k);
     const uint32_t bar = full(k);
