@@ -97,6 +97,12 @@ bool states_async_ok(const Params& prm, int tcode);
 void launch_states(const Params& prm, int tcode, int stages, void* stream);
 // the async path's chunk scales, before launch_states
 void launch_vectors(const Params& prm, void* stream);
+// The inputs both sm_90a kernels take (bwd_states_wg.cu, bwd_chunk_wg.cu): bf16, headdim 64,
+// d_state 64 or 128, no cu_seqlens
+inline bool wg_shape_ok(const Params& P, int tcode) {
+  return tcode == kBF16 && P.p == 64 && (P.npad == 64 || P.npad == 128) && P.n == P.npad &&
+         !P.varlen;
+}
 // step 1 on sm_90a wgmma (bwd_states_wg.cu; the default there): TMA maps of
 // x, dout, z, B, C ((b, l, j, cols) as ssd::encode_tile_map makes them), after launch_vectors
 // and of the state workspaces wsS / wsG as (nslots h, p, 1, npad)

@@ -487,9 +487,7 @@ bool reserve_smem() {
 }  // namespace
 
 bool chunk_wg_ok(const Params& P, int tcode) {
-  if (!(tcode == kBF16 && P.p == 64 && (P.npad == 64 || P.npad == 128) && P.n == P.npad &&
-        !P.varlen && !P.has_z))
-    return false;
+  if (!wg_shape_ok(P, tcode) || P.has_z) return false;
   static const bool image =
       !sm90_image_missing(reinterpret_cast<const void*>(chunk_wg_kernel<1>));
   return image && (P.npad == 128 ? reserve_smem<2>() : reserve_smem<1>());

@@ -223,11 +223,11 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   at::Tensor wsS = at::empty({wsn}, bopt), wsG = at::empty({wsn}, bopt);
   const int tcode = code_of(T);
 
-  // TMA maps of the inputs and the state workspaces for the sm_90a kernels (steps 1 and 2);
-  // they need the last dim contiguous and 16-byte aligned rows (rows16)
+  // TMA maps of the inputs and the state workspaces for the sm_90a kernels (steps 1 and 2),
+  // where their shape applies; they need the last dim contiguous and 16-byte aligned rows
   StatesMaps maps{};
   bool maps_ok = false;
-  if (prop.major == 9 && tcode == kBF16) {
+  if (prop.major == 9 && wg_shape_ok(P, tcode)) {
     auto enc = [](CUtensorMap* m, const at::Tensor& t) {
       return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
     };

@@ -225,8 +225,7 @@ bool launch_np(const Params& P, const StatesMaps& M, cudaStream_t st) {
 }  // namespace
 
 bool states_wg_ok(const Params& P, int tcode) {
-  return tcode == kBF16 && P.p == 64 && (P.npad == 64 || P.npad == 128) && P.n == P.npad &&
-         !P.varlen && P.vec != nullptr;
+  return wg_shape_ok(P, tcode) && P.vec != nullptr;
 }
 
 bool launch_states_wg(const Params& P, const StatesMaps& M, int num_sms, void* stream) {
