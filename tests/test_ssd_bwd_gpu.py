@@ -286,11 +286,12 @@ def test_prefetch_matches_load_path(p, n, h, dt_dtype, cu, monkeypatch):
         assert torch.equal(a, b), f"{name} differs between the cp.async and the load path"
 
 
-def states_kernel_names(case):
+def kernel_names(case, part):
+    """The gradients of one run, and the names of its CUDA kernels that contain `part`."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run_kernel(*case)
+        got = run_kernel(*case)
         torch.cuda.synchronize()
-    return [e.name for e in prof.events() if "states_kernel" in e.name]
+    return got, [e.name for e in prof.events() if part in e.name]
 
 
 @needs_kernel
@@ -309,12 +310,13 @@ def test_states_async_matches_sync(p, n, h, dtype, dt_dtype, z, cu, l, monkeypat
     case = make_case(_gen(), b=1 if cu else 2, l=l, h=h, g=1, p=p, n=n, z=z, dtype=dtype,
                      dt_dtype=dt_dtype, seq_idx=seq, cu=cu)
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "sync")
-    assert all(k.endswith(", 0>(mlmamba::ssd_bwd::Params)") for k in states_kernel_names(case))
+    assert all(k.endswith(", 0>(mlmamba::ssd_bwd::Params)")
+               for k in kernel_names(case, "states_kernel")[1])
     want = run_kernel(*case)
     for mode, stages in (("s2", 2), ("s3", 3)):
         stages = stages if dtype == torch.bfloat16 else 0  # the async path takes bf16 only
         monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", mode)
-        names = states_kernel_names(case)
+        names = kernel_names(case, "states_kernel")[1]
         assert names and all(f", {stages}>" in k for k in names), (mode, names)
         for name, a, b in zip(NAMES, run_kernel(*case), want):
             assert torch.equal(a, b), f"{name} differs between the {stages}-stage and sync paths"
@@ -338,21 +340,12 @@ def test_states_wgmma(b, l, h, g, n, z, seq, ends, monkeypatch):
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "s2")
     want = run_kernel(*case)
     monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", "")  # the default on sm_90
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = run_kernel(*case)
-        torch.cuda.synchronize()
-    assert any("states_wg_kernel" in e.name for e in prof.events())
+    got, names = kernel_names(case, "states_wg_kernel")
+    assert names, "the wgmma states walk did not run"
     for name, a, r in zip(NAMES, got, want):
         if name in ("dx", "dB", "dC", "dz", "dinit") and r.numel():
             assert rel_err(a, r.double()) < 1e-2, name
     check(*case)
-
-
-def kernel_names(case, part):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        got = run_kernel(*case)
-        torch.cuda.synchronize()
-    return got, [e.name for e in prof.events() if part in e.name]
 
 
 @needs_kernel
