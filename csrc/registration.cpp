@@ -34,4 +34,5 @@ TORCH_LIBRARY(mlmamba, m) {
         "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
         "int ngroups, float dt_min, float dt_max, str merge) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("msc_sum_rows(Tensor[] grads, Tensor inv) -> Tensor");
 }

@@ -33,6 +33,7 @@ SCHEMAS = {
     "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
     "int ngroups, float dt_min, float dt_max, str merge) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "msc_sum_rows": "msc_sum_rows(Tensor[] grads, Tensor inv) -> Tensor",
 }
 
 _lib = None

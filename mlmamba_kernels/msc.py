@@ -134,30 +134,57 @@ def _take_rows(t, idx):
         return t[:, idx]
 
 
+SUM_ROWS_MAX_SCANS = 8  # kMaxSumScans of csrc/msc/msc.h
+
+
+def _sum_rows_ref(grads, inv):
+    """msc_sum_rows' reference: out[:, r] = sum over i, in order, of grads[i][:, inv[i, r]], in
+    fp32 (float64 for float64) with one rounding at the end."""
+    acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    out = None
+    for g, ix in zip(grads, inv.long()):
+        rows = g[:, ix].to(acc)
+        out = rows if out is None else out.add_(rows)
+    return out.to(grads[0].dtype)
+
+
+register_reference("msc_sum_rows", _sum_rows_ref)
+
+
+@torch.library.register_fake("mlmamba::msc_sum_rows")
+def _sum_rows_fake(grads, inv):
+    return torch.empty_like(grads[0], memory_format=torch.contiguous_format)
+
+
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                      ngroups, dt_min, dt_max, merge):
     """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
     scan after another. Each scan's rows are gathered by its order and its conv is recomputed
-    (the scan's inputs; the scan's own forward is not); the gradients are gathered back by the
-    inverse order and summed over the scans in order in fp32 (float64 for float64 inputs), so
-    the result is deterministic. The first scan's gradients start the sums (no zero fill and
-    add), and the mean's 1/k is applied to dout once, before the gathers."""
+    (the scan's inputs; the scan's own forward is not). The gradients of xBC and dt stay in scan
+    order and `msc_sum_rows` sums them over the scans through the inverse orders, in scan order
+    in fp32 with one rounding (deterministic); above SUM_ROWS_MAX_SCANS scans (or for float64)
+    they are gathered back and summed here, with the same arithmetic. The mean's 1/k is applied
+    to dout once, before the gathers."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
     n = (cd - h * p) // (2 * g)
     acc = torch.float64 if xBC.dtype == torch.float64 else torch.float32
     f32 = dict(dtype=acc, device=xBC.device)
-    dxBC = ddt = None
     dA, dD, ddtb = (torch.zeros(k, h, **f32) for _ in range(3))
     dw = torch.zeros(conv_weight.shape, **f32)
     db = None if conv_bias is None else torch.zeros(k, cd, **f32)
-    ar = torch.arange(L, device=xBC.device)
+    idx_all = orders.to(device=xBC.device, dtype=torch.int64)
+    inv_all = torch.empty_like(idx_all).scatter_(
+        1, idx_all, torch.arange(L, device=xBC.device).expand(k, L).contiguous())
+    # MLMAMBA_MSC_SUM_ROWS=0: the running sums (developer A/B)
+    fused_sum = (k <= SUM_ROWS_MAX_SCANS and acc == torch.float32
+                 and os.environ.get("MLMAMBA_MSC_SUM_ROWS", "1") != "0")
+    gxs_all, gdt_all, dxBC, ddt = [], [], None, None
     if merge == "mean":  # fp32 opmath, one rounding: the same values as dividing each gather
         dout = dout / k
     for i in range(k):
-        idx = orders[i].to(device=xBC.device, dtype=torch.int64)
-        inv = torch.empty_like(idx).scatter_(0, idx, ar)
+        idx = idx_all[i]
         xs = _take_rows(xBC, idx).transpose(1, 2)              # (b, cd, L) channel-last
         bias = None if conv_bias is None else conv_bias[i]
         u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True, False)[0]
@@ -172,15 +199,20 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
                         gC.reshape(b, L, g * n)], dim=-1).to(u.dtype)
         gxs, gw, gb, _ = ops.causal_conv1d_bwd(xs, conv_weight[i], bias, None, None,
                                                du.transpose(1, 2), None, True)
-        gxs, gdt = _take_rows(gxs.transpose(1, 2), inv), _take_rows(gdt, inv)
-        if i == 0:
-            dxBC, ddt = gxs.to(acc), gdt.to(acc)
-        else:
-            dxBC += gxs
-            ddt += gdt
+        gxs = gxs.transpose(1, 2)                               # (b, L, cd), scan order
+        if fused_sum:
+            gxs_all.append(gxs)
+            gdt_all.append(gdt)
+        else:  # running sums in raster order: the same arithmetic as msc_sum_rows
+            gxs, gdt = _take_rows(gxs, inv_all[i]), _take_rows(gdt, inv_all[i])
+            dxBC = gxs.to(acc) if i == 0 else dxBC.add_(gxs)
+            ddt = gdt.to(acc) if i == 0 else ddt.add_(gdt)
         dA[i], dD[i], ddtb[i], dw[i] = gA, gD, gdtb, gw
         if db is not None:
             db[i] = gb
+    if fused_sum:
+        inv32 = inv_all.to(torch.int32)
+        dxBC, ddt = ops.msc_sum_rows(gxs_all, inv32), ops.msc_sum_rows(gdt_all, inv32)
     return (dxBC.to(xBC.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dD.to(D.dtype),
             dw.to(conv_weight.dtype), or_empty(None if db is None else db.to(conv_bias.dtype), xBC),
             ddtb.to(dt_bias.dtype))

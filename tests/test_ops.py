@@ -275,6 +275,31 @@ def test_msc_unfused_backward_equals_reference(rng, merge, bias):
         torch.testing.assert_close(gv, wv, rtol=1e-9, atol=1e-9)
 
 
+def test_msc_unfused_backward_sums_through_msc_sum_rows(rng, monkeypatch):
+    # float32: the per-scan gradients summed by the msc_sum_rows op (its reference on CPU) give
+    # the same values as the running sums in raster order
+    from mlmamba_kernels import msc as m
+    t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
+    dout = torch.randn(2, 15, 2, 4, generator=rng)
+    args = (dout, t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"], t["conv_bias"],
+            t["dt_bias"], o["orders"], o["headdim"], o["ngroups"], 0.0, float("inf"), "mean")
+    got = m.unfused_backward(*args)
+    monkeypatch.setattr(m, "SUM_ROWS_MAX_SCANS", 0)
+    for gv, wv in zip(got, m.unfused_backward(*args)):
+        assert torch.equal(gv, wv)
+    for gv, wv in zip(got, m._bwd_ref(*args)):
+        torch.testing.assert_close(gv, wv, rtol=1e-4, atol=1e-5)
+
+
+def test_msc_sum_rows_reference(rng):
+    src = [torch.randn(2, 6, 5, generator=rng) for _ in range(3)]
+    inv = torch.stack([torch.randperm(6, generator=rng) for _ in range(3)]).to(torch.int32)
+    got = ops.msc_sum_rows(src, inv)
+    want = sum(s.double()[:, ix] for s, ix in zip(src, inv.long()))
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(ops.msc_sum_rows, (src, inv))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 7, 12), (2, 7, 5), (3, 6, 2, 4)])
 def test_msc_take_rows(rng, dtype, shape):

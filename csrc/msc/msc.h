@@ -25,5 +25,23 @@ struct BcConvParams {
 
 void launch_bc_conv(const BcConvParams& p, cudaStream_t stream);
 
+// out[b, r, :] = sum over scans i = 0..k-1, in that order, of src_i[b, inv[i, r], :], in fp32,
+// rounded once (sum_rows.cu). The backward's per-scan gradients come in scan order; inv maps
+// a raster row to its position in scan i. All tensors share one dtype; last dims contiguous.
+constexpr int kMaxSumScans = 8;
+struct SumRowsParams {
+  const void* src[kMaxSumScans];
+  int64_t src_b[kMaxSumScans], src_l[kMaxSumScans];  // element strides
+  const int* inv;                                     // (k, L) int32
+  void* out;
+  int64_t out_b, out_l;
+  int64_t batch, seqlen, cols;
+  int nscans;
+};
+
+// dtype: 0 float32, 1 float16, 2 bfloat16; wide: cols, strides and pointers allow 16-byte
+// pieces
+void launch_sum_rows(const SumRowsParams& p, int dtype, bool wide, int sms, cudaStream_t stream);
+
 }  // namespace msc
 }  // namespace mlmamba

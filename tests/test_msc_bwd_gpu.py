@@ -1,0 +1,154 @@
+"""GPU tests of msc_scan's CUDA backward (mlmamba_kernels.msc.unfused_backward) and of its
+msc_sum_rows kernel (csrc/msc/sum_rows.cu), against the float64 reference."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if torch.cuda.is_available():
+    import mlmamba_kernels as mk
+    from mlmamba_kernels import _loader
+    from mlmamba_kernels import msc as msc_mod
+    from mlmamba_kernels.reference import msc as ref
+
+    HAVE = _loader.has_cuda_kernel("msc_sum_rows")
+else:
+    HAVE = False
+
+need = pytest.mark.skipif(not HAVE, reason="needs the CUDA kernels of msc_scan")
+DEV = "cuda"
+NAMES = ("xBC", "dt", "A", "D", "conv_weight", "conv_bias", "dt_bias")
+
+
+def rel_err(out, want):
+    out, want = out.double(), want.double()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def cuda_gen(rng):
+    return torch.Generator(DEV).manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+
+
+def make(rng, b, H, W, k, kind, dtype=torch.bfloat16, h=2, n=64, g=1):
+    if kind in ("cross", "bidirectional"):
+        orders = mk.scan_orders(H, W, kind)
+        orders = orders[:k] if kind == "cross" else orders
+    else:
+        orders = torch.stack([torch.randperm(H * W, generator=rng) for _ in range(k)])
+    k, L, cd = orders.shape[0], H * W, h * 64 + 2 * g * n
+    cg = cuda_gen(rng)
+    r = lambda *s, scale=1.0: torch.randn(*s, device=DEV, generator=cg) * scale  # noqa: E731
+    return dict(xBC=r(b, L, cd).to(dtype), dt=(r(b, L, h) * 0.5).to(dtype),
+                A=-torch.rand(k, h, device=DEV, generator=cg) * 4 - 0.5, D=r(k, h),
+                conv_weight=r(k, cd, 4, scale=0.5).to(dtype), conv_bias=r(k, cd).to(dtype),
+                dt_bias=torch.rand(k, h, device=DEV, generator=cg) * 2 - 4,
+                orders=orders.to(DEV), headdim=64, ngroups=g)
+
+
+def grads(a, merge, dout):
+    leaves = {k: a[k].detach().clone().requires_grad_(True) for k in NAMES}
+    out = mk.msc_scan(**{**a, **leaves}, merge=merge)
+    torch.empty(1 << 24, device=DEV).fill_(float("nan"))  # freed blocks now hold NaN
+    return torch.autograd.grad(out, [leaves[k] for k in NAMES], dout)
+
+
+def ref_grads(a, merge, dout):
+    d = {k: a[k].detach().double().requires_grad_(True) for k in NAMES}
+    out = ref.msc_scan(**{**a, **d}, merge=merge)
+    return torch.autograd.grad(out, [d[k] for k in NAMES], dout.double())
+
+
+def out_shape(a, merge):
+    b, L, _ = a["xBC"].shape
+    h, k = a["dt"].shape[2], a["orders"].shape[0]
+    return (b, L, h, 64) if merge is not None else (k, b, L, h, 64)
+
+
+@need
+@pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
+                                        ("random", 5, 3, 8), ("random", 1, 7, 1),
+                                        ("random", 1, 1, 2), ("cross", 5, 3, 4),
+                                        ("random", 4, 6, 9)])
+@pytest.mark.parametrize("merge", ["mean", "sum", None])
+def test_backward_matches_reference(rng, kind, H, W, k, merge):
+    """k = 9 is above msc_sum_rows' 8 scans: the running sums in Python."""
+    a = make(rng, 2, H, W, k, kind)
+    dout = torch.randn(out_shape(a, merge), device=DEV, generator=cuda_gen(rng))
+    dout = dout.to(torch.bfloat16)
+    for name, g, w in zip(NAMES, grads(a, merge, dout), ref_grads(a, merge, dout)):
+        assert g.dtype == a[name].dtype and g.shape == a[name].shape, name
+        assert rel_err(g, w) < 5e-2, name
+
+
+@need
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_backward_other_dtypes(rng, dtype):
+    a = make(rng, 2, 5, 3, 4, "cross", dtype=dtype)
+    dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng)).to(dtype)
+    tol = 5e-2 if dtype == torch.float16 else 1e-2
+    for name, g, w in zip(NAMES, grads(a, "mean", dout), ref_grads(a, "mean", dout)):
+        assert rel_err(g, w) < tol, name
+
+
+@need
+def test_backward_bitwise_deterministic_and_equal_to_running_sums(rng, monkeypatch):
+    a = make(rng, 3, 24, 24, 4, "cross")
+    dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng))
+    dout = dout.to(torch.bfloat16)
+    first, second = grads(a, "mean", dout), grads(a, "mean", dout)
+    monkeypatch.setattr(msc_mod, "SUM_ROWS_MAX_SCANS", 0)  # the Python running sums
+    running = grads(a, "mean", dout)
+    for name, x, y, z in zip(NAMES, first, second, running):
+        assert torch.equal(x, y), name
+        assert torch.equal(x, z), name
+
+
+@need
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k,cols,layout", [(1, 16, "contig"), (3, 2304, "contig"),
+                                           (8, 40, "slice"), (5, 13, "contig"),
+                                           (2, 32, "strided"), (4, 7, "slice")])
+def test_sum_rows_equals_reference(rng, dtype, k, cols, layout):
+    b, L = 3, 37
+    cg = cuda_gen(rng)
+    src = []
+    for _ in range(k):
+        t = torch.randn(b, L, cols + 8, device=DEV, generator=cg).to(dtype)
+        if layout == "slice":
+            t = t[..., 1:cols + 1]          # offset rows: the one-element path
+        elif layout == "strided":
+            t = t.transpose(0, 1).contiguous().transpose(0, 1)[..., :cols]
+        else:
+            t = t[..., :cols].contiguous()
+        src.append(t)
+    inv = torch.stack([torch.randperm(L, generator=rng) for _ in range(k)]).to(DEV, torch.int32)
+    got = torch.ops.mlmamba.msc_sum_rows(src, inv)
+    want = msc_mod._sum_rows_ref(src, inv)
+    assert got.is_contiguous() and got.dtype == dtype
+    assert torch.equal(got, want)
+    exact = sum(s.double()[:, ix] for s, ix in zip(src, inv.long()))
+    assert rel_err(got, exact) < 1e-2
+
+
+@need
+def test_sum_rows_errors(rng):
+    f = torch.ops.mlmamba.msc_sum_rows
+    g = torch.randn(2, 5, 8, device=DEV)
+    inv = torch.stack([torch.randperm(5), torch.randperm(5)]).to(DEV, torch.int32)
+    with pytest.raises(RuntimeError, match="grads must hold 1 to 8"):
+        f([g] * 9, torch.zeros(9, 5, dtype=torch.int32, device=DEV))
+    with pytest.raises(RuntimeError, match=r"grads\[1\] must match"):
+        f([g, g.half()], inv)
+    with pytest.raises(RuntimeError, match="inv must be a contiguous int32"):
+        f([g, g], inv.long())
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        f([g.double(), g.double()], inv)
+
+
+@need
+def test_sum_rows_opcheck(rng):
+    src = [torch.randn(2, 6, 16, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+    inv = torch.stack([torch.randperm(6) for _ in range(3)]).to(DEV, torch.int32)
+    torch.library.opcheck(torch.ops.mlmamba.msc_sum_rows.default, (src, inv),
+                          test_utils=("test_schema", "test_faketensor"))
