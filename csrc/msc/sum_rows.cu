@@ -1,7 +1,7 @@
 // msc_sum_rows: the msc_scan backward's sum of the per-scan gradients, each read through its
-// scan's inverse order (msc.h). One thread per 16-byte piece of an output row: the k pieces
-// are loaded first (k loads in flight), then added in scan order in fp32 and rounded once, so
-// the result equals gathering each scan's rows back and summing them in that order.
+// scan's inverse order (msc.h). A thread's 16-byte piece of an output row: the k pieces are
+// loaded first (k loads in flight), then added in scan order in fp32 and rounded once, so the
+// result equals gathering each scan's rows back and summing them in that order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -31,56 +31,66 @@ struct alignas(V * sizeof(T)) Piece {
   T v[V];
 };
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams p) {
+// tpr threads (a power of two up to 32) per output row, rows over the grid; the row's scan
+// positions are read once, then each thread walks the row's pieces tpr apart
+// K: the scans held in registers, nscans <= K
+template <typename T, int V, int K>
+__global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams p, int tpr) {
   using P = Piece<T, V>;
-  const int64_t per_row = p.cols / V;
-  const int64_t total = p.batch * p.seqlen * per_row;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
-       e += step) {
-    const int64_t col = (e % per_row) * V, row = e / per_row;
+  const int64_t per_row = p.cols / V, rows = p.batch * p.seqlen;
+  const int per_block = kThreads / tpr, sub = threadIdx.x % tpr;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / tpr;
+       row < rows; row += static_cast<int64_t>(gridDim.x) * per_block) {
     const int64_t r = row % p.seqlen, bi = row / p.seqlen;
-    P in[kMaxSumScans];
-#pragma unroll
-    for (int i = 0; i < kMaxSumScans; ++i) {
-      if (i >= p.nscans) break;
-      // positions outside range(L) (orders not checked under graph capture) add nothing
-      const int src = p.inv[i * p.seqlen + r];
-      if (src < 0 || src >= p.seqlen) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) in[i].v[j] = from_f<T>(0.f);
-        continue;
-      }
-      const T* base = static_cast<const T*>(p.src[i]) + bi * p.src_b[i] + src * p.src_l[i] + col;
-      in[i] = *reinterpret_cast<const P*>(base);
+    const T* src[K];  // nullptr: adds nothing (past nscans, or a position outside range(L),
+#pragma unroll      // which orders not checked under graph capture may hold)
+    for (int i = 0; i < K; ++i) {
+      const int pos = i < p.nscans ? p.inv[i * p.seqlen + r] : -1;
+      src[i] = pos < 0 || pos >= p.seqlen ? nullptr
+               : static_cast<const T*>(p.src[i]) + bi * p.src_b[i] + pos * p.src_l[i];
     }
-    float acc[V];
+    T* out = static_cast<T*>(p.out) + bi * p.out_b + r * p.out_l;
+    for (int64_t c = sub; c < per_row; c += tpr) {
+      P in[K];
 #pragma unroll
-    for (int j = 0; j < V; ++j) acc[j] = 0.f;
+      for (int i = 0; i < K; ++i)
+        if (src[i]) in[i] = reinterpret_cast<const P*>(src[i])[c];
+      float acc[V];
 #pragma unroll
-    for (int i = 0; i < kMaxSumScans; ++i) {
-      if (i >= p.nscans) break;
+      for (int j = 0; j < V; ++j) acc[j] = 0.f;
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] += to_f(in[i].v[j]);
+      for (int i = 0; i < K; ++i)
+        if (src[i]) {
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[j] += to_f(in[i].v[j]);
+        }
+      P o;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(acc[j]);
+      reinterpret_cast<P*>(out)[c] = o;
     }
-    P o;
-#pragma unroll
-    for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(acc[j]);
-    *reinterpret_cast<P*>(static_cast<T*>(p.out) + bi * p.out_b + r * p.out_l + col) = o;
   }
+}
+
+template <typename T, int V>
+void launch_k(const SumRowsParams& p, int tpr, int64_t blocks, cudaStream_t stream) {
+  const unsigned g = static_cast<unsigned>(blocks);
+  if (p.nscans <= 2) sum_rows_kernel<T, V, 2><<<g, kThreads, 0, stream>>>(p, tpr);
+  else if (p.nscans <= 4) sum_rows_kernel<T, V, 4><<<g, kThreads, 0, stream>>>(p, tpr);
+  else sum_rows_kernel<T, V, kMaxSumScans><<<g, kThreads, 0, stream>>>(p, tpr);
 }
 
 template <typename T>
 void launch_typed(const SumRowsParams& p, bool wide, int sms, cudaStream_t stream) {
   constexpr int V = 16 / sizeof(T);
-  const int64_t total = p.batch * p.seqlen * (wide ? p.cols / V : p.cols);
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, 32LL * sms);
+  const int64_t per_row = wide ? p.cols / V : p.cols;
+  int tpr = 1;
+  while (tpr < 32 && tpr < per_row) tpr *= 2;
+  const int64_t rows = p.batch * p.seqlen, per_block = kThreads / tpr;
+  const int64_t blocks = std::min<int64_t>((rows + per_block - 1) / per_block, 32LL * sms);
   if (blocks == 0) return;
-  if (wide)
-    sum_rows_kernel<T, V><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
-  else
-    sum_rows_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p);
+  if (wide) launch_k<T, V>(p, tpr, blocks, stream);
+  else launch_k<T, 1>(p, tpr, blocks, stream);
 }
 
 }  // namespace

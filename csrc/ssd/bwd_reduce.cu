@@ -22,67 +22,95 @@ bool chunk_onchip_fits_p32(int npad, size_t optin);
 bool chunk_onchip_fits_p64(int npad, size_t optin);
 bool chunk_onchip_fits_p128(int npad, size_t optin);
 
+// grid (blocks, 2: dB, dC); tpr threads (a power of two up to 256) per (batch, token, group)
+// row: one 64-bit division per row instead of three per element
 template <typename T>
-__global__ void reduce_bc_kernel(Params P) {
+__global__ void __launch_bounds__(256) reduce_bc_kernel(Params P, int tpr) {
   const float* ws = blockIdx.y ? P.wsdC : P.wsdB;
   T* out = static_cast<T*>(blockIdx.y ? P.dC : P.dB);
-  const int64_t total = int64_t(P.b) * P.l * P.g * P.n;
+  const int64_t rows = int64_t(P.b) * P.l * P.g;
   const int64_t split_stride = int64_t(P.g) * P.npad;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int nn = int(e % P.n);
-    const int64_t rest = e / P.n;
-    const int gg = int(rest % P.g);
-    const int64_t bt = rest / P.g;
-    const float* src = ws + (bt * P.nsplit * P.g + gg) * P.npad + nn;
-    float s = 0.f;
-    for (int q = 0; q < P.nsplit; ++q) s += src[q * split_stride];
-    out[e] = from_f<T>(s);
+  const int per_block = blockDim.x / tpr;
+  for (int64_t row = int64_t(blockIdx.x) * per_block + threadIdx.x / tpr; row < rows;
+       row += int64_t(gridDim.x) * per_block) {
+    const int64_t bt = P.g == 1 ? row : row / P.g;
+    const int gg = int(row - bt * P.g);
+    const float* src = ws + (bt * P.nsplit * P.g + gg) * P.npad;
+    for (int nn = threadIdx.x % tpr; nn < P.n; nn += tpr) {
+      float s = 0.f;
+      for (int q = 0; q < P.nsplit; ++q) s += src[q * split_stride + nn];
+      out[row * P.n + nn] = from_f<T>(s);
+    }
   }
 }
 
-// one block per head
-__global__ void reduce_head_kernel(Params P) {
+constexpr int kHeadThreads = 256;
+
+// one block per head, fixed order (deterministic). dD: thread (pp, part) sums column pp over
+// the slots part, part + nparts, ..., then the parts are added in order. dA, ddt_bias: the
+// last warp, lane l over the slots l, l + 32, ..., then warp_sum. The slots' loads are
+// independent, so a thread keeps several in flight (the serial walk over b * chunks slots was
+// latency-bound: 45 us at b32 L576 h32, H200). warp_sum (bwd_common.cuh) is a fixed tree.
+__global__ void __launch_bounds__(kHeadThreads) reduce_head_kernel(Params P) {
+  __shared__ float colsum[kHeadThreads];
   __shared__ float dDs[128];
-  const int hh = blockIdx.x;
+  const int hh = blockIdx.x, t = threadIdx.x;
   const int nslots = P.varlen ? P.offs[P.nseq] : P.nslots;
-  for (int pp = threadIdx.x; pp < P.p; pp += blockDim.x) {
+  const int nparts = kHeadThreads / P.p;  // p <= 128: at least 2
+  const int pp = t % P.p, part = t / P.p;
+  if (part < nparts) {
+    const int64_t step = int64_t(nparts) * P.h * P.p;
+    const float* src = P.part_dD + (int64_t(part) * P.h + hh) * P.p + pp;
     float s = 0.f;
-    for (int k = 0; k < nslots; ++k) s += P.part_dD[(int64_t(k) * P.h + hh) * P.p + pp];
-    if (P.D_per_p) P.dD[hh * P.p + pp] = s;
-    else dDs[pp] = s;
+#pragma unroll 8
+    for (int k = part; k < nslots; k += nparts, src += step) s += *src;
+    colsum[t] = s;
   }
-  if (threadIdx.x == 0) {
+  if (t >= kHeadThreads - 32) {
+    const int lane = t % 32;
     float a = 0.f, d = 0.f;
-    for (int k = 0; k < nslots; ++k) {
+#pragma unroll 4
+    for (int k = lane; k < nslots; k += 32) {
       a += P.part_dA[int64_t(k) * P.h + hh];
       d += P.part_ddtb[int64_t(k) * P.h + hh];
     }
-    P.dA[hh] = a;
-    if (P.has_dt_bias) P.ddtb[hh] = d;
-  }
-  if (P.has_D && !P.D_per_p) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float s = 0.f;
-      for (int pp = 0; pp < P.p; ++pp) s += dDs[pp];
-      P.dD[hh] = s;
+    a = warp_sum(a);
+    d = warp_sum(d);
+    if (lane == 0) {
+      P.dA[hh] = a;
+      if (P.has_dt_bias) P.ddtb[hh] = d;
     }
+  }
+  __syncthreads();
+  if (t < P.p) {
+    float s = 0.f;
+    for (int q = 0; q < nparts; ++q) s += colsum[q * P.p + t];
+    if (P.D_per_p) P.dD[hh * P.p + t] = s;
+    else dDs[t] = s;
+  }
+  __syncthreads();
+  if (P.has_D && !P.D_per_p && t < 32) {
+    float s = 0.f;
+    for (int q = t; q < P.p; q += 32) s += dDs[q];
+    s = warp_sum(s);
+    if (t == 0) P.dD[hh] = s;
   }
 }
 
 void launch_reduce(const Params& prm, int tcode, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
-  const int64_t total = int64_t(prm.b) * prm.l * prm.g * prm.n;
-  const int blocks = int(std::min<int64_t>((total + 255) / 256, 4096));
+  int tpr = 1;
+  while (tpr < 256 && tpr < prm.n) tpr *= 2;
+  const int64_t rows = int64_t(prm.b) * prm.l * prm.g, per_block = 256 / tpr;
+  const int blocks = int(std::min<int64_t>((rows + per_block - 1) / per_block, 4096));
   // on-chip partials with one split per group: step 2 wrote dB/dC itself
   if (blocks > 0 && !(prm.onchip && prm.nsplit == 1)) {
     dim3 grid(blocks, 2);
-    if (tcode == kF32) reduce_bc_kernel<float><<<grid, 256, 0, st>>>(prm);
-    else if (tcode == kF16) reduce_bc_kernel<__half><<<grid, 256, 0, st>>>(prm);
-    else reduce_bc_kernel<bf16><<<grid, 256, 0, st>>>(prm);
+    if (tcode == kF32) reduce_bc_kernel<float><<<grid, 256, 0, st>>>(prm, tpr);
+    else if (tcode == kF16) reduce_bc_kernel<__half><<<grid, 256, 0, st>>>(prm, tpr);
+    else reduce_bc_kernel<bf16><<<grid, 256, 0, st>>>(prm, tpr);
   }
-  reduce_head_kernel<<<prm.h, 128, 0, st>>>(prm);
+  reduce_head_kernel<<<prm.h, kHeadThreads, 0, st>>>(prm);
 }
 
 void launch_chunk(const Params& prm, int tcode, void* stream) {
