@@ -1,6 +1,7 @@
 // Host glue for the causal conv1d ops: argument checks, layout choice, output allocation,
 // launch on the current stream. Schemas: csrc/registration.cpp; contract: docs/ops.md.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -160,6 +161,28 @@ int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int6
   return chunk;
 }
 
+// Rows per warp for the channel-last v2 backward (4 warps per block, blocks_per_sm resident):
+// the chunk of 16..256 rows (multiples of 8) that minimizes waves x (chunk + 16), the 16 rows
+// standing for a chunk's fixed cost (w-1 re-read rows, weights, setup); a tie keeps the longer
+// chunk. The model fits the H200 sweep of v4 (b4 L2048: chunks 16/32/64/128 measured
+// 1.60/1.18/1.06/1 of chunk 128, modelled 1.56/1.17/1.11/1). Where the last block of a (batch,
+// channel group) has idle warps, a chunk that divides the length into whole blocks wins: b32
+// L576 (msc_scan's per-scan backward) takes 72 rows (3 waves) instead of 128 (3 waves at 5/8
+// of the warps busy). MLMAMBA_CONV1D_CHUNK overrides it.
+int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm) {
+  if (const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK")) return std::max<int64_t>(1, std::atoll(e));
+  const int64_t cgroups = (d + 127) / 128;
+  const int64_t slots =
+      int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * blocks_per_sm;
+  int64_t best = 128, best_cost = -1;
+  for (int64_t chunk = 16; chunk <= 256; chunk += 8) {
+    const int64_t blocks = b * (((l + chunk - 1) / chunk + 3) / 4) * cgroups;
+    const int64_t cost = (blocks + slots - 1) / slots * (chunk + 16);
+    if (best_cost < 0 || cost <= best_cost) best = chunk, best_cost = cost;
+  }
+  return best;
+}
+
 // Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
 // and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
 // docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
@@ -278,9 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
-    // 128 rows at >= 12 warps/SM (one full residency): the H200 sweep (perf-log, causal_conv1d
-    // v4) put chunk 128 at 147.5 us against 156.8 for 64 at b4 L2048, 294.5 vs 300.4 at b1 L16384.
-    p.chunk = pick_chunk(b, d, l, 128, 128, 12);
+    p.chunk = pick_chunk_bwd_chlast(b, d, l, w <= 4 ? 3 : 2);  // bwd_chlast_kernel's bounds
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile
