@@ -395,6 +395,17 @@ def test_states_mode_checked(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("nsplit", ["1", "3", "16"])
+@pytest.mark.parametrize("chunk", ["", "mma"])
+def test_forced_head_splits(nsplit, chunk, monkeypatch):
+    """MLMAMBA_SSD_BWD_NSPLIT (developer A/B) changes only how step 2 splits the heads (16 is
+    capped at the 8 heads per group)."""
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_CHUNK", chunk)
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_NSPLIT", nsplit)
+    check(*make_case(_gen(), b=3, l=300, h=8, g=1, p=64, n=128, z=False, init=True, dfinal=True))
+
+
+@needs_kernel
 def test_many_heads_per_split():
     check(*make_case(_gen(), b=4, l=1500, h=7, g=1, p=64, n=128, z=False))
 

@@ -264,6 +264,9 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
       const int64_t cost = (ctas + slots - 1) / slots * ((hs + groups - 1) / groups + extra);
       if (best < 0 || cost < best) { best = cost; best_ns = ns; }
     }
+    // MLMAMBA_SSD_BWD_NSPLIT=n forces n head splits per group (developer A/B)
+    if (const char* e = std::getenv("MLMAMBA_SSD_BWD_NSPLIT"); e && *e)
+      best_ns = std::min<int64_t>(std::max(std::atoi(e), 1), std::min(P.hpg, 16));
     P.hsplit = int((P.hpg + best_ns - 1) / best_ns);
     P.nsplit = (P.hpg + P.hsplit - 1) / P.hsplit;
   }
