@@ -42,8 +42,10 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / tpr;
        row < rows; row += static_cast<int64_t>(gridDim.x) * per_block) {
     const int64_t r = row % p.seqlen, bi = row / p.seqlen;
-    const T* src[K];  // nullptr: adds nothing (past nscans, or a position outside range(L),
-#pragma unroll      // which orders not checked under graph capture may hold)
+    // nullptr adds nothing: past nscans, or a position outside range(L) (orders not checked
+    // under graph capture may hold one)
+    const T* src[K];
+#pragma unroll
     for (int i = 0; i < K; ++i) {
       const int pos = i < p.nscans ? p.inv[i * p.seqlen + r] : -1;
       src[i] = pos < 0 || pos >= p.seqlen ? nullptr
