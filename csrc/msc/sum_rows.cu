@@ -2,11 +2,9 @@
 // scan's inverse order (msc.h). A thread's 16-byte piece of an output row: the k pieces are
 // loaded first (k loads in flight), then added in scan order in fp32 and rounded once, so the
 // result equals gathering each scan's rows back and summing them in that order.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 
+#include "common/device_utils.cuh"
 #include "msc/msc.h"
 
 namespace mlmamba {
@@ -14,16 +12,6 @@ namespace msc {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // V elements of T: 16 bytes (V = 16 / sizeof(T)) or one element (V = 1)
 template <typename T, int V>
@@ -64,11 +52,11 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams 
       for (int i = 0; i < K; ++i)
         if (src[i]) {
 #pragma unroll
-          for (int j = 0; j < V; ++j) acc[j] += to_f(in[i].v[j]);
+          for (int j = 0; j < V; ++j) acc[j] += to_float(in[i].v[j]);
         }
       P o;
 #pragma unroll
-      for (int j = 0; j < V; ++j) o.v[j] = from_f<T>(acc[j]);
+      for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(acc[j]);
       reinterpret_cast<P*>(out)[c] = o;
     }
   }
