@@ -156,11 +156,20 @@ def _sum_rows_fake(grads, inv):
     return torch.empty_like(grads[0], memory_format=torch.contiguous_format)
 
 
+def _gather(t, rows, fast):
+    """t[:, rows] (rows: int32 scan positions -> raster rows): msc_sum_rows with one scan (an
+    exact row gather in 16-byte pieces, one index read per row) when fast, else _take_rows."""
+    if not fast:
+        return _take_rows(t, rows.long())
+    t3 = t.reshape(t.shape[0], t.shape[1], -1)
+    return torch.ops.mlmamba.msc_sum_rows([t3], rows.view(1, -1)).view(t.shape)
+
+
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                      ngroups, dt_min, dt_max, merge):
     """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
-    scan after another. Each scan's rows are gathered by its order and its conv is recomputed
-    (the scan's inputs; the scan's own forward is not). The gradients of xBC and dt stay in scan
+    scan after another. Each scan's rows are gathered by its order (msc_sum_rows with one scan)
+    and its conv is recomputed (the scan's inputs; the scan's own forward is not). The gradients of xBC and dt stay in scan
     order and `msc_sum_rows` sums them over the scans through the inverse orders, in scan order
     in fp32 with one rounding (deterministic); above SUM_ROWS_MAX_SCANS scans (or for float64)
     they are gathered back and summed here, with the same arithmetic. The mean's 1/k is applied
@@ -177,22 +186,22 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     idx_all = orders.to(device=xBC.device, dtype=torch.int64)
     inv_all = torch.empty_like(idx_all).scatter_(
         1, idx_all, torch.arange(L, device=xBC.device).expand(k, L).contiguous())
-    # MLMAMBA_MSC_SUM_ROWS=0: the running sums (developer A/B)
-    fused_sum = (k <= SUM_ROWS_MAX_SCANS and acc == torch.float32
-                 and os.environ.get("MLMAMBA_MSC_SUM_ROWS", "1") != "0")
+    rows = idx_all.to(torch.int32)
+    # MLMAMBA_MSC_SUM_ROWS=0: indexing gathers and the running sums (developer A/B)
+    fast = acc == torch.float32 and os.environ.get("MLMAMBA_MSC_SUM_ROWS", "1") != "0"
+    fused_sum = fast and k <= SUM_ROWS_MAX_SCANS
     gxs_all, gdt_all, dxBC, ddt = [], [], None, None
     if merge == "mean":  # fp32 opmath, one rounding: the same values as dividing each gather
         dout = dout / k
     for i in range(k):
-        idx = idx_all[i]
-        xs = _take_rows(xBC, idx).transpose(1, 2)              # (b, cd, L) channel-last
+        xs = _gather(xBC, rows[i], fast).transpose(1, 2)        # (b, cd, L) channel-last
         bias = None if conv_bias is None else conv_bias[i]
         u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True, False)[0]
         x, B, C = torch.split(u.transpose(1, 2), [h * p, g * n, g * n], dim=-1)
         dy = dout[i] if merge == "none" else dout
-        dy = _take_rows(dy, idx)
+        dy, dts = _gather(dy, rows[i], fast), _gather(dt, rows[i], fast)
         gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
-            dy, None, x.reshape(b, L, h, p), _take_rows(dt, idx), A[i], B.reshape(b, L, g, n),
+            dy, None, x.reshape(b, L, h, p), dts, A[i], B.reshape(b, L, g, n),
             C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
             dt_min, dt_max)
         du = torch.cat([gx.reshape(b, L, h * p), gB.reshape(b, L, g * n),

@@ -132,6 +132,23 @@ def test_sum_rows_equals_reference(rng, dtype, k, cols, layout):
 
 
 @need
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sum_rows_gathers_exactly(rng, dtype):
+    """One scan: an exact row gather (the backward's gathers of xBC, dy and dt), -0 kept; two
+    scans of -0 sum to -0, as the running sums do."""
+    t = torch.randn(3, 29, 24, generator=rng).to(dtype)
+    t[0, :5] = -0.0
+    t, idx = t.to(DEV), torch.randperm(29, generator=rng).to(DEV, torch.int32)
+    got = torch.ops.mlmamba.msc_sum_rows([t], idx.view(1, -1))
+    want = t[:, idx.long()]
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
+    z = torch.full((2, 4, 8), -0.0, device=DEV, dtype=dtype)
+    two = torch.ops.mlmamba.msc_sum_rows([z, z], torch.arange(4, device=DEV, dtype=torch.int32)
+                                         .expand(2, 4).contiguous())
+    assert two.signbit().all()
+
+
+@need
 def test_sum_rows_errors(rng):
     f = torch.ops.mlmamba.msc_sum_rows
     g = torch.randn(2, 5, 8, device=DEV)

@@ -1,7 +1,8 @@
 // msc_sum_rows: the msc_scan backward's sum of the per-scan gradients, each read through its
 // scan's inverse order (msc.h). A thread's 16-byte piece of an output row: the k pieces are
 // loaded first (k loads in flight), then added in scan order in fp32 and rounded once, so the
-// result equals gathering each scan's rows back and summing them in that order.
+// result equals gathering each scan's rows back and summing them in that order. With one
+// scan it is an exact row gather (msc.py uses it so for the scans' inputs).
 #include <algorithm>
 
 #include "common/device_utils.cuh"
@@ -45,9 +46,9 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams 
 #pragma unroll
       for (int i = 0; i < K; ++i)
         if (src[i]) in[i] = reinterpret_cast<const P*>(src[i])[c];
-      float acc[V];
+      float acc[V];  // -0 is the identity of fp32 addition (+0 would turn a -0 sum into +0)
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] = 0.f;
+      for (int j = 0; j < V; ++j) acc[j] = -0.f;
 #pragma unroll
       for (int i = 0; i < K; ++i)
         if (src[i]) {
