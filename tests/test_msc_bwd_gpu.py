@@ -2,6 +2,7 @@
 msc_sum_rows kernel (csrc/msc/sum_rows.cu), against the float64 reference."""
 import pytest
 import torch
+from test_msc_gpu import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -18,12 +19,6 @@ else:
 need = pytest.mark.skipif(not HAVE, reason="needs the CUDA kernels of msc_scan")
 DEV = "cuda"
 NAMES = ("xBC", "dt", "A", "D", "conv_weight", "conv_bias", "dt_bias")
-
-
-def rel_err(out, want):
-    out, want = out.double(), want.double()
-    assert torch.isfinite(out).all(), "non-finite values in the output"
-    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
 def cuda_gen(rng):

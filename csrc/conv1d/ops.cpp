@@ -149,12 +149,19 @@ ConvParams make_params(const Tensor& x, const Tensor& weight, const OptT& bias, 
   return p;
 }
 
+// MLMAMBA_CONV1D_CHUNK (tuning): rows per warp for the channel-last v2 kernels, at least 1;
+// 0 where unset or empty
+int64_t forced_chunk() {
+  const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK");
+  return e && *e ? std::max<int64_t>(1, std::atoll(e)) : 0;
+}
+
 // Rows per warp for channel-last (v2 kernels): the longest of start, start/2, ... (>= 16) that
 // still gives warps_per_sm warps per SM of a 132-SM GPU, so that the w-1 re-read rows at each
 // chunk start stay a small fraction. MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
 int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int64_t start,
                    int64_t warps_per_sm) {
-  if (const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK"); e && *e) return std::max<int64_t>(1, std::atoll(e));
+  if (const int64_t forced = forced_chunk()) return forced;
   const int64_t cgroups = (d + lanes_channels - 1) / lanes_channels;
   int64_t chunk = start;
   while (chunk > 16 && b * ((l + chunk - 1) / chunk) * cgroups < 132 * warps_per_sm) chunk /= 2;
@@ -170,7 +177,7 @@ int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int6
 // L576 (msc_scan's per-scan backward) takes 72 rows (3 waves) instead of 128 (3 waves at 5/8
 // of the warps busy). MLMAMBA_CONV1D_CHUNK overrides it.
 int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm) {
-  if (const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK"); e && *e) return std::max<int64_t>(1, std::atoll(e));
+  if (const int64_t forced = forced_chunk()) return forced;
   const int64_t cgroups = (d + 127) / 128;
   const int64_t slots =
       int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * blocks_per_sm;
