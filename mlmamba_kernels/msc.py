@@ -7,6 +7,7 @@ from . import _checks as ck
 from ._loader import has_cuda_kernel
 from ._registry import (no_double_backward, none_if_empty, nvtx_range, or_empty, reference_vjp,
                         register_reference)
+from .reference import conv1d as conv_ref
 from .reference import msc as ref
 
 MERGES = ("mean", "sum", None, "none")
@@ -156,6 +157,45 @@ def _sum_rows_fake(grads, inv):
     return torch.empty_like(grads[0], memory_format=torch.contiguous_format)
 
 
+def _rows_of(xBC, rows):
+    """xBC[:, rows], an entry outside range(L) reading a zero row."""
+    r = rows.long()
+    ok = ((r >= 0) & (r < xBC.shape[1]))[None, :, None]
+    return xBC[:, r.clamp(0, max(xBC.shape[1] - 1, 0))] * ok
+
+
+def _conv_fwd_ref(xBC, rows, weight, bias):
+    """msc_conv_fwd's reference: causal conv (SiLU) of the rows xBC[:, rows], token order."""
+    xs = _rows_of(xBC, rows).transpose(1, 2)
+    return conv_ref.causal_conv1d(xs, weight, bias, "silu").transpose(1, 2).contiguous()
+
+
+def _conv_bwd_ref(xBC, rows, weight, bias, dout):
+    """msc_conv_bwd's reference: the gradients of the conv of the gathered rows (dx in token
+    order: dx[:, t] belongs to the row token t reads), dweight, dbias."""
+    xs = _rows_of(xBC, rows)
+    dx, dw, db = reference_vjp(
+        lambda x_, w_, b_: (conv_ref.causal_conv1d(x_.transpose(1, 2), w_, b_, "silu"),),
+        (xs, weight, bias), (torch.cat(list(dout), dim=2).transpose(1, 2),))
+    return dx.contiguous(), dw, or_empty(db, xBC)
+
+
+register_reference("msc_conv_fwd", _conv_fwd_ref)
+register_reference("msc_conv_bwd", _conv_bwd_ref)
+
+
+@torch.library.register_fake("mlmamba::msc_conv_fwd")
+def _conv_fwd_fake(xBC, rows, weight, bias):
+    return torch.empty_like(xBC, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("mlmamba::msc_conv_bwd")
+def _conv_bwd_fake(xBC, rows, weight, bias, dout):
+    return (torch.empty_like(xBC, memory_format=torch.contiguous_format),
+            torch.empty_like(weight, memory_format=torch.contiguous_format),
+            or_empty(None if bias is None else torch.empty_like(bias), xBC))
+
+
 def _gather(t, rows, fast):
     """t[:, rows] (rows: int32 scan positions -> raster rows): msc_sum_rows with one scan (an
     exact row gather in 16-byte pieces, one index read per row) when fast, else _take_rows."""
@@ -165,15 +205,31 @@ def _gather(t, rows, fast):
     return torch.ops.mlmamba.msc_sum_rows([t3], rows.view(1, -1)).view(t.shape)
 
 
+_STREAMS = {}
+
+
+def _side_streams(device, k):
+    """min(k, MLMAMBA_MSC_STREAMS) CUDA streams for the per-scan backwards (default 1: none,
+    one stream), made once per device; none on the CPU."""
+    n = min(k, int(os.environ.get("MLMAMBA_MSC_STREAMS", "1") or 1))
+    if device.type != "cuda" or n <= 1:
+        return []
+    pool = _STREAMS.setdefault(device.index or 0, [])
+    while len(pool) < n:
+        pool.append(torch.cuda.Stream(device))
+    return pool[:n]
+
+
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                      ngroups, dt_min, dt_max, merge):
     """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
-    scan after another. Each scan's rows are gathered by its order (msc_sum_rows with one scan)
-    and its conv is recomputed (the scan's inputs; the scan's own forward is not). The gradients of xBC and dt stay in scan
-    order and `msc_sum_rows` sums them over the scans through the inverse orders, in scan order
-    in fp32 with one rounding (deterministic); above SUM_ROWS_MAX_SCANS scans (or for float64)
-    they are gathered back and summed here, with the same arithmetic. The mean's 1/k is applied
-    to dout once, before the gathers."""
+    scan after another. Each scan's conv is recomputed reading xBC through its order
+    (msc_conv_fwd: the scan's inputs; the scan's own forward is not), dy and dt are gathered by
+    the order (msc_sum_rows with one scan), and msc_conv_bwd reads xBC through the order too.
+    The gradients of xBC and dt stay in scan order and `msc_sum_rows` sums them over the scans
+    through the inverse orders, in scan order in fp32 with one rounding (deterministic); above
+    SUM_ROWS_MAX_SCANS scans (or for float64) they are gathered back and summed here, with the
+    same arithmetic. The mean's 1/k is applied to dout once, before the gathers."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
@@ -190,25 +246,54 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     # MLMAMBA_MSC_SUM_ROWS=0: indexing gathers and the running sums (developer A/B)
     fast = acc == torch.float32 and os.environ.get("MLMAMBA_MSC_SUM_ROWS", "1") != "0"
     fused_sum = fast and k <= SUM_ROWS_MAX_SCANS
+    # the conv through the order (msc_conv_fwd / _bwd; MLMAMBA_MSC_CONV_ROWS=0: gathered rows
+    # and causal_conv1d, developer A/B); the dout pieces need h p and g n multiples of 4
+    conv_rows = (fast and (h * p) % 4 == 0 and (g * n) % 4 == 0
+                 and os.environ.get("MLMAMBA_MSC_CONV_ROWS", "1") != "0")
     gxs_all, gdt_all, dxBC, ddt = [], [], None, None
     if merge == "mean":  # fp32 opmath, one rounding: the same values as dividing each gather
         dout = dout / k
-    for i in range(k):
-        xs = _gather(xBC, rows[i], fast).transpose(1, 2)        # (b, cd, L) channel-last
+    def one_scan(i):
         bias = None if conv_bias is None else conv_bias[i]
-        u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True, False)[0]
-        x, B, C = torch.split(u.transpose(1, 2), [h * p, g * n, g * n], dim=-1)
+        if conv_rows:  # the conv reads xBC's rows through the order: no gathered copy
+            u = ops.msc_conv_fwd(xBC, rows[i], conv_weight[i], bias)
+        else:
+            xs = _gather(xBC, rows[i], fast).transpose(1, 2)    # (b, cd, L) channel-last
+            u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True,
+                                      False)[0].transpose(1, 2)
+        x, B, C = torch.split(u, [h * p, g * n, g * n], dim=-1)
         dy = dout[i] if merge == "none" else dout
         dy, dts = _gather(dy, rows[i], fast), _gather(dt, rows[i], fast)
         gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
             dy, None, x.reshape(b, L, h, p), dts, A[i], B.reshape(b, L, g, n),
             C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
             dt_min, dt_max)
-        du = torch.cat([gx.reshape(b, L, h * p), gB.reshape(b, L, g * n),
-                        gC.reshape(b, L, g * n)], dim=-1).to(u.dtype)
-        gxs, gw, gb, _ = ops.causal_conv1d_bwd(xs, conv_weight[i], bias, None, None,
-                                               du.transpose(1, 2), None, True)
-        gxs = gxs.transpose(1, 2)                               # (b, L, cd), scan order
+        du = [gx.reshape(b, L, h * p).to(u.dtype), gB.reshape(b, L, g * n).to(u.dtype),
+              gC.reshape(b, L, g * n).to(u.dtype)]
+        if conv_rows:  # dout in its three pieces, x through the order; dx in scan order
+            gxs, gw, gb = ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias, du)
+        else:
+            gxs, gw, gb, _ = ops.causal_conv1d_bwd(xs, conv_weight[i], bias, None, None,
+                                                   torch.cat(du, dim=-1).transpose(1, 2), None,
+                                                   True)
+            gxs = gxs.transpose(1, 2)                           # (b, L, cd), scan order
+        dA[i], dD[i], ddtb[i], dw[i] = gA, gD, gdtb, gw
+        if db is not None:
+            db[i] = gb
+        return gxs, gdt
+
+    # the scans are independent until the sums: with msc_sum_rows they may run on side streams
+    # (MLMAMBA_MSC_STREAMS), scan i on stream i % n, one scan's tails overlapping another's
+    streams = _side_streams(xBC.device, k) if fused_sum else []
+    main = torch.cuda.current_stream(xBC.device) if streams else None
+    for st in streams:
+        st.wait_stream(main)
+    for i in range(k):
+        if streams:
+            with torch.cuda.stream(streams[i % len(streams)]):
+                gxs, gdt = one_scan(i)
+        else:
+            gxs, gdt = one_scan(i)
         if fused_sum:
             gxs_all.append(gxs)
             gdt_all.append(gdt)
@@ -216,9 +301,10 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
             gxs, gdt = _take_rows(gxs, inv_all[i]), _take_rows(gdt, inv_all[i])
             dxBC = gxs.to(acc) if i == 0 else dxBC.add_(gxs)
             ddt = gdt.to(acc) if i == 0 else ddt.add_(gdt)
-        dA[i], dD[i], ddtb[i], dw[i] = gA, gD, gdtb, gw
-        if db is not None:
-            db[i] = gb
+    for st in streams:
+        main.wait_stream(st)
+    for t in (gxs_all + gdt_all) if streams else ():
+        t.record_stream(main)  # made on a side stream, read and freed on main
     if fused_sum:
         inv32 = inv_all.to(torch.int32)
         dxBC, ddt = ops.msc_sum_rows(gxs_all, inv32), ops.msc_sum_rows(gdt_all, inv32)

@@ -77,6 +77,42 @@ def test_backward_matches_reference(rng, kind, H, W, k, merge):
 
 
 @need
+@pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("random", 5, 3, 8)])
+def test_backward_gathered_conv_matches_reference(rng, monkeypatch, kind, H, W, k):
+    """MLMAMBA_MSC_CONV_ROWS=0: the conv on gathered rows (causal_conv1d) instead of
+    msc_conv_fwd / _bwd through the order; the two agree."""
+    a = make(rng, 2, H, W, k, kind)
+    dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng))
+    dout = dout.to(torch.bfloat16)
+    rows = grads(a, "mean", dout)
+    monkeypatch.setenv("MLMAMBA_MSC_CONV_ROWS", "0")
+    gathered = grads(a, "mean", dout)
+    for name, g, r, w in zip(NAMES, gathered, rows, ref_grads(a, "mean", dout)):
+        assert rel_err(g, w) < 5e-2, name
+        assert rel_err(r, g.double()) < 2e-2, name
+
+
+@need
+@pytest.mark.parametrize("nstreams", ["2", "4"])
+def test_backward_on_side_streams_equals_one_stream(rng, monkeypatch, nstreams):
+    """The per-scan backwards on side streams (MLMAMBA_MSC_STREAMS) give bitwise the
+    one-stream result, also when the caller's stream is not the default one."""
+    a = make(rng, 3, 24, 24, 4, "cross")
+    dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng))
+    dout = dout.to(torch.bfloat16)
+    monkeypatch.setenv("MLMAMBA_MSC_STREAMS", "1")
+    one = grads(a, "mean", dout)
+    monkeypatch.setenv("MLMAMBA_MSC_STREAMS", nstreams)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        many = grads(a, "mean", dout)
+    torch.cuda.current_stream().wait_stream(side)
+    for name, x, y in zip(NAMES, one, many):
+        assert torch.equal(x, y), name
+
+
+@need
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_backward_other_dtypes(rng, dtype):
     a = make(rng, 2, 5, 3, 4, "cross", dtype=dtype)

@@ -300,6 +300,39 @@ def test_msc_sum_rows_reference(rng):
     torch.library.opcheck(ops.msc_sum_rows, (src, inv))
 
 
+def test_msc_conv_references(rng, monkeypatch):
+    # msc_conv_fwd / _bwd (CPU: their references) equal causal_conv1d on the gathered rows, an
+    # entry outside range(L) reading a zero row; the unfused backward gives the same gradients
+    # with them as with the gathered conv (MLMAMBA_MSC_CONV_ROWS=0)
+    x = torch.randn(2, 9, 12, generator=rng, dtype=torch.float64)
+    w, b = torch.randn(12, 4, generator=rng), torch.randn(12, generator=rng)
+    rows = torch.randperm(9, generator=rng).to(torch.int32)
+    rows[3] = -2
+    xs = x[:, rows.long().clamp(min=0)].clone()
+    xs[:, 3] = 0
+    u = ops.msc_conv_fwd(x, rows, w.double(), b.double())
+    y = ops.causal_conv1d_fwd(xs.transpose(1, 2), w.double(), b.double(), None, None, True,
+                              False)[0]
+    torch.testing.assert_close(u, y.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    g = torch.randn(2, 9, 12, generator=rng, dtype=torch.float64)
+    dx, dw, db = ops.msc_conv_bwd(x, rows, w.double(), b.double(), [g[..., :8], g[..., 8:]])
+    want = ops.causal_conv1d_bwd(xs.transpose(1, 2), w.double(), b.double(), None, None,
+                                 g.transpose(1, 2), None, True)
+    for got, ref in zip((dx, dw, db), (want[0].transpose(1, 2), want[1], want[2])):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(ops.msc_conv_fwd, (x, rows, w.double(), b.double()))
+    torch.library.opcheck(ops.msc_conv_bwd, (x, rows, w.double(), None, [g]))
+    from mlmamba_kernels import msc as m
+    t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
+    args = (torch.randn(2, 15, 2, 4, generator=rng), t["xBC"], t["dt"], t["A"], t["D"],
+            t["conv_weight"], t["conv_bias"], t["dt_bias"], o["orders"], o["headdim"],
+            o["ngroups"], 0.0, float("inf"), "mean")
+    got = m.unfused_backward(*args)
+    monkeypatch.setenv("MLMAMBA_MSC_CONV_ROWS", "0")
+    for gv, wv in zip(got, m.unfused_backward(*args)):
+        torch.testing.assert_close(gv, wv, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(2, 7, 12), (2, 7, 5), (3, 6, 2, 4)])
 def test_msc_take_rows(rng, dtype, shape):

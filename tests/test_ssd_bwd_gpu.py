@@ -479,12 +479,18 @@ def test_autograd_through_op_matches_finite_difference():
 
     base = {k: v.detach().double() for k, v in t.items() if v is not None}
     base.setdefault("D", None)
+    # dA and ddt_bias are sums over tokens that can cancel far below their terms (the kernel's
+    # bf16 operands err at the terms' scale): judged at that scale, as check() judges them
+    terms = {"A": dA_terms(t, kw, dout, dfin).norm().item(),
+             "dt_bias": leaves["dt"].grad.norm().item()}
     eps = 1e-4
     for k in ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"):
         v = torch.randn(t[k].shape, generator=gen, device="cuda", dtype=torch.float64)
         fd = (f64({**base, k: base[k] + eps * v}) - f64({**base, k: base[k] - eps * v})) / (2 * eps)
         an = (leaves[k].grad.double() * v).sum().item()
-        assert abs(fd - an) <= 3e-2 * abs(fd) + 1e-2 * leaves[k].grad.norm().item(), (k, fd, an)
+        bound = 3e-2 * abs(fd) + 1e-2 * leaves[k].grad.norm().item()
+        bound += TOL[torch.float32] * terms.get(k, 0.0) * v.norm().item()
+        assert abs(fd - an) <= bound, (k, fd, an, bound, _last_seed[0])
 
 
 @needs_kernel

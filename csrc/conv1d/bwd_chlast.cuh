@@ -11,7 +11,8 @@ namespace conv1d {
 
 // Channel-last: a lane owns C channels and walks rows t = t0 .. t1+H-1 upward, keeping the
 // last H+1 rows of x and g; dx for row u = t - H is complete once g[t] is known.
-template <int W, typename T, bool kSeq>
+// kRows: x rows through p.rows (conv1d.h), no seq_idx, initial or final states.
+template <int W, typename T, bool kSeq, bool kRows>
 __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
   using R = typename RawOf<T>::type;
   constexpr int C = 4, H = W - 1, RW = 4;
@@ -27,6 +28,12 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   const int64_t nc = D - c0;
   const R* xb = static_cast<const R*>(p.x) + b * p.x_b + c0;
   const R* dob = static_cast<const R*>(p.dout) + b * p.dout_b + c0;
+  int64_t dl = p.dout_l;  // dout's row stride for this lane's channels
+  if (p.dpiece[0] != nullptr && c0 >= p.dsplit[0]) {  // dout in pieces (conv1d.h)
+    const int i = c0 >= p.dsplit[1] ? 1 : 0;
+    dob = static_cast<const R*>(p.dpiece[i]) + b * p.dpiece_b[i] + (c0 - p.dsplit[i]);
+    dl = p.dpiece_l[i];
+  }
   R* dxb = static_cast<R*>(p.out) + b * p.out_b + c0;
   constexpr bool has_seq = kSeq;  // without seq_idx every mask folds away
   const int* sr = has_seq ? p.seq + b * p.seq_b : nullptr;
@@ -48,16 +55,20 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   }
   float xw[H + RW][C], gw[H + RW][C];
   int sw[H + RW];
-  const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l) && vec_ok<C>(dob, p.dout_l);
+  const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l) && vec_ok<C>(dob, dl);
   const bool vec_out = nc >= C && vec_ok<C>(dxb, p.out_l);
   #pragma unroll
   for (int j = 0; j < H; ++j) {
     #pragma unroll
     for (int i = 0; i < C; ++i) gw[j][i] = 0.f;  // never read for a row < t0 that is emitted
   }
+  bool zero;  // rows mode: the token's row entry is out of range
   if (active && t0 >= H && vec_in) {  // the common case: straight-line loads
     #pragma unroll
-    for (int j = 0; j < H; ++j) load_vec<C>(xb + (t0 - H + j) * p.x_l, xw[j]);
+    for (int j = 0; j < H; ++j) {
+      load_vec<C>(x_row<kRows>(xb, p, t0 - H + j, zero), xw[j]);
+      zero_if(zero, xw[j]);
+    }
     #pragma unroll
     for (int j = 0; j < H; ++j) sw[j] = has_seq ? sr[t0 - H + j] : 0;
   } else {  // first chunk (initial states), idle warps, or rows not whole aligned words
@@ -65,12 +76,13 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
     for (int j = 0; j < H; ++j) {
       const int64_t q = t0 - H + j;
       if (q >= 0 && q < L) {  // q >= L only for an idle warp
-        load_checked<C>(xb + q * p.x_l, nc, xw[j]);
+        load_checked<C>(x_row<kRows>(xb, p, q, zero), nc, xw[j]);
+        zero_if(zero, xw[j]);
         sw[j] = has_seq ? sr[q] : 0;
       } else {
         #pragma unroll
         for (int i = 0; i < C; ++i)
-          xw[j][i] = q < 0 && p.init != nullptr && i < nc
+          xw[j][i] = !kRows && q < 0 && p.init != nullptr && i < nc
                          ? load_any(p.init, b * p.init_b + (c0 + i) * p.init_d + (H + q) * p.init_k,
                                     p.init_dtype)
                          : 0.f;
@@ -83,11 +95,12 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   // flight while the previous group computes.
   const int64_t t_stop = t_last < L ? t_last : L;  // rows to read in this chunk
   RawRun<C, R> nx[RW], nd[RW];
+  bool nz[RW];
   if (vec_in && t0 + RW <= t_stop) {
     #pragma unroll
     for (int r = 0; r < RW; ++r) {
-      nx[r].load(xb + (t0 + r) * p.x_l);
-      nd[r].load(dob + (t0 + r) * p.dout_l);
+      nx[r].load(x_row<kRows>(xb, p, t0 + r, nz[r]));
+      nd[r].load(dob + (t0 + r) * dl);
     }
   }
   for (int64_t tg = t0; tg < t_last; tg += RW) {
@@ -96,22 +109,24 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
         nx[r].to_float(xw[H + r]);
+        zero_if(nz[r], xw[H + r]);
         nd[r].to_float(dv[r]);
       }
       const int64_t tn = tg + RW;
       if (tn + RW <= t_stop) {
         #pragma unroll
         for (int r = 0; r < RW; ++r) {
-          nx[r].load(xb + (tn + r) * p.x_l);
-          nd[r].load(dob + (tn + r) * p.dout_l);
+          nx[r].load(x_row<kRows>(xb, p, tn + r, nz[r]));
+          nd[r].load(dob + (tn + r) * dl);
         }
       }
     } else {
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
         if (tg + r < t_stop) {
-          load_checked<C>(xb + (tg + r) * p.x_l, nc, xw[H + r]);
-          load_checked<C>(dob + (tg + r) * p.dout_l, nc, dv[r]);
+          load_checked<C>(x_row<kRows>(xb, p, tg + r, zero), nc, xw[H + r]);
+          zero_if(zero, xw[H + r]);
+          load_checked<C>(dob + (tg + r) * dl, nc, dv[r]);
         } else {
           #pragma unroll
           for (int i = 0; i < C; ++i) { xw[H + r][i] = 0.f; dv[r][i] = 0.f; }
@@ -157,7 +172,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
           }
           o[i] = acc;
         }
-        if (p.dfinal != nullptr && u >= fin0) {  // the last w-1 positions
+        if (!kRows && p.dfinal != nullptr && u >= fin0) {  // the last w-1 positions
           #pragma unroll
           for (int i = 0; i < C; ++i)
             if (i < nc)
@@ -199,7 +214,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   }
 }
 
-template <bool kSeq>
+template <bool kSeq, bool kRows = false>
 void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const int64_t cgroups = p.nslots_per_batch;
   const int64_t gx = p.batch * cgroups, gy = (p.dim + 127) / 128;
@@ -207,7 +222,7 @@ void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      bwd_chlast_kernel<W, T, kSeq><<<grid, 128, 0, s>>>(p, cgroups);
+      bwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(p, cgroups);
       MLM_CHECK_LAUNCH();
     });
   });

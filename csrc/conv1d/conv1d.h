@@ -55,12 +55,28 @@ struct ConvParams {
                              // channel-last pipe: blocks per channel group (slots in all)
 
   int64_t chunk;  // channel-last: rows per warp
+
+  // Rows mode (channel-last v2 kernels, no seq_idx / states): token t reads x row rows[t]
+  // (int32, length seqlen; an entry outside [0, seqlen) reads a zero row), out / dx / dout
+  // stay in token order. msc_scan's conv along a scan order (csrc/msc/conv_ops.cpp).
+  const int* rows;
+  // Backward, channel-last v2: dout channels [dsplit[i], dsplit[i + 1]) (dsplit[2] = dim)
+  // come from dpiece[i] (strides dpiece_b / dpiece_l, its channel 0 first) when dpiece[0]
+  // is set; dout holds channels [0, dsplit[0]). Splits are multiples of 4 (one lane's run).
+  const void* dpiece[2];
+  int64_t dsplit[2], dpiece_b[2], dpiece_l[2];
 };
 
 void fwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
 void bwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
 void bwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
+// The channel-last v2 kernels in rows mode (p.rows set; p.chunk from the pickers below)
+void fwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
+void bwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
+// Rows per warp of the channel-last v2 forward / backward (ops.cpp)
+int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l);
+int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm);
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
@@ -248,6 +264,26 @@ __device__ __forceinline__ void load_seq8(const int* p, int64_t n, int fill, int
     #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = i < n ? p[i] : fill;
   }
+}
+
+// x row of token q (rows mode: rows[q], an entry outside [0, seqlen) gives row 0 and *zero)
+template <bool kRows, typename R>
+__device__ __forceinline__ const R* x_row(const R* xb, const ConvParams& p, int64_t q,
+                                          bool& zero) {
+  if constexpr (!kRows) {
+    zero = false;
+    return xb + q * p.x_l;
+  } else {
+    const int r = __ldg(p.rows + q);
+    zero = r < 0 || r >= p.seqlen;
+    return xb + (zero ? 0 : static_cast<int64_t>(r)) * p.x_l;
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero_if(bool zero, float (&v)[N]) {
+  #pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = zero ? 0.f : v[i];
 }
 
 // sigmoid through the hardware exp2 and reciprocal (a few ulp; no IEEE-division slow path):

@@ -11,7 +11,8 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <int W, typename T, bool kSeq>
+// kRows: x rows through p.rows (conv1d.h), no seq_idx, initial or final states.
+template <int W, typename T, bool kSeq, bool kRows>
 __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
   using R = typename RawOf<T>::type;
   constexpr int C = 8, H = W - 1, RW = 4;  // channels per lane, rows per step
@@ -44,9 +45,13 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   // Rows as whole 16-byte words when this lane's C channels exist and every row is aligned.
   const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l);
   const bool vec_out = nc >= C && vec_ok<C>(ob, p.out_l);
+  bool zero;  // rows mode: the token's row entry is out of range
   if (t0 >= H && vec_in) {  // the common case: straight-line loads
     #pragma unroll
-    for (int j = 0; j < H; ++j) load_vec<C>(xb + (t0 - H + j) * p.x_l, xw[j]);
+    for (int j = 0; j < H; ++j) {
+      load_vec<C>(x_row<kRows>(xb, p, t0 - H + j, zero), xw[j]);
+      zero_if(zero, xw[j]);
+    }
     #pragma unroll
     for (int j = 0; j < H; ++j) sw[j] = has_seq ? sr[t0 - H + j] : 0;
   } else {  // first chunk (initial states), or rows that are not whole aligned words
@@ -54,12 +59,13 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
     for (int j = 0; j < H; ++j) {
       const int64_t q = t0 - H + j;
       if (q >= 0) {
-        load_checked<C>(xb + q * p.x_l, nc, xw[j]);
+        load_checked<C>(x_row<kRows>(xb, p, q, zero), nc, xw[j]);
+        zero_if(zero, xw[j]);
         sw[j] = has_seq ? sr[q] : 0;
       } else {
         #pragma unroll
         for (int i = 0; i < C; ++i)
-          xw[j][i] = p.init != nullptr && i < nc
+          xw[j][i] = !kRows && p.init != nullptr && i < nc
                          ? load_any(p.init, b * p.init_b + (c0 + i) * p.init_d + (H + q) * p.init_k,
                                     p.init_dtype)
                          : 0.f;
@@ -70,24 +76,30 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   // Full groups of RW rows are loaded one group ahead (raw words), so a group's loads are in
   // flight while the previous group computes.
   RawRun<C, R> next[RW];
+  bool nz[RW];
   if (vec_in && t0 + RW <= t1) {
     #pragma unroll
-    for (int r = 0; r < RW; ++r) next[r].load(xb + (t0 + r) * p.x_l);
+    for (int r = 0; r < RW; ++r) next[r].load(x_row<kRows>(xb, p, t0 + r, nz[r]));
   }
   for (int64_t tg = t0; tg < t1; tg += RW) {
     if (vec_in && tg + RW <= t1) {
       #pragma unroll
-      for (int r = 0; r < RW; ++r) next[r].to_float(xw[H + r]);
+      for (int r = 0; r < RW; ++r) {
+        next[r].to_float(xw[H + r]);
+        zero_if(nz[r], xw[H + r]);
+      }
       const int64_t tn = tg + RW;
       if (tn + RW <= t1) {
         #pragma unroll
-        for (int r = 0; r < RW; ++r) next[r].load(xb + (tn + r) * p.x_l);
+        for (int r = 0; r < RW; ++r) next[r].load(x_row<kRows>(xb, p, tn + r, nz[r]));
       }
     } else {
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
-        if (tg + r < t1) load_checked<C>(xb + (tg + r) * p.x_l, nc, xw[H + r]);
-        else {
+        if (tg + r < t1) {
+          load_checked<C>(x_row<kRows>(xb, p, tg + r, zero), nc, xw[H + r]);
+          zero_if(zero, xw[H + r]);
+        } else {
           #pragma unroll
           for (int i = 0; i < C; ++i) xw[H + r][i] = 0.f;
         }
@@ -122,7 +134,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
       sw[j] = sw[RW + j];
     }
   }
-  if (p.final_states != nullptr && t1 == L) {  // last w-1 inputs, initial states in front
+  if (!kRows && p.final_states != nullptr && t1 == L) {  // last w-1 inputs, initial states in front
     R* fr = static_cast<R*>(p.final_states) + (b * D + c0) * H;
     #pragma unroll
     for (int j = 0; j < H; ++j) {
@@ -145,7 +157,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   }
 }
 
-template <bool kSeq>
+template <bool kSeq, bool kRows = false>
 void fwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const int64_t nchunks = (p.seqlen + p.chunk - 1) / p.chunk;
   const int64_t cgroups = (nchunks + 3) / 4;
@@ -154,7 +166,7 @@ void fwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      fwd_chlast_kernel<W, T, kSeq><<<grid, 128, 0, s>>>(p, cgroups);
+      fwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(p, cgroups);
       MLM_CHECK_LAUNCH();
     });
   });

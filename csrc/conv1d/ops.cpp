@@ -149,9 +149,11 @@ ConvParams make_params(const Tensor& x, const Tensor& weight, const OptT& bias, 
   return p;
 }
 
+}  // namespace
+
 // MLMAMBA_CONV1D_CHUNK (tuning): rows per warp for the channel-last v2 kernels, at least 1;
 // 0 where unset or empty
-int64_t forced_chunk() {
+static int64_t forced_chunk() {
   const char* e = std::getenv("MLMAMBA_CONV1D_CHUNK");
   return e && *e ? std::max<int64_t>(1, std::atoll(e)) : 0;
 }
@@ -159,8 +161,8 @@ int64_t forced_chunk() {
 // Rows per warp for channel-last (v2 kernels): the longest of start, start/2, ... (>= 16) that
 // still gives warps_per_sm warps per SM of a 132-SM GPU, so that the w-1 re-read rows at each
 // chunk start stay a small fraction. MLMAMBA_CONV1D_CHUNK overrides it (for tuning).
-int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int64_t start,
-                   int64_t warps_per_sm) {
+static int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channels, int64_t start,
+                          int64_t warps_per_sm) {
   if (const int64_t forced = forced_chunk()) return forced;
   const int64_t cgroups = (d + lanes_channels - 1) / lanes_channels;
   int64_t chunk = start;
@@ -189,6 +191,12 @@ int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_pe
   }
   return best;
 }
+
+int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
+  return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
+}
+
+namespace {
 
 // Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
 // and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
@@ -238,7 +246,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
-    p.chunk = pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
+    p.chunk = pick_chunk_fwd_chlast(b, d, l);
     fwd_chlast(p, dtag(x), stream);
   } else if (pipe) {
     fwd_lcontig_pipe(p, dtag(x), stream);
