@@ -209,9 +209,9 @@ _STREAMS = {}
 
 
 def _side_streams(device, k):
-    """min(k, MLMAMBA_MSC_STREAMS) CUDA streams for the per-scan backwards (default 1: none,
-    one stream), made once per device; none on the CPU."""
-    n = min(k, int(os.environ.get("MLMAMBA_MSC_STREAMS", "1") or 1))
+    """min(k, MLMAMBA_MSC_STREAMS (default 4)) CUDA streams for the per-scan backwards, made
+    once per device; none (one stream) on the CPU or when that is 1."""
+    n = min(k, int(os.environ.get("MLMAMBA_MSC_STREAMS", "4") or 4))
     if device.type != "cuda" or n <= 1:
         return []
     pool = _STREAMS.setdefault(device.index or 0, [])

@@ -84,7 +84,11 @@ def test_matches_reference(rng, dtype, w):
     (2, 1000, 520, [512, 4, 4], "perm", "slice", True),        # strided pieces
     (1, 65, 5, [5], "perm", "slice", True),                    # fewer channels than a lane
 ])
-def test_shapes_rows_and_pieces(rng, b, L, d, splits, rows, layout, bias):
+@pytest.mark.parametrize("impl", ["default", "v2"])
+def test_shapes_rows_and_pieces(rng, monkeypatch, b, L, d, splits, rows, layout, bias, impl):
+    """default: the streaming forward where the rows are 16-byte aligned (else v2)."""
+    if impl == "v2":
+        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "v2")
     a = make(rng, b, L, d, 4, torch.bfloat16, rows=rows, layout=layout, bias=bias)
     run_and_check(a, splits, layout, torch.bfloat16, rng)
 
@@ -96,12 +100,13 @@ def test_mixed_weight_dtype(rng):
 
 
 @need
-def test_identity_rows_equal_causal_conv1d(rng, monkeypatch):
-    """rows = arange: the forward is the plain channel-last causal conv's v2 kernel, bitwise."""
+@pytest.mark.parametrize("impl", ["pipe", "v2"])
+def test_identity_rows_equal_causal_conv1d(rng, monkeypatch, impl):
+    """rows = arange: the forward is the plain channel-last causal conv's kernel, bitwise."""
+    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", impl)
     a = make(rng, 2, 300, 264, 4, torch.bfloat16)
     a["rows"] = torch.arange(300, device=DEV, dtype=torch.int32)
     u = torch.ops.mlmamba.msc_conv_fwd(a["xBC"], a["rows"], a["weight"], a["bias"])
-    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "v2")
     y = torch.ops.mlmamba.causal_conv1d_fwd(a["xBC"].transpose(1, 2), a["weight"], a["bias"],
                                             None, None, True, False)[0]
     assert torch.equal(u, y.transpose(1, 2))

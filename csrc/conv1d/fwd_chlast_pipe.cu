@@ -14,8 +14,9 @@ namespace mlmamba {
 namespace conv1d {
 
 // C channels per lane (8: 16-byte words; 4 at 16-bit types: 8-byte words, fewer registers), S
-// stages of RW = 4 rows, MINB blocks per SM the registers are budgeted for.
-template <int W, typename T, int C, int S, int MINB>
+// stages of RW = 4 rows, MINB blocks per SM the registers are budgeted for. kRows: x rows
+// through p.rows (conv1d.h; no initial or final states), read by the producer S-1 stages ahead.
+template <int W, typename T, int C, int S, int MINB, bool kRows = false>
 __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvParams p, int64_t ncg,
                                                                    int64_t rows_per_warp) {
   using R = typename RawOf<T>::type;
@@ -49,7 +50,15 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
   auto issue = [&](int s) {  // queue the producer's stage into s (an empty group past the end)
     if (!pi.done()) {
       const R* xb = xc + pi.b * p.x_b;
-      if (act && pi.ts >= 0 && pi.ts + RW <= pi.t1) {  // every row in range
+      if (kRows) {  // token t reads row rows[t]; out of range: zeros
+        #pragma unroll
+        for (int r = 0; r < RW; ++r) {
+          const int64_t t = pi.ts + r;
+          const int row = act && t >= 0 && t < pi.t1 ? __ldg(p.rows + t) : -1;
+          const bool in = row >= 0 && row < L;
+          cp_async_run<C, R>(&q[s][r][tid][0], in ? xb + row * p.x_l : xc, in ? C : 0);
+        }
+      } else if (act && pi.ts >= 0 && pi.ts + RW <= pi.t1) {  // every row in range
         #pragma unroll
         for (int r = 0; r < RW; ++r) cp_async_whole<C, R>(&q[s][r][tid][0], xb + (pi.ts + r) * p.x_l);
       } else {
@@ -73,7 +82,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
     cp_async_wait<S - 1>();
     #pragma unroll
     for (int r = 0; r < RW; ++r) smem_run_to_float<C, R>(&q[s][r][tid][0], xw[H + r]);
-    if (ci.ts < 0 && p.init != nullptr && act) {  // rows before t = 0: the initial states
+    if (!kRows && ci.ts < 0 && p.init != nullptr && act) {  // rows before t = 0: the initial states
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
         const int64_t t = ci.ts + r;
@@ -104,7 +113,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
       #pragma unroll
       for (int i = 0; i < C; ++i) xw[j][i] = xw[RW + j][i];
     }
-    if (p.final_states != nullptr && act && ci.t1 == L && ci.ts + RW >= L) {
+    if (!kRows && p.final_states != nullptr && act && ci.t1 == L && ci.ts + RW >= L) {
       // the segment's last stage ends the batch row: last w-1 inputs, initial states in front
       R* fr = static_cast<R*>(p.final_states) + (ci.b * D + c0) * H;
       const R* xb = xc + ci.b * p.x_b;
@@ -127,10 +136,10 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
   cp_async_wait<0>();
 }
 
-template <int W, typename T, int C, int S, int MINB>
+template <int W, typename T, int C, int S, int MINB, bool kRows = false>
 void launch_fwd_chlast_pipe(const ConvParams& p, cudaStream_t s) {
   const int64_t ncg = (p.dim + 32 * C - 1) / (32 * C), rows = p.batch * p.seqlen;
-  auto kernel = fwd_chlast_pipe_kernel<W, T, C, S, MINB>;
+  auto kernel = fwd_chlast_pipe_kernel<W, T, C, S, MINB, kRows>;
   static const int occ = occupancy(kernel, 128);
   const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg, 2.0);
   const int64_t rows_per_warp = (rows + 4 * bpc - 1) / (4 * bpc);
@@ -152,6 +161,15 @@ void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
         if (tune_variant() == 2) return launch_fwd_chlast_pipe<W, T, 4, 8, 5>(p, s);
       }
       launch_fwd_chlast_pipe<W, T, 8, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2>(p, s);
+    });
+  });
+}
+
+// rows mode (msc_conv_fwd): the default configuration only
+void fwd_chlast_pipe_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(p.width, W, [&] {
+      launch_fwd_chlast_pipe<W, T, 8, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2, true>(p, s);
     });
   });
 }

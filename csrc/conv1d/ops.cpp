@@ -196,6 +196,12 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
   return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
 }
 
+// MLMAMBA_CONV1D_CFIRST=1: the channel-last v2 grids with the channel groups first (A/B)
+bool chlast_cfirst() {
+  const char* e = std::getenv("MLMAMBA_CONV1D_CFIRST");
+  return e && *e && std::string(e) != "0";
+}
+
 namespace {
 
 // Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
@@ -247,6 +253,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
     p.chunk = pick_chunk_fwd_chlast(b, d, l);
+    p.cfirst = chlast_cfirst();
     fwd_chlast(p, dtag(x), stream);
   } else if (pipe) {
     fwd_lcontig_pipe(p, dtag(x), stream);
@@ -317,6 +324,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
     p.chunk = pick_chunk_bwd_chlast(b, d, l, w <= 4 ? 3 : 2);  // bwd_chlast_kernel's bounds
+    p.cfirst = chlast_cfirst();
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile

@@ -7,7 +7,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -96,8 +98,17 @@ Tensor msc_conv_fwd_cuda(const Tensor& xBC_in, const Tensor& rows_in, const Tens
   if (out.numel() == 0) return out;
   const Tensor rows = rows_in.contiguous();
   conv1d::ConvParams p = make_params(xBC, rows, weight, bias, out);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // the streaming kernel where it applies (MLMAMBA_CONV1D_IMPL=v2: the v2 kernel, A/B)
+  const char* impl = std::getenv("MLMAMBA_CONV1D_IMPL");
+  const bool v2 = impl != nullptr && std::string(impl) == "v2";
+  if (!v2 && conv1d::pipe_ok(p, static_cast<int>(xBC.element_size()), true, false)) {
+    conv1d::fwd_chlast_pipe_rows(p, dtag(xBC), stream);
+    return out;
+  }
   p.chunk = conv1d::pick_chunk_fwd_chlast(p.batch, p.dim, p.seqlen);
-  conv1d::fwd_chlast_rows(p, dtag(xBC), at::cuda::getCurrentCUDAStream());
+  p.cfirst = conv1d::chlast_cfirst();
+  conv1d::fwd_chlast_rows(p, dtag(xBC), stream);
   return out;
 }
 
@@ -151,6 +162,7 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   p.dsplit[1] = split[1];
   p.chunk = conv1d::pick_chunk_bwd_chlast(b, d, L, w <= 4 ? 3 : 2);  // the kernel's bounds
   p.nslots_per_batch = ((L + p.chunk - 1) / p.chunk + 3) / 4;
+  p.cfirst = conv1d::chlast_cfirst();
   const int64_t nslots = b * p.nslots_per_batch;
   Tensor partial = at::empty({nslots, d, w + 1}, xBC.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
