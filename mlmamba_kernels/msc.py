@@ -161,7 +161,7 @@ def _rows_of(xBC, rows):
     """xBC[:, rows], an entry outside range(L) reading a zero row."""
     r = rows.long()
     ok = ((r >= 0) & (r < xBC.shape[1]))[None, :, None]
-    return xBC[:, r.clamp(0, max(xBC.shape[1] - 1, 0))] * ok
+    return xBC[:, r.clamp(0, max(xBC.shape[1] - 1, 0))].masked_fill(~ok, 0)
 
 
 def _conv_fwd_ref(xBC, rows, weight, bias):
@@ -211,7 +211,11 @@ _STREAMS = {}
 def _side_streams(device, k):
     """min(k, MLMAMBA_MSC_STREAMS (default 4)) CUDA streams for the per-scan backwards, made
     once per device; none (one stream) on the CPU or when that is 1."""
-    n = min(k, int(os.environ.get("MLMAMBA_MSC_STREAMS", "4") or 4))
+    env = os.environ.get("MLMAMBA_MSC_STREAMS", "") or "4"
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"msc_scan: environment variable MLMAMBA_MSC_STREAMS must be a "
+                         f"positive integer, got {env!r}")
+    n = min(k, int(env))
     if device.type != "cuda" or n <= 1:
         return []
     pool = _STREAMS.setdefault(device.index or 0, [])
@@ -253,6 +257,7 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     gxs_all, gdt_all, dxBC, ddt = [], [], None, None
     if merge == "mean":  # fp32 opmath, one rounding: the same values as dividing each gather
         dout = dout / k
+
     def one_scan(i):
         bias = None if conv_bias is None else conv_bias[i]
         if conv_rows:  # the conv reads xBC's rows through the order: no gathered copy

@@ -83,6 +83,8 @@ def test_matches_reference(rng, dtype, w):
     (3, 129, 8, [4, 4], "holes", "contig", True),
     (2, 1000, 520, [512, 4, 4], "perm", "slice", True),        # strided pieces
     (1, 65, 5, [5], "perm", "slice", True),                    # fewer channels than a lane
+    (2, 33, 16, [8, 0, 8], "perm", "contig", True),            # an empty piece
+    (2, 33, 16, [0, 0, 16], "holes", "contig", True),
 ])
 @pytest.mark.parametrize("impl", ["default", "v2"])
 def test_shapes_rows_and_pieces(rng, monkeypatch, b, L, d, splits, rows, layout, bias, impl):

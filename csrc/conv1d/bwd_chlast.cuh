@@ -18,11 +18,10 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   constexpr int C = 4, H = W - 1, RW = 4;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
-  const int64_t rb = p.cfirst ? blockIdx.y : blockIdx.x, cb = p.cfirst ? blockIdx.x : blockIdx.y;
-  const int64_t b = rb / cgroups;
-  const int64_t cg = rb - b * cgroups;
+  const int64_t b = blockIdx.x / cgroups;
+  const int64_t cg = blockIdx.x - b * cgroups;
   const int64_t t0 = (cg * 4 + warp) * p.chunk;
-  const int64_t c0 = (cb * 32 + lane) * C;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * C;
   // No early return: the block meets at a barrier for the dweight sums. Idle lanes add zeros.
   const bool active = t0 < L && c0 < D;
   const int64_t t1 = !active ? t0 : (t0 + p.chunk < L ? t0 + p.chunk : L);
@@ -219,12 +218,12 @@ template <bool kSeq, bool kRows = false>
 void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const int64_t cgroups = p.nslots_per_batch;
   const int64_t gx = p.batch * cgroups, gy = (p.dim + 127) / 128;
-  MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536, "causal_conv1d_bwd: input too large");
-  ConvParams q = p;
-  const dim3 grid = chlast_grid(q, gx, gy);
+  MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536,
+            kRows ? "msc_conv_bwd" : "causal_conv1d_bwd", ": input too large");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      bwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(q, cgroups);
+      bwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(p, cgroups);
       MLM_CHECK_LAUNCH();
     });
   });

@@ -65,19 +65,7 @@ struct ConvParams {
   // is set; dout holds channels [0, dsplit[0]). Splits are multiples of 4 (one lane's run).
   const void* dpiece[2];
   int64_t dsplit[2], dpiece_b[2], dpiece_l[2];
-  // Channel-last v2: the channel groups on gridDim.x, so the blocks that read one span of rows
-  // run together (the launchers fall back where the row blocks exceed gridDim.y's 65535)
-  bool cfirst;
 };
-
-// The channel-last v2 grid: rblocks (batch x row blocks) by cblocks (channel groups), or the
-// other way round where q.cfirst holds and fits (q.cfirst is cleared where it does not)
-inline dim3 chlast_grid(ConvParams& q, int64_t rblocks, int64_t cblocks) {
-  if (q.cfirst && rblocks < 65536 && cblocks < (int64_t(1) << 31))
-    return dim3(static_cast<unsigned>(cblocks), static_cast<unsigned>(rblocks));
-  q.cfirst = false;
-  return dim3(static_cast<unsigned>(rblocks), static_cast<unsigned>(cblocks));
-}
 
 void fwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
@@ -87,10 +75,11 @@ void bwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe_rows(const ConvParams& p, int xdtype, cudaStream_t s);  // where pipe_ok
 void bwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
+// Whether op takes the streaming kernels for p (MLMAMBA_CONV1D_IMPL; ops.cpp)
+bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd);
 // Rows per warp of the channel-last v2 forward / backward (ops.cpp)
 int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l);
 int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm);
-bool chlast_cfirst();  // ConvParams::cfirst for those kernels (ops.cpp)
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);

@@ -18,10 +18,9 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   constexpr int C = 8, H = W - 1, RW = 4;  // channels per lane, rows per step
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
-  const int64_t rb = p.cfirst ? blockIdx.y : blockIdx.x, cb = p.cfirst ? blockIdx.x : blockIdx.y;
-  const int64_t b = rb / cgroups;
-  const int64_t t0 = ((rb - b * cgroups) * 4 + warp) * p.chunk;
-  const int64_t c0 = (cb * 32 + lane) * C;
+  const int64_t b = blockIdx.x / cgroups;
+  const int64_t t0 = ((blockIdx.x - b * cgroups) * 4 + warp) * p.chunk;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * C;
   if (t0 >= L || c0 >= D) return;
   const int64_t t1 = t0 + p.chunk < L ? t0 + p.chunk : L;
   const int64_t nc = D - c0;
@@ -163,12 +162,12 @@ void fwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const int64_t nchunks = (p.seqlen + p.chunk - 1) / p.chunk;
   const int64_t cgroups = (nchunks + 3) / 4;
   const int64_t gx = p.batch * cgroups, gy = (p.dim + 255) / 256;
-  MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536, "causal_conv1d_fwd: input too large");
-  ConvParams q = p;
-  const dim3 grid = chlast_grid(q, gx, gy);
+  MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536,
+            kRows ? "msc_conv_fwd" : "causal_conv1d_fwd", ": input too large");
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      fwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(q, cgroups);
+      fwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(p, cgroups);
       MLM_CHECK_LAUNCH();
     });
   });

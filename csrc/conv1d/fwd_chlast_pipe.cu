@@ -144,7 +144,8 @@ void launch_fwd_chlast_pipe(const ConvParams& p, cudaStream_t s) {
   const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg, 2.0);
   const int64_t rows_per_warp = (rows + 4 * bpc - 1) / (4 * bpc);
   MLM_CHECK(ncg * bpc < (int64_t(1) << 31) && p.batch < (int64_t(1) << 30) &&
-                p.seqlen < (int64_t(1) << 30), "causal_conv1d_fwd: input too large");
+                p.seqlen < (int64_t(1) << 30),
+            kRows ? "msc_conv_fwd" : "causal_conv1d_fwd", ": input too large");
   kernel<<<static_cast<unsigned>(ncg * bpc), 128, 0, s>>>(p, ncg, rows_per_warp);
   MLM_CHECK_LAUNCH();
 }

@@ -196,28 +196,26 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
   return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
 }
 
-// MLMAMBA_CONV1D_CFIRST=1: the channel-last v2 grids with the channel groups first (A/B)
-bool chlast_cfirst() {
-  const char* e = std::getenv("MLMAMBA_CONV1D_CFIRST");
-  return e && *e && std::string(e) != "0";
-}
-
 namespace {
+
+}  // namespace
 
 // Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
 // and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
 // docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
 // inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (A/B timing; read per
 // call); any other non-empty value is an error.
-bool use_pipe(const char* op, const ConvParams& p, const Tensor& x, bool chlast, bool bwd) {
+bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
   MLM_CHECK(impl.empty() || impl == "pipe" || impl == "v2", op,
             ": environment variable MLMAMBA_CONV1D_IMPL must be 'pipe', 'v2' or unset, got '", impl,
             "'");
-  if (impl == "v2" || !pipe_ok(p, static_cast<int>(x.element_size()), chlast, bwd)) return false;
+  if (impl == "v2" || !pipe_ok(p, esize, chlast, bwd)) return false;
   return impl == "pipe" || !(chlast && bwd);
 }
+
+namespace {
 
 Tensor seq_contig(const OptT& seq) {
   if (!present(seq)) return Tensor();
@@ -248,12 +246,11 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   ConvParams p = make_params(x, weight, bias, init, seq, silu, out);
   if (return_final_states) p.final_states = final_states.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool pipe = use_pipe(op, p, x, chlast, false);
+  const bool pipe = use_pipe(op, p, static_cast<int>(x.element_size()), chlast, false);
   if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
     p.chunk = pick_chunk_fwd_chlast(b, d, l);
-    p.cfirst = chlast_cfirst();
     fwd_chlast(p, dtag(x), stream);
   } else if (pipe) {
     fwd_lcontig_pipe(p, dtag(x), stream);
@@ -317,14 +314,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.dfinal_dtype = dtag(*dfinal);
   }
   if (dinit.numel()) p.dinit = dinit.data_ptr();
-  const bool pipe = use_pipe(op, p, x, chlast, true);
+  const bool pipe = use_pipe(op, p, static_cast<int>(x.element_size()), chlast, true);
   int64_t nslots;  // dweight/dbias workspace slots
   if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
     p.chunk = pick_chunk_bwd_chlast(b, d, l, w <= 4 ? 3 : 2);  // bwd_chlast_kernel's bounds
-    p.cfirst = chlast_cfirst();
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile

@@ -7,9 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -99,15 +97,12 @@ Tensor msc_conv_fwd_cuda(const Tensor& xBC_in, const Tensor& rows_in, const Tens
   const Tensor rows = rows_in.contiguous();
   conv1d::ConvParams p = make_params(xBC, rows, weight, bias, out);
   auto stream = at::cuda::getCurrentCUDAStream();
-  // the streaming kernel where it applies (MLMAMBA_CONV1D_IMPL=v2: the v2 kernel, A/B)
-  const char* impl = std::getenv("MLMAMBA_CONV1D_IMPL");
-  const bool v2 = impl != nullptr && std::string(impl) == "v2";
-  if (!v2 && conv1d::pipe_ok(p, static_cast<int>(xBC.element_size()), true, false)) {
+  // the streaming kernel where it applies, as causal_conv1d_fwd (MLMAMBA_CONV1D_IMPL)
+  if (conv1d::use_pipe(op, p, static_cast<int>(xBC.element_size()), true, false)) {
     conv1d::fwd_chlast_pipe_rows(p, dtag(xBC), stream);
     return out;
   }
   p.chunk = conv1d::pick_chunk_fwd_chlast(p.batch, p.dim, p.seqlen);
-  p.cfirst = conv1d::chlast_cfirst();
   conv1d::fwd_chlast_rows(p, dtag(xBC), stream);
   return out;
 }
@@ -131,7 +126,8 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
               " on ", g.device());
     MLM_CHECK(i == np - 1 || g.size(2) % 4 == 0, op, ": dout[", i,
               "] must have a multiple of 4 channels (all but the last piece), got ", g.size(2));
-    if (i > 0) split[i - 1] = c0;
+    if (g.size(2) == 0) continue;  // an empty piece has no data pointer: skipped
+    if (!pieces.empty()) split[pieces.size() - 1] = c0;
     c0 += g.size(2);
     pieces.push_back(g.stride(2) == 1 ? g : g.contiguous());
   }
@@ -153,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   p.dout_b = pieces[0].stride(0);
   p.dout_d = 1;
   p.dout_l = pieces[0].stride(1);
-  for (int64_t i = 1; i < np; ++i) {
+  for (size_t i = 1; i < pieces.size(); ++i) {
     p.dpiece[i - 1] = pieces[i].data_ptr();
     p.dpiece_b[i - 1] = pieces[i].stride(0);
     p.dpiece_l[i - 1] = pieces[i].stride(1);
@@ -162,7 +158,6 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   p.dsplit[1] = split[1];
   p.chunk = conv1d::pick_chunk_bwd_chlast(b, d, L, w <= 4 ? 3 : 2);  // the kernel's bounds
   p.nslots_per_batch = ((L + p.chunk - 1) / p.chunk + 3) / 4;
-  p.cfirst = conv1d::chlast_cfirst();
   const int64_t nslots = b * p.nslots_per_batch;
   Tensor partial = at::empty({nslots, d, w + 1}, xBC.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
