@@ -331,6 +331,9 @@ def test_msc_conv_references(rng, monkeypatch):
     monkeypatch.setenv("MLMAMBA_MSC_CONV_ROWS", "0")
     for gv, wv in zip(got, m.unfused_backward(*args)):
         torch.testing.assert_close(gv, wv, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("MLMAMBA_MSC_STREAMS", "two")
+    with pytest.raises(ValueError, match="MLMAMBA_MSC_STREAMS must be a positive integer"):
+        m.unfused_backward(*args)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
