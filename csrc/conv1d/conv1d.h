@@ -56,9 +56,10 @@ struct ConvParams {
 
   int64_t chunk;  // channel-last: rows per warp
 
-  // Rows mode (channel-last v2 kernels, no seq_idx / states): token t reads x row rows[t]
-  // (int32, length seqlen; an entry outside [0, seqlen) reads a zero row), out / dx / dout
-  // stay in token order. msc_scan's conv along a scan order (csrc/msc/conv_ops.cpp).
+  // Rows mode (channel-last: the v2 forward and backward, the streaming forward; no seq_idx,
+  // initial or final states): token t reads x row rows[t] (int32, length seqlen; an entry
+  // outside [0, seqlen) reads a zero row); out / dx / dout stay in token order. msc_scan's
+  // conv along a scan order (csrc/msc/conv_ops.cpp).
   const int* rows;
   // Backward, channel-last v2: dout channels [dsplit[i], dsplit[i + 1]) (dsplit[2] = dim)
   // come from dpiece[i] (strides dpiece_b / dpiece_l, its channel 0 first) when dpiece[0]
@@ -71,7 +72,7 @@ void fwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
 void bwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
 void bwd_chlast(const ConvParams& p, int xdtype, cudaStream_t s);
-// The channel-last v2 kernels in rows mode (p.rows set; p.chunk from the pickers below)
+// The channel-last kernels in rows mode (p.rows set; v2: p.chunk from the pickers below)
 void fwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe_rows(const ConvParams& p, int xdtype, cudaStream_t s);  // where pipe_ok
 void bwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
