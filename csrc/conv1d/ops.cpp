@@ -196,10 +196,6 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
   return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
 }
 
-namespace {
-
-}  // namespace
-
 // Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
 // and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
 // docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned

@@ -1,6 +1,6 @@
 // Host glue of msc_conv_fwd / msc_conv_bwd: the causal conv (SiLU) of msc_scan's backward along
-// one scan order, reading xBC's raster rows through the order (conv1d's channel-last v2 kernels
-// in rows mode, conv1d.h) instead of a gathered copy. Schemas: csrc/registration.cpp;
+// one scan order, reading xBC's raster rows through the order (conv1d's channel-last kernels in
+// rows mode, conv1d.h) instead of a gathered copy. Schemas: csrc/registration.cpp;
 // references: mlmamba_kernels/msc.py; contract: docs/ops.md.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
