@@ -34,7 +34,7 @@ TORCH_LIBRARY(mlmamba, m) {
         "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
         "int ngroups, float dt_min, float dt_max, str merge) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("msc_sum_rows(Tensor[] grads, Tensor inv) -> Tensor");
+  m.def("msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor");
   m.def("msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor");
   m.def("msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, Tensor[] dout) "
         "-> (Tensor, Tensor, Tensor)");

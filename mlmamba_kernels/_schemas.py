@@ -33,7 +33,7 @@ SCHEMAS = {
     "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
     "int ngroups, float dt_min, float dt_max, str merge) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    "msc_sum_rows": "msc_sum_rows(Tensor[] grads, Tensor inv) -> Tensor",
+    "msc_sum_rows": "msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor",
     "msc_conv_fwd": "msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor",
     "msc_conv_bwd": "msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, "
     "Tensor[] dout) -> (Tensor, Tensor, Tensor)",

@@ -138,22 +138,23 @@ def _take_rows(t, idx):
 SUM_ROWS_MAX_SCANS = 8  # kMaxSumScans of csrc/msc/msc.h
 
 
-def _sum_rows_ref(grads, inv):
-    """msc_sum_rows' reference: out[:, r] = sum over i, in order, of grads[i][:, inv[i, r]], in
-    fp32 (float64 for float64) with one rounding at the end."""
+def _sum_rows_ref(grads, inv, scale=1.0):
+    """msc_sum_rows' reference: out[:, r] = scale * sum over i, in order, of
+    grads[i][:, inv[i, r]], in fp32 (float64 for float64; scale rounded to that type) with one
+    rounding at the end."""
     acc = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
     out = None
     for g, ix in zip(grads, inv.long()):
         rows = g[:, ix].to(acc)
         out = rows if out is None else out.add_(rows)
-    return out.to(grads[0].dtype)
+    return out.mul_(torch.tensor(scale, dtype=acc)).to(grads[0].dtype)
 
 
 register_reference("msc_sum_rows", _sum_rows_ref)
 
 
 @torch.library.register_fake("mlmamba::msc_sum_rows")
-def _sum_rows_fake(grads, inv):
+def _sum_rows_fake(grads, inv, scale=1.0):
     return torch.empty_like(grads[0], memory_format=torch.contiguous_format)
 
 
@@ -196,13 +197,15 @@ def _conv_bwd_fake(xBC, rows, weight, bias, dout):
             or_empty(None if bias is None else torch.empty_like(bias), xBC))
 
 
-def _gather(t, rows, fast):
-    """t[:, rows] (rows: int32 scan positions -> raster rows): msc_sum_rows with one scan (an
-    exact row gather in 16-byte pieces, one index read per row) when fast, else _take_rows."""
+def _gather(t, rows, fast, scale=1.0):
+    """t[:, rows] * scale (rows: int32 scan positions -> raster rows): msc_sum_rows with one
+    scan (a row gather in 16-byte pieces, one index read per row; exact for scale 1) when fast,
+    else _take_rows."""
     if not fast:
-        return _take_rows(t, rows.long())
+        g = _take_rows(t, rows.long())
+        return g if scale == 1.0 else g * scale
     t3 = t.reshape(t.shape[0], t.shape[1], -1)
-    return torch.ops.mlmamba.msc_sum_rows([t3], rows.view(1, -1)).view(t.shape)
+    return torch.ops.mlmamba.msc_sum_rows([t3], rows.view(1, -1), scale).view(t.shape)
 
 
 _STREAMS = {}
@@ -233,7 +236,7 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     The gradients of xBC and dt stay in scan order and `msc_sum_rows` sums them over the scans
     through the inverse orders, in scan order in fp32 with one rounding (deterministic); above
     SUM_ROWS_MAX_SCANS scans (or for float64) they are gathered back and summed here, with the
-    same arithmetic. The mean's 1/k is applied to dout once, before the gathers."""
+    same arithmetic. The mean's 1/k rides in the dy gathers (or divides dout once)."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
@@ -255,7 +258,13 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     conv_rows = (fast and (h * p) % 4 == 0 and (g * n) % 4 == 0
                  and os.environ.get("MLMAMBA_MSC_CONV_ROWS", "1") != "0")
     gxs_all, gdt_all, dxBC, ddt = [], [], None, None
-    if merge == "mean":  # fp32 opmath, one rounding: the same values as dividing each gather
+    # merge mean's 1 / k: in the fast path each scan's dy gather multiplies by fp32(1 / k)
+    # before its one rounding, the value of dout / k (a bf16 / fp16 tensor divided by a Python
+    # scalar is multiplied by the fp32 reciprocal in fp32), without a pass over dout
+    dy_scale = 1.0
+    if merge == "mean" and fast:
+        dy_scale = float(torch.tensor(1.0, dtype=torch.float32) / k)
+    elif merge == "mean":
         dout = dout / k
 
     def one_scan(i):
@@ -268,7 +277,7 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
                                       False)[0].transpose(1, 2)
         x, B, C = torch.split(u, [h * p, g * n, g * n], dim=-1)
         dy = dout[i] if merge == "none" else dout
-        dy, dts = _gather(dy, rows[i], fast), _gather(dt, rows[i], fast)
+        dy, dts = _gather(dy, rows[i], fast, dy_scale), _gather(dt, rows[i], fast)
         gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
             dy, None, x.reshape(b, L, h, p), dts, A[i], B.reshape(b, L, g, n),
             C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,

@@ -180,6 +180,24 @@ def test_sum_rows_gathers_exactly(rng, dtype):
 
 
 @need
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [3, 4, 7])
+def test_sum_rows_scale_equals_division(rng, dtype, k):
+    """merge mean's 1 / k rides in the backward's dy gather: one scan at scale fp32(1 / k)
+    equals dout / k gathered (torch multiplies by the fp32 reciprocal of a scalar divisor);
+    with several scans the sum is scaled once before its rounding, as the reference."""
+    t = torch.randn(3, 29, 24, generator=rng).to(dtype).to(DEV)
+    idx = torch.randperm(29, generator=rng).to(DEV, torch.int32)
+    scale = float(torch.tensor(1.0, dtype=torch.float32) / k)
+    got = torch.ops.mlmamba.msc_sum_rows([t], idx.view(1, -1), scale)
+    assert torch.equal(got, (t / k)[:, idx.long()])
+    src = [torch.randn(2, 11, 16, generator=rng).to(dtype).to(DEV) for _ in range(3)]
+    inv = torch.stack([torch.randperm(11, generator=rng) for _ in range(3)]).to(DEV, torch.int32)
+    got = torch.ops.mlmamba.msc_sum_rows(src, inv, 0.37)
+    assert torch.equal(got, msc_mod._sum_rows_ref(src, inv, 0.37))
+
+
+@need
 def test_sum_rows_errors(rng):
     f = torch.ops.mlmamba.msc_sum_rows
     g = torch.randn(2, 5, 8, device=DEV)
@@ -198,5 +216,6 @@ def test_sum_rows_errors(rng):
 def test_sum_rows_opcheck(rng):
     src = [torch.randn(2, 6, 16, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
     inv = torch.stack([torch.randperm(6) for _ in range(3)]).to(DEV, torch.int32)
-    torch.library.opcheck(torch.ops.mlmamba.msc_sum_rows.default, (src, inv),
-                          test_utils=("test_schema", "test_faketensor"))
+    for args in ((src, inv), (src, inv, 0.25)):
+        torch.library.opcheck(torch.ops.mlmamba.msc_sum_rows.default, args,
+                              test_utils=("test_schema", "test_faketensor"))

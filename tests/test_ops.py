@@ -298,6 +298,10 @@ def test_msc_sum_rows_reference(rng):
     want = sum(s.double()[:, ix] for s, ix in zip(src, inv.long()))
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     torch.library.opcheck(ops.msc_sum_rows, (src, inv))
+    # scale multiplies the fp32 sum before its rounding
+    torch.testing.assert_close(ops.msc_sum_rows(src, inv, 0.5).double(), want * 0.5, rtol=1e-6,
+                               atol=1e-6)
+    torch.library.opcheck(ops.msc_sum_rows, (src, inv, 0.5))
 
 
 def test_msc_conv_references(rng, monkeypatch):

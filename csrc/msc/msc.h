@@ -37,6 +37,7 @@ struct SumRowsParams {
   int64_t out_b, out_l;
   int64_t batch, seqlen, cols;
   int nscans;
+  float scale;  // multiplies the fp32 sum before its rounding
 };
 
 // dtype: 0 float32, 1 float16, 2 bfloat16; wide: cols, strides and pointers allow 16-byte

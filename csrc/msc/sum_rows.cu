@@ -1,8 +1,9 @@
 // msc_sum_rows: the msc_scan backward's sum of the per-scan gradients, each read through its
 // scan's inverse order (msc.h). A thread's 16-byte piece of an output row: the k pieces are
 // loaded first (k loads in flight), then added in scan order in fp32 and rounded once, so the
-// result equals gathering each scan's rows back and summing them in that order. With one
-// scan it is an exact row gather (msc.py uses it so for the scans' inputs).
+// result equals gathering each scan's rows back and summing them in that order, times scale
+// (fp32, before the rounding). With one scan and scale 1 it is an exact row gather (msc.py
+// uses it so for the scans' inputs, and with scale 1 / k for merge mean's dout).
 #include <algorithm>
 
 #include "common/device_utils.cuh"
@@ -57,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams 
         }
       P o;
 #pragma unroll
-      for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(acc[j]);
+      for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(acc[j] * p.scale);
       reinterpret_cast<P*>(out)[c] = o;
     }
   }

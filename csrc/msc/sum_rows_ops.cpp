@@ -15,7 +15,7 @@ namespace mlmamba {
 namespace msc {
 namespace {
 
-at::Tensor msc_sum_rows_cuda(at::TensorList grads, const at::Tensor& inv) {
+at::Tensor msc_sum_rows_cuda(at::TensorList grads, const at::Tensor& inv, double scale) {
   const char* op = "msc_sum_rows";
   const int64_t k = static_cast<int64_t>(grads.size());
   MLM_CHECK(k >= 1 && k <= kMaxSumScans, op, ": grads must hold 1 to ", kMaxSumScans,
@@ -65,6 +65,7 @@ at::Tensor msc_sum_rows_cuda(at::TensorList grads, const at::Tensor& inv) {
   p.seqlen = L;
   p.cols = c;
   p.nscans = static_cast<int>(k);
+  p.scale = static_cast<float>(scale);
   const int dtype = dt == at::kFloat ? 0 : dt == at::kHalf ? 1 : 2;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   launch_sum_rows(p, dtype, wide, sms, at::cuda::getCurrentCUDAStream());

@@ -11,6 +11,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cstddef>
 #include <cstdint>
 
 #include "common/cp_async.cuh"
@@ -151,10 +152,12 @@ struct ChunkVec {
 // The sm_90a chunk kernel's per-(slot, head) inputs, one record of kHeadRecB bytes (bwd.h)
 struct HeadRec {
   ChunkVec cv;
+  float pad;    // D 8-byte aligned: the chunk kernel reads it as float2
   float D[kQ];  // D per channel (0 without D)
   float A;
 };
 static_assert(sizeof(HeadRec) <= kHeadRecB && kHeadRecB % 16 == 0, "kHeadRecB");
+static_assert(offsetof(HeadRec, D) % 8 == 0, "HeadRec::D alignment");
 
 // Where a states walk's carried tile starts: initial_states (forward walk, dir 0) or
 // dfinal_states (backward walk, dir 1); element (s, hh, pp, nn) in fp32, 0 without one.

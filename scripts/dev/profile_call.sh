@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One device call (~6 min) of ncu data for the kernels that stop the open issues: the SSD
-# backward chunk kernel (chunk: bwd_chunk.cuh, chunkwg: the sm_90a one) and states walk
-# (issue 5), the SSD forward wgmma kernel (issue 4), the conv1d channel-last forward (issue
-# 3), the warp-specialized forward (ws: b4 L2048, ws576: b32 L576) and the msc forward's scan
-# kernel (msc: the ws kernel, mscwg: the one-warpgroup one; issue 8). Per kernel: the
-# headline metrics and the SASS lines with the most stall samples (ncu_top.py); the source
-# CSVs come back as $OUT/ncu_src.tgz (the device returns at most 8 files), the reports stay
-# in /tmp/ncu on that machine.
-#   scripts/dev/profile_call.sh [chunk,chunkwg,states,stateswg,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
+# backward chunk kernel (chunk: bwd_chunk.cuh, chunkwg: the sm_90a one, chunkwg576: the same
+# at msc's b32 L576 h32) and states walk (issue 5), the SSD forward wgmma kernel (issue 4),
+# the conv1d channel-last forward (issue 3), the warp-specialized forward (ws: b4 L2048,
+# ws576: b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the
+# one-warpgroup one; issue 8). Per kernel: the headline metrics and the SASS lines with the
+# most stall samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the device
+# returns at most 8 files), the reports stay in /tmp/ncu on that machine.
+#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
@@ -36,6 +36,7 @@ for r in rows[1:]:
 }
 MLMAMBA_SSD_BWD_CHUNK=mma prof chunk chunk_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 prof chunkwg chunk_wg_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
+prof chunkwg576 chunk_wg_kernel 2 $PY scripts/dev/ssd_prof.py bwd 32 576 32
 MLMAMBA_SSD_BWD_STATES=s2 prof states states_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 MLMAMBA_SSD_BWD_STATES=wgmma prof stateswg states_wg_kernel 2 $PY scripts/dev/ssd_prof.py bwd 4 2048 80
 MLMAMBA_SSD_FWD_WS=0 prof fwd ssd_fwd_wgmma 2 $PY scripts/dev/ssd_prof.py fwd 4 2048 80

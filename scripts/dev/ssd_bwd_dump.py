@@ -26,6 +26,9 @@ CASES = [
     ("p48_n100", 2, 300, 6, 2, 48, 100, torch.bfloat16, torch.bfloat16, False, None),
     ("cu_seqlens", 1, 1500, 7, 1, 64, 128, torch.bfloat16, torch.bfloat16, False,
      [0, 70, 71, 900, 1500]),
+    # the sm_90a chunk kernel (bwd_chunk_wg.cu): head splits with the fp32 workspace, d_state 64
+    ("wg_b32_L576_h32", 32, 576, 32, 1, 64, 128, torch.bfloat16, torch.float32, False, None),
+    ("wg_n64_g2", 2, 1000, 8, 2, 64, 64, torch.bfloat16, torch.bfloat16, False, None),
 ]
 
 
