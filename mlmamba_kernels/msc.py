@@ -136,6 +136,7 @@ def _take_rows(t, idx):
 
 
 SUM_ROWS_MAX_SCANS = 8  # kMaxSumScans of csrc/msc/msc.h
+MEAN_IN_DY_GATHER = True  # merge mean's 1 / k in the CUDA backward's dy gathers (tests: False)
 
 
 def _sum_rows_ref(grads, inv, scale=1.0):
@@ -258,11 +259,12 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     conv_rows = (fast and (h * p) % 4 == 0 and (g * n) % 4 == 0
                  and os.environ.get("MLMAMBA_MSC_CONV_ROWS", "1") != "0")
     gxs_all, gdt_all, dxBC, ddt = [], [], None, None
-    # merge mean's 1 / k: in the fast path each scan's dy gather multiplies by fp32(1 / k)
-    # before its one rounding, the value of dout / k (a bf16 / fp16 tensor divided by a Python
-    # scalar is multiplied by the fp32 reciprocal in fp32), without a pass over dout
+    # merge mean's 1 / k: on CUDA in the fast path each scan's dy gather multiplies by
+    # fp32(1 / k) before its one rounding, the value of dout / k there (CUDA divides a tensor
+    # by a Python scalar as a multiply by its fp32 reciprocal; the CPU divides), without a
+    # pass over dout
     dy_scale = 1.0
-    if merge == "mean" and fast:
+    if merge == "mean" and fast and MEAN_IN_DY_GATHER and dout.is_cuda:
         dy_scale = float(torch.tensor(1.0, dtype=torch.float32) / k)
     elif merge == "mean":
         dout = dout / k

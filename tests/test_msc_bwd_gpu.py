@@ -180,6 +180,20 @@ def test_sum_rows_gathers_exactly(rng, dtype):
 
 
 @need
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mean_in_dy_gather_equals_division(rng, monkeypatch, dtype):
+    """merge mean's 1 / k in the dy gathers (scale fp32(1 / k)) gives bitwise the gradients of
+    dividing dout by k first; k = 3, so 1 / k is not a power of two."""
+    a = make(rng, 2, 5, 3, 3, "random", dtype=dtype)
+    dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng)).to(dtype)
+    folded = grads(a, "mean", dout)
+    monkeypatch.setattr(msc_mod, "MEAN_IN_DY_GATHER", False)
+    divided = grads(a, "mean", dout)
+    for name, x, y in zip(NAMES, folded, divided):
+        assert torch.equal(x, y), name
+
+
+@need
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [3, 4, 7])
 def test_sum_rows_scale_equals_division(rng, dtype, k):
