@@ -14,6 +14,7 @@
 
 #include "common/check.h"
 #include "conv1d/conv1d.h"
+#include "conv1d/host.h"
 
 namespace mlmamba {
 namespace conv1d {
@@ -21,14 +22,6 @@ namespace {
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
-
-int dtag(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return kF32;
-    case at::kHalf: return kF16;
-    default: return kBF16;
-  }
-}
 
 bool present(const OptT& t) { return t.has_value() && t->defined(); }
 

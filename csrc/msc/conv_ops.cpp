@@ -13,6 +13,8 @@
 
 #include "common/check.h"
 #include "conv1d/conv1d.h"
+#include "conv1d/host.h"
+#include "ssd/host.h"
 
 namespace mlmamba {
 namespace msc {
@@ -20,16 +22,8 @@ namespace {
 
 using at::Tensor;
 using OptT = std::optional<Tensor>;
-
-int dtag(const Tensor& t) {
-  return t.scalar_type() == at::kFloat ? conv1d::kF32
-                                       : t.scalar_type() == at::kHalf ? conv1d::kF16 : conv1d::kBF16;
-}
-
-bool is_float(const Tensor& t) {
-  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-         t.scalar_type() == at::kBFloat16;
-}
+using conv1d::dtag;
+using ssd::is_float;
 
 // Checks xBC (b, L, d), rows (L,) int32, weight (d, w), bias (d,); returns xBC with a unit
 // channel stride (the kernels take 16-byte words where the rows allow).

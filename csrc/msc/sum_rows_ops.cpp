@@ -10,6 +10,7 @@
 
 #include "common/check.h"
 #include "msc/msc.h"
+#include "ssd/host.h"
 
 namespace mlmamba {
 namespace msc {
@@ -66,7 +67,7 @@ at::Tensor msc_sum_rows_cuda(at::TensorList grads, const at::Tensor& inv, double
   p.cols = c;
   p.nscans = static_cast<int>(k);
   p.scale = static_cast<float>(scale);
-  const int dtype = dt == at::kFloat ? 0 : dt == at::kHalf ? 1 : 2;
+  const int dtype = ssd::dtype_code(dt);
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   launch_sum_rows(p, dtype, wide, sms, at::cuda::getCurrentCUDAStream());
   MLM_CHECK_LAUNCH();
