@@ -7,7 +7,8 @@
 #   git archive next/chunk-wg-order~1 | tar -x -C out/f; git archive next/chunk-wg-order | tar -x -C out/g
 # then (device tool, carry ["out/f", "out/g"]):
 #   ROUNDS=2 DUMP=1 scripts/dev/ab_trees.sh ssd_bwd,msc . out/f out/g > $OUT/ab.log 2>&1
-# EXTRA_BUILD="out/ab out/e" builds more trees in the same parallel step (no bench, no dump).
+# EXTRA_BUILD="out/ab out/e" builds more trees in the same parallel step (no bench, no dump);
+# TESTS="pytest -k expression" runs those GPU tests in every bench tree after the first.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 MOD="${1:?bench modules (ssd_bwd,msc,...)}"; shift
@@ -24,6 +25,16 @@ for d in "${TREES[@]}" "${EXTRA[@]}"; do
 done
 wait
 echo "== builds $((SECONDS - t0)) s (MAX_JOBS=$MAX_JOBS each)"
+for d in "${TREES[@]}" "${EXTRA[@]}"; do  # ptxas' wgmma serialization and spill reports
+  grep -hE "C75|spill stores" "/tmp/build_$(echo "$d" | tr / _).log" | sort | uniq -c | head -8
+done
+if [ -n "${TESTS:-}" ]; then
+  for d in "${TREES[@]:1}"; do
+    echo "== tests in $d: -k '$TESTS'"
+    (cd "$d" && timeout 150 $PY -m pytest -q -p no:cacheprovider -rf -m gpu -k "$TESTS" tests \
+       2>&1 | grep -E "^FAILED|passed|failed|rror")
+  done
+fi
 if [ -n "${DUMP:-}" ]; then
   for d in "${TREES[@]}"; do
     (cd "$d" && PYTHONPATH=. timeout 120 $PY scripts/dev/ssd_bwd_dump.py dump \
