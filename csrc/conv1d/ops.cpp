@@ -23,22 +23,6 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 
-bool present(const OptT& t) { return t.has_value() && t->defined(); }
-
-// The weight/bias fields shared by the conv and the update params.
-template <typename Params>
-void set_weight_bias(Params& p, const Tensor& weight, const OptT& bias) {
-  p.weight = weight.data_ptr();
-  p.w_d = weight.stride(0);
-  p.w_k = weight.stride(1);
-  p.w_dtype = dtag(weight);
-  p.bias_dtype = p.w_dtype;
-  if (present(bias)) {
-    p.bias = bias->data_ptr();
-    p.bias_s = bias->stride(0);
-    p.bias_dtype = dtag(*bias);
-  }
-}
 
 void check_float(const char* op, const Tensor& t, const char* name) {
   MLM_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||

@@ -23,6 +23,7 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 using conv1d::dtag;
+using conv1d::present;
 using ssd::is_float;
 
 // Checks xBC (b, L, d), rows (L,) int32, weight (d, w), bias (d,); returns xBC with a unit
@@ -43,7 +44,7 @@ Tensor check_inputs(const char* op, const Tensor& xBC, const Tensor& rows, const
             op, ": weight must be a float tensor of shape (", d, ", width 2..8) on ",
             xBC.device(), ", got ", weight.scalar_type(), " ", weight.sizes(), " on ",
             weight.device());
-  if (bias.has_value() && bias->defined())
+  if (present(bias))
     MLM_CHECK(bias->device() == xBC.device() && is_float(*bias) && bias->dim() == 1 &&
                   bias->size(0) == d,
               op, ": bias must be a float tensor of shape (", d, ") on ", xBC.device(),
@@ -63,15 +64,7 @@ conv1d::ConvParams make_params(const Tensor& x, const Tensor& rows, const Tensor
   p.x_b = x.stride(0);
   p.x_d = 1;
   p.x_l = x.stride(1);
-  p.weight = weight.data_ptr();
-  p.w_d = weight.stride(0);
-  p.w_k = weight.stride(1);
-  p.w_dtype = p.bias_dtype = dtag(weight);
-  if (bias.has_value() && bias->defined()) {
-    p.bias = bias->data_ptr();
-    p.bias_s = bias->stride(0);
-    p.bias_dtype = dtag(*bias);
-  }
+  conv1d::set_weight_bias(p, weight, bias);
   p.init_dtype = p.dfinal_dtype = dtag(x);
   p.rows = rows.data_ptr<int>();
   p.out = out.data_ptr();
@@ -129,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   const c10::cuda::CUDAGuard guard(xBC.device());
   Tensor dx = at::empty({b, L, d}, xBC.options());
   Tensor dweight = at::empty({d, w}, weight.options());
-  const bool has_bias = bias.has_value() && bias->defined();
+  const bool has_bias = present(bias);
   Tensor dbias = has_bias ? at::empty({d}, bias->options()) : at::empty({0}, xBC.options());
   if (d == 0) return {dx, dweight, dbias};
   if (b == 0 || L == 0) {
