@@ -7,6 +7,8 @@
   python scripts/dev/conv1d_dev.py pipe    # A/B: default dispatch, v2, streaming kernels, their
                                            # variants, against a plain copy of the same bytes
   python scripts/dev/conv1d_dev.py prof    # one call per variant, to run under ncu
+  python scripts/dev/conv1d_dev.py graph   # forward l-contig variants (GRAPH_VARIANTS) timed
+                                           # from CUDA graphs against copy_ and silu
 
 The real build is setup.py/CMake; this exists so the conv1d kernels can be tested while the
 other families are still being written.
@@ -207,7 +209,75 @@ def prof():
         _env("", "", "")
 
 
+# (label, {env}) of the forward timed by `graph`; "" = the default.
+GRAPH_VARIANTS = [("default", {}), ("w1", {"MLMAMBA_CONV1D_WAVES": "1"}),
+                  ("tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
+                  ("pf256", {"MLMAMBA_CONV1D_TUNE": "3"}),
+                  ("pf256+cs", {"MLMAMBA_CONV1D_TUNE": "4"}),
+                  ("stride w2", {"MLMAMBA_CONV1D_TUNE": "5"}),
+                  ("stride w1", {"MLMAMBA_CONV1D_TUNE": "5", "MLMAMBA_CONV1D_WAVES": "1"}),
+                  ("stride+pf w1", {"MLMAMBA_CONV1D_TUNE": "6", "MLMAMBA_CONV1D_WAVES": "1"}),
+                  ("stride 1KB w1", {"MLMAMBA_CONV1D_TUNE": "7", "MLMAMBA_CONV1D_WAVES": "1"})]
+
+
+def graph():
+    """bf16 w4 silu bias forward, l-contig (and channel-last default): each variant captured
+    as a CUDA graph of 20 calls over two input sets (no host cost), rounds alternating the
+    variants; against torch's copy_ and F.silu of the same bytes, and a 1 GiB copy."""
+    import statistics
+    import torch
+    import torch.nn.functional as F
+    import mlmamba_kernels  # noqa: F401
+    from bench.common import cuda_graph_fn
+    ops = torch.ops.mlmamba
+    dev = torch.device("cuda")
+    d, w, reps, inner = 5376, 4, 7, 20
+    big = torch.empty(2 ** 29, device=dev, dtype=torch.bfloat16)
+    big2 = torch.empty_like(big)
+
+    def timed(g):
+        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g()
+        st.record()
+        g()
+        en.record()
+        en.synchronize()
+        return st.elapsed_time(en) * 1e3 / inner  # µs per call
+
+    gbig = cuda_graph_fn(lambda: [big2.copy_(big) for _ in range(inner)])
+    for b, l, cl in ((4, 2048, False), (1, 16384, False), (4, 2048, True)):
+        sets = _sets(b, l, d, w, cl, dev)
+        n = b * d * l * 2
+        graphs = {"copy": cuda_graph_fn(lambda: [sets[i % 2][4].copy_(sets[i % 2][0]) for i in range(inner)]),
+                  "silu": cuda_graph_fn(lambda: [F.silu(sets[i % 2][0]) for i in range(inner)])}
+        for label, env in (GRAPH_VARIANTS if not cl else GRAPH_VARIANTS[:1]):
+            for k in ("MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE"):
+                os.environ[k] = env.get(k, "")
+            graphs[label] = cuda_graph_fn(lambda: [_call(ops, "fwd", sets[i % 2]) for i in range(inner)])
+        _env("", "", "")
+        res = {k: [] for k in graphs}
+        res["1 GiB copy"] = []
+        for _ in range(reps):
+            res["1 GiB copy"].append(timed(gbig))
+            for k, g in graphs.items():
+                res[k].append(timed(g))
+        cbw = 2 * big.numel() * 2 / min(res["1 GiB copy"]) / 1e3  # GB/s
+        tc = statistics.median(res["copy"])
+        print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: {2 * n / 1e6:.1f} MB; 1 GiB copy "
+              f"{cbw:.0f} GB/s; µs median (min) of {reps} graph replays, % of the 1 GiB copy rate, "
+              f"% of the same-size copy", flush=True)
+        for k, v in res.items():
+            if k == "1 GiB copy":
+                continue
+            m = statistics.median(v)
+            print(f"  {k:<16} {m:7.1f} ({min(v):6.1f})  {100 * 2 * n / m / 1e3 / cbw:5.1f}%  "
+                  f"{100 * tc / m:5.1f}%", flush=True)
+        del graphs, sets
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    {"build": build, "ptxas": ptxas, "sweep": sweep, "pipe": pipe, "prof": prof}[sys.argv[1]]()
+    {"build": build, "ptxas": ptxas, "sweep": sweep, "pipe": pipe, "prof": prof,
+     "graph": graph}[sys.argv[1]]()
