@@ -186,13 +186,6 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune1": ("pipe", None, "1"),
     "pipe_tune2": ("pipe", None, "2"),
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
-    # the l-contiguous forward's modes: L2 prefetch hint, streaming stores, strided tiles
-    "pipe_tune3": ("pipe", None, "3"),
-    "pipe_tune4": ("pipe", None, "4"),
-    "pipe_tune5": ("pipe", None, "5"),
-    "pipe_tune5_small_grid": ("pipe", "0.01", "5"),
-    "pipe_tune6": ("pipe", "1", "6"),
-    "pipe_tune7": ("pipe", "1", "7"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
 }

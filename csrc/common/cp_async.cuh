@@ -13,12 +13,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes)
                : "memory");
 }
-// The same for a whole in-range word, with an L2 prefetch of the enclosing 256-byte block
-// (streaming reads: the DRAM fetches whole 256-byte blocks instead of 32-byte sectors)
-__device__ __forceinline__ void cp_async16_pf256(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
 // 8 bytes through L1; zero-filled past `bytes`
 __device__ __forceinline__ void cp_async8(void* dst, const void* src, int bytes) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));

@@ -14,14 +14,9 @@
 namespace mlmamba {
 namespace conv1d {
 
-// Tuning modes (bit flags): kStride: warp w takes tiles w, w + nw, ... (all warps move through
-// memory together, as a copy kernel does) instead of a contiguous range; kPf: the L2 256-byte
-// prefetch hint on the loads; kCs: streaming (.cs) stores.
-constexpr int kStride = 1, kPf = 2, kCs = 4;
-
 // K 8-element vectors per lane and tile, S stages, MINB blocks per SM the registers are
 // budgeted for.
-template <int W, typename T, int K, int S, int MINB, int MODE = 0>
+template <int W, typename T, int K, int S, int MINB>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvParams p, int64_t ntiles) {
   using R = typename RawOf<T>::type;
   constexpr int V = Words<8, R>::kCount, H = W - 1;  // 16-byte words per 8-element vector
@@ -32,25 +27,19 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
   const int64_t nseg = (L + tile - 1) / tile;
   const int nseg32 = static_cast<int>(nseg), D32 = static_cast<int>(D);
   const R* x = static_cast<const R*>(p.x);
-  const int64_t nw = static_cast<int64_t>(gridDim.x) * 4, w = static_cast<int64_t>(blockIdx.x) * 4 + warp;
-  int64_t g0 = w, g1 = ntiles;
-  if constexpr (!(MODE & kStride)) warp_range(ntiles, nw, w, g0, g1);
+  int64_t g0, g1;
+  warp_range(ntiles, static_cast<int64_t>(gridDim.x) * 4, static_cast<int64_t>(blockIdx.x) * 4 + warp, g0, g1);
 
   TileIter pi, ci;  // producer, consumer
   pi.begin(g0, nseg, D);
   ci = pi;
-  auto step = [&](TileIter& it) {
-    if constexpr ((MODE & kStride) != 0) it.begin(it.gt + nw, nseg, D);
-    else it.next(nseg32, D32);
-  };
   auto issue = [&](int s) {  // queue the producer's tile into stage s (an empty group past the end)
     if (pi.gt < g1) {
       const int64_t t_start = pi.seg * tile;
       const R* xr = x + pi.b * p.x_b + pi.c * p.x_d;
       if (t_start + tile <= L) {
         #pragma unroll
-        for (int k = 0; k < K; ++k)
-          cp_async_whole<8, R, (MODE & kPf) != 0>(&q[s][k][tid][0], xr + t_start + (k * 32 + lane) * 8);
+        for (int k = 0; k < K; ++k) cp_async_whole<8, R>(&q[s][k][tid][0], xr + t_start + (k * 32 + lane) * 8);
       } else {
         #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -58,7 +47,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
           cp_async_run<8, R>(&q[s][k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
         }
       }
-      step(pi);
+      pi.next(nseg32, D32);
     }
     cp_async_commit();
   };
@@ -66,13 +55,13 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
   for (int j = 0; j < S - 1; ++j) issue(j);
 
   float wr[W], bias = 0.f, hprev[H];  // the row's weights; the previous tile's last inputs
-  for (int s = 0; ci.gt < g1; step(ci), s = s + 1 == S ? 0 : s + 1) {
+  for (int s = 0; ci.gt < g1; ci.next(nseg32, D32), s = s + 1 == S ? 0 : s + 1) {
     issue(s == 0 ? S - 1 : s - 1);
     const int64_t t_start = ci.seg * tile, b = ci.b, c = ci.c;
     const R* xr = x + b * p.x_b + c * p.x_d;
     const bool first = t_start == 0;
     float h0[H];  // the inputs before the tile: initial states (or zeros) at t = 0
-    if (first || ci.gt == g0 || (MODE & kStride)) {  // a new row: weights, and the look-back (L1/L2 hits)
+    if (first || ci.gt == g0) {  // a new row: weights, and the look-back (L1/L2 hits)
       #pragma unroll
       for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
       bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
@@ -110,7 +99,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
         for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i - kk >= 0 ? xv[k][i - kk] : h[H + i - kk], acc);
         o[i] = act_fwd(acc, p.silu);
       }
-      if (s0 + 8 <= L) store_run<8, R, (MODE & kCs) != 0>(outr + s0, o);
+      if (s0 + 8 <= L) store_run<8>(outr + s0, o);
       else store_checked<8>(outr + s0, L - s0, o);
     }
     #pragma unroll
@@ -137,9 +126,9 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
   cp_async_wait<0>();
 }
 
-template <int W, typename T, int K, int S, int MINB, int MODE = 0>
+template <int W, typename T, int K, int S, int MINB>
 void launch_fwd_lcontig_pipe(const ConvParams& p, cudaStream_t s) {
-  auto kernel = fwd_lcontig_pipe_kernel<W, T, K, S, MINB, MODE>;
+  auto kernel = fwd_lcontig_pipe_kernel<W, T, K, S, MINB>;
   static const int occ = occupancy(kernel, 128);
   launch_lcontig_tiles(kernel, occ, p, p.batch * p.dim * lcontig_segments(p, K), s);
 }
@@ -149,18 +138,10 @@ void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       // MLMAMBA_CONV1D_TUNE (bf16, width 4): 1 = 1 KB tiles at 6 blocks per SM, 2 = 4 stages;
-      // on an H200 both within -1..+3% of the default (docs/perf-log.md). 3-7: the modes.
+      // on an H200 both within -1..+3% of the default (docs/perf-log.md).
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
-        switch (tune_variant()) {
-          case 1: return launch_fwd_lcontig_pipe<W, T, 2, 4, 6>(p, s);
-          case 2: return launch_fwd_lcontig_pipe<W, T, 4, 4, 5>(p, s);
-          case 3: return launch_fwd_lcontig_pipe<W, T, 4, 3, 5, kPf>(p, s);
-          case 4: return launch_fwd_lcontig_pipe<W, T, 4, 3, 5, kPf | kCs>(p, s);
-          case 5: return launch_fwd_lcontig_pipe<W, T, 4, 3, 5, kStride>(p, s);
-          case 6: return launch_fwd_lcontig_pipe<W, T, 4, 3, 5, kStride | kPf>(p, s);
-          case 7: return launch_fwd_lcontig_pipe<W, T, 2, 4, 6, kStride>(p, s);
-          default: break;
-        }
+        if (tune_variant() == 1) return launch_fwd_lcontig_pipe<W, T, 2, 4, 6>(p, s);
+        if (tune_variant() == 2) return launch_fwd_lcontig_pipe<W, T, 4, 4, 5>(p, s);
       }
       launch_fwd_lcontig_pipe<W, T, kFwdLVecs, sizeof(T) == 4 ? 2 : 3, 5>(p, s);
     });

@@ -37,9 +37,8 @@ __device__ __forceinline__ void cp_async_run(void* dst, const R* src, int64_t n)
   }
 }
 
-// The same for a run known to be whole and in range (no zero-fill arithmetic). kPf: 16-byte
-// words with the L2 256-byte prefetch hint.
-template <int N, typename R, bool kPf = false>
+// The same for a run known to be whole and in range (no zero-fill arithmetic).
+template <int N, typename R>
 __device__ __forceinline__ void cp_async_whole(void* dst, const R* src) {
   constexpr int kBytes = N * static_cast<int>(sizeof(R));
   constexpr int kWord = kBytes >= 16 ? 16 : 8;
@@ -47,8 +46,7 @@ __device__ __forceinline__ void cp_async_whole(void* dst, const R* src) {
   #pragma unroll
   for (int i = 0; i < kBytes / kWord; ++i) {
     char* d = static_cast<char*>(dst) + i * kWord;
-    if (kWord == 16 && kPf) cp_async16_pf256(d, src + i * E);
-    else if (kWord == 16) cp_async16(d, src + i * E, 16);
+    if (kWord == 16) cp_async16(d, src + i * E, 16);
     else cp_async8(d, src + i * E, 8);
   }
 }
@@ -66,24 +64,19 @@ __device__ __forceinline__ void smem_run_to_float(const void* src, float (&v)[N]
 // N floats -> global memory as whole words (N*sizeof(R) a multiple of 8 bytes; p aligned to
 // 16, or 8 for an 8-byte run). Vector stores written out: with plain word stores the compiler
 // split them into 4-byte stores here.
-// kCs: streaming stores (.cs, evict first).
-template <bool kCs = false>
 __device__ __forceinline__ void st_words(uint4* p, uint4 v) {
-  if (kCs) asm volatile("st.global.cs.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
-  else asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w));
 }
-template <bool kCs = false>
 __device__ __forceinline__ void st_words(uint2* p, uint2 v) {
-  if (kCs) asm volatile("st.global.cs.v2.b32 [%0], {%1, %2};\n" ::"l"(p), "r"(v.x), "r"(v.y));
-  else asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(p), "r"(v.x), "r"(v.y));
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" ::"l"(p), "r"(v.x), "r"(v.y));
 }
-template <int N, typename R, bool kCs = false>
+template <int N, typename R>
 __device__ __forceinline__ void store_run(R* p, const float (&v)[N]) {
   using Wd = Words<N, R>;
   typename Wd::W w[Wd::kCount];
   to_words<N, R>(v, w);
   #pragma unroll
-  for (int i = 0; i < Wd::kCount; ++i) st_words<kCs>(reinterpret_cast<typename Wd::W*>(p) + i, w[i]);
+  for (int i = 0; i < Wd::kCount; ++i) st_words(reinterpret_cast<typename Wd::W*>(p) + i, w[i]);
 }
 
 // l-contiguous streaming: a warp walks a contiguous range of tiles gt = (b * D + c) * nseg + seg
