@@ -88,7 +88,8 @@ bool launch_ssd_fwd_f16(const FwdParams& p, int dstate, int pt, cudaStream_t str
 bool launch_ssd_fwd_f32(const FwdParams& p, int dstate, int pt, cudaStream_t stream);
 // sm_90a wgmma kernel (fwd_wgmma.cu): bf16, headdim 64, dstate 64 or 128. Returns nullptr
 // when launched, else why it cannot run these inputs (nothing launched). state_only: final
-// states alone (no C, no outputs).
+// states alone (no C, no outputs), kFwdStateOnlyPerSm CTAs per SM.
+constexpr int kFwdStateOnlyPerSm = 4;
 const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t stream,
                                  bool state_only = false);
 

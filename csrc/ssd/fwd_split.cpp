@@ -5,7 +5,8 @@
 //      CTAs, shorter walks; pick_subsegments): E_k (fp32, per head)
 //   2. S_0 = initial state (or 0), S_{k+1} = exp(sum over sub-segment k of dt A) S_k + E_k;
 //      a segment's incoming state is S at its first sub-segment (one launch: the decays come
-//      from step 1's chunk vectors, fwd_split_states.cu; torch ops without the pre-pass)
+//      from the chunk vectors, fwd_split_states.cu; torch ops without the pre-pass)
+// The chunk-vector pre-pass runs once, before step 1, for the whole sequence: steps 1-3 read it.
 //   3. every segment, the full kernel (warp-specialized where it can run) from its S_s: outputs,
 //      and the final state of the last
 // (linear in the state: the segment's own contribution plus the decayed incoming state).
@@ -47,14 +48,14 @@ int pick_segments(int64_t rows, int64_t heads, int64_t seqlen, const cudaDeviceP
 }
 
 // Sub-segments per segment for step 1: its state-only pass over the first nseg - 1 segments
-// runs on (rows * heads * (nseg - 1) * m) CTAs of ceil(seg_chunks / m) chunks; more CTAs than
-// one wave can still finish sooner (b1 L16384 h80: 160 CTAs of 86 chunks -> 480 of 29, two
-// waves of 264 slots: ~58 + fill instead of 86 chunk times). Cost: waves x (chunks + 2).
+// runs on (rows * heads * (nseg - 1) * m) CTAs of ceil(seg_chunks / m) chunks, at
+// kFwdStateOnlyPerSm per SM (b1 L16384 h80: 160 CTAs of 86 chunks -> 480 of 29, one wave of
+// 528 slots). Cost: waves x (chunks + 2).
 int pick_subsegments(int64_t rows, int64_t heads, int64_t seg_chunks, int nseg,
                      const cudaDeviceProp& prop) {
   const char* e = std::getenv("MLMAMBA_SSD_FWD_SUBSEG");  // developer override (tests)
   if (e && *e) return std::max(1, std::atoi(e));
-  const int64_t slots = 2 * static_cast<int64_t>(prop.multiProcessorCount);
+  const int64_t slots = kFwdStateOnlyPerSm * static_cast<int64_t>(prop.multiProcessorCount);
   auto cost = [&](int64_t m) {
     const int64_t ctas = rows * heads * (nseg - 1) * m;
     return ((ctas + slots - 1) / slots) * ((seg_chunks + m - 1) / m + 2);
@@ -83,14 +84,25 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
   const int nsub = (nseg - 1) * m;  // sub-segments of step 1: all full length
   const auto f32 = dt.options().dtype(at::kFloat);
 
-  // the chunk-vector pre-pass (fwd_wgmma.cu) where the caller asked for it: its buffer sized
-  // for step 3's rows (whole segments), which also covers step 1's
+  // step 3's rows: every segment
+  FwdParams s3 = prm;
+  s3.seg_len = seg_len;
+  s3.seg_rows = nseg;
+  s3.nrows = b * nseg;
+  // the chunk-vector pre-pass (fwd_wgmma.cu) where the caller asked for it, once for the
+  // whole sequence (its buffer is laid out by sequence chunk: wg::vec_index); the launches
+  // below find vecs set and skip their own
   at::Tensor vec_buf;
-  if (vectors) vec_buf = attach_vec_buf(prm, b * nseg, seg_len / 64, dt.options());
+  if (vectors) {
+    vec_buf = attach_vec_buf(s3, b * nseg, seg_len / 64, dt.options());
+    const FwdParams v = ssd_fwd_vectors(s3, stream);
+    s3.vecs = v.vecs;
+    s3.vec_nch = v.vec_nch;
+  }
 
   // 1. sub-segment end states from zero, every sub-segment before the last segment
   at::Tensor E = at::empty({b * nsub, h, p, n}, f32);
-  FwdParams s1 = prm;
+  FwdParams s1 = s3;
   s1.seg_len = sub_len;
   s1.seg_rows = nsub;
   s1.nrows = b * nsub;
@@ -101,10 +113,10 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
   // 2. incoming states: S_{k+1} = decay_k S_k + E_k over the sub-segments
   at::Tensor S = at::empty({b, nseg, h, p, n}, f32);
   if (init) S.select(1, 0).copy_(*init);
-  else S.select(1, 0).zero_();
-  if (ssd_fwd_vectors_apply(s1)) {  // the decays from step 1's pre-pass, in one launch
-    split_combine_states(E.data_ptr<float>(), s1.vec_buf, sub_len / 64, S.data_ptr<float>(), b, h,
-                         p * n, nsub, m, stream);
+  else if (!s3.vecs) S.select(1, 0).zero_();  // (the kernel below writes the zeros itself)
+  if (s3.vecs) {  // the decays from the pre-pass, in one launch
+    split_combine_states(E.data_ptr<float>(), s3.vecs, s3.vec_nch, sub_len / 64,
+                         S.data_ptr<float>(), b, h, p * n, nsub, m, !init, stream);
   } else {  // the kernel's dt (bias, softplus, limit) summed per sub-segment, times A
     at::Tensor d = dt.to(at::kFloat);
     if (dt_bias) d = d + dt_bias->to(at::kFloat);
@@ -125,10 +137,6 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
 
   // 3. every segment from its incoming state
   at::Tensor fin;
-  FwdParams s3 = prm;
-  s3.seg_len = seg_len;
-  s3.seg_rows = nseg;
-  s3.nrows = b * nseg;
   s3.init = S.data_ptr();
   s3.init_dtype = 0;  // DType::f32
   s3.init_b = h * p * n; s3.init_h = p * n; s3.init_p = n; s3.init_n = 1;

@@ -40,6 +40,14 @@ __device__ __forceinline__ RowSpan row_span(const FwdParams& p, int row) {
   return r;
 }
 
+// Chunk c of (row, head) in the chunk-vector pre-pass buffer: laid out per (batch row, head,
+// chunk of the whole sequence), vec_nch chunks per run, so the split's segments and
+// sub-segments (fwd_split.cpp) share one pre-pass. `vecs` is p.vecs or p.vec_buf.
+__device__ __forceinline__ int64_t vec_index(const FwdParams& p, const RowSpan& s, int h,
+                                             int64_t c) {
+  return (s.bidx * p.nheads + h) * p.vec_nch + s.tstart / Q + c;
+}
+
 // The initial state of (row, h) into sacc, staged through st (fp32 [p][n], P x N floats) by
 // the NTH threads of one warpgroup, 8 loads in flight per thread; sync() orders the staging
 // stores before the reads.

@@ -31,16 +31,18 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 constexpr int Q = kChunk, P = 64, NT = 128;
+constexpr int kSoPerSm = kFwdStateOnlyPerSm;  // state-only CTAs per SM (fwd_split.cpp's waves)
 
 // MSC adds the raw x rows (single: the conv reads them at the top of the chunk, the next
-// chunk's land after it) and three buffers of positions
-template <int N, bool MSC>
+// chunk's land after it) and three buffers of positions. SO (state only) needs no C tile and
+// no bf16 state: ~52 KB at N 128, 4 CTAs per SM.
+template <int N, bool MSC, bool SO = false>
 struct WgLayout {
   static constexpr int NP = N / 64;             // panels of a 64 x N tile
   static constexpr int X_B = Q * P * 2;         // bytes of one X tile
   static constexpr int BC_B = Q * N * 2;        // of one B or C tile
-  static constexpr int STAGE_B = X_B + 2 * BC_B;
-  static constexpr int S_B = P * N * 2;         // the state, bf16
+  static constexpr int STAGE_B = X_B + (SO ? 1 : 2) * BC_B;
+  static constexpr int S_B = SO ? 0 : P * N * 2;  // the state, bf16
   static constexpr int S_OFF = 2 * STAGE_B;
   static constexpr int VEC_OFF = S_OFF + S_B;
   static constexpr int D_OFF = VEC_OFF + 2 * kVecBytes;
@@ -71,11 +73,12 @@ __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* base, int64_
   }
 }
 
-// SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs.
+// SO (state only): the segment end state alone (fwd_split.cpp, step 1): no C, no outputs;
+// a load-latency-bound walk, so 4 CTAs per SM (registers <= 128, kSoPerSm).
 // MSC: the k scans of msc_scan (fwd_msc.cuh) one after another, y merged in the epilogue.
 template <int N, bool SO, bool MSC>
-__global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
-  using Lt = WgLayout<N, MSC>;
+__global__ void __launch_bounds__(NT, SO ? kSoPerSm : 1) ssd_fwd_wgmma_kernel(const __grid_constant__ FwdParams p) {
+  using Lt = WgLayout<N, MSC, SO>;
   constexpr int NP = Lt::NP;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   // 1024-byte aligned by offsetting the array itself: accesses stay in the shared window
@@ -106,8 +109,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
   const bool tma = !MSC && p.tma;
   // chunk vectors from the pre-pass: this (row, head)'s run of chunks (MSC: of scan 0)
   const bool pre = p.vecs != nullptr;
-  const unsigned char* vsrc0 =
-      pre ? p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes : nullptr;
+  const unsigned char* vsrc0 = pre ? p.vecs + wg::vec_index(p, span, h, 0) * kVecBytes : nullptr;
   const uint32_t bar0 = smem_u32(sm + Lt::BAR_OFF);
   if (tma) {
     if (tid == 0) {
@@ -137,7 +139,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
       msc_stage_weights<P, NT>(cwsm, p.msc.conv_w + sc * cd * kMscW,
                                p.msc.conv_b ? p.msc.conv_b + sc * cd : nullptr, h * p.x_h, tid);
     }
-    if (!MSC && p.init) {  // staged through stage 0 as fp32 [p][n]
+    if (!MSC && p.init) {  // staged through stage 0 (SO: and 1) as fp32 [p][n]
       wg::load_init_state<N, NT>(sacc, p, row, h, reinterpret_cast<float*>(Xs(0)), tid, warp, g, t,
                                  [] { __syncthreads(); });
       fence_async_smem();  // the generic stores above, then stage 0's loads (maybe TMA: async proxy)
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(NT, 1) ssd_fwd_wgmma_kernel(const __grid_const
     }
     const uint32_t st_base = wg::state_store_base(Ss, warp, lane);
     auto store_state = [&]() { wg::store_state(sacc, st_base); };
-    store_state();
+    if constexpr (!SO) store_state();
 
     const int nchunks = static_cast<int>((len + Q - 1) / Q);
     auto issue = [&](int c) {
@@ -314,8 +316,7 @@ __global__ void __launch_bounds__(128) fwd_vectors_kernel(const __grid_constant_
   chunk_vectors(ChunkVecs(buf[warp]), raw, p, p.A[h], p.dt_bias ? p.dt_bias[h] : 0.f, c0, nv, lane);
   __syncwarp();
   const uint4* src = reinterpret_cast<const uint4*>(buf[warp]);
-  uint4* dst = reinterpret_cast<uint4*>(
-      p.vec_buf + ((static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch + c) * kVecBytes);
+  uint4* dst = reinterpret_cast<uint4*>(p.vec_buf + wg::vec_index(p, span, h, c) * kVecBytes);
   for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
 }
 
@@ -348,10 +349,11 @@ __global__ void __launch_bounds__(128) msc_vectors_kernel(const __grid_constant_
 bool ssd_fwd_vectors_apply(const FwdParams& p) {
   if (!p.vec_buf || p.cu_seqlens || p.nrows <= 0 || p.nheads <= 0) return false;
   const int64_t scans = p.msc.nscans > 0 ? p.msc.nscans : 1;
-  const int64_t nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
+  const int64_t nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;  // per launch row
+  const int64_t batch_rows = p.seg_len ? (p.nrows + p.seg_rows - 1) / p.seg_rows : p.nrows;
   return nch > 0 && nch < (int64_t(1) << 31) && p.nrows <= 65535 &&
          (p.nheads + 3) / 4 * scans <= 65535 &&
-         scans * p.nrows * p.nheads * nch * kVecBytes <= p.vec_cap;
+         scans * batch_rows * p.nheads * ((p.seqlen + Q - 1) / Q) * kVecBytes <= p.vec_cap;
 }
 
 FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
@@ -359,8 +361,9 @@ FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
   q.vecs = nullptr;
   if (!ssd_fwd_vectors_apply(p)) return q;
   const int64_t scans = p.msc.nscans > 0 ? p.msc.nscans : 1;
-  q.vec_nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
-  const dim3 grid(static_cast<unsigned>(q.vec_nch), static_cast<unsigned>(p.nrows),
+  q.vec_nch = (p.seqlen + Q - 1) / Q;  // the buffer's runs: whole sequences (wg::vec_index)
+  const int64_t nch = ((p.seg_len ? p.seg_len : p.seqlen) + Q - 1) / Q;
+  const dim3 grid(static_cast<unsigned>(nch), static_cast<unsigned>(p.nrows),
                   static_cast<unsigned>((p.nheads + 3) / 4 * scans));
   if (p.msc.nscans > 0) msc_vectors_kernel<<<grid, 128, 0, stream>>>(q);
   else fwd_vectors_kernel<<<grid, 128, 0, stream>>>(q);
@@ -376,12 +379,13 @@ const char* launch_n(const FwdParams& p, cudaStream_t stream) {
   // the image check once per process; the shared-memory limit once per device (launch.h)
   static const char* const image = sm90_image_missing(reinterpret_cast<const void*>(kern));
   if (image) return image;
-  constexpr int smem = WgLayout<N, MSC>::SMEM;
+  constexpr int smem = WgLayout<N, MSC, SO>::SMEM;
   if (ensure_max_dynamic_smem(reinterpret_cast<const void*>(kern), smem) != cudaSuccess) {
     cudaGetLastError();
     return "cannot reserve its shared memory";
   }
-  const FwdParams q = ssd_fwd_vectors(p, stream);  // the pre-pass (if asked), before this launch
+  // the pre-pass (if asked and not made by the caller), before this launch
+  const FwdParams q = p.vecs ? p : ssd_fwd_vectors(p, stream);
   dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kern<<<grid, NT, smem, stream>>>(q);
   return nullptr;

@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_kernel(const __grid_constant
   bar_sync_n(0, NT);
   setmaxnreg_dec<kWsRegsOutput>();
   const bool leader = tid == NT / 2;
-  const unsigned char* vsrc = p.vecs + (static_cast<int64_t>(row) * p.nheads + h) * p.vec_nch * kVecBytes;
+  const unsigned char* vsrc = p.vecs + wg::vec_index(p, span, h, 0) * kVecBytes;
   auto issue = [&](int c) {  // the leader: stage c & 1's tiles and vectors on its full barrier
     const uint32_t bar = full0 + 8 * (c & 1);
     const int tok = static_cast<int>(tstart + static_cast<int64_t>(c) * Q), hb = static_cast<int>(bidx);

@@ -43,7 +43,7 @@ const char* launch_ws_grid(const FwdParams& p, int smem, const char* no_vecs, cu
     cudaGetLastError();
     return "cannot reserve its shared memory";
   }
-  const FwdParams q = ssd_fwd_vectors(p, stream);
+  const FwdParams q = p.vecs ? p : ssd_fwd_vectors(p, stream);  // unless the caller made it
   if (!q.vecs) return no_vecs;
   const dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
   kKernel<<<grid, kWsThreads, smem, stream>>>(q);

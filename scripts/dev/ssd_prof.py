@@ -2,6 +2,7 @@
     ncu --kernel-name regex:ssd_fwd --launch-skip 2 --launch-count 1 --section WarpStateStats \
         --section SourceCounters -o $OUT/fwd python3 scripts/dev/ssd_prof.py fwd 4 2048 80
     python3 scripts/dev/ssd_prof.py bwd 4 2048 80
+    python3 scripts/dev/ssd_prof.py fwd 1 16384 80 table   # torch.profiler kernel table
 """
 import sys
 from pathlib import Path
@@ -19,12 +20,21 @@ def main():
     if what == "bwd":
         for name in ("x", "dt", "B", "C"):
             k[name].requires_grad_(True)
-    for _ in range(4):
+    table = "table" in sys.argv[5:]
+    for _ in range(4 if not table else 8):
+        if table and _ == 3:
+            from torch.profiler import ProfilerActivity, profile
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
         y = ssd_scan(k["x"], k["dt"], k["A"], k["B"], k["C"], D=k["D"], dt_bias=k["dt_bias"],
                      dt_softplus=True)
         if what == "bwd":
             y.backward(torch.ones_like(y))
     torch.cuda.synchronize()
+    if table:  # 5 profiled calls
+        prof.__exit__(None, None, None)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20,
+                                        max_name_column_width=70))
 
 
 if __name__ == "__main__":
