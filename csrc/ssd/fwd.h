@@ -62,6 +62,9 @@ struct FwdParams {
   // sequence split (wgmma kernel, fwd_split.cpp): row r is segment r % seg_rows of batch row
   // r / seg_rows, tokens [seg * seg_len, + seg_len); seg_len 0: no split
   int64_t seg_len, seg_rows;
+  // state-only walk (the split's step 1): where set, the product of the walk's chunk decays
+  // (in chunk order) per (row, head), for step 2
+  float* seg_decay;
   MscParams msc;
   // sm_90 wgmma kernel: tiles of x, B, C by TMA (fwd_ops.cpp builds the maps: 4-D, columns /
   // tokens / head or group / batch, 64 x 64 boxes, 128-byte swizzle, zeros past the sequence)

@@ -5,7 +5,8 @@
 //      CTAs, shorter walks; pick_subsegments): E_k (fp32, per head)
 //   2. S_0 = initial state (or 0), S_{k+1} = exp(sum over sub-segment k of dt A) S_k + E_k;
 //      a segment's incoming state is S at its first sub-segment (one launch: the decays come
-//      from the chunk vectors, fwd_split_states.cu; torch ops without the pre-pass)
+//      from step 1's walk over the chunk vectors, fwd_split_states.cu; torch ops without the
+//      pre-pass)
 // The chunk-vector pre-pass runs once, before step 1, for the whole sequence: steps 1-3 read it.
 //   3. every segment, the full kernel (warp-specialized where it can run) from its S_s: outputs,
 //      and the final state of the last
@@ -100,23 +101,29 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
     s3.vec_nch = v.vec_nch;
   }
 
-  // 1. sub-segment end states from zero, every sub-segment before the last segment
+  // 1. sub-segment end states from zero, every sub-segment before the last segment, and
+  // (with the pre-pass) their decays: the products of their chunk decays, in chunk order
   at::Tensor E = at::empty({b * nsub, h, p, n}, f32);
+  at::Tensor decay;
   FwdParams s1 = s3;
   s1.seg_len = sub_len;
   s1.seg_rows = nsub;
   s1.nrows = b * nsub;
   s1.init = nullptr;
   s1.final_states = E.data_ptr<float>();
+  if (s3.vecs) {
+    decay = at::empty({b * nsub, h}, f32);
+    s1.seg_decay = decay.data_ptr<float>();
+  }
   if (const char* why = launch_ssd_fwd_wgmma(s1, dstate, stream, /*state_only=*/true)) return why;
 
   // 2. incoming states: S_{k+1} = decay_k S_k + E_k over the sub-segments
   at::Tensor S = at::empty({b, nseg, h, p, n}, f32);
   if (init) S.select(1, 0).copy_(*init);
   else if (!s3.vecs) S.select(1, 0).zero_();  // (the kernel below writes the zeros itself)
-  if (s3.vecs) {  // the decays from the pre-pass, in one launch
-    split_combine_states(E.data_ptr<float>(), s3.vecs, s3.vec_nch, sub_len / 64,
-                         S.data_ptr<float>(), b, h, p * n, nsub, m, !init, stream);
+  if (s3.vecs) {  // with the walk's decays, in one launch
+    split_combine_states(E.data_ptr<float>(), decay.data_ptr<float>(), S.data_ptr<float>(), b, h,
+                         p * n, nsub, m, !init, stream);
   } else {  // the kernel's dt (bias, softplus, limit) summed per sub-segment, times A
     at::Tensor d = dt.to(at::kFloat);
     if (dt_bias) d = d + dt_bias->to(at::kFloat);

@@ -22,11 +22,9 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
 
 // Step 2 in one launch (fwd_split_states.cu): S (b, nsub / m + 1, h, pn) fp32 with S[:, 0]
 // set (or zero0: zeros written there) gets S[:, j] for j >= 1 from E (b * nsub, h, pn) and the
-// decays in the pre-pass buffer (runs of vec_nch chunks per (batch row, head); sub-segment k =
-// chunks [k sub_nch, + sub_nch)).
-void split_combine_states(const float* E, const unsigned char* vecs, int64_t vec_nch,
-                          int64_t sub_nch, float* S, int64_t b, int64_t h, int64_t pn, int nsub,
-                          int m, bool zero0, cudaStream_t stream);
+// sub-segments' decays (b * nsub, h) that step 1's walk wrote (FwdParams::seg_decay).
+void split_combine_states(const float* E, const float* decay, float* S, int64_t b, int64_t h,
+                          int64_t pn, int nsub, int m, bool zero0, cudaStream_t stream);
 
 }  // namespace ssd
 }  // namespace mlmamba

@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(NT, SO ? kSoPerSm : 1) ssd_fwd_wgmma_kernel(co
   // state accumulators: warp w holds p rows 16 w + g (+ 8); sacc[np][4 j + e] is column
   // 64 np + 8 j + 2 t + (e & 1) of row 16 w + g + 8 (e >> 1)
   float sacc[NP][32];
+  float decay_prod = 1.f;  // SO: the walk's chunk decays multiplied in order (thread 0)
   const int nscans = MSC ? p.msc.nscans : 1;
 #pragma unroll 1
   for (int sc = 0; sc < nscans; ++sc) {
@@ -243,6 +244,7 @@ __global__ void __launch_bounds__(NT, SO ? kSoPerSm : 1) ssd_fwd_wgmma_kernel(co
       }
 
       if constexpr (SO) {  // S = decay S + (w o X)^T B, nothing else
+        if (tid == 0) decay_prod *= cv.decay()[0];
         if (warp == 0 && !pre && c + 1 < nchunks) vectors(c + 1);
         uint32_t xa[4][4];
         wg::scaled_xt(xa, X, cv, warp, lane);
@@ -297,6 +299,7 @@ __global__ void __launch_bounds__(NT, SO ? kSoPerSm : 1) ssd_fwd_wgmma_kernel(co
   }  // scans
 
   if (!MSC && p.final_states) wg::store_final_state<N>(sacc, p, row, h, warp, g, t);
+  if (SO && p.seg_decay && tid == 0) p.seg_decay[static_cast<int64_t>(row) * p.nheads + h] = decay_prod;
 }
 
 // The pre-pass: each chunk's vectors, one warp per (chunk, row, head), the walk's own code

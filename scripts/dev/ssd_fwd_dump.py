@@ -11,20 +11,22 @@ import sys
 
 import torch
 
-# (name, b, l, h, g, initial states, final states): the split cases first (b * h < SMs)
+# (name, b, l, h, g, initial states, final states, A scale): the split cases first (b * h <
+# SMs); A scale 0.01: slow decay, so the incoming states of the split's segments matter
 CASES = [
-    ("split_b1_L16384_h80", 1, 16384, 80, 1, False, True),
-    ("split_b1_L5000_h24_init", 1, 5000, 24, 1, True, True),
-    ("split_b2_L3000_h16_g2", 2, 3000, 16, 2, True, False),
-    ("b4_L2048_h80", 4, 2048, 80, 1, False, True),
-    ("b32_L576_h32", 32, 576, 32, 1, True, True),
+    ("split_b1_L16384_h80", 1, 16384, 80, 1, False, True, 1.0),
+    ("split_b1_L8192_h40_slow", 1, 8192, 40, 1, True, True, 0.01),
+    ("split_b1_L5000_h24_init", 1, 5000, 24, 1, True, True, 1.0),
+    ("split_b2_L3000_h16_g2", 2, 3000, 16, 2, True, False, 1.0),
+    ("b4_L2048_h80", 4, 2048, 80, 1, False, True, 1.0),
+    ("b32_L576_h32", 32, 576, 32, 1, True, True, 1.0),
 ]
 
 
-def make(seed, b, l, h, g, init):
+def make(seed, b, l, h, g, init, ascale):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    t = dict(x=r(b, l, h, 64).bfloat16(), dt=r(b, l, h), A=-(torch.rand(h, generator=gen) + 0.05),
+    t = dict(x=r(b, l, h, 64).bfloat16(), dt=r(b, l, h), A=-(torch.rand(h, generator=gen) + 0.05) * ascale,
              B=r(b, l, g, 128).bfloat16(), C=r(b, l, g, 128).bfloat16(), D=r(h),
              dt_bias=r(h) * 0.5, initial_states=r(b, h, 64, 128) if init else None)
     return {k: None if v is None else v.cuda() for k, v in t.items()}
@@ -34,8 +36,8 @@ def dump(path):
     from mlmamba_kernels import msc_scan, ssd_scan
     from bench.bench_msc import make_inputs
     out = {}
-    for i, (name, b, l, h, g, init, fin) in enumerate(CASES):
-        t = make(2000 + i, b, l, h, g, init)
+    for i, (name, b, l, h, g, init, fin, ascale) in enumerate(CASES):
+        t = make(2000 + i, b, l, h, g, init, ascale)
         got = ssd_scan(**t, dt_softplus=True, return_final_states=fin)
         out[name] = [v.cpu() for v in (got if fin else (got,))]
         print(name, "done", flush=True)
