@@ -7,10 +7,10 @@
 //      a segment's incoming state is S at its first sub-segment (one launch: the decays come
 //      from step 1's walk over the chunk vectors, fwd_split_states.cu; torch ops without the
 //      pre-pass)
-// The chunk-vector pre-pass runs once, before step 1, for the whole sequence: steps 1-3 read it.
 //   3. every segment, the full kernel (warp-specialized where it can run) from its S_s: outputs,
 //      and the final state of the last
 // (linear in the state: the segment's own contribution plus the decayed incoming state).
+// The chunk-vector pre-pass runs once, before step 1, for the whole sequence: steps 1-3 read it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 

@@ -53,6 +53,9 @@ struct WgLayout {
   static constexpr int SMEM = CW_OFF + (MSC ? P * (kMscW + 1) * 4 : 0) + 1024;  // + alignment slack
   static_assert(CW_OFF % 16 == 0, "conv weights are read as float4");
 };
+// kSoPerSm state-only CTAs fit an SM's 228 KB (1 KB of it reserved per CTA)
+static_assert(kSoPerSm * (WgLayout<128, false, true>::SMEM + 1024) <= 228 * 1024,
+              "the state-only layout must fit kSoPerSm CTAs per SM");
 
 // 16-byte chunks of a 64-row tile, COLS wide, from global rows first.. into the panel layout.
 // Thread tid copies column chunk tid % CPR of rows tid / CPR + k RSTEP: RSTEP is a multiple of
