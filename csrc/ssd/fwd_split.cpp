@@ -131,13 +131,13 @@ const char* ssd_fwd_wgmma_split(FwdParams prm, int dstate, int nseg, const at::T
     if (prm.has_dt_limit) d = d.clamp(dt_min, dt_max);
     d = at::constant_pad_nd(d, {0, 0, 0, nseg * seg_len - l});  // (b, nseg * seg_len, h)
     // reshape: with no bias, softplus, limit or padding, d can still be the caller's strided dt
-    const at::Tensor decay =
+    const at::Tensor sub_decay =
         (d.reshape({b, nseg * m, sub_len, h}).sum(2) * A.to(at::kFloat)).exp();
     const at::Tensor Ev = E.view({b, nsub, h, p, n});
     at::Tensor cur = S.select(1, 0).clone();
     for (int k = 0; k < nsub; ++k) {
       at::Tensor next = (k + 1) % m == 0 ? S.select(1, (k + 1) / m) : at::empty_like(cur);
-      at::addcmul_out(next, Ev.select(1, k), decay.select(1, k).view({b, h, 1, 1}), cur);
+      at::addcmul_out(next, Ev.select(1, k), sub_decay.select(1, k).view({b, h, 1, 1}), cur);
       cur = next;
     }
   }

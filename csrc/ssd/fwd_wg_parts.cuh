@@ -42,7 +42,9 @@ __device__ __forceinline__ RowSpan row_span(const FwdParams& p, int row) {
 
 // Chunk c of (row, head) in the chunk-vector pre-pass buffer: laid out per (batch row, head,
 // chunk of the whole sequence), vec_nch chunks per run, so the split's segments and
-// sub-segments (fwd_split.cpp) share one pre-pass. `vecs` is p.vecs or p.vec_buf.
+// sub-segments (fwd_split.cpp) share one pre-pass. Assumes no cu_seqlens and tstart a multiple
+// of 64 (the pre-pass is ruled out with cu_seqlens; the split, with seq_idx, whose resets make
+// a chunk's vectors depend on its row).
 __device__ __forceinline__ int64_t vec_index(const FwdParams& p, const RowSpan& s, int h,
                                              int64_t c) {
   return (s.bidx * p.nheads + h) * p.vec_nch + s.tstart / Q + c;

@@ -35,7 +35,8 @@ constexpr int kSoPerSm = kFwdStateOnlyPerSm;  // state-only CTAs per SM (fwd_spl
 
 // MSC adds the raw x rows (single: the conv reads them at the top of the chunk, the next
 // chunk's land after it) and three buffers of positions. SO (state only) needs no C tile and
-// no bf16 state: ~52 KB at N 128, 4 CTAs per SM.
+// no bf16 state: ~52 KB at N 128, 4 CTAs per SM (there Cs(1) and Ss point at the vectors:
+// the SO path must not load C or store the state).
 template <int N, bool MSC, bool SO = false>
 struct WgLayout {
   static constexpr int NP = N / 64;             // panels of a 64 x N tile
