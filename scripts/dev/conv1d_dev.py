@@ -190,8 +190,10 @@ def pipe():
 
 
 def prof():
-    """One call of each variant of VARIANTS (b4 L2048, both layouts), for ncu:
-    ncu --kernel-name regex:'pipe_kernel|chlast_kernel|lcontig_kernel' ... conv1d_dev.py prof"""
+    """One call of each variant of VARIANTS (b4 L2048, both layouts), then F.silu on the same
+    x (a plain elementwise kernel over the same bytes), for ncu:
+    ncu --kernel-name regex:'pipe_kernel|chlast_kernel|lcontig_kernel' ... conv1d_dev.py prof
+    PROF_ONLY="fwd default,silu" limits the calls."""
     import torch
     import mlmamba_kernels  # noqa: F401
     ops = torch.ops.mlmamba
@@ -207,6 +209,10 @@ def prof():
             torch.cuda.synchronize()
             print(f"{'cl' if cl else 'l'} {kind} {label}", flush=True)
         _env("", "", "")
+        if not only or "silu" in only.split(","):
+            torch.nn.functional.silu(sets[0][0])
+            torch.cuda.synchronize()
+            print(f"{'cl' if cl else 'l'} silu", flush=True)
 
 
 # (label, {env}) of the forward timed by `graph`. Session 14 also timed tuning modes 3-7 here

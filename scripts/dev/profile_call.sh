@@ -4,10 +4,11 @@
 # at msc's b32 L576 h32) and states walk (issue 5), the SSD forward wgmma kernel (issue 4),
 # the conv1d channel-last forward (issue 3), the warp-specialized forward (ws: b4 L2048,
 # ws576: b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the
-# one-warpgroup one; issue 8). Per kernel: the headline metrics and the SASS lines with the
+# one-warpgroup one; issue 8), the conv1d l-contiguous forward and F.silu on the same tensor
+# (convl, silu: DRAM / L2 figures of a plain elementwise kernel against ours). Per kernel: the headline metrics and the SASS lines with the
 # most stall samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the device
 # returns at most 8 files), the reports stay in /tmp/ncu on that machine.
-#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
+#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,silu,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
@@ -17,8 +18,9 @@ mkdir -p "$OUTD"
 ONLY="${1:-chunk,states,fwd,conv,ws,msc}"
 $PY setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -20 /tmp/build.log; exit 1; }
 SECTIONS="--section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats
-  --section WarpStateStats --section InstructionStats --section SourceCounters"
-KEYS="Duration|DRAM Throughput|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Issued Warp Per|Warp Cycles Per Issued|Executed Instructions|Block Limit"
+  --section WarpStateStats --section InstructionStats --section SourceCounters
+  --section MemoryWorkloadAnalysis"
+KEYS="Duration|DRAM Throughput|L2 Hit Rate|Mem Busy|Max Bandwidth|Mem Pipes Busy|Compute \(SM\) Throughput|Registers Per|Achieved Occupancy|Issue Slots Busy|No Eligible|Issued Warp Per|Warp Cycles Per Issued|Executed Instructions|Block Limit"
 prof() {  # name, kernel regex, launches to skip, command...
   local name=$1 re=$2 skip=$3; shift 3
   case ",$ONLY," in *",$name,"*) ;; *) return ;; esac
@@ -46,4 +48,6 @@ MLMAMBA_MSC_WS=0 prof mscwg ssd_fwd_wgmma 2 $PY scripts/dev/msc_prof.py cross
 prof ws576 ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 32 576 32
 export PROF_ONLY="fwd default"
 prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof
+prof convl fwd_lcontig 0 $PY scripts/dev/conv1d_dev.py prof
+PROF_ONLY=silu prof silu vectorized_elementwise 0 $PY scripts/dev/conv1d_dev.py prof
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/ncu_src.tgz" --exclude='*.ncu-rep' -C /tmp ncu; fi
