@@ -225,7 +225,8 @@ GRAPH_VARIANTS = [("default", {}), ("w1", {"MLMAMBA_CONV1D_WAVES": "1"}),
 def graph():
     """bf16 w4 silu bias forward, l-contig (and channel-last default): each variant captured
     as a CUDA graph of 20 calls over two input sets (no host cost), rounds alternating the
-    variants; against torch's copy_ and F.silu of the same bytes, and a 1 GiB copy."""
+    variants; against torch's copy_ and F.silu of the same bytes. (A 1 GiB copy_ captured in a
+    graph read ~2.7 TB/s in session 14, against 4.26 for the bench's copy: not a reference.)"""
     import statistics
     import torch
     import torch.nn.functional as F
@@ -234,8 +235,6 @@ def graph():
     ops = torch.ops.mlmamba
     dev = torch.device("cuda")
     d, w, reps, inner = 5376, 4, 7, 20
-    big = torch.empty(2 ** 29, device=dev, dtype=torch.bfloat16)
-    big2 = torch.empty_like(big)
 
     def timed(g):
         st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -246,7 +245,6 @@ def graph():
         en.synchronize()
         return st.elapsed_time(en) * 1e3 / inner  # µs per call
 
-    gbig = cuda_graph_fn(lambda: [big2.copy_(big) for _ in range(inner)])
     for b, l, cl in ((4, 2048, False), (1, 16384, False), (4, 2048, True)):
         sets = _sets(b, l, d, w, cl, dev)
         n = b * d * l * 2
@@ -258,22 +256,16 @@ def graph():
             graphs[label] = cuda_graph_fn(lambda: [_call(ops, "fwd", sets[i % 2]) for i in range(inner)])
         _env("", "", "")
         res = {k: [] for k in graphs}
-        res["1 GiB copy"] = []
         for _ in range(reps):
-            res["1 GiB copy"].append(timed(gbig))
             for k, g in graphs.items():
                 res[k].append(timed(g))
-        cbw = 2 * big.numel() * 2 / min(res["1 GiB copy"]) / 1e3  # GB/s
         tc = statistics.median(res["copy"])
-        print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: {2 * n / 1e6:.1f} MB; 1 GiB copy "
-              f"{cbw:.0f} GB/s; µs median (min) of {reps} graph replays, % of the 1 GiB copy rate, "
-              f"% of the same-size copy", flush=True)
+        print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: {2 * n / 1e6:.1f} MB; µs median "
+              f"(min) of {reps} graph replays, GB/s, % of the same-size copy", flush=True)
         for k, v in res.items():
-            if k == "1 GiB copy":
-                continue
             m = statistics.median(v)
-            print(f"  {k:<16} {m:7.1f} ({min(v):6.1f})  {100 * 2 * n / m / 1e3 / cbw:5.1f}%  "
-                  f"{100 * tc / m:5.1f}%", flush=True)
+            print(f"  {k:<16} {m:7.1f} ({min(v):6.1f})  {2 * n / m / 1e3:6.0f}  {100 * tc / m:5.1f}%",
+                  flush=True)
         del graphs, sets
         torch.cuda.empty_cache()
 

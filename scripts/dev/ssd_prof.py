@@ -21,8 +21,8 @@ def main():
         for name in ("x", "dt", "B", "C"):
             k[name].requires_grad_(True)
     table = "table" in sys.argv[5:]
-    for _ in range(4 if not table else 8):
-        if table and _ == 3:
+    for i in range(4 if not table else 8):
+        if table and i == 3:
             from torch.profiler import ProfilerActivity, profile
             prof = profile(activities=[ProfilerActivity.CUDA])
             prof.__enter__()
