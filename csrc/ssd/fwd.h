@@ -82,7 +82,6 @@ struct FwdParams {
 
 // bytes of one chunk's vectors (fwd_vectors.cuh, kVecBytes)
 constexpr int kFwdVecBytes = 5 * 64 * 4 + 16;
-constexpr int kFwdVecDecayOff = 5 * 64 * 4;  // byte offset of the chunk's decay (one float)
 
 // Launch the chunked scan forward for x/B/C of one dtype; pt (32 or 64) head channels per CTA.
 // Return false for a d_state without a kernel.
@@ -99,8 +98,6 @@ const char* launch_ssd_fwd_wgmma(const FwdParams& p, int dstate, cudaStream_t st
 // The chunk-vector pre-pass of the wgmma kernels (fwd_wgmma.cu): fills p.vec_buf for this
 // launch's rows where it applies and fits and returns p with vecs set (else vecs nullptr).
 FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream);
-// Whether ssd_fwd_vectors fills p.vec_buf for p's rows (buffer set and large enough, ...).
-bool ssd_fwd_vectors_apply(const FwdParams& p);
 // Warp-specialized variant (fwd_ws.cu; opt-in MLMAMBA_SSD_FWD_IMPL=ws): needs TMA maps and the
 // pre-pass buffer. nullptr when launched, else why it cannot run these inputs.
 const char* launch_ssd_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream);

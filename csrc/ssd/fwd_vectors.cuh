@@ -14,7 +14,6 @@ constexpr int kChunk = 64;
 // one buffer: dt_j, Lambda_j, w_j, e_i (floats), last reset (ints), chunk decay, padding
 constexpr int kVecBytes = 5 * kChunk * 4 + 16;
 static_assert(kVecBytes == kFwdVecBytes && kVecBytes % 16 == 0, "fwd.h's kFwdVecBytes");
-static_assert(kFwdVecDecayOff == 5 * kChunk * 4, "fwd.h's kFwdVecDecayOff: ChunkVecs::decay");
 
 struct ChunkVecs {  // views of one buffer
   unsigned char* base;

@@ -351,8 +351,7 @@ __global__ void __launch_bounds__(128) msc_vectors_kernel(const __grid_constant_
   for (int i = lane; i < kVecBytes / 16; i += 32) dst[i] = src[i];
 }
 
-}  // namespace
-
+// Whether ssd_fwd_vectors fills p.vec_buf for p's rows (buffer set and large enough, ...).
 bool ssd_fwd_vectors_apply(const FwdParams& p) {
   if (!p.vec_buf || p.cu_seqlens || p.nrows <= 0 || p.nheads <= 0) return false;
   const int64_t scans = p.msc.nscans > 0 ? p.msc.nscans : 1;
@@ -362,6 +361,8 @@ bool ssd_fwd_vectors_apply(const FwdParams& p) {
          (p.nheads + 3) / 4 * scans <= 65535 &&
          scans * batch_rows * p.nheads * ((p.seqlen + Q - 1) / Q) * kVecBytes <= p.vec_cap;
 }
+
+}  // namespace
 
 FwdParams ssd_fwd_vectors(const FwdParams& p, cudaStream_t stream) {
   FwdParams q = p;
