@@ -188,6 +188,14 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
+    # the one-shot forward kernels, and their tuning variants (l-contig 11-14, channel-last 21-23)
+    "oneshot": ("oneshot", None, None),
+    "oneshot_tune11": ("oneshot", None, "11"),
+    "oneshot_tune12": ("oneshot", None, "12"),
+    "oneshot_tune14": ("oneshot", None, "14"),
+    "oneshot_tune21": ("oneshot", None, "21"),
+    "oneshot_tune22": ("oneshot", None, "22"),
+    "oneshot_tune23": ("oneshot", None, "23"),
 }
 
 
@@ -249,6 +257,32 @@ def test_mixed_weight_dtype(rng, dtype, wdtype):
     for layout in ("l", "cl"):
         kw = inputs(g, 2, 40, 300, 4, dtype, layout, bias=True, init=True, wdtype=wdtype)
         check_case(kw, silu=True, dtype=dtype)
+
+
+@need
+@pytest.mark.parametrize("impl", ["default", "pipe", "oneshot", "oneshot_tune11", "oneshot_tune14"])
+@pytest.mark.parametrize("layout", ["l", "cl"])
+@pytest.mark.parametrize("width", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_final_states_across_tiles(rng, monkeypatch, dtype, width, layout, impl):
+    """Aligned slices of longer rows (the fast paths apply at any length) where the last w-1
+    inputs straddle two tiles or row chunks: l = tile + 1, and lengths below w - 1."""
+    if "tune" in impl and (dtype != torch.bfloat16 or width != 4):
+        pytest.skip("the tuning variants exist for bf16 width 4 only")
+    set_impl(monkeypatch, impl)
+    g = gen(rng)
+    for l in (1, 2, 9, 257, 513, 514, 1025, 1029, 2049):
+        b, d, lp, dp = 2, 16, (l + 63) // 64 * 64, 24
+        if layout == "l":
+            x = torch.randn(b, d, lp, device=DEV, generator=g).to(dtype)[..., :l]
+        else:
+            x = torch.randn(b, l, dp, device=DEV, generator=g).to(dtype)[..., :d].transpose(1, 2)
+        kw = inputs(g, b, d, l, width, dtype, layout, bias=True, init=True)
+        kw["x"] = x
+        try:
+            check_case(kw, silu=True, dtype=dtype)
+        except AssertionError as e:
+            raise AssertionError(f"l={l}: {e}") from None
 
 
 @need

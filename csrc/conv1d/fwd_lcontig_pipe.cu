@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
     #pragma unroll
     for (int j = 0; j < H; ++j) hprev[j] = __shfl_sync(kFull, xv[K - 1][8 - H + j], 31);
 
-    if (p.final_states != nullptr && t_start + tile >= L) {  // the row's last w-1 inputs
+    if (p.final_states != nullptr && t_start + tile > L - H) {  // the row's last w-1 inputs (maybe two tiles)
       R* fr = static_cast<R*>(p.final_states) + (b * D + c) * H;
       #pragma unroll
       for (int k = 0; k < K; ++k) {

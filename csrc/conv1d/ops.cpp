@@ -176,16 +176,25 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
 // Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
 // and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
 // docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
-// inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (A/B timing; read per
-// call); any other non-empty value is an error.
-bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
+// inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies, =oneshot takes the
+// one-shot forward kernels (A/B timing; read per call); any other non-empty value is an error.
+static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
-  MLM_CHECK(impl.empty() || impl == "pipe" || impl == "v2", op,
-            ": environment variable MLMAMBA_CONV1D_IMPL must be 'pipe', 'v2' or unset, got '", impl,
-            "'");
+  MLM_CHECK(impl.empty() || impl == "pipe" || impl == "v2" || impl == "oneshot", op,
+            ": environment variable MLMAMBA_CONV1D_IMPL must be 'pipe', 'v2', 'oneshot' or unset, got '",
+            impl, "'");
+  return impl;
+}
+
+bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
+  const std::string impl = conv_impl(op);
   if (impl == "v2" || !pipe_ok(p, esize, chlast, bwd)) return false;
   return impl == "pipe" || !(chlast && bwd);
+}
+
+bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast) {
+  return conv_impl(op) == "oneshot" && pipe_ok(p, esize, chlast, false);
 }
 
 namespace {
@@ -219,8 +228,12 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   ConvParams p = make_params(x, weight, bias, init, seq, silu, out);
   if (return_final_states) p.final_states = final_states.data_ptr();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const bool pipe = use_pipe(op, p, static_cast<int>(x.element_size()), chlast, false);
-  if (chlast && pipe) {
+  const int esize = static_cast<int>(x.element_size());
+  const bool pipe = use_pipe(op, p, esize, chlast, false);
+  if (use_oneshot(op, p, esize, chlast)) {
+    if (chlast) fwd_chlast_oneshot(p, dtag(x), stream);
+    else fwd_lcontig_oneshot(p, dtag(x), stream);
+  } else if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {
     p.chunk = pick_chunk_fwd_chlast(b, d, l);

@@ -215,15 +215,21 @@ def prof():
             print(f"{'cl' if cl else 'l'} silu", flush=True)
 
 
-# (label, {env}) of the forward timed by `graph`. Session 14 also timed tuning modes 3-7 here
-# (L2 prefetch hint, streaming stores, grid-stride tiles; commit f6ca864, removed after:
-# docs/perf-log.md, causal_conv1d / Session 14).
-GRAPH_VARIANTS = [("default", {}), ("w1", {"MLMAMBA_CONV1D_WAVES": "1"}),
-                  ("tune1", {"MLMAMBA_CONV1D_TUNE": "1"}), ("tune2", {"MLMAMBA_CONV1D_TUNE": "2"})]
+# (label, {env}) of the forward timed by `graph`, per layout. Session 14 also timed tuning
+# modes 3-7 here (L2 prefetch hint, streaming stores, grid-stride tiles; commit f6ca864,
+# removed after: docs/perf-log.md, causal_conv1d / Session 14).
+_ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
+GRAPH_VARIANTS = {
+    False: [("default", {}), ("pipe tune1", {"MLMAMBA_CONV1D_TUNE": "1"}), ("oneshot", _ONE)]
+    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 12, 14)],
+    True: [("default", {}), ("oneshot", _ONE)]
+    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (21, 22, 23)],
+}
+_KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
 
 
 def graph():
-    """bf16 w4 silu bias forward, l-contig (and channel-last default): each variant captured
+    """bf16 w4 silu bias forward, both layouts (GRAPH_VARIANTS): each variant captured
     as a CUDA graph of 20 calls over two input sets (no host cost), rounds alternating the
     variants; against torch's copy_ and F.silu of the same bytes. (A 1 GiB copy_ captured in a
     graph read ~2.7 TB/s in session 14, against 4.26 for the bench's copy: not a reference.)"""
@@ -245,13 +251,13 @@ def graph():
         en.synchronize()
         return st.elapsed_time(en) * 1e3 / inner  # µs per call
 
-    for b, l, cl in ((4, 2048, False), (1, 16384, False), (4, 2048, True)):
+    for b, l, cl in ((4, 2048, False), (1, 16384, False), (4, 2048, True), (1, 16384, True)):
         sets = _sets(b, l, d, w, cl, dev)
         n = b * d * l * 2
         graphs = {"copy": cuda_graph_fn(lambda: [sets[i % 2][4].copy_(sets[i % 2][0]) for i in range(inner)]),
                   "silu": cuda_graph_fn(lambda: [F.silu(sets[i % 2][0]) for i in range(inner)])}
-        for label, env in (GRAPH_VARIANTS if not cl else GRAPH_VARIANTS[:1]):
-            for k in ("MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE"):
+        for label, env in GRAPH_VARIANTS[cl]:
+            for k in _KNOBS:
                 os.environ[k] = env.get(k, "")
             graphs[label] = cuda_graph_fn(lambda: [_call(ops, "fwd", sets[i % 2]) for i in range(inner)])
         _env("", "", "")

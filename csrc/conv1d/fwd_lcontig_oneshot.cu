@@ -1,0 +1,136 @@
+// Causal conv1d forward, l contiguous, one-shot fast path (no seq_idx, 16-byte aligned rows;
+// pipe_ok). Shaped like torch's elementwise kernels: one warp per tile of 256*K elements of
+// one row, blocks in address order, each lane loads its K 8-element vectors once, computes,
+// stores and exits. On an H200 a one-shot copy ran at 98-100% of cudaMemcpy where warps that
+// each walk a range of tiles (the pipe kernels) ran at 89-93% (scripts/dev/copy_order.cu).
+// The w-1 look-back comes from the previous lane by shuffle, for lane 0 from one 16-byte load
+// of the 8 elements before the tile (an L2 hit: the previous warp reads them too).
+#include <type_traits>
+
+#include "common/check.h"
+#include "conv1d/pipe.cuh"
+#include "conv1d/switch.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+template <int W, typename T, int K, int MINB>
+__global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
+                                                                        uint32_t ntiles) {
+  using R = typename RawOf<T>::type;
+  constexpr int H = W - 1, kTile = 256 * K;
+  const int lane = threadIdx.x & 31;
+  const uint32_t gt = blockIdx.x * 4u + (threadIdx.x >> 5);
+  if (gt >= ntiles) return;  // whole warp
+  const uint32_t row = gt / nseg, D = static_cast<uint32_t>(p.dim);
+  const uint32_t b = row / D, c = row - b * D;
+  const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(gt - row * nseg) * kTile;
+  const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+
+  // x first (all K vectors in flight), then the side loads, then wait
+  RawRun<8, R> raw[K];
+  const bool whole = t_start + kTile <= L;
+  #pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int s0 = t_start + (k * 32 + lane) * 8;
+    if (whole || s0 + 8 <= L) raw[k].load(xr + s0);
+    else {
+      R* e = reinterpret_cast<R*>(raw[k].w);
+      #pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
+    }
+  }
+  float wr[W];
+  #pragma unroll
+  for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
+  const float bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
+  float h0[H];  // the inputs before the tile (lane 0): x, or initial states (zeros) at t = 0
+  if (t_start > 0) {
+    RawRun<8, R> prev;
+    prev.load(xr + t_start - 8);
+    float pv[8];
+    prev.to_float(pv);
+    #pragma unroll
+    for (int j = 0; j < H; ++j) h0[j] = pv[8 - H + j];
+  } else {
+    #pragma unroll
+    for (int j = 0; j < H; ++j)
+      h0[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
+  }
+
+  float xv[K][8];
+  #pragma unroll
+  for (int k = 0; k < K; ++k) raw[k].to_float(xv[k]);
+  R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+  #pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int s0 = t_start + (k * 32 + lane) * 8;
+    float h[H];
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const float up = __shfl_up_sync(kFull, xv[k][8 - H + j], 1);
+      const float wrap = k > 0 ? __shfl_sync(kFull, xv[k > 0 ? k - 1 : 0][8 - H + j], 31) : h0[j];
+      h[j] = lane == 0 ? wrap : up;
+    }
+    if (s0 >= L) continue;  // after the shuffles: every lane takes part in them
+    float o[8];
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float acc = bias;
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i - kk >= 0 ? xv[k][i - kk] : h[H + i - kk], acc);
+      o[i] = act_fwd(acc, p.silu);
+    }
+    if (s0 + 8 <= L) store_run<8>(outr + s0, o);
+    else store_checked<8>(outr + s0, L - s0, o);
+  }
+
+  // final states: the row's last w-1 inputs (they may span two tiles), initial states in front
+  if (p.final_states != nullptr && t_start + kTile > L - H) {
+    R* fr = static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H;
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s0 = t_start + (k * 32 + lane) * 8;
+      #pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int j = s0 + i - (L - H);
+        if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[k][i]);
+      }
+    }
+    if (t_start == 0 && lane == 0 && L < H) {
+      #pragma unroll
+      for (int j = 0; j < H; ++j)
+        if (j >= L) fr[j - L] = Elem<R>::fromf(h0[j]);
+    }
+  }
+}
+
+template <int W, typename T, int K, int MINB>
+void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s) {
+  const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K), ntiles = p.batch * p.dim * nseg;
+  MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
+  fwd_lcontig_oneshot_kernel<W, T, K, MINB><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+      p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
+  MLM_CHECK_LAUNCH();
+}
+
+void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
+  MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_fwd: input too large");
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(p.width, W, [&] {
+      // MLMAMBA_CONV1D_TUNE (bf16, width 4): tile and registers (A/B, docs/perf-log.md)
+      if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
+        switch (tune_variant()) {
+          case 11: return launch_fwd_lcontig_oneshot<W, T, 1, 16>(p, s);
+          case 12: return launch_fwd_lcontig_oneshot<W, T, 2, 12>(p, s);
+          case 14: return launch_fwd_lcontig_oneshot<W, T, 4, 8>(p, s);
+          default: break;
+        }
+      }
+      launch_fwd_lcontig_oneshot<W, T, 2, W <= 4 ? 8 : 6>(p, s);
+    });
+  });
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
