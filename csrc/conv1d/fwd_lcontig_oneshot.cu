@@ -14,13 +14,16 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <int W, typename T, int K, int MINB>
+// K 8-element vectors per lane; kAsync: they go through shared memory by cp.async (the bytes
+// in flight cost no registers), else straight into registers.
+template <int W, typename T, int K, int MINB, bool kAsync>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
                                                                         uint32_t ntiles) {
   using R = typename RawOf<T>::type;
-  constexpr int H = W - 1, kTile = 256 * K;
-  const int lane = threadIdx.x & 31;
-  const uint32_t gt = blockIdx.x * 4u + (threadIdx.x >> 5);
+  constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount;
+  __shared__ uint4 q[kAsync ? K : 1][128][V];  // [vector][thread][word]
+  const int tid = threadIdx.x, lane = tid & 31;
+  const uint32_t gt = blockIdx.x * 4u + (tid >> 5);
   if (gt >= ntiles) return;  // whole warp
   const uint32_t row = gt / nseg, D = static_cast<uint32_t>(p.dim);
   const uint32_t b = row / D, c = row - b * D;
@@ -28,18 +31,23 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
 
   // x first (all K vectors in flight), then the side loads, then wait
-  RawRun<8, R> raw[K];
+  RawRun<8, R> raw[kAsync ? 1 : K];
   const bool whole = t_start + kTile <= L;
   #pragma unroll
   for (int k = 0; k < K; ++k) {
     const int s0 = t_start + (k * 32 + lane) * 8;
-    if (whole || s0 + 8 <= L) raw[k].load(xr + s0);
-    else {
+    if constexpr (kAsync) {
+      if (whole) cp_async_whole<8, R>(&q[k][tid][0], xr + s0);
+      else cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+    } else if (whole || s0 + 8 <= L) {
+      raw[k].load(xr + s0);
+    } else {
       R* e = reinterpret_cast<R*>(raw[k].w);
       #pragma unroll
       for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
     }
   }
+  if constexpr (kAsync) cp_async_commit();
   float wr[W];
   #pragma unroll
   for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
@@ -58,19 +66,29 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
       h0[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
   }
 
-  float xv[K][8];
-  #pragma unroll
-  for (int k = 0; k < K; ++k) raw[k].to_float(xv[k]);
+  if constexpr (kAsync) cp_async_wait<0>();
+  // vector k is converted where it is used (raw words stay packed: fewer live registers, so
+  // more bytes in flight per SM); the wrap of vector k-1 into k comes from lane 31
   R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+  R* fr = p.final_states != nullptr && t_start + kTile > L - H
+              ? static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H
+              : nullptr;  // this tile holds some of the row's last w-1 inputs
+  float tail[H];  // the previous vector's last w-1 inputs (h0 before vector 0)
   #pragma unroll
+  for (int j = 0; j < H; ++j) tail[j] = h0[j];
+  #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time
   for (int k = 0; k < K; ++k) {
     const int s0 = t_start + (k * 32 + lane) * 8;
+    float xv[8];
+    if constexpr (kAsync) smem_run_to_float<8, R>(&q[k][tid][0], xv);
+    else raw[k].to_float(xv);
     float h[H];
     #pragma unroll
     for (int j = 0; j < H; ++j) {
-      const float up = __shfl_up_sync(kFull, xv[k][8 - H + j], 1);
-      const float wrap = k > 0 ? __shfl_sync(kFull, xv[k > 0 ? k - 1 : 0][8 - H + j], 31) : h0[j];
+      const float up = __shfl_up_sync(kFull, xv[8 - H + j], 1);
+      const float wrap = k > 0 ? __shfl_sync(kFull, tail[j], 31) : tail[j];
       h[j] = lane == 0 ? wrap : up;
+      tail[j] = xv[8 - H + j];
     }
     if (s0 >= L) continue;  // after the shuffles: every lane takes part in them
     float o[8];
@@ -78,38 +96,31 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     for (int i = 0; i < 8; ++i) {
       float acc = bias;
       #pragma unroll
-      for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i - kk >= 0 ? xv[k][i - kk] : h[H + i - kk], acc);
+      for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i - kk >= 0 ? xv[i - kk] : h[H + i - kk], acc);
       o[i] = act_fwd(acc, p.silu);
     }
     if (s0 + 8 <= L) store_run<8>(outr + s0, o);
     else store_checked<8>(outr + s0, L - s0, o);
-  }
-
-  // final states: the row's last w-1 inputs (they may span two tiles), initial states in front
-  if (p.final_states != nullptr && t_start + kTile > L - H) {
-    R* fr = static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H;
-    #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int s0 = t_start + (k * 32 + lane) * 8;
+    if (fr != nullptr && s0 + 8 > L - H) {  // final states
       #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int j = s0 + i - (L - H);
-        if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[k][i]);
+        if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
       }
     }
-    if (t_start == 0 && lane == 0 && L < H) {
-      #pragma unroll
-      for (int j = 0; j < H; ++j)
-        if (j >= L) fr[j - L] = Elem<R>::fromf(h0[j]);
-    }
+  }
+  if (fr != nullptr && t_start == 0 && lane == 0 && L < H) {  // initial states in front
+    #pragma unroll
+    for (int j = 0; j < H; ++j)
+      if (j >= L) fr[j - L] = Elem<R>::fromf(h0[j]);
   }
 }
 
-template <int W, typename T, int K, int MINB>
+template <int W, typename T, int K, int MINB, bool kAsync = true>
 void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s) {
   const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K), ntiles = p.batch * p.dim * nseg;
   MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
-  fwd_lcontig_oneshot_kernel<W, T, K, MINB><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+  fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
       p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
   MLM_CHECK_LAUNCH();
 }
@@ -121,14 +132,16 @@ void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
       // MLMAMBA_CONV1D_TUNE (bf16, width 4): tile and registers (A/B, docs/perf-log.md)
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         switch (tune_variant()) {
-          case 11: return launch_fwd_lcontig_oneshot<W, T, 1, 16>(p, s);
-          case 12: return launch_fwd_lcontig_oneshot<W, T, 2, 12>(p, s);
-          case 14: return launch_fwd_lcontig_oneshot<W, T, 4, 8>(p, s);
+          case 11: return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
+          case 12: return launch_fwd_lcontig_oneshot<W, T, 4, 12>(p, s);
+          case 13: return launch_fwd_lcontig_oneshot<W, T, 8, 8>(p, s);
+          case 14: return launch_fwd_lcontig_oneshot<W, T, 8, 12>(p, s);
+          case 15: return launch_fwd_lcontig_oneshot<W, T, 16, 6>(p, s);
           default: break;
         }
       }
-      launch_fwd_lcontig_oneshot<W, T, 2, W <= 4 ? 8 : 6>(p, s);
-    });
+      launch_fwd_lcontig_oneshot<W, T, 8, sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8>(p, s);
+  });
   });
 }
 
