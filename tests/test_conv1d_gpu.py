@@ -188,16 +188,13 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
-    # the one-shot forward kernels, and their tuning variants (l-contig 11-15, channel-last 21-23)
+    # the one-shot l-contiguous forward (channel-last: the defaults), its tuning variants
     "oneshot": ("oneshot", None, None),
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune12": ("oneshot", None, "12"),
     "oneshot_tune13": ("oneshot", None, "13"),
     "oneshot_tune14": ("oneshot", None, "14"),
     "oneshot_tune15": ("oneshot", None, "15"),
-    "oneshot_tune21": ("oneshot", None, "21"),
-    "oneshot_tune22": ("oneshot", None, "22"),
-    "oneshot_tune23": ("oneshot", None, "23"),
 }
 
 

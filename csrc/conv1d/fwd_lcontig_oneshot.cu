@@ -14,13 +14,23 @@
 namespace mlmamba {
 namespace conv1d {
 
+// Waits until at most n (< 4) of this thread's cp.async groups are pending.
+__device__ __forceinline__ void cp_async_wait_upto(int n) {
+  if (n <= 0) cp_async_wait<0>();
+  else if (n == 1) cp_async_wait<1>();
+  else if (n == 2) cp_async_wait<2>();
+  else cp_async_wait<3>();
+}
+
 // K 8-element vectors per lane; kAsync: they go through shared memory by cp.async (the bytes
-// in flight cost no registers), else straight into registers.
-template <int W, typename T, int K, int MINB, bool kAsync>
+// in flight cost no registers) in G groups, each computed as soon as it lands (the later
+// groups stay in flight meanwhile), else straight into registers (G = 1).
+template <int W, typename T, int K, int MINB, bool kAsync, int G>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
                                                                         uint32_t ntiles) {
   using R = typename RawOf<T>::type;
-  constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount;
+  constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount, KG = K / G;
+  static_assert(K % G == 0 && G <= 4 && (kAsync || G == 1), "groups");
   __shared__ uint4 q[kAsync ? K : 1][128][V];  // [vector][thread][word]
   const int tid = threadIdx.x, lane = tid & 31;
   const uint32_t gt = blockIdx.x * 4u + (tid >> 5);
@@ -39,6 +49,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     if constexpr (kAsync) {
       if (whole) cp_async_whole<8, R>(&q[k][tid][0], xr + s0);
       else cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+      if ((k + 1) % KG == 0) cp_async_commit();
     } else if (whole || s0 + 8 <= L) {
       raw[k].load(xr + s0);
     } else {
@@ -47,7 +58,6 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
       for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
     }
   }
-  if constexpr (kAsync) cp_async_commit();
   float wr[W];
   #pragma unroll
   for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
@@ -66,7 +76,6 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
       h0[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
   }
 
-  if constexpr (kAsync) cp_async_wait<0>();
   // vector k is converted where it is used (raw words stay packed: fewer live registers, so
   // more bytes in flight per SM); the wrap of vector k-1 into k comes from lane 31
   R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
@@ -80,6 +89,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   for (int k = 0; k < K; ++k) {
     const int s0 = t_start + (k * 32 + lane) * 8;
     float xv[8];
+    if (kAsync && k % KG == 0) cp_async_wait_upto(G - 1 - k / KG);
     if constexpr (kAsync) smem_run_to_float<8, R>(&q[k][tid][0], xv);
     else raw[k].to_float(xv);
     float h[H];
@@ -116,11 +126,11 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   }
 }
 
-template <int W, typename T, int K, int MINB, bool kAsync = true>
+template <int W, typename T, int K, int MINB, bool kAsync = true, int G = 1>
 void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s) {
   const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K), ntiles = p.batch * p.dim * nseg;
   MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
-  fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+  fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
       p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
   MLM_CHECK_LAUNCH();
 }
@@ -133,9 +143,9 @@ void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         switch (tune_variant()) {
           case 11: return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
-          case 12: return launch_fwd_lcontig_oneshot<W, T, 4, 12>(p, s);
-          case 13: return launch_fwd_lcontig_oneshot<W, T, 8, 8>(p, s);
-          case 14: return launch_fwd_lcontig_oneshot<W, T, 8, 12>(p, s);
+          case 12: return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 2>(p, s);
+          case 13: return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 4>(p, s);
+          case 14: return launch_fwd_lcontig_oneshot<W, T, 16, 6, true, 4>(p, s);
           case 15: return launch_fwd_lcontig_oneshot<W, T, 16, 6>(p, s);
           default: break;
         }

@@ -177,7 +177,7 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
 // and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
 // docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
 // inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies, =oneshot takes the
-// one-shot forward kernels (A/B timing; read per call); any other non-empty value is an error.
+// one-shot l-contiguous forward (A/B timing; read per call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
@@ -194,7 +194,7 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 }
 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast) {
-  return conv_impl(op) == "oneshot" && pipe_ok(p, esize, chlast, false);
+  return !chlast && conv_impl(op) == "oneshot" && pipe_ok(p, esize, chlast, false);
 }
 
 namespace {
@@ -231,8 +231,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   const int esize = static_cast<int>(x.element_size());
   const bool pipe = use_pipe(op, p, esize, chlast, false);
   if (use_oneshot(op, p, esize, chlast)) {
-    if (chlast) fwd_chlast_oneshot(p, dtag(x), stream);
-    else fwd_lcontig_oneshot(p, dtag(x), stream);
+    fwd_lcontig_oneshot(p, dtag(x), stream);
   } else if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {

@@ -223,8 +223,7 @@ _ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
 GRAPH_VARIANTS = {
     False: [("default", {}), ("pipe tune1", {"MLMAMBA_CONV1D_TUNE": "1"}), ("oneshot", _ONE)]
     + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 12, 13, 14, 15)],
-    True: [("default", {}), ("oneshot", _ONE)]
-    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (21, 22, 23)],
+    True: [("default", {})],
 }
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
 
