@@ -139,18 +139,15 @@ void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
   MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_fwd: input too large");
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      // MLMAMBA_CONV1D_TUNE (bf16, width 4): tile and registers (A/B, docs/perf-log.md)
+      // MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = x in registers (4 vectors per lane, 64
+      // registers), 13 = 4 cp.async groups. On an H200 both within 1% of the default at b1
+      // L16384 / b4 L2048 (docs/perf-log.md, causal_conv1d v6).
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
-        switch (tune_variant()) {
-          case 11: return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
-          case 12: return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 2>(p, s);
-          case 13: return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 4>(p, s);
-          case 14: return launch_fwd_lcontig_oneshot<W, T, 16, 6, true, 4>(p, s);
-          case 15: return launch_fwd_lcontig_oneshot<W, T, 16, 6>(p, s);
-          default: break;
-        }
+        if (tune_variant() == 11) return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
+        if (tune_variant() == 13) return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 4>(p, s);
       }
-      launch_fwd_lcontig_oneshot<W, T, 8, sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8>(p, s);
+      // 4 KB of x per warp in two cp.async groups; blocks per SM as the registers allow
+      launch_fwd_lcontig_oneshot<W, T, 8, sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8, true, 2>(p, s);
   });
   });
 }

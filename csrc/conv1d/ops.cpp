@@ -173,11 +173,12 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
   return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
 }
 
-// Which kernels run. Default: the streaming kernels (pipe.cuh) where pipe_ok says they apply
-// and they measured faster than v2 on an H200 (forward in both layouts, backward l-contiguous;
-// docs/perf-log.md, causal_conv1d), v2 elsewhere (channel-last backward, seq_idx, unaligned
-// inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies, =oneshot takes the
-// one-shot l-contiguous forward (A/B timing; read per call); any other non-empty value is an error.
+// Which kernels run. Default, where pipe_ok says a fast path applies: the one-shot kernel for
+// the l-contiguous forward, the streaming kernels (pipe.cuh) for the channel-last forward and
+// the l-contiguous backward, v2 for the channel-last backward (each the fastest measured on an
+// H200: docs/perf-log.md, causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs).
+// MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (the l-contiguous forward too),
+// =oneshot is the default (A/B timing; read per call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
@@ -194,7 +195,8 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 }
 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast) {
-  return !chlast && conv_impl(op) == "oneshot" && pipe_ok(p, esize, chlast, false);
+  const std::string impl = conv_impl(op);
+  return !chlast && (impl.empty() || impl == "oneshot") && pipe_ok(p, esize, chlast, false);
 }
 
 namespace {

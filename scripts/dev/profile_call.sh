@@ -5,8 +5,8 @@
 # the conv1d channel-last forward (issue 3), the warp-specialized forward (ws: b4 L2048,
 # ws576: b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the
 # one-warpgroup one; issue 8), the conv1d l-contiguous forward and F.silu on the same tensor
-# (convl, silu: DRAM / L2 figures of a plain elementwise kernel against ours; convone: the
-# one-shot l-contiguous forward). Per kernel: the headline metrics and the SASS lines with the
+# (convl: the streaming l-contiguous forward, convone: the one-shot one (the default), silu:
+# a plain elementwise kernel on the same tensor). Per kernel: the headline metrics and the SASS lines with the
 # most stall samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the device
 # returns at most 8 files), the reports stay in /tmp/ncu on that machine.
 #   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,convone,silu,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
@@ -49,7 +49,7 @@ MLMAMBA_MSC_WS=0 prof mscwg ssd_fwd_wgmma 2 $PY scripts/dev/msc_prof.py cross
 prof ws576 ssd_fwd_ws 2 $PY scripts/dev/ssd_prof.py fwd 32 576 32
 export PROF_ONLY="fwd default"
 prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof
-prof convl fwd_lcontig 0 $PY scripts/dev/conv1d_dev.py prof
-PROF_ONLY="fwd oneshot" prof convone fwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
+PROF_ONLY="fwd pipe" prof convl fwd_lcontig_pipe 0 $PY scripts/dev/conv1d_dev.py prof
+prof convone fwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
 PROF_ONLY=silu prof silu vectorized_elementwise 0 $PY scripts/dev/conv1d_dev.py prof
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/ncu_src.tgz" --exclude='*.ncu-rep' -C /tmp ncu; fi
