@@ -14,14 +14,6 @@
 namespace mlmamba {
 namespace conv1d {
 
-// Waits until at most n (< 4) of this thread's cp.async groups are pending.
-__device__ __forceinline__ void cp_async_wait_upto(int n) {
-  if (n <= 0) cp_async_wait<0>();
-  else if (n == 1) cp_async_wait<1>();
-  else if (n == 2) cp_async_wait<2>();
-  else cp_async_wait<3>();
-}
-
 // K 8-element vectors per lane; kAsync: they go through shared memory by cp.async (the bytes
 // in flight cost no registers) in G groups, each computed as soon as it lands (the later
 // groups stay in flight meanwhile), else straight into registers (G = 1).

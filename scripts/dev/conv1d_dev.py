@@ -224,7 +224,8 @@ GRAPH_VARIANTS = {
     False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
             ("pipe tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"})]
     + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
-    True: [("default", {})],
+    True: [("default", {}), ("oneshot", _ONE)]
+    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (21, 22, 23)],
 }
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
 
