@@ -195,8 +195,8 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 }
 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast) {
-  const std::string impl = conv_impl(op);  // channel-last: opt-in (not faster; perf-log)
-  return (impl == "oneshot" || (impl.empty() && !chlast)) && pipe_ok(p, esize, chlast, false);
+  const std::string impl = conv_impl(op);
+  return !chlast && (impl.empty() || impl == "oneshot") && pipe_ok(p, esize, chlast, false);
 }
 
 namespace {
@@ -233,8 +233,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   const int esize = static_cast<int>(x.element_size());
   const bool pipe = use_pipe(op, p, esize, chlast, false);
   if (use_oneshot(op, p, esize, chlast)) {
-    if (chlast) fwd_chlast_oneshot(p, dtag(x), stream);
-    else fwd_lcontig_oneshot(p, dtag(x), stream);
+    fwd_lcontig_oneshot(p, dtag(x), stream);
   } else if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
   } else if (chlast) {

@@ -222,16 +222,24 @@ def prof():
 _ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
 GRAPH_VARIANTS = {
     False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
-            ("pipe tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"})]
+            ("pipe tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"}),
+            ("pipe 1 tile/warp", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_WAVES": "100000"})]
     + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
-    True: [("default", {}), ("oneshot", _ONE)]
-    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (21, 22, 23)],
+    True: [("default", {})],
 }
+# (label, {env}) of the backward (l-contig) timed by `graph`: "1 tile/warp" gives the streaming
+# kernel a grid with one tile per warp (one-shot, as the forward's default).
+_PIPE1 = {"MLMAMBA_CONV1D_WAVES": "100000"}
+GRAPH_BWD_VARIANTS = [("bwd default", {}), ("bwd 1 tile/warp", _PIPE1),
+                      ("bwd 4 waves", {"MLMAMBA_CONV1D_WAVES": "4"}),
+                      ("bwd tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
+                      ("bwd tune1 1 tile/warp", dict(_PIPE1, MLMAMBA_CONV1D_TUNE="1"))]
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
 
 
 def graph():
-    """bf16 w4 silu bias forward, both layouts (GRAPH_VARIANTS): each variant captured
+    """bf16 w4 silu bias forward, both layouts (GRAPH_VARIANTS), and the l-contig backward
+    (GRAPH_BWD_VARIANTS; % of copy for 1.5 copies of bytes): each variant captured
     as a CUDA graph of 20 calls over two input sets (no host cost), rounds alternating the
     variants; against torch's copy_ and F.silu of the same bytes. (A 1 GiB copy_ captured in a
     graph read ~2.7 TB/s in session 14, against 4.26 for the bench's copy: not a reference.)"""
@@ -258,10 +266,11 @@ def graph():
         n = b * d * l * 2
         graphs = {"copy": cuda_graph_fn(lambda: [sets[i % 2][4].copy_(sets[i % 2][0]) for i in range(inner)]),
                   "silu": cuda_graph_fn(lambda: [F.silu(sets[i % 2][0]) for i in range(inner)])}
-        for label, env in GRAPH_VARIANTS[cl]:
+        for label, env in GRAPH_VARIANTS[cl] + ([] if cl else GRAPH_BWD_VARIANTS):
             for k in _KNOBS:
                 os.environ[k] = env.get(k, "")
-            graphs[label] = cuda_graph_fn(lambda: [_call(ops, "fwd", sets[i % 2]) for i in range(inner)])
+            kind = "bwd" if label.startswith("bwd") else "fwd"
+            graphs[label] = cuda_graph_fn(lambda kind=kind: [_call(ops, kind, sets[i % 2]) for i in range(inner)])
         _env("", "", "")
         res = {k: [] for k in graphs}
         for _ in range(reps):
@@ -271,9 +280,9 @@ def graph():
         print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: {2 * n / 1e6:.1f} MB; µs median "
               f"(min) of {reps} graph replays, GB/s, % of the same-size copy", flush=True)
         for k, v in res.items():
-            m = statistics.median(v)
-            print(f"  {k:<16} {m:7.1f} ({min(v):6.1f})  {2 * n / m / 1e3:6.0f}  {100 * tc / m:5.1f}%",
-                  flush=True)
+            m, nb = statistics.median(v), (3 if k.startswith("bwd") else 2) * n  # bytes moved
+            print(f"  {k:<22} {m:7.1f} ({min(v):6.1f})  {nb / m / 1e3:6.0f}  "
+                  f"{100 * nb / m / (2 * n / tc):5.1f}%", flush=True)
         del graphs, sets
         torch.cuda.empty_cache()
 
