@@ -189,7 +189,8 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
-    # the one-shot l-contiguous forward (the default there), its tuning variants
+    # the one-shot l-contiguous kernels (the forward's default; the backward opt-in), their
+    # tuning variants
     "oneshot": ("oneshot", None, None),
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune13": ("oneshot", None, "13"),
@@ -257,7 +258,8 @@ def test_mixed_weight_dtype(rng, dtype, wdtype):
 
 
 @need
-@pytest.mark.parametrize("impl", ["default", "pipe", "v2", "oneshot_tune11", "oneshot_tune13"])
+@pytest.mark.parametrize("impl", ["default", "pipe", "v2", "oneshot", "oneshot_tune11",
+                                  "oneshot_tune13"])
 @pytest.mark.parametrize("layout", ["l", "cl"])
 @pytest.mark.parametrize("width", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -78,16 +78,20 @@ void fwd_chlast_pipe_rows(const ConvParams& p, int xdtype, cudaStream_t s);  // 
 void bwd_chlast_rows(const ConvParams& p, int xdtype, cudaStream_t s);
 // Whether op takes the streaming kernels for p (MLMAMBA_CONV1D_IMPL; ops.cpp)
 bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd);
-// Whether the l-contiguous forward takes the one-shot kernel (MLMAMBA_CONV1D_IMPL; ops.cpp)
-bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast);
+// Whether the l-contiguous forward / backward takes a one-shot kernel (MLMAMBA_CONV1D_IMPL;
+// ops.cpp)
+bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd);
 // Rows per warp of the channel-last v2 forward / backward (ops.cpp)
 int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l);
 int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm);
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
-// One-shot l-contiguous forward (fwd_lcontig_oneshot.cu): where pipe_ok holds.
+// One-shot l-contiguous kernels (*_lcontig_oneshot.cu): where pipe_ok holds. Backward:
+// p.nslots_per_batch = bwd_lcontig_oneshot_tiles(p) (tiles per row).
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
+int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype);
+void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 // l-contiguous backward: p.nslots_per_batch = bwd_lcontig_pipe_tiles(p) (tiles per row).
 int64_t bwd_lcontig_pipe_tiles(const ConvParams& p, int xdtype);
 void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);

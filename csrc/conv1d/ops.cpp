@@ -178,7 +178,8 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
 // the l-contiguous backward, v2 for the channel-last backward (each the fastest measured on an
 // H200: docs/perf-log.md, causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs).
 // MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (the l-contiguous forward too),
-// =oneshot is the default (A/B timing; read per call); any other non-empty value is an error.
+// =oneshot is the forward's default and takes the one-shot l-contiguous backward too (A/B
+// timing; read per call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
@@ -194,9 +195,9 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
   return impl == "pipe" || !(chlast && bwd);
 }
 
-bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast) {
-  const std::string impl = conv_impl(op);
-  return !chlast && (impl.empty() || impl == "oneshot") && pipe_ok(p, esize, chlast, false);
+bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
+  const std::string impl = conv_impl(op);  // the backward's is opt-in
+  return !chlast && (impl == "oneshot" || (impl.empty() && !bwd)) && pipe_ok(p, esize, chlast, bwd);
 }
 
 namespace {
@@ -232,7 +233,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int esize = static_cast<int>(x.element_size());
   const bool pipe = use_pipe(op, p, esize, chlast, false);
-  if (use_oneshot(op, p, esize, chlast)) {
+  if (use_oneshot(op, p, esize, chlast, false)) {
     fwd_lcontig_oneshot(p, dtag(x), stream);
   } else if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
@@ -302,6 +303,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   }
   if (dinit.numel()) p.dinit = dinit.data_ptr();
   const bool pipe = use_pipe(op, p, static_cast<int>(x.element_size()), chlast, true);
+  const bool oneshot = use_oneshot(op, p, static_cast<int>(x.element_size()), chlast, true);
   int64_t nslots;  // dweight/dbias workspace slots
   if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
@@ -311,7 +313,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
     p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
     nslots = b * p.nslots_per_batch;
   } else {  // one slot per tile
-    p.nslots_per_batch = pipe ? bwd_lcontig_pipe_tiles(p, dtag(x)) : bwd_lcontig_tiles(l);
+    p.nslots_per_batch = oneshot ? bwd_lcontig_oneshot_tiles(p, dtag(x))
+                         : pipe  ? bwd_lcontig_pipe_tiles(p, dtag(x))
+                                 : bwd_lcontig_tiles(l);
     nslots = b * p.nslots_per_batch;
   }
   Tensor partial = at::empty({nslots, d, w + 1}, x.options().dtype(at::kFloat));
@@ -319,6 +323,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (chlast && pipe) bwd_chlast_pipe(p, dtag(x), stream);
   else if (chlast) bwd_chlast(p, dtag(x), stream);
+  else if (oneshot) bwd_lcontig_oneshot(p, dtag(x), stream);
   else if (pipe) bwd_lcontig_pipe(p, dtag(x), stream);
   else bwd_lcontig(p, dtag(x), stream);
   reduce_dweight(p, nslots, dweight.data_ptr(), dbias.numel() ? dbias.data_ptr() : nullptr, stream);

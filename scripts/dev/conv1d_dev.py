@@ -218,22 +218,20 @@ def prof():
 
 # (label, {env}) of the forward timed by `graph`, per layout. Session 14 also timed tuning
 # modes 3-7 here (L2 prefetch hint, streaming stores, grid-stride tiles; commit f6ca864,
-# removed after: docs/perf-log.md, causal_conv1d / Session 14).
+# removed after: docs/perf-log.md, causal_conv1d / Session 14), session 15 the pipe kernel's
+# tune 1 and one-shot grid, and one-shot variants (causal_conv1d v6).
 _ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
 GRAPH_VARIANTS = {
-    False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
-            ("pipe tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"}),
-            ("pipe 1 tile/warp", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_WAVES": "100000"})]
+    False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
     + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
     True: [("default", {})],
 }
-# (label, {env}) of the backward (l-contig) timed by `graph`: "1 tile/warp" gives the streaming
-# kernel a grid with one tile per warp (one-shot, as the forward's default).
-_PIPE1 = {"MLMAMBA_CONV1D_WAVES": "100000"}
-GRAPH_BWD_VARIANTS = [("bwd default", {}), ("bwd 1 tile/warp", _PIPE1),
-                      ("bwd 4 waves", {"MLMAMBA_CONV1D_WAVES": "4"}),
-                      ("bwd tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
-                      ("bwd tune1 1 tile/warp", dict(_PIPE1, MLMAMBA_CONV1D_TUNE="1"))]
+# (label, {env}) of the backward (l-contig) timed by `graph`. Session 15 also timed the
+# streaming kernel on a one-shot grid (MLMAMBA_CONV1D_WAVES=100000: one tile per warp) and 4
+# waves (docs/perf-log.md, causal_conv1d v6).
+GRAPH_BWD_VARIANTS = [("bwd default", {}), ("bwd tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
+                      ("bwd oneshot", _ONE)] + [
+    (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)]
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
 
 

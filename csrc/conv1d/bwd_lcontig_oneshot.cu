@@ -1,0 +1,234 @@
+// Causal conv1d backward, l contiguous, one-shot (no seq_idx, 16-byte aligned rows; pipe_ok;
+// the math: bwd_lcontig.cuh; the layout and why one-shot: fwd_lcontig_oneshot.cu). A warp per
+// tile of K 8-element vectors per lane; x and dout go by cp.async into shared memory in G
+// groups. Per vector, rolled: g = dout * act'(pre) one vector ahead (lane 31's dx needs the
+// next vector's first g), then dx of the vector. Lane 0's look-back and every lane's look-ahead
+// (the 8 inputs and douts after the tile, for lane 31 of the last vector) are 16-byte loads
+// (L2 hits: the neighbouring warps read them too). dweight/dbias: the warp's sums go to its
+// tile's slot, reduced in a fixed order (reduce.cu).
+#include <type_traits>
+
+#include "common/check.h"
+#include "conv1d/pipe.cuh"
+#include "conv1d/switch.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+// 8 elements of a row from position s (n valid, the rest zeros), aligned when whole
+template <typename R>
+__device__ __forceinline__ void load8_any(const R* p, int64_t s, int64_t n, float (&v)[8]) {
+  if (n >= 8) load_vec<8>(p + s, v);
+  else load_checked<8>(p + s, n, v);
+}
+
+template <int W, typename T, int K, int MINB, int G>
+__global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
+                                                                        uint32_t ntiles) {
+  using R = typename RawOf<T>::type;
+  constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount, KG = K / G;
+  static_assert(K % G == 0 && G <= 4, "groups");
+  __shared__ uint4 q[K][2][128][V];  // [vector][x, dout][thread][word]
+  const int tid = threadIdx.x, lane = tid & 31;
+  const uint32_t gt = blockIdx.x * 4u + (tid >> 5);
+  if (gt >= ntiles) return;  // whole warp
+  const uint32_t row = gt / nseg, seg = gt - row * nseg, D = static_cast<uint32_t>(p.dim);
+  const uint32_t b = row / D, c = row - b * D;
+  const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(seg) * kTile, t_end = t_start + kTile;
+  const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+  const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
+
+  const bool whole = t_end <= L;
+  #pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int s0 = t_start + (k * 32 + lane) * 8;
+    if (whole) {
+      cp_async_whole<8, R>(&q[k][0][tid][0], xr + s0);
+      cp_async_whole<8, R>(&q[k][1][tid][0], dr + s0);
+    } else {
+      cp_async_run<8, R>(&q[k][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+      cp_async_run<8, R>(&q[k][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
+    }
+    if ((k + 1) % KG == 0) cp_async_commit();
+  }
+  float wr[W];
+  #pragma unroll
+  for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
+  const float bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
+  float tail[H];  // the w-1 inputs before the current vector (lane 0: before the tile)
+  if (t_start > 0) {
+    float pv[8];
+    load_vec<8>(xr + t_start - 8, pv);
+    #pragma unroll
+    for (int j = 0; j < H; ++j) tail[j] = pv[8 - H + j];
+  } else {
+    #pragma unroll
+    for (int j = 0; j < H; ++j)
+      tail[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
+  }
+  float xa[8], da[8];  // after the tile (zeros past the end)
+  load8_any(xr, t_end < L ? t_end : 0, t_end < L ? L - t_end : 0, xa);
+  load8_any(dr, t_end < L ? t_end : 0, t_end < L ? L - t_end : 0, da);
+
+  float dw[W], db = 0.f;
+  #pragma unroll
+  for (int k = 0; k < W; ++k) dw[k] = 0.f;
+  // g on vector k's positions (dout is zero past the end, so g is too), and the sums
+  auto gvec = [&](int k, float (&g)[8]) {
+    float xv[8];
+    smem_run_to_float<8, R>(&q[k][0][tid][0], xv);
+    smem_run_to_float<8, R>(&q[k][1][tid][0], g);
+    float h[H];
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const float up = __shfl_up_sync(kFull, xv[8 - H + j], 1);
+      const float wrap = __shfl_sync(kFull, tail[j], 31);  // the previous vector's lane 31
+      h[j] = lane == 0 ? (k > 0 ? wrap : tail[j]) : up;
+      tail[j] = xv[8 - H + j];
+    }
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      float xm[W];
+      float acc = bias;
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) {
+        xm[kk] = i - kk >= 0 ? xv[i - kk] : h[H + i - kk];
+        acc = fmaf(wr[kk], xm[kk], acc);
+      }
+      const float gi = g[i] * act_grad(acc, p.silu);
+      g[i] = gi;
+      db += gi;
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
+    }
+  };
+
+  R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+  const int fin0 = L - H;  // first position that final_states covers
+  float gc[8];
+  cp_async_wait_upto(G - 1);
+  gvec(0, gc);
+  #pragma unroll 1
+  for (int k = 0; k < K; ++k) {
+    float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
+    if (k + 1 < K) {
+      if ((k + 1) % KG == 0) cp_async_wait_upto(G - 1 - (k + 1) / KG);
+      gvec(k + 1, gn);
+    } else {  // only lane 31 uses these; its tail is the tile's last w-1 inputs
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float acc = bias;
+        if (j < H) {
+          #pragma unroll
+          for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk >= 0 ? j - kk : 0] : tail[(H + j - kk) % H], acc);
+        }
+        gn[j] = j < H ? da[j] * act_grad(acc, p.silu) : 0.f;
+      }
+    }
+    const int s0 = t_start + (k * 32 + lane) * 8;
+    float ah[H];
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const float dn = __shfl_down_sync(kFull, gc[j], 1);
+      const float wrap = __shfl_sync(kFull, gn[j], 0);  // the next vector's lane 0
+      ah[j] = lane == 31 ? (k + 1 < K ? wrap : gn[j]) : dn;
+    }
+    if (p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
+      #pragma unroll
+      for (int j = 0; j < H; ++j) {
+        float acc = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < W; ++kk) {
+          const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
+          if (t >= 0 && t < L) acc = fmaf(wr[kk], gc[t >= 0 && t < 8 ? t : 0], acc);
+        }
+        if (p.dfinal != nullptr && j - H >= fin0)
+          acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+        store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+      }
+    }
+    if (s0 < L) {
+      float o[8];
+      #pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float acc = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i + kk < 8 ? gc[i + kk < 8 ? i + kk : 0] : ah[(i + kk - 8) % H], acc);
+        o[i] = acc;
+      }
+      if (p.dfinal != nullptr && s0 + 8 > fin0) {  // the last w-1 positions
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const int t = s0 + i;
+          if (t >= fin0 && t < L)
+            o[i] += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (t - fin0) * p.dfinal_k, p.dfinal_dtype);
+        }
+      }
+      if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
+      else store_checked<8>(dxr + s0, L - s0, o);
+    }
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) gc[i] = gn[i];
+  }
+  cp_async_wait<0>();
+
+  #pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {  // deterministic warp sums, then the tile's slot
+    #pragma unroll
+    for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
+    db += __shfl_xor_sync(kFull, db, off);
+  }
+  if (lane == 0) {
+    float* slot = p.partial + ((static_cast<int64_t>(b) * nseg + seg) * D + c) * (W + 1);
+    #pragma unroll
+    for (int kk = 0; kk < W; ++kk) slot[kk] = dw[kk];
+    slot[W] = db;
+  }
+}
+
+// One variant: K vectors per lane in G groups, MINB blocks per SM.
+template <int W, typename T, int K, int MINB, int G>
+struct BwdLOneshot {
+  static constexpr int kVecs = K;
+  static void launch(const ConvParams& p, cudaStream_t s) {
+    const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K), ntiles = p.batch * p.dim * nseg;
+    MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
+    MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_bwd: input too large for the one-shot kernel");
+    bwd_lcontig_oneshot_kernel<W, T, K, MINB, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+        p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
+    MLM_CHECK_LAUNCH();
+  }
+};
+
+// f(BwdLOneshot<...>{}) for the variant to run: 16-bit types 8 vectors per lane in two groups
+// (32 KB of shared memory per block), fp32 4. MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = 4
+// vectors, one group; 13 = 8 vectors, four groups.
+template <typename F>
+void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(width, W, [&] {
+      if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
+        if (tune_variant() == 11) return f(BwdLOneshot<W, T, 4, 6, 1>{});
+        if (tune_variant() == 13) return f(BwdLOneshot<W, T, 8, 6, 4>{});
+      }
+      if constexpr (sizeof(T) == 4) f(BwdLOneshot<W, T, 4, 6, 2>{});
+      else f(BwdLOneshot<W, T, 8, W <= 5 ? 6 : 5, 2>{});
+    });
+  });
+}
+
+int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype) {
+  int64_t nseg = 0;
+  with_bwd_lcontig_oneshot(xdtype, p.width, [&](auto k) {
+    nseg = (p.seqlen + 256 * decltype(k)::kVecs - 1) / (256 * decltype(k)::kVecs);
+  });
+  return nseg;
+}
+
+void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
+  MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_bwd: input too large");
+  with_bwd_lcontig_oneshot(xdtype, p.width, [&](auto k) { decltype(k)::launch(p, s); });
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
