@@ -189,8 +189,8 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
-    # the one-shot l-contiguous kernels (the forward's default; the backward opt-in), their
-    # tuning variants
+    # the one-shot l-contiguous kernels forced (by default: the forward, and the backward where
+    # a row fits one tile), their tuning variants
     "oneshot": ("oneshot", None, None),
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune13": ("oneshot", None, "13"),

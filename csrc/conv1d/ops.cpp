@@ -173,13 +173,13 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
   return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
 }
 
-// Which kernels run. Default, where pipe_ok says a fast path applies: the one-shot kernel for
-// the l-contiguous forward, the streaming kernels (pipe.cuh) for the channel-last forward and
-// the l-contiguous backward, v2 for the channel-last backward (each the fastest measured on an
-// H200: docs/perf-log.md, causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs).
-// MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies (the l-contiguous forward too),
-// =oneshot is the forward's default and takes the one-shot l-contiguous backward too (A/B
-// timing; read per call); any other non-empty value is an error.
+// Which kernels run. Default, where pipe_ok says a fast path applies: the one-shot kernels for
+// the l-contiguous forward and, where a row fits one tile, backward; the streaming kernels
+// (pipe.cuh) for the channel-last forward and the other l-contiguous backwards; v2 for the
+// channel-last backward (each the fastest measured on an H200: docs/perf-log.md,
+// causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2
+// forces one where it applies, =oneshot the one-shot l-contiguous kernels (A/B timing; read per
+// call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
@@ -196,8 +196,11 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 }
 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
-  const std::string impl = conv_impl(op);  // the backward's is opt-in
-  return !chlast && (impl == "oneshot" || (impl.empty() && !bwd)) && pipe_ok(p, esize, chlast, bwd);
+  // The backward by default only where a row fits one 4 KB tile (no look-back / look-ahead
+  // loads): on an H200 it was 11% faster at b4 L2048 and 16% slower at b1 L16384 (perf-log v6).
+  const std::string impl = conv_impl(op);
+  const bool dflt = impl.empty() && (!bwd || p.seqlen * esize <= 4096);
+  return !chlast && (impl == "oneshot" || dflt) && pipe_ok(p, esize, chlast, bwd);
 }
 
 namespace {
