@@ -10,7 +10,7 @@
 #include <type_traits>
 
 #include "common/check.h"
-#include "conv1d/pipe.cuh"
+#include "conv1d/oneshot.cuh"
 #include "conv1d/switch.h"
 
 namespace mlmamba {
@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   const int tid = threadIdx.x, lane = tid & 31;
   const uint32_t gt = blockIdx.x * 4u + (tid >> 5);
   if (gt >= ntiles) return;  // whole warp
-  const uint32_t row = gt / nseg, seg = gt - row * nseg, D = static_cast<uint32_t>(p.dim);
-  const uint32_t b = row / D, c = row - b * D;
+  const uint32_t D = static_cast<uint32_t>(p.dim);
+  const auto [b, c, seg] = oneshot_tile(gt, nseg, D);
   const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(seg) * kTile, t_end = t_start + kTile;
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
   const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
@@ -52,21 +52,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
     }
     if ((k + 1) % KG == 0) cp_async_commit();
   }
-  float wr[W];
-  #pragma unroll
-  for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
-  const float bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
-  float tail[H];  // the w-1 inputs before the current vector (lane 0: before the tile)
-  if (t_start > 0) {
-    float pv[8];
-    load_vec<8>(xr + t_start - 8, pv);
-    #pragma unroll
-    for (int j = 0; j < H; ++j) tail[j] = pv[8 - H + j];
-  } else {
-    #pragma unroll
-    for (int j = 0; j < H; ++j)
-      tail[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
-  }
+  float wr[W], bias, tail[H];  // tail: the w-1 inputs before the current vector
+  row_side<W>(p, xr, t_start, b, c, wr, bias, tail);
   float xa[8], da[8];  // after the tile (zeros past the end)
   load8_any(xr, t_end < L ? t_end : 0, t_end < L ? L - t_end : 0, xa);
   load8_any(dr, t_end < L ? t_end : 0, t_end < L ? L - t_end : 0, da);
@@ -80,13 +67,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
     smem_run_to_float<8, R>(&q[k][0][tid][0], xv);
     smem_run_to_float<8, R>(&q[k][1][tid][0], g);
     float h[H];
-    #pragma unroll
-    for (int j = 0; j < H; ++j) {
-      const float up = __shfl_up_sync(kFull, xv[8 - H + j], 1);
-      const float wrap = __shfl_sync(kFull, tail[j], 31);  // the previous vector's lane 31
-      h[j] = lane == 0 ? (k > 0 ? wrap : tail[j]) : up;
-      tail[j] = xv[8 - H + j];
-    }
+    lookback<H>(xv, k, lane, tail, h);
     #pragma unroll
     for (int i = 0; i < 8; ++i) {
       float xm[W];
@@ -192,7 +173,7 @@ template <int W, typename T, int K, int MINB, int G>
 struct BwdLOneshot {
   static constexpr int kVecs = K;
   static void launch(const ConvParams& p, cudaStream_t s) {
-    const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K), ntiles = p.batch * p.dim * nseg;
+    const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
     MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
     MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_bwd: input too large for the one-shot kernel");
     bwd_lcontig_oneshot_kernel<W, T, K, MINB, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
@@ -221,7 +202,7 @@ void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
 int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype) {
   int64_t nseg = 0;
   with_bwd_lcontig_oneshot(xdtype, p.width, [&](auto k) {
-    nseg = (p.seqlen + 256 * decltype(k)::kVecs - 1) / (256 * decltype(k)::kVecs);
+    nseg = lcontig_segments(p, decltype(k)::kVecs);
   });
   return nseg;
 }

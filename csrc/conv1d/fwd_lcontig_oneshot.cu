@@ -8,7 +8,7 @@
 #include <type_traits>
 
 #include "common/check.h"
-#include "conv1d/pipe.cuh"
+#include "conv1d/oneshot.cuh"
 #include "conv1d/switch.h"
 
 namespace mlmamba {
@@ -27,9 +27,9 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   const int tid = threadIdx.x, lane = tid & 31;
   const uint32_t gt = blockIdx.x * 4u + (tid >> 5);
   if (gt >= ntiles) return;  // whole warp
-  const uint32_t row = gt / nseg, D = static_cast<uint32_t>(p.dim);
-  const uint32_t b = row / D, c = row - b * D;
-  const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(gt - row * nseg) * kTile;
+  const uint32_t D = static_cast<uint32_t>(p.dim);
+  const auto [b, c, seg] = oneshot_tile(gt, nseg, D);
+  const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(seg) * kTile;
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
 
   // x first (all K vectors in flight), then the side loads, then wait
@@ -50,23 +50,8 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
       for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
     }
   }
-  float wr[W];
-  #pragma unroll
-  for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
-  const float bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
-  float h0[H];  // the inputs before the tile (lane 0): x, or initial states (zeros) at t = 0
-  if (t_start > 0) {
-    RawRun<8, R> prev;
-    prev.load(xr + t_start - 8);
-    float pv[8];
-    prev.to_float(pv);
-    #pragma unroll
-    for (int j = 0; j < H; ++j) h0[j] = pv[8 - H + j];
-  } else {
-    #pragma unroll
-    for (int j = 0; j < H; ++j)
-      h0[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
-  }
+  float wr[W], bias, h0[H];  // h0: the inputs before the tile
+  row_side<W>(p, xr, t_start, b, c, wr, bias, h0);
 
   // vector k is converted where it is used (raw words stay packed: fewer live registers, so
   // more bytes in flight per SM); the wrap of vector k-1 into k comes from lane 31
@@ -85,13 +70,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     if constexpr (kAsync) smem_run_to_float<8, R>(&q[k][tid][0], xv);
     else raw[k].to_float(xv);
     float h[H];
-    #pragma unroll
-    for (int j = 0; j < H; ++j) {
-      const float up = __shfl_up_sync(kFull, xv[8 - H + j], 1);
-      const float wrap = k > 0 ? __shfl_sync(kFull, tail[j], 31) : tail[j];
-      h[j] = lane == 0 ? wrap : up;
-      tail[j] = xv[8 - H + j];
-    }
+    lookback<H>(xv, k, lane, tail, h);
     if (s0 >= L) continue;  // after the shuffles: every lane takes part in them
     float o[8];
     #pragma unroll
@@ -120,7 +99,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
 
 template <int W, typename T, int K, int MINB, bool kAsync = true, int G = 1>
 void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s) {
-  const int64_t nseg = (p.seqlen + 256 * K - 1) / (256 * K), ntiles = p.batch * p.dim * nseg;
+  const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
   MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
   fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
       p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));

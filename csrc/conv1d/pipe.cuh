@@ -51,15 +51,6 @@ __device__ __forceinline__ void cp_async_whole(void* dst, const R* src) {
   }
 }
 
-// Waits until at most n (< 4) of this thread's cp.async groups are pending (n known at run
-// time; the one-shot kernels' groups).
-__device__ __forceinline__ void cp_async_wait_upto(int n) {
-  if (n <= 0) cp_async_wait<0>();
-  else if (n == 1) cp_async_wait<1>();
-  else if (n == 2) cp_async_wait<2>();
-  else cp_async_wait<3>();
-}
-
 // N elements from shared memory (written by cp_async_run) as floats.
 template <int N, typename R>
 __device__ __forceinline__ void smem_run_to_float(const void* src, float (&v)[N]) {

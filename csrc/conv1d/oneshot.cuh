@@ -1,0 +1,64 @@
+// Helpers of the one-shot l-contiguous kernels (fwd_lcontig_oneshot.cu, bwd_lcontig_oneshot.cu):
+// a warp per tile of one row, tiles numbered (batch, channel, segment), blocks in address order.
+#pragma once
+#include "conv1d/pipe.cuh"
+
+namespace mlmamba {
+namespace conv1d {
+
+// Tile gt's batch, channel and segment (all < 2^32: the launchers check it).
+struct OneTile {
+  uint32_t b, c, seg;
+};
+__device__ __forceinline__ OneTile oneshot_tile(uint32_t gt, uint32_t nseg, uint32_t D) {
+  const uint32_t row = gt / nseg, b = row / D;
+  return {b, row - b * D, gt - row * nseg};
+}
+
+// Row (b, c)'s reversed taps and bias, and the w-1 inputs before position t_start: x (one
+// 16-byte load of the 8 before it), or the initial states (zeros) at t = 0.
+template <int W, typename R>
+__device__ __forceinline__ void row_side(const ConvParams& p, const R* xr, int t_start, uint32_t b,
+                                         uint32_t c, float (&wr)[W], float& bias, float (&before)[W - 1]) {
+  constexpr int H = W - 1;
+  #pragma unroll
+  for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
+  bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
+  if (t_start > 0) {
+    float pv[8];
+    load_vec<8>(xr + t_start - 8, pv);
+    #pragma unroll
+    for (int j = 0; j < H; ++j) before[j] = pv[8 - H + j];
+  } else {
+    #pragma unroll
+    for (int j = 0; j < H; ++j)
+      before[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
+  }
+}
+
+// The H inputs before a lane's 8 of vector k (xv): the previous lane's last H, for lane 0 the
+// previous vector's lane 31 (tail: every lane's last H of the previous vector; before vector
+// 0, the inputs before the tile). tail becomes this vector's. Every lane must take part.
+template <int H>
+__device__ __forceinline__ void lookback(const float (&xv)[8], int k, int lane, float (&tail)[H],
+                                         float (&h)[H]) {
+  #pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const float up = __shfl_up_sync(kFull, xv[8 - H + j], 1);
+    const float wrap = __shfl_sync(kFull, tail[j], 31);
+    h[j] = lane == 0 ? (k > 0 ? wrap : tail[j]) : up;
+    tail[j] = xv[8 - H + j];
+  }
+}
+
+// Waits until at most n (< 4) of this thread's cp.async groups are pending (n known at run
+// time: the kernels' groups).
+__device__ __forceinline__ void cp_async_wait_upto(int n) {
+  if (n <= 0) cp_async_wait<0>();
+  else if (n == 1) cp_async_wait<1>();
+  else if (n == 2) cp_async_wait<2>();
+  else cp_async_wait<3>();
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
