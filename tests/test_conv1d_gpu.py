@@ -176,7 +176,8 @@ def test_fwd_bwd_matches_reference(rng, monkeypatch, dtype, width, layout, feat)
 
 
 IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
-    "default": (None, None, None),  # the measured-best choice per op and layout (ops.cpp use_pipe)
+    "default": (None, None, None),  # the measured-best choice per op and layout (ops.cpp
+                                    # use_pipe, use_oneshot)
     "v2": ("v2", None, None),       # the general kernels forced
     "pipe": ("pipe", None, None),   # the streaming kernels forced (channel-last backward and
                                     # l-contiguous forward too)

@@ -6,9 +6,9 @@
 # ws576: b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the
 # one-warpgroup one; issue 8), the conv1d l-contiguous forward and F.silu on the same tensor
 # (convl: the streaming l-contiguous forward, convone: the one-shot one (the default), silu:
-# a plain elementwise kernel on the same tensor). Per kernel: the headline metrics and the SASS lines with the
-# most stall samples (ncu_top.py); the source CSVs come back as $OUT/ncu_src.tgz (the device
-# returns at most 8 files), the reports stay in /tmp/ncu on that machine.
+# a plain elementwise kernel on the same tensor). Per kernel: the headline metrics and the
+# SASS lines with the most stall samples (ncu_top.py); the source CSVs come back as
+# $OUT/ncu_src.tgz (the device returns at most 8 files), the reports stay in /tmp/ncu there.
 #   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,convone,silu,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
