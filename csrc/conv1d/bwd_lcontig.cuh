@@ -199,15 +199,7 @@ __global__ void __launch_bounds__(128) bwd_lcontig_kernel(const ConvParams p) {
       }
       o[i] = acc;
     }
-    if (p.dfinal != nullptr && s0 + 8 > fin0) {  // the last w-1 positions
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int64_t s = s0 + i;
-        if (s >= fin0 && s < L)
-          o[i] += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (s - fin0) * p.dfinal_k,
-                           p.dfinal_dtype);
-      }
-    }
+    add_dfinal<H>(p, b, c, s0, L, o);
     if (full && vec_ok<8>(dxr + t_start)) store_vec<8>(dxr + s0, o);
     else store_checked<8>(dxr + s0, L - s0, o);
   }

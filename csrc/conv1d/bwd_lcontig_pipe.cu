@@ -161,22 +161,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_pipe_kernel(const ConvP
       }
       if (s0 >= L) continue;
       float o[8];
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float acc = 0.f;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i + kk < 8 ? g[k][i + kk] : ah[i + kk - 8], acc);
-        o[i] = acc;
-      }
-      if (p.dfinal != nullptr && s0 + 8 > fin0) {  // the last w-1 positions
-        #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const int64_t t = s0 + i;
-          if (t >= fin0 && t < L)
-            o[i] += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (t - fin0) * p.dfinal_k,
-                             p.dfinal_dtype);
-        }
-      }
+      conv8_bwd<W>(wr, g[k], ah, o);
+      add_dfinal<H>(p, b, c, s0, L, o);
       if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
       else store_checked<8>(dxr + s0, L - s0, o);
     }

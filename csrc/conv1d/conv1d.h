@@ -316,6 +316,46 @@ __device__ __forceinline__ float act_grad(float pre, bool silu) {
   return s * fmaf(pre, 1.f - s, 1.f);
 }
 
+// A lane's 8 outputs of the l-contiguous kernels, reversed taps wr (out[t] = sum_k wr[k] x[t-k]):
+// forward, act(bias + sum_k wr[k] x[i-k]) from its 8 inputs x and the w-1 before them h;
+template <int W>
+__device__ __forceinline__ void conv8_fwd(const float (&wr)[W], float bias, const float (&x)[8],
+                                          const float (&h)[W - 1], bool silu, float (&o)[8]) {
+  constexpr int H = W - 1;
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float acc = bias;
+    #pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(wr[k], i - k >= 0 ? x[i - k] : h[H + i - k], acc);
+    o[i] = act_fwd(acc, silu);
+  }
+}
+// backward, dx[i] = sum_k wr[k] g[i+k] from its 8 g and the w-1 after them ah.
+template <int W>
+__device__ __forceinline__ void conv8_bwd(const float (&wr)[W], const float (&g)[8],
+                                          const float (&ah)[W - 1], float (&o)[8]) {
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float acc = 0.f;
+    #pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(wr[k], i + k < 8 ? g[i + k] : ah[i + k - 8], acc);
+    o[i] = acc;
+  }
+}
+// Adds dfinal_states to a lane's 8 dx at positions s0.. of row (b, c) that are among the row's
+// last w-1 (L: seqlen; index types as the caller's).
+template <int H, typename B, typename I>
+__device__ __forceinline__ void add_dfinal(const ConvParams& p, B b, B c, I s0, I L, float (&o)[8]) {
+  const I fin0 = L - H;  // first position that final_states covers
+  if (p.dfinal == nullptr || s0 + 8 <= fin0) return;
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const I t = s0 + i;
+    if (t >= fin0 && t < L)
+      o[i] += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (t - fin0) * p.dfinal_k, p.dfinal_dtype);
+  }
+}
+
 }  // namespace conv1d
 }  // namespace mlmamba
 #endif

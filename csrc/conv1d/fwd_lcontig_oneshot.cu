@@ -73,13 +73,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     lookback<H>(xv, k, lane, tail, h);
     if (s0 >= L) continue;  // after the shuffles: every lane takes part in them
     float o[8];
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float acc = bias;
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i - kk >= 0 ? xv[i - kk] : h[H + i - kk], acc);
-      o[i] = act_fwd(acc, p.silu);
-    }
+    conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
     if (s0 + 8 <= L) store_run<8>(outr + s0, o);
     else store_checked<8>(outr + s0, L - s0, o);
     if (fr != nullptr && s0 + 8 > L - H) {  // final states

@@ -92,13 +92,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_pipe_kernel(const ConvP
       }
       if (s0 >= L) continue;  // after the shuffles: every lane takes part in them
       float o[8];
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float acc = bias;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], i - kk >= 0 ? xv[k][i - kk] : h[H + i - kk], acc);
-        o[i] = act_fwd(acc, p.silu);
-      }
+      conv8_fwd<W>(wr, bias, xv[k], h, p.silu, o);
       if (s0 + 8 <= L) store_run<8>(outr + s0, o);
       else store_checked<8>(outr + s0, L - s0, o);
     }
