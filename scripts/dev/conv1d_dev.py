@@ -121,6 +121,7 @@ VARIANTS = [("fwd", "default", "", "", ""), ("fwd", "v2", "v2", "", ""),
             ("fwd", "tune2", "pipe", "", "2"),
             ("bwd", "default", "", "", ""), ("bwd", "v2", "v2", "", ""),
             ("bwd", "pipe", "pipe", "", ""), ("bwd", "tune1", "pipe", "", "1"),
+            ("bwd", "oneshot", "oneshot", "", ""),
             # the same bytes without SiLU: how much of the time the activation costs
             ("fwd", "default nosilu", "", "", ""), ("bwd", "default nosilu", "", "", "")]
 
@@ -194,14 +195,15 @@ def prof():
     """One call of each variant of VARIANTS (b4 L2048, both layouts), then F.silu on the same
     x (a plain elementwise kernel over the same bytes), for ncu:
     ncu --kernel-name regex:'pipe_kernel|chlast_kernel|lcontig_kernel' ... conv1d_dev.py prof
-    PROF_ONLY="fwd default,silu" limits the calls."""
+    PROF_ONLY="fwd default,silu" limits the calls; PROF_SHAPE="1x16384" sets batch x length."""
     import torch
     import mlmamba_kernels  # noqa: F401
     ops = torch.ops.mlmamba
     dev = torch.device("cuda")
     only = os.environ.get("PROF_ONLY", "")
+    b, l = (int(v) for v in os.environ.get("PROF_SHAPE", "4x2048").split("x"))
     for cl in (False, True):
-        sets = _sets(4, 2048, 5376, 4, cl, dev)
+        sets = _sets(b, l, 5376, 4, cl, dev)
         for kind, label, impl, waves, tune in VARIANTS:
             if only and f"{kind} {label}" not in only.split(","):
                 continue

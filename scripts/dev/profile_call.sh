@@ -6,10 +6,11 @@
 # ws576: b32 L576) and the msc forward's scan kernel (msc: the ws kernel, mscwg: the
 # one-warpgroup one; issue 8), the conv1d l-contiguous forward and F.silu on the same tensor
 # (convl: the streaming l-contiguous forward, convone: the one-shot one (the default), silu:
-# a plain elementwise kernel on the same tensor). Per kernel: the headline metrics and the
+# a plain elementwise kernel on the same tensor), the one-shot l-contiguous backward at b4 L2048
+# (convbwd, one tile a row) and b1 L16384 (convbwd1, 8 tiles a row). Per kernel: the headline metrics and the
 # SASS lines with the most stall samples (ncu_top.py); the source CSVs come back as
 # $OUT/ncu_src.tgz (the device returns at most 8 files), the reports stay in /tmp/ncu there.
-#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,convone,silu,ws,ws576,msc,mscwg] > $OUT/profile.log 2>&1
+#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,convone,silu,ws,ws576,msc,mscwg,convbwd,convbwd1] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
@@ -51,5 +52,7 @@ export PROF_ONLY="fwd default"
 prof conv fwd_chlast 0 $PY scripts/dev/conv1d_dev.py prof
 PROF_ONLY="fwd pipe" prof convl fwd_lcontig_pipe 0 $PY scripts/dev/conv1d_dev.py prof
 prof convone fwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
+PROF_ONLY="bwd oneshot" prof convbwd bwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
+PROF_ONLY="bwd oneshot" PROF_SHAPE=1x16384 prof convbwd1 bwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
 PROF_ONLY=silu prof silu vectorized_elementwise 0 $PY scripts/dev/conv1d_dev.py prof
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/ncu_src.tgz" --exclude='*.ncu-rep' -C /tmp ncu; fi
