@@ -190,11 +190,14 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
-    # the one-shot l-contiguous kernels forced (by default: the forward, and the backward where
-    # a row fits one tile), their tuning variants
+    # the one-shot kernels forced (by default: the l-contiguous forward, and the l-contiguous
+    # backward where a row fits one tile; forced only: the channel-last backward), their tuning
+    # variants
     "oneshot": ("oneshot", None, None),
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune13": ("oneshot", None, "13"),
+    "oneshot_tune21": ("oneshot", None, "21"),
+    "oneshot_tune22": ("oneshot", None, "22"),
 }
 
 
@@ -222,7 +225,7 @@ def test_each_impl_matches_reference(rng, monkeypatch, dtype, width, layout, imp
     set_impl(monkeypatch, impl)
     g = gen(rng)
     for i, (b, d, l) in enumerate(((2, 64, 128), (3, 64, 1000), (2, 72, 4096), (1, 8, 24),
-                                   (5, 16, 200))):
+                                   (5, 16, 200), (2, 264, 301))):
         kw = inputs(g, b, d, l, width, dtype, layout, bias=i != 3, init=i % 2 == 1)
         try:
             check_case(kw, silu=i % 2 == 0, dtype=dtype, with_final=i != 4)
@@ -260,7 +263,7 @@ def test_mixed_weight_dtype(rng, dtype, wdtype):
 
 @need
 @pytest.mark.parametrize("impl", ["default", "pipe", "v2", "oneshot", "oneshot_tune11",
-                                  "oneshot_tune13"])
+                                  "oneshot_tune13", "oneshot_tune21"])
 @pytest.mark.parametrize("layout", ["l", "cl"])
 @pytest.mark.parametrize("width", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -228,18 +228,23 @@ GRAPH_VARIANTS = {
     + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
     True: [("default", {})],
 }
-# (label, {env}) of the backward (l-contig) timed by `graph`. Session 15 also timed the
+# (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
 # streaming kernel on a one-shot grid (MLMAMBA_CONV1D_WAVES=100000: one tile per warp) and 4
 # waves (docs/perf-log.md, causal_conv1d v6).
-GRAPH_BWD_VARIANTS = [("bwd default", {}), ("bwd tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
-                      ("bwd oneshot", _ONE)] + [
-    (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)]
+GRAPH_BWD_VARIANTS = {
+    False: [("bwd default", {}), ("bwd tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
+            ("bwd oneshot", _ONE)] + [
+        (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
+    True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
+           ("bwd oneshot", _ONE)] + [
+        (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (21, 22)],
+}
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
 
 
 def graph():
-    """bf16 w4 silu bias forward, both layouts (GRAPH_VARIANTS), and the l-contig backward
-    (GRAPH_BWD_VARIANTS; % of copy for 1.5 copies of bytes): each variant captured
+    """bf16 w4 silu bias forward and backward, both layouts (GRAPH_VARIANTS,
+    GRAPH_BWD_VARIANTS; the backward's % of copy for 1.5 copies of bytes): each variant captured
     as a CUDA graph of 20 calls over two input sets (no host cost), rounds alternating the
     variants; against torch's copy_ and F.silu of the same bytes. (A 1 GiB copy_ captured in a
     graph read ~2.7 TB/s in session 14, against 4.26 for the bench's copy: not a reference.)"""
@@ -266,7 +271,7 @@ def graph():
         n = b * d * l * 2
         graphs = {"copy": cuda_graph_fn(lambda: [sets[i % 2][4].copy_(sets[i % 2][0]) for i in range(inner)]),
                   "silu": cuda_graph_fn(lambda: [F.silu(sets[i % 2][0]) for i in range(inner)])}
-        for label, env in GRAPH_VARIANTS[cl] + ([] if cl else GRAPH_BWD_VARIANTS):
+        for label, env in GRAPH_VARIANTS[cl] + GRAPH_BWD_VARIANTS[cl]:
             for k in _KNOBS:
                 os.environ[k] = env.get(k, "")
             kind = "bwd" if label.startswith("bwd") else "fwd"
