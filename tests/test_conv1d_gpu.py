@@ -198,6 +198,7 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "oneshot_tune13": ("oneshot", None, "13"),
     "oneshot_tune21": ("oneshot", None, "21"),
     "oneshot_tune22": ("oneshot", None, "22"),
+    "oneshot_tune23": ("oneshot", None, "23"),
 }
 
 

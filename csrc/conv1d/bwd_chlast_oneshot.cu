@@ -24,6 +24,32 @@ struct ChlastOneshotShape {
   static_assert(R % (2 * RW) == 0, "R: a multiple of 2 groups");
 };
 
+// One lane's run of 4 channels as one cp.async word (8 bytes for 16-bit types, 16 for fp32),
+// zero-filled when !ok (src is then not read: any address).
+template <typename Word>
+__device__ __forceinline__ void cp_word(Word* dst, const void* src, bool ok) {
+  if constexpr (sizeof(Word) == 16) cp_async16(dst, src, ok ? 16 : 0);
+  else cp_async8(dst, src, ok ? 8 : 0);
+}
+
+// store_run's words as one predicated store (no branch: the caller's basic block stays whole)
+__device__ __forceinline__ void st_words_if(uint2* p, uint2 v, bool ok) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q st.global.v2.b32 [%0], {%1, %2};\n}\n"
+               ::"l"(p), "r"(v.x), "r"(v.y), "r"(static_cast<int>(ok)));
+}
+__device__ __forceinline__ void st_words_if(uint4* p, uint4 v, bool ok) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q st.global.v4.b32 [%0], {%1, %2, %3, %4};\n}\n"
+               ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(static_cast<int>(ok)));
+}
+template <int N, typename E>
+__device__ __forceinline__ void store_run_if(E* p, const float (&v)[N], bool ok) {
+  using Wd = Words<N, E>;
+  static_assert(Wd::kCount == 1, "one word");
+  typename Wd::W w[1];
+  to_words<N, E>(v, w);
+  st_words_if(reinterpret_cast<typename Wd::W*>(p), w[0], ok);
+}
+
 template <int W, typename T, bool kRows, int NW, int R, int RW_, int MINB>
 __global__ void __launch_bounds__(NW * 32, MINB)
     bwd_chlast_oneshot_kernel(const ConvParams p, uint32_t nstrips, uint32_t ntl) {
@@ -51,29 +77,49 @@ __global__ void __launch_bounds__(NW * 32, MINB)
     dob = static_cast<const E*>(p.dpiece[i]) + b * p.dpiece_b[i] + (c0 - p.dsplit[i]);
     dl = p.dpiece_l[i];
   }
-  // x rows [lo, hi) and dout rows [dlo, dhi) (local indices) as one commit group; rows outside
-  // [0, L), idle warps and lanes zero-filled
-  auto stage = [&](auto xlo, auto xhi, auto dlo, auto dhi) {
+  // Staging: x rows [r0-H, r0+R+H) and dout rows [r0, r0+R+H) (local rows from 0) in two
+  // commit groups; rows outside [0, L) (in rows mode, entries outside it), idle warps and lanes
+  // zero-filled. Pointers advance by a stride a row; rows mode takes the row indices from the
+  // lanes that loaded them.
+  static_assert(NX <= 64, "rows mode: two index loads per lane");
+  int ridx[2] = {0, 0};
+  if constexpr (kRows) {
     #pragma unroll
-    for (int j = decltype(xlo)::value; j < decltype(xhi)::value; ++j) {
-      const int q = r0 - H + j;
-      bool zero = true;
-      const E* src = xb;
-      if (active && q >= 0 && q < L) src = x_row<kRows>(xb, p, q, zero);
-      cp_async_run<C, E>(xs + j * 32 + lane, src, zero ? 0 : nc);
+    for (int h = 0; h < 2; ++h) {
+      const int q = r0 - H + h * 32 + lane;
+      ridx[h] = active && q >= 0 && q < L ? __ldg(p.rows + q) : -1;
     }
-    #pragma unroll
-    for (int j = decltype(dlo)::value; j < decltype(dhi)::value; ++j) {
-      const int q = r0 + j;
-      const bool ok = active && q < L;
-      cp_async_run<C, E>(ds + j * 32 + lane, ok ? dob + q * dl : dob, ok ? nc : 0);
+  }
+  const bool lane_ok = active && nc > 0;
+  const E* xp = xb + static_cast<int64_t>(r0 - H) * p.x_l;
+  const E* dp = dob + static_cast<int64_t>(r0) * dl;
+  auto stage_x = [&](int j) {  // j: compile-time after unrolling
+    const int q = r0 - H + j;
+    bool ok = lane_ok && static_cast<unsigned>(q) < static_cast<unsigned>(L);
+    const E* src = xp;
+    if constexpr (kRows) {
+      const int r = __shfl_sync(kFull, ridx[j / 32], j % 32);
+      ok = ok && static_cast<unsigned>(r) < static_cast<unsigned>(L);
+      src = xb + static_cast<int64_t>(ok ? r : 0) * p.x_l;
     }
-    cp_async_commit();
+    cp_word(xs + j * 32 + lane, src, ok);
+    xp += p.x_l;
   };
-  using I0 = std::integral_constant<int, 0>;
-  stage(I0{}, std::integral_constant<int, H + R / 2>{}, I0{}, std::integral_constant<int, R / 2>{});
-  stage(std::integral_constant<int, H + R / 2>{}, std::integral_constant<int, NX>{},
-        std::integral_constant<int, R / 2>{}, std::integral_constant<int, ND>{});
+  auto stage_d = [&](int j) {
+    const bool ok = lane_ok && r0 + j < L;
+    cp_word(ds + j * 32 + lane, dp, ok);
+    dp += dl;
+  };
+  #pragma unroll
+  for (int j = 0; j < H + R / 2; ++j) stage_x(j);
+  #pragma unroll
+  for (int j = 0; j < R / 2; ++j) stage_d(j);
+  cp_async_commit();
+  #pragma unroll
+  for (int j = H + R / 2; j < NX; ++j) stage_x(j);
+  #pragma unroll
+  for (int j = R / 2; j < ND; ++j) stage_d(j);
+  cp_async_commit();
 
   float wr[W][C], bias[C], dw[W][C], db[C];
   #pragma unroll
@@ -90,7 +136,8 @@ __global__ void __launch_bounds__(NW * 32, MINB)
 
   if (active) {
     const int r1 = r0 + R < L ? r0 + R : L;  // own rows [r0, r1)
-    const int u_first = (r0 == 0 && p.dinit != nullptr) ? -H : r0;
+    const bool first_dinit = r0 == 0 && p.dinit != nullptr;  // dx of positions -H..-1 too
+    const bool has_dfinal = !kRows && p.dfinal != nullptr;
     E* dxb = static_cast<E*>(p.out) + b * p.out_b + c0;
     float xw[H + RW][C], gw[H + RW][C];
     cp_async_wait<1>();
@@ -105,21 +152,17 @@ __global__ void __launch_bounds__(NW * 32, MINB)
       #pragma unroll
       for (int i = 0; i < C; ++i) gw[j][i] = 0.f;  // g before row 0 (dinit's sums)
     }
-    #pragma unroll 1
-    for (int it = 0; it < S::kIters; ++it) {
-      if (it == R / (2 * RW)) cp_async_wait<0>();
-      const int lt = it * RW;  // local row of the group's first (t = r0 + lt)
+    // RW rows from local row lt: g of each, the dweight sums of own rows, dx of the rows H
+    // back. kEdge: the group holds dinit's positions or final-state positions (branches);
+    // otherwise one basic block, the rows' latency chains interleaved.
+    auto group = [&]<bool kEdge>(int lt) {
       float dv[RW][C];
       #pragma unroll
-      for (int r = 0; r < RW; ++r) {  // the walk's last group may pass the staged rows: zeros
-        const int lx = H + lt + r, ld = lt + r;
-        smem_run_to_float<C, E>(xs + (lx < NX ? lx : 0) * 32 + lane, xw[H + r]);
-        smem_run_to_float<C, E>(ds + (ld < ND ? ld : 0) * 32 + lane, dv[r]);
-        #pragma unroll
-        for (int i = 0; i < C; ++i) {
-          xw[H + r][i] = lx < NX ? xw[H + r][i] : 0.f;
-          dv[r][i] = ld < ND ? dv[r][i] : 0.f;
-        }
+      for (int r = 0; r < RW; ++r) {  // the walk's last group may pass the staged rows: it
+        const int lx = H + lt + r < NX ? H + lt + r : NX - 1;  // reads the last (unused)
+        const int ld = lt + r < ND ? lt + r : ND - 1;
+        smem_run_to_float<C, E>(xs + lx * 32 + lane, xw[H + r]);
+        smem_run_to_float<C, E>(ds + ld * 32 + lane, dv[r]);
       }
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
@@ -135,36 +178,39 @@ __global__ void __launch_bounds__(NW * 32, MINB)
           }
           const float gi = dv[r][i] * act_grad(acc, p.silu);  // 0 past the end: dout is
           gw[H + r][i] = gi;
-          if (own) {
-            db[i] += gi;
-            #pragma unroll
-            for (int k = 0; k < W; ++k) dw[k][i] = fmaf(gi, xm[k], dw[k][i]);
-          }
+          const float go = own ? gi : 0.f;
+          db[i] += go;
+          #pragma unroll
+          for (int k = 0; k < W; ++k) dw[k][i] = fmaf(go, xm[k], dw[k][i]);
         }
         const int u = r0 + lt + r - H;  // dx of window row r
-        if (u >= u_first && u < r1) {
-          float o[C];
+        float o[C];
+        #pragma unroll
+        for (int i = 0; i < C; ++i) {
+          float acc = 0.f;
           #pragma unroll
-          for (int i = 0; i < C; ++i) {
-            float acc = 0.f;
-            #pragma unroll
-            for (int k = 0; k < W; ++k) acc = fmaf(wr[k][i], gw[r + k][i], acc);
-            o[i] = acc;
+          for (int k = 0; k < W; ++k) acc = fmaf(wr[k][i], gw[r + k][i], acc);
+          o[i] = acc;
+        }
+        if constexpr (kEdge) {
+          if (u >= (first_dinit ? -H : r0) && u < r1) {
+            if (has_dfinal && u >= L - H) {  // the last w-1 positions
+              #pragma unroll
+              for (int i = 0; i < C; ++i)
+                if (i < nc)
+                  o[i] += load_any(p.dfinal, b * p.dfinal_b + (c0 + i) * p.dfinal_d + (u - (L - H)) * p.dfinal_k,
+                                   p.dfinal_dtype);
+            }
+            if (u >= 0) {
+              if (nc) store_run<C>(dxb + u * p.out_l, o);
+            } else {
+              #pragma unroll
+              for (int i = 0; i < C; ++i)
+                if (i < nc) store_any(p.dinit, (b * p.dim + c0 + i) * H + (u + H), p.init_dtype, o[i]);
+            }
           }
-          if (!kRows && p.dfinal != nullptr && u >= L - H) {  // the last w-1 positions
-            #pragma unroll
-            for (int i = 0; i < C; ++i)
-              if (i < nc)
-                o[i] += load_any(p.dfinal, b * p.dfinal_b + (c0 + i) * p.dfinal_d + (u - (L - H)) * p.dfinal_k,
-                                 p.dfinal_dtype);
-          }
-          if (u >= 0) {
-            if (nc) store_run<C>(dxb + u * p.out_l, o);
-          } else {
-            #pragma unroll
-            for (int i = 0; i < C; ++i)
-              if (i < nc) store_any(p.dinit, (b * p.dim + c0 + i) * H + (u + H), p.init_dtype, o[i]);
-          }
+        } else {
+          store_run_if<C>(dxb + u * p.out_l, o, nc > 0 && u >= r0 && u < r1);
         }
       }
       #pragma unroll
@@ -172,6 +218,14 @@ __global__ void __launch_bounds__(NW * 32, MINB)
         #pragma unroll
         for (int i = 0; i < C; ++i) { xw[j][i] = xw[RW + j][i]; gw[j][i] = gw[RW + j][i]; }
       }
+    };
+    #pragma unroll 1
+    for (int it = 0; it < S::kIters; ++it) {
+      if (it == R / (2 * RW)) cp_async_wait<0>();
+      const int lt = it * RW;
+      const bool edge = (it == 0 && first_dinit) || (has_dfinal && r0 + lt + RW - 1 - H >= L - H);
+      if (edge) group.template operator()<true>(lt);
+      else group.template operator()<false>(lt);
     }
   }
   cp_async_wait<0>();
@@ -231,7 +285,8 @@ struct BwdCOneshot {
 // f(BwdCOneshot<...>{}) for the variant to run: 16-bit types 3 warps of 32 rows (56 KB of shared
 // memory per block at w 4: 4 blocks / SM, 141 registers), fp32 2 warps of 16 rows; 2 rows a
 // step from w 6 (registers). MLMAMBA_CONV1D_TUNE (bf16, width 4): 21 = 4 warps of 16 rows, 2 a
-// step, 4 blocks / SM; 22 = 4 warps of 32 rows, 3 blocks / SM.
+// step, 4 blocks / SM; 22 = 4 warps of 32 rows, 3 blocks / SM; 23 = 2 warps of 32 rows, 6
+// blocks / SM.
 template <typename F>
 void with_bwd_chlast_oneshot(int xdtype, int width, F&& f) {
   CONV_X_SWITCH(xdtype, T, [&] {
@@ -239,6 +294,7 @@ void with_bwd_chlast_oneshot(int xdtype, int width, F&& f) {
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 21) return f(BwdCOneshot<W, T, 4, 16, 2, 4>{});
         if (tune_variant() == 22) return f(BwdCOneshot<W, T, 4, 32, 4, 3>{});
+        if (tune_variant() == 23) return f(BwdCOneshot<W, T, 2, 32, 4, 6>{});
       }
       constexpr int RW = W <= 5 ? 4 : 2;
       if constexpr (sizeof(T) == 4) f(BwdCOneshot<W, T, 2, 16, RW, W <= 4 ? 5 : 4>{});

@@ -327,11 +327,16 @@ __device__ __forceinline__ float fast_sigmoid(float x) {
 __device__ __forceinline__ float act_fwd(float pre, bool silu) {
   return silu ? pre * fast_sigmoid(pre) : pre;
 }
-// d act / d pre
+// d act / d pre. The sigmoid is computed on both paths and the result selected (volatile asm
+// cannot be moved under a branch): left to itself the compiler put each element's forward
+// recompute and its two MUFU ops behind a branch on `silu` in the backward kernels (SASS), one
+// basic block per element, so the elements' latency chains ran one after another.
 __device__ __forceinline__ float act_grad(float pre, bool silu) {
-  if (!silu) return 1.f;
-  const float s = fast_sigmoid(pre);
-  return s * fmaf(pre, 1.f - s, 1.f);
+  float e, s;
+  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(pre * -1.4426950408889634f));
+  asm volatile("rcp.approx.ftz.f32 %0, %1;" : "=f"(s) : "f"(1.f + e));
+  const float d = s * fmaf(pre, 1.f - s, 1.f);
+  return silu ? d : 1.f;
 }
 
 // A lane's 8 outputs of the l-contiguous kernels, reversed taps wr (out[t] = sum_k wr[k] x[t-k]):
