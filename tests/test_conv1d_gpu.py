@@ -190,15 +190,11 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
-    # the one-shot kernels forced (by default: the l-contiguous forward, and the l-contiguous
-    # backward where a row fits one tile; forced only: the channel-last backward), their tuning
-    # variants
+    # the one-shot l-contiguous kernels forced (by default: the forward, and the backward where
+    # a row fits one tile), their tuning variants
     "oneshot": ("oneshot", None, None),
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune13": ("oneshot", None, "13"),
-    "oneshot_tune21": ("oneshot", None, "21"),
-    "oneshot_tune22": ("oneshot", None, "22"),
-    "oneshot_tune23": ("oneshot", None, "23"),
 }
 
 
@@ -264,7 +260,7 @@ def test_mixed_weight_dtype(rng, dtype, wdtype):
 
 @need
 @pytest.mark.parametrize("impl", ["default", "pipe", "v2", "oneshot", "oneshot_tune11",
-                                  "oneshot_tune13", "oneshot_tune21"])
+                                  "oneshot_tune13"])
 @pytest.mark.parametrize("layout", ["l", "cl"])
 @pytest.mark.parametrize("width", [4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

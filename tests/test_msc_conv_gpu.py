@@ -70,10 +70,7 @@ def run_and_check(a, splits, layout, dtype, rng):
 @need
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("w", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("impl", ["default", "oneshot"])
-def test_matches_reference(rng, monkeypatch, dtype, w, impl):
-    if impl != "default":
-        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", impl)
+def test_matches_reference(rng, dtype, w):
     a = make(rng, 3, 200, 2304, w, dtype)
     run_and_check(a, [2048, 128, 128], "contig", dtype, rng)
 
@@ -89,12 +86,11 @@ def test_matches_reference(rng, monkeypatch, dtype, w, impl):
     (2, 33, 16, [8, 0, 8], "perm", "contig", True),            # an empty piece
     (2, 33, 16, [0, 0, 16], "holes", "contig", True),
 ])
-@pytest.mark.parametrize("impl", ["default", "v2", "oneshot"])
+@pytest.mark.parametrize("impl", ["default", "v2"])
 def test_shapes_rows_and_pieces(rng, monkeypatch, b, L, d, splits, rows, layout, bias, impl):
-    """default: the streaming forward where the rows are 16-byte aligned (else v2); oneshot:
-    the one-shot channel-last backward there (else v2)."""
-    if impl != "default":
-        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", impl)
+    """default: the streaming forward where the rows are 16-byte aligned (else v2)."""
+    if impl == "v2":
+        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "v2")
     a = make(rng, b, L, d, 4, torch.bfloat16, rows=rows, layout=layout, bias=bias)
     run_and_check(a, splits, layout, torch.bfloat16, rng)
 
@@ -119,10 +115,7 @@ def test_identity_rows_equal_causal_conv1d(rng, monkeypatch, impl):
 
 
 @need
-@pytest.mark.parametrize("impl", ["default", "v2", "oneshot"])
-def test_backward_bitwise_deterministic(rng, monkeypatch, impl):
-    if impl != "default":
-        monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", impl)
+def test_backward_bitwise_deterministic(rng):
     a = make(rng, 4, 576, 2304, 4, torch.bfloat16)
     g = torch.randn(4, 576, 2304, device=DEV, generator=cuda_gen(rng)).to(torch.bfloat16)
     p = pieces_of(g, [2048, 128, 128], "contig")

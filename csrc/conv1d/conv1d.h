@@ -92,11 +92,6 @@ void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype);
 void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
-// One-shot channel-last backward (bwd_chlast_oneshot.cu; rows mode when p.rows is set): where
-// pipe_ok holds and dout's pieces are aligned (chlast_oneshot_ok). p.nslots_per_batch =
-// bwd_chlast_oneshot_slots(p) (row tiles per batch row).
-int64_t bwd_chlast_oneshot_slots(const ConvParams& p, int xdtype);
-void bwd_chlast_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 // l-contiguous backward: p.nslots_per_batch = bwd_lcontig_pipe_tiles(p) (tiles per row).
 int64_t bwd_lcontig_pipe_tiles(const ConvParams& p, int xdtype);
 void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
@@ -119,19 +114,6 @@ inline bool pipe_ok(const ConvParams& p, int esize, bool chlast, bool bwd) {
   return ok;
 }
 
-// pipe_ok for the channel-last backward plus dout's pieces (rows mode): each lane's run of 4
-// channels one aligned word (8 bytes for 16-bit types, 16 for fp32).
-inline bool chlast_oneshot_ok(const ConvParams& p, int esize) {
-  if (!pipe_ok(p, esize, true, true)) return false;
-  const int64_t run = 4 * esize;
-  for (int i = 0; i < 2; ++i) {
-    if (p.dpiece[i] == nullptr) continue;
-    if (reinterpret_cast<uintptr_t>(p.dpiece[i]) % run != 0 || (p.dpiece_b[i] * esize) % run != 0 ||
-        (p.dpiece_l[i] * esize) % run != 0 || p.dsplit[i] % 4 != 0)
-      return false;
-  }
-  return true;
-}
 // Tile sizes the host needs to size the workspace.
 constexpr int kFwdLVecs = 4;  // 8-element vectors per lane, l-contiguous forward
 constexpr int kBwdLVecs = 2;  // same, backward

@@ -178,8 +178,8 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
 // (pipe.cuh) for the channel-last forward and the other l-contiguous backwards; v2 for the
 // channel-last backward (each the fastest measured on an H200: docs/perf-log.md,
 // causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2
-// forces one where it applies, =oneshot the one-shot kernels (the l-contiguous ones and the
-// channel-last backward; A/B timing; read per call); any other non-empty value is an error.
+// forces one where it applies, =oneshot the one-shot l-contiguous kernels (A/B timing; read per
+// call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
@@ -196,14 +196,11 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 }
 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
+  // The backward by default only where a row fits one 4 KB tile (no look-back / look-ahead
+  // loads): on an H200 it was 11% faster at b4 L2048 and 16% slower at b1 L16384 (perf-log v6).
   const std::string impl = conv_impl(op);
-  if (chlast)  // the channel-last backward only (bwd_chlast_oneshot.cu), forced
-    return bwd && impl == "oneshot" && chlast_oneshot_ok(p, esize);
-  // The l-contiguous backward by default only where a row fits one 4 KB tile (no look-back /
-  // look-ahead loads): on an H200 it was 11% faster at b4 L2048 and 16% slower at b1 L16384
-  // (perf-log v6).
   const bool dflt = impl.empty() && (!bwd || p.seqlen * esize <= 4096);
-  return (impl == "oneshot" || dflt) && pipe_ok(p, esize, chlast, bwd);
+  return !chlast && (impl == "oneshot" || dflt) && pipe_ok(p, esize, chlast, bwd);
 }
 
 namespace {
@@ -311,10 +308,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   const bool pipe = use_pipe(op, p, static_cast<int>(x.element_size()), chlast, true);
   const bool oneshot = use_oneshot(op, p, static_cast<int>(x.element_size()), chlast, true);
   int64_t nslots;  // dweight/dbias workspace slots
-  if (chlast && oneshot) {  // one slot per block of rows
-    p.nslots_per_batch = bwd_chlast_oneshot_slots(p, dtag(x));
-    nslots = b * p.nslots_per_batch;
-  } else if (chlast && pipe) {  // one slot per block; blocks share a channel group
+  if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
@@ -330,8 +324,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   Tensor partial = at::empty({nslots, d, w + 1}, x.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (chlast && oneshot) bwd_chlast_oneshot(p, dtag(x), stream);
-  else if (chlast && pipe) bwd_chlast_pipe(p, dtag(x), stream);
+  if (chlast && pipe) bwd_chlast_pipe(p, dtag(x), stream);
   else if (chlast) bwd_chlast(p, dtag(x), stream);
   else if (oneshot) bwd_lcontig_oneshot(p, dtag(x), stream);
   else if (pipe) bwd_lcontig_pipe(p, dtag(x), stream);

@@ -143,19 +143,13 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   }
   p.dsplit[0] = split[0];
   p.dsplit[1] = split[1];
-  const bool oneshot = conv1d::use_oneshot(op, p, static_cast<int>(xBC.element_size()), true, true);
-  if (oneshot) {
-    p.nslots_per_batch = conv1d::bwd_chlast_oneshot_slots(p, dtag(xBC));
-  } else {
-    p.chunk = conv1d::pick_chunk_bwd_chlast(b, d, L, w <= 4 ? 3 : 2);  // the kernel's bounds
-    p.nslots_per_batch = ((L + p.chunk - 1) / p.chunk + 3) / 4;
-  }
+  p.chunk = conv1d::pick_chunk_bwd_chlast(b, d, L, w <= 4 ? 3 : 2);  // the kernel's bounds
+  p.nslots_per_batch = ((L + p.chunk - 1) / p.chunk + 3) / 4;
   const int64_t nslots = b * p.nslots_per_batch;
   Tensor partial = at::empty({nslots, d, w + 1}, xBC.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (oneshot) conv1d::bwd_chlast_oneshot(p, dtag(xBC), stream);
-  else conv1d::bwd_chlast_rows(p, dtag(xBC), stream);
+  conv1d::bwd_chlast_rows(p, dtag(xBC), stream);
   conv1d::reduce_dweight(p, nslots, dweight.data_ptr(), has_bias ? dbias.data_ptr() : nullptr,
                          stream);
   return {dx, dweight, dbias};
