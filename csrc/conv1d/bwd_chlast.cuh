@@ -3,7 +3,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "common/check.h"
-#include "conv1d/conv1d.h"
+#include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
 
 namespace mlmamba {
@@ -135,60 +135,72 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
     }
     #pragma unroll
     for (int r = 0; r < RW; ++r) sw[H + r] = !has_seq ? 0 : (tg + r < t_stop ? sr[tg + r] : -1);
-    #pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      const int64_t t = tg + r;
-      const bool own = t < t1;
+    // The group's rows; kFast: every row own and its dx a whole-word store with no edge (no
+    // seq_idx, dinit or final states): no branch, so the rows' latency chains interleave.
+    auto group = [&]<bool kFast>() {
       #pragma unroll
-      for (int i = 0; i < C; ++i) {
-        float xm[W];
-        float acc = bias[i];
-        bool ok = true;
-        #pragma unroll
-        for (int k = 0; k < W; ++k) {
-          ok = ok && sw[H + r - k] == sw[H + r];
-          xm[k] = ok ? xw[H + r - k][i] : 0.f;
-          acc = fmaf(wr[k][i], xm[k], acc);
-        }
-        const float gi = dv[r][i] * act_grad(acc, p.silu);
-        gw[H + r][i] = gi;
-        if (own) {
-          db[i] += gi;
-          #pragma unroll
-          for (int k = 0; k < W; ++k) dw[k][i] = fmaf(gi, xm[k], dw[k][i]);
-        }
-      }
-      const int64_t u = t - H;  // window row r
-      if (u >= u_first && u < t1) {
-        float o[C];
+      for (int r = 0; r < RW; ++r) {
+        const int64_t t = tg + r;
+        const bool own = kFast || t < t1;
         #pragma unroll
         for (int i = 0; i < C; ++i) {
-          float acc = 0.f;
+          float xm[W];
+          float acc = bias[i];
           bool ok = true;
           #pragma unroll
           for (int k = 0; k < W; ++k) {
-            ok = ok && sw[r + k] == sw[r];
-            if (ok) acc = fmaf(wr[k][i], gw[r + k][i], acc);
+            ok = ok && sw[H + r - k] == sw[H + r];
+            xm[k] = ok ? xw[H + r - k][i] : 0.f;
+            acc = fmaf(wr[k][i], xm[k], acc);
           }
-          o[i] = acc;
+          const float gi = dv[r][i] * act_grad(acc, p.silu);
+          gw[H + r][i] = gi;
+          if (own) {
+            db[i] += gi;
+            #pragma unroll
+            for (int k = 0; k < W; ++k) dw[k][i] = fmaf(gi, xm[k], dw[k][i]);
+          }
         }
-        if (!kRows && p.dfinal != nullptr && u >= fin0) {  // the last w-1 positions
+        const int64_t u = t - H;  // window row r
+        if (kFast || (u >= u_first && u < t1)) {
+          float o[C];
           #pragma unroll
-          for (int i = 0; i < C; ++i)
-            if (i < nc)
-              o[i] += load_any(p.dfinal, b * p.dfinal_b + (c0 + i) * p.dfinal_d +
-                                             (u - fin0) * p.dfinal_k, p.dfinal_dtype);
-        }
-        if (u >= 0) {
-          if (vec_out) store_vec<C>(dxb + u * p.out_l, o);
-          else store_checked<C>(dxb + u * p.out_l, nc, o);
-        } else {
-          #pragma unroll
-          for (int i = 0; i < C; ++i)
-            if (i < nc) store_any(p.dinit, (b * D + c0 + i) * H + (u + H), p.init_dtype, o[i]);
+          for (int i = 0; i < C; ++i) {
+            float acc = 0.f;
+            bool ok = true;
+            #pragma unroll
+            for (int k = 0; k < W; ++k) {
+              ok = ok && sw[r + k] == sw[r];
+              if (ok) acc = fmaf(wr[k][i], gw[r + k][i], acc);
+            }
+            o[i] = acc;
+          }
+          if constexpr (kFast) {
+            store_run<C>(dxb + u * p.out_l, o);
+          } else {
+            if (!kRows && p.dfinal != nullptr && u >= fin0) {  // the last w-1 positions
+              #pragma unroll
+              for (int i = 0; i < C; ++i)
+                if (i < nc)
+                  o[i] += load_any(p.dfinal, b * p.dfinal_b + (c0 + i) * p.dfinal_d +
+                                                 (u - fin0) * p.dfinal_k, p.dfinal_dtype);
+            }
+            if (u >= 0) {
+              if (vec_out) store_vec<C>(dxb + u * p.out_l, o);
+              else store_checked<C>(dxb + u * p.out_l, nc, o);
+            } else {
+              #pragma unroll
+              for (int i = 0; i < C; ++i)
+                if (i < nc) store_any(p.dinit, (b * D + c0 + i) * H + (u + H), p.init_dtype, o[i]);
+            }
+          }
         }
       }
-    }
+    };
+    const bool fast = !has_seq && vec_out && tg + RW <= t1 && tg - H >= t0 &&
+                      (kRows || p.dfinal == nullptr || tg + RW - 1 - H < fin0);
+    if (fast) group.template operator()<true>();
+    else group.template operator()<false>();
     #pragma unroll
     for (int j = 0; j < H; ++j) {
       #pragma unroll

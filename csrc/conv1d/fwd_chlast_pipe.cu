@@ -95,9 +95,8 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
     }
     R* ob = oc + ci.b * p.out_b;
     #pragma unroll
-    for (int r = 0; r < RW; ++r) {
+    for (int r = 0; r < RW; ++r) {  // predicated stores: the RW rows are one basic block
       const int64_t t = ci.ts + r;
-      if (t < ci.t0 || t >= ci.t1 || !act) continue;
       float o[C];
       #pragma unroll
       for (int i = 0; i < C; ++i) {
@@ -106,7 +105,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
         for (int k = 0; k < W; ++k) acc = fmaf(wr[k][i], xw[H + r - k][i], acc);
         o[i] = act_fwd(acc, p.silu);
       }
-      store_run<C>(ob + t * p.out_l, o);
+      store_run_if<C>(ob + t * p.out_l, o, t >= ci.t0 && t < ci.t1 && act);
     }
     #pragma unroll
     for (int j = 0; j < H; ++j) {

@@ -79,6 +79,25 @@ __device__ __forceinline__ void store_run(R* p, const float (&v)[N]) {
   for (int i = 0; i < Wd::kCount; ++i) st_words(reinterpret_cast<typename Wd::W*>(p) + i, w[i]);
 }
 
+// store_run as predicated stores (no branch around them: the caller's basic block stays whole,
+// so the compiler can interleave the rows of a step)
+__device__ __forceinline__ void st_words_if(uint4* p, uint4 v, bool ok) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q st.global.v4.b32 [%0], {%1, %2, %3, %4};\n}\n"
+               ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "r"(static_cast<int>(ok)));
+}
+__device__ __forceinline__ void st_words_if(uint2* p, uint2 v, bool ok) {
+  asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q st.global.v2.b32 [%0], {%1, %2};\n}\n"
+               ::"l"(p), "r"(v.x), "r"(v.y), "r"(static_cast<int>(ok)));
+}
+template <int N, typename R>
+__device__ __forceinline__ void store_run_if(R* p, const float (&v)[N], bool ok) {
+  using Wd = Words<N, R>;
+  typename Wd::W w[Wd::kCount];
+  to_words<N, R>(v, w);
+  #pragma unroll
+  for (int i = 0; i < Wd::kCount; ++i) st_words_if(reinterpret_cast<typename Wd::W*>(p) + i, w[i], ok);
+}
+
 // l-contiguous streaming: a warp walks a contiguous range of tiles gt = (b * D + c) * nseg + seg
 // (warp_range), kept as (seg, c, b) so that a step needs no division.
 struct TileIter {

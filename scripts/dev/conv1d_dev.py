@@ -225,14 +225,15 @@ def prof():
 _ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
 GRAPH_VARIANTS = {
     False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
-    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
+    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14, 15)],
     True: [("default", {})],
 }
 # (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
 # streaming kernel on a one-shot grid (MLMAMBA_CONV1D_WAVES=100000: one tile per warp) and 4
 # waves (docs/perf-log.md, causal_conv1d v6).
 GRAPH_BWD_VARIANTS = {
-    False: [("bwd default", {}), ("bwd tune1", {"MLMAMBA_CONV1D_TUNE": "1"}),
+    False: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
+            ("bwd tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"}),
             ("bwd oneshot", _ONE)] + [
         (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})],
