@@ -22,7 +22,7 @@ __device__ __forceinline__ void load8_any(const R* p, int64_t s, int64_t n, floa
   else load_checked<8>(p + s, n, v);
 }
 
-template <int W, typename T, int K, int MINB, int G>
+template <int W, typename T, int K, int MINB, int G, int U = 1>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
                                                                         uint32_t ntiles) {
   using R = typename RawOf<T>::type;
@@ -86,10 +86,13 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
 
   R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
   const int fin0 = L - H;  // first position that final_states covers
+  // kFast (U > 1): a whole tile with no dinit or final-state positions, its vectors unrolled by
+  // U (fewer basic blocks); otherwise a rolled loop with the edges.
+  auto walk = [&]<bool kFast>() {
   float gc[8];
   cp_async_wait_upto(G - 1);
   gvec(0, gc);
-  #pragma unroll 1
+  #pragma unroll (kFast ? U : 1)
   for (int k = 0; k < K; ++k) {
     float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
     if (k + 1 < K) {
@@ -114,7 +117,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
       const float wrap = __shfl_sync(kFull, gn[j], 0);  // the next vector's lane 0
       ah[j] = lane == 31 ? (k + 1 < K ? wrap : gn[j]) : dn;
     }
-    if (p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
+    if (!kFast && p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
       #pragma unroll
       for (int j = 0; j < H; ++j) {
         float acc = 0.f;
@@ -128,7 +131,11 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
         store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
       }
     }
-    if (s0 < L) {
+    if (kFast) {
+      float o[8];
+      conv8_bwd<W>(wr, gc, ah, o);
+      store_run<8>(dxr + s0, o);
+    } else if (s0 < L) {
       float o[8];
       conv8_bwd<W>(wr, gc, ah, o);
       add_dfinal<H>(p, b, c, s0, L, o);
@@ -138,6 +145,11 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
     #pragma unroll
     for (int i = 0; i < 8; ++i) gc[i] = gn[i];
   }
+  };
+  if (U > 1 && whole && (t_start > 0 || p.dinit == nullptr) && (p.dfinal == nullptr || t_end <= fin0))
+    walk.template operator()<true>();
+  else
+    walk.template operator()<false>();
   cp_async_wait<0>();
 
   #pragma unroll
@@ -154,15 +166,15 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   }
 }
 
-// One variant: K vectors per lane in G groups, MINB blocks per SM.
-template <int W, typename T, int K, int MINB, int G>
+// One variant: K vectors per lane in G groups, MINB blocks per SM; U > 1: whole tiles unrolled.
+template <int W, typename T, int K, int MINB, int G, int U = 1>
 struct BwdLOneshot {
   static constexpr int kVecs = K;
   static void launch(const ConvParams& p, cudaStream_t s) {
     const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
     MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
     MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_bwd: input too large for the one-shot kernel");
-    bwd_lcontig_oneshot_kernel<W, T, K, MINB, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+    bwd_lcontig_oneshot_kernel<W, T, K, MINB, G, U><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
         p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
     MLM_CHECK_LAUNCH();
   }
@@ -170,7 +182,8 @@ struct BwdLOneshot {
 
 // f(BwdLOneshot<...>{}) for the variant to run: 16-bit types 8 vectors per lane in two groups
 // (32 KB of shared memory per block), fp32 4. MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = 4
-// vectors, one group; 13 = 8 vectors, four groups.
+// vectors, one group; 13 = 8 vectors, four groups; 14 / 15 = whole tiles unrolled by 2 / 8
+// (kFast).
 template <typename F>
 void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
   CONV_X_SWITCH(xdtype, T, [&] {
@@ -178,6 +191,8 @@ void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 11) return f(BwdLOneshot<W, T, 4, 6, 1>{});
         if (tune_variant() == 13) return f(BwdLOneshot<W, T, 8, 6, 4>{});
+        if (tune_variant() == 14) return f(BwdLOneshot<W, T, 8, 6, 2, 2>{});
+        if (tune_variant() == 15) return f(BwdLOneshot<W, T, 8, 6, 2, 8>{});
       }
       if constexpr (sizeof(T) == 4) f(BwdLOneshot<W, T, 4, 6, 2>{});
       else f(BwdLOneshot<W, T, 8, W <= 5 ? 6 : 5, 2>{});

@@ -121,7 +121,8 @@ void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
       // MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = x in registers (4 vectors per lane, 64
       // registers), 13 = 4 cp.async groups. On an H200 both within 1% of the default at b1
       // L16384 / b4 L2048 (docs/perf-log.md, causal_conv1d v6). 14 / 15: whole tiles without
-      // final states walk 2 / 8 vectors a step, each step one basic block.
+      // final states walk 2 / 8 vectors a step (15: 1% faster on an H200, perf-log v7; not the
+      // default: it spills a few bytes at other widths and fp16).
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 11) return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
         if (tune_variant() == 13) return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 4>(p, s);
