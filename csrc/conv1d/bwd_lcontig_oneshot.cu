@@ -1,8 +1,9 @@
 // Causal conv1d backward, l contiguous, one-shot (no seq_idx, 16-byte aligned rows; pipe_ok;
 // the default where a row fits one tile: ops.cpp use_oneshot; the math: bwd_lcontig.cuh; the
 // layout and why one-shot: fwd_lcontig_oneshot.cu). A warp per tile of K 8-element vectors per
-// lane; x and dout go by cp.async into shared memory in G groups. Per vector, rolled: g = dout * act'(pre) one vector ahead (lane 31's dx needs the
-// next vector's first g), then dx of the vector. Lane 0's look-back and every lane's look-ahead
+// lane; x and dout go by cp.async into shared memory in G groups. Per vector (rolled, or by 2
+// in whole tiles): g = dout * act'(pre) one vector ahead (lane 31's dx needs the next vector's
+// first g), then dx of the vector. Lane 0's look-back and every lane's look-ahead
 // (the 8 inputs and douts after the tile, for lane 31 of the last vector) are 16-byte loads
 // (L2 hits: the neighbouring warps read them too). dweight/dbias: the warp's sums go to its
 // tile's slot, reduced in a fixed order (reduce.cu).
@@ -182,8 +183,8 @@ struct BwdLOneshot {
 
 // f(BwdLOneshot<...>{}) for the variant to run: 16-bit types 8 vectors per lane in two groups
 // (32 KB of shared memory per block), fp32 4. MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = 4
-// vectors, one group; 13 = 8 vectors, four groups; 14 / 15 = whole tiles unrolled by 2 / 8
-// (kFast).
+// vectors, one group; 13 = 8 vectors, four groups; 14 / 15 = whole tiles unrolled by 1 / 8
+// (kFast; the default 2 at 16-bit w <= 4).
 template <typename F>
 void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
   CONV_X_SWITCH(xdtype, T, [&] {
@@ -191,11 +192,13 @@ void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 11) return f(BwdLOneshot<W, T, 4, 6, 1>{});
         if (tune_variant() == 13) return f(BwdLOneshot<W, T, 8, 6, 4>{});
-        if (tune_variant() == 14) return f(BwdLOneshot<W, T, 8, 6, 2, 2>{});
+        if (tune_variant() == 14) return f(BwdLOneshot<W, T, 8, 6, 2, 1>{});
         if (tune_variant() == 15) return f(BwdLOneshot<W, T, 8, 6, 2, 8>{});
       }
+      // whole tiles unrolled by 2 where the registers allow it (9% at bf16 w 4 on an H200:
+      // perf-log v7; wider rows and fp32 spill with it)
       if constexpr (sizeof(T) == 4) f(BwdLOneshot<W, T, 4, 6, 2>{});
-      else f(BwdLOneshot<W, T, 8, W <= 5 ? 6 : 5, 2>{});
+      else f(BwdLOneshot<W, T, 8, W <= 5 ? 6 : 5, 2, W <= 4 ? 2 : 1>{});
     });
   });
 }
