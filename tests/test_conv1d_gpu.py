@@ -224,7 +224,7 @@ def test_each_impl_matches_reference(rng, monkeypatch, dtype, width, layout, imp
     set_impl(monkeypatch, impl)
     g = gen(rng)
     for i, (b, d, l) in enumerate(((2, 64, 128), (3, 64, 1000), (2, 72, 4096), (1, 8, 24),
-                                   (5, 16, 200), (2, 264, 301))):
+                                   (5, 16, 200), (2, 264, 301), (1, 16, 6144), (1, 8, 6144))):
         kw = inputs(g, b, d, l, width, dtype, layout, bias=i != 3, init=i % 2 == 1)
         try:
             check_case(kw, silu=i % 2 == 0, dtype=dtype, with_final=i != 4)

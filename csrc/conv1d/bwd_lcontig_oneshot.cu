@@ -90,62 +90,62 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   // kFast (U > 1): a whole tile with no dinit or final-state positions, its vectors unrolled by
   // U (fewer basic blocks); otherwise a rolled loop with the edges.
   auto walk = [&]<bool kFast>() {
-  float gc[8];
-  cp_async_wait_upto(G - 1);
-  gvec(0, gc);
-  #pragma unroll (kFast ? U : 1)
-  for (int k = 0; k < K; ++k) {
-    float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
-    if (k + 1 < K) {
-      if ((k + 1) % KG == 0) cp_async_wait_upto(G - 1 - (k + 1) / KG);
-      gvec(k + 1, gn);
-    } else {  // only lane 31 uses these; its tail is the tile's last w-1 inputs
-      #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        float acc = bias;
-        if (j < H) {
-          #pragma unroll
-          for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk >= 0 ? j - kk : 0] : tail[(H + j - kk) % H], acc);
+    float gc[8];
+    cp_async_wait_upto(G - 1);
+    gvec(0, gc);
+    #pragma unroll (kFast ? U : 1)
+    for (int k = 0; k < K; ++k) {
+      float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
+      if (k + 1 < K) {
+        if ((k + 1) % KG == 0) cp_async_wait_upto(G - 1 - (k + 1) / KG);
+        gvec(k + 1, gn);
+      } else {  // only lane 31 uses these; its tail is the tile's last w-1 inputs
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          float acc = bias;
+          if (j < H) {
+            #pragma unroll
+            for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk >= 0 ? j - kk : 0] : tail[(H + j - kk) % H], acc);
+          }
+          gn[j] = j < H ? da[j] * act_grad(acc, p.silu) : 0.f;
         }
-        gn[j] = j < H ? da[j] * act_grad(acc, p.silu) : 0.f;
       }
-    }
-    const int s0 = t_start + (k * 32 + lane) * 8;
-    float ah[H];
-    #pragma unroll
-    for (int j = 0; j < H; ++j) {
-      const float dn = __shfl_down_sync(kFull, gc[j], 1);
-      const float wrap = __shfl_sync(kFull, gn[j], 0);  // the next vector's lane 0
-      ah[j] = lane == 31 ? (k + 1 < K ? wrap : gn[j]) : dn;
-    }
-    if (!kFast && p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
+      const int s0 = t_start + (k * 32 + lane) * 8;
+      float ah[H];
       #pragma unroll
       for (int j = 0; j < H; ++j) {
-        float acc = 0.f;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) {
-          const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
-          if (t >= 0 && t < L) acc = fmaf(wr[kk], gc[t >= 0 && t < 8 ? t : 0], acc);
-        }
-        if (p.dfinal != nullptr && j - H >= fin0)
-          acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
-        store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+        const float dn = __shfl_down_sync(kFull, gc[j], 1);
+        const float wrap = __shfl_sync(kFull, gn[j], 0);  // the next vector's lane 0
+        ah[j] = lane == 31 ? (k + 1 < K ? wrap : gn[j]) : dn;
       }
+      if (!kFast && p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
+        #pragma unroll
+        for (int j = 0; j < H; ++j) {
+          float acc = 0.f;
+          #pragma unroll
+          for (int kk = 0; kk < W; ++kk) {
+            const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
+            if (t >= 0 && t < L) acc = fmaf(wr[kk], gc[t >= 0 && t < 8 ? t : 0], acc);
+          }
+          if (p.dfinal != nullptr && j - H >= fin0)
+            acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+          store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+        }
+      }
+      if (kFast) {
+        float o[8];
+        conv8_bwd<W>(wr, gc, ah, o);
+        store_run<8>(dxr + s0, o);
+      } else if (s0 < L) {
+        float o[8];
+        conv8_bwd<W>(wr, gc, ah, o);
+        add_dfinal<H>(p, b, c, s0, L, o);
+        if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
+        else store_checked<8>(dxr + s0, L - s0, o);
+      }
+      #pragma unroll
+      for (int i = 0; i < 8; ++i) gc[i] = gn[i];
     }
-    if (kFast) {
-      float o[8];
-      conv8_bwd<W>(wr, gc, ah, o);
-      store_run<8>(dxr + s0, o);
-    } else if (s0 < L) {
-      float o[8];
-      conv8_bwd<W>(wr, gc, ah, o);
-      add_dfinal<H>(p, b, c, s0, L, o);
-      if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
-      else store_checked<8>(dxr + s0, L - s0, o);
-    }
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) gc[i] = gn[i];
-  }
   };
   if (U > 1 && whole && (t_start > 0 || p.dinit == nullptr) && (p.dfinal == nullptr || t_end <= fin0))
     walk.template operator()<true>();
