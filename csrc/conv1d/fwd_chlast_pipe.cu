@@ -152,13 +152,14 @@ void launch_fwd_chlast_pipe(const ConvParams& p, cudaStream_t s) {
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      // MLMAMBA_CONV1D_TUNE (bf16, width 4): 1 = 4 channels per lane (8-byte words, 96
-      // registers, 5 blocks per SM), 2 = the same with 8 stages. On an H200 neither beat the
-      // default reliably: ncu kernel time 56.9 / 58.3 us against 55.2 us at b4 L2048, host-side
-      // timings -6..+8% between two runs (docs/perf-log.md, causal_conv1d v4).
+      // bf16, width 4: 4 channels per lane (8-byte words, 96 registers, 5 blocks per SM), 8
+      // stages: on an H200 3% faster than 8 channels at 3 blocks / SM once a step's rows were
+      // one basic block (graph timings, docs/perf-log.md, causal_conv1d v7; before that, not
+      // reliably: v4). MLMAMBA_CONV1D_TUNE: 1 = 6 stages, 2 = the 8-channel configuration.
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 1) return launch_fwd_chlast_pipe<W, T, 4, 6, 5>(p, s);
-        if (tune_variant() == 2) return launch_fwd_chlast_pipe<W, T, 4, 8, 5>(p, s);
+        if (tune_variant() == 2) return launch_fwd_chlast_pipe<W, T, 8, 4, 3>(p, s);
+        return launch_fwd_chlast_pipe<W, T, 4, 8, 5>(p, s);
       }
       launch_fwd_chlast_pipe<W, T, 8, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2>(p, s);
     });
