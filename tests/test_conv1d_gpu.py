@@ -196,7 +196,6 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune13": ("oneshot", None, "13"),
     "oneshot_tune14": ("oneshot", None, "14"),
-    "oneshot_tune15": ("oneshot", None, "15"),
 }
 
 

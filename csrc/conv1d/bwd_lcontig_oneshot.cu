@@ -183,8 +183,8 @@ struct BwdLOneshot {
 
 // f(BwdLOneshot<...>{}) for the variant to run: 16-bit types 8 vectors per lane in two groups
 // (32 KB of shared memory per block), fp32 4. MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = 4
-// vectors, one group; 13 = 8 vectors, four groups; 14 / 15 = whole tiles unrolled by 1 / 8
-// (kFast; the default 2 at 16-bit w <= 4).
+// vectors, one group; 13 = 8 vectors, four groups; 14 = whole tiles rolled (the default
+// unrolls them by 2 at 16-bit w <= 4; by 8 measured the same: perf-log v7).
 template <typename F>
 void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
   CONV_X_SWITCH(xdtype, T, [&] {
@@ -193,7 +193,6 @@ void with_bwd_lcontig_oneshot(int xdtype, int width, F&& f) {
         if (tune_variant() == 11) return f(BwdLOneshot<W, T, 4, 6, 1>{});
         if (tune_variant() == 13) return f(BwdLOneshot<W, T, 8, 6, 4>{});
         if (tune_variant() == 14) return f(BwdLOneshot<W, T, 8, 6, 2, 1>{});
-        if (tune_variant() == 15) return f(BwdLOneshot<W, T, 8, 6, 2, 8>{});
       }
       // whole tiles unrolled by 2 where the registers allow it (9% at bf16 w 4 on an H200:
       // perf-log v7; wider rows and fp32 spill with it)

@@ -17,7 +17,7 @@ namespace conv1d {
 // K 8-element vectors per lane; kAsync: they go through shared memory by cp.async (the bytes
 // in flight cost no registers) in G groups, each computed as soon as it lands (the later
 // groups stay in flight meanwhile), else straight into registers (G = 1).
-template <int W, typename T, int K, int MINB, bool kAsync, int G, int U = 1>
+template <int W, typename T, int K, int MINB, bool kAsync, int G>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
                                                                         uint32_t ntiles) {
   using R = typename RawOf<T>::type;
@@ -62,20 +62,6 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   float tail[H];  // the previous vector's last w-1 inputs (h0 before vector 0)
   #pragma unroll
   for (int j = 0; j < H; ++j) tail[j] = h0[j];
-  if (U > 1 && kAsync && whole && fr == nullptr) {  // no edge: U vectors a step, one basic block
-    #pragma unroll U
-    for (int k = 0; k < K; ++k) {
-      float xv[8];
-      if (k % KG == 0) cp_async_wait_upto(G - 1 - k / KG);
-      smem_run_to_float<8, R>(&q[k][tid][0], xv);
-      float h[H];
-      lookback<H>(xv, k, lane, tail, h);
-      float o[8];
-      conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
-      store_run<8>(outr + t_start + (k * 32 + lane) * 8, o);
-    }
-    return;
-  }
   #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time
   for (int k = 0; k < K; ++k) {
     const int s0 = t_start + (k * 32 + lane) * 8;
@@ -105,11 +91,11 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   }
 }
 
-template <int W, typename T, int K, int MINB, bool kAsync = true, int G = 1, int U = 1>
+template <int W, typename T, int K, int MINB, bool kAsync = true, int G = 1>
 void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s) {
   const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
   MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
-  fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync, G, U><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+  fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
       p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
   MLM_CHECK_LAUNCH();
 }
@@ -120,14 +106,11 @@ void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       // MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = x in registers (4 vectors per lane, 64
       // registers), 13 = 4 cp.async groups. On an H200 both within 1% of the default at b1
-      // L16384 / b4 L2048 (docs/perf-log.md, causal_conv1d v6). 14 / 15: whole tiles without
-      // final states walk 2 / 8 vectors a step (15: 1% faster on an H200, perf-log v7; not the
-      // default: it spills a few bytes at other widths and fp16).
+      // L16384 / b4 L2048 (docs/perf-log.md, causal_conv1d v6). Whole tiles unrolled by 2 / 8
+      // measured +0 / 1% (v7) and were removed.
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 11) return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
         if (tune_variant() == 13) return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 4>(p, s);
-        if (tune_variant() == 14) return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 2, 2>(p, s);
-        if (tune_variant() == 15) return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 2, 8>(p, s);
       }
       // 4 KB of x per warp in two cp.async groups; blocks per SM as the registers allow
       launch_fwd_lcontig_oneshot<W, T, 8, sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8, true, 2>(p, s);
