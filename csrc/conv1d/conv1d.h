@@ -161,6 +161,23 @@ __device__ __forceinline__ float load_any(const void* p, int64_t i, int dt) {
   return __uint_as_float(v << 16);
 }
 
+// N loads p[i0 + n * step] of one dtype, the dtype resolved once (load_any per element
+// leaves a branch around each load).
+template <int N>
+__device__ __forceinline__ void load_any_n(const void* p, int64_t i0, int64_t step, int dt, float (&v)[N]) {
+  if (dt == kF32) {
+    #pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = __ldg(static_cast<const float*>(p) + i0 + n * step);
+  } else if (dt == kF16) {
+    #pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = __half2float(__ldg(static_cast<const __half*>(p) + i0 + n * step));
+  } else {
+    #pragma unroll
+    for (int n = 0; n < N; ++n)
+      v[n] = __uint_as_float(static_cast<uint32_t>(__ldg(static_cast<const unsigned short*>(p) + i0 + n * step)) << 16);
+  }
+}
+
 __device__ __forceinline__ void store_any(void* p, int64_t i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
   else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half_rn(v);

@@ -32,22 +32,36 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(seg) * kTile;
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
 
-  // x first (all K vectors in flight), then the side loads, then wait
+  // x first (all K vectors in flight), then the side loads, then wait. A whole tile (every
+  // tile but a row's last, as a rule) stages without the zero-fill arithmetic: one branch
+  // around the loop, not one per vector.
   RawRun<8, R> raw[kAsync ? 1 : K];
   const bool whole = t_start + kTile <= L;
-  #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int s0 = t_start + (k * 32 + lane) * 8;
-    if constexpr (kAsync) {
-      if (whole) cp_async_whole<8, R>(&q[k][tid][0], xr + s0);
-      else cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
-      if ((k + 1) % KG == 0) cp_async_commit();
-    } else if (whole || s0 + 8 <= L) {
-      raw[k].load(xr + s0);
-    } else {
-      R* e = reinterpret_cast<R*>(raw[k].w);
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
+  const R* xl = xr + t_start + lane * 8;  // this lane's vector 0
+  if (whole) {
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if constexpr (kAsync) {
+        cp_async_whole<8, R>(&q[k][tid][0], xl + k * 256);
+        if ((k + 1) % KG == 0) cp_async_commit();
+      } else {
+        raw[k].load(xl + k * 256);
+      }
+    }
+  } else {
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s0 = t_start + (k * 32 + lane) * 8;
+      if constexpr (kAsync) {
+        cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+        if ((k + 1) % KG == 0) cp_async_commit();
+      } else if (s0 + 8 <= L) {
+        raw[k].load(xr + s0);
+      } else {
+        R* e = reinterpret_cast<R*>(raw[k].w);
+        #pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
+      }
     }
   }
   float wr[W], bias, h0[H];  // h0: the inputs before the tile
@@ -62,8 +76,9 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   float tail[H];  // the previous vector's last w-1 inputs (h0 before vector 0)
   #pragma unroll
   for (int j = 0; j < H; ++j) tail[j] = h0[j];
-  #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time
-  for (int k = 0; k < K; ++k) {
+  // one vector; kWhole: every position of the tile in range (no bounds checks)
+  auto vec = [&](auto whole_tag, int k) {
+    constexpr bool kWhole = decltype(whole_tag)::value;
     const int s0 = t_start + (k * 32 + lane) * 8;
     float xv[8];
     if (kAsync && k % KG == 0) cp_async_wait_upto(G - 1 - k / KG);
@@ -71,10 +86,10 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     else raw[k].to_float(xv);
     float h[H];
     lookback<H>(xv, k, lane, tail, h);
-    if (s0 >= L) continue;  // after the shuffles: every lane takes part in them
+    if (!kWhole && s0 >= L) return;  // after the shuffles: every lane takes part in them
     float o[8];
     conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
-    if (s0 + 8 <= L) store_run<8>(outr + s0, o);
+    if (kWhole || s0 + 8 <= L) store_run<8>(outr + s0, o);
     else store_checked<8>(outr + s0, L - s0, o);
     if (fr != nullptr && s0 + 8 > L - H) {  // final states
       #pragma unroll
@@ -83,6 +98,13 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
         if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
       }
     }
+  };
+  if (whole) {
+    #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time
+    for (int k = 0; k < K; ++k) vec(std::true_type{}, k);
+  } else {
+    #pragma unroll (kAsync ? 1 : K)
+    for (int k = 0; k < K; ++k) vec(std::false_type{}, k);
   }
   if (fr != nullptr && t_start == 0 && lane == 0 && L < H) {  // initial states in front
     #pragma unroll

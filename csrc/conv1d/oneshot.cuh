@@ -21,8 +21,7 @@ template <int W, typename R>
 __device__ __forceinline__ void row_side(const ConvParams& p, const R* xr, int t_start, uint32_t b,
                                          uint32_t c, float (&wr)[W], float& bias, float (&before)[W - 1]) {
   constexpr int H = W - 1;
-  #pragma unroll
-  for (int k = 0; k < W; ++k) wr[k] = load_any(p.weight, c * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype);
+  load_any_n<W>(p.weight, c * p.w_d + (W - 1) * p.w_k, -p.w_k, p.w_dtype, wr);
   bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
   if (t_start > 0) {
     float pv[8];

@@ -418,12 +418,12 @@ __global__ void __launch_bounds__(kThreads * chunk_groups<kP, kOnChip>(),
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = m0 + r + (e >> 1) * 8, j = cw * 32 + t * 8 + c2 + (e & 1);
-          float lcb = 0.f, lw = 0.f;
-          if (j <= i && cv.seg[i] == cv.seg[j]) {
-            const float l = __expf(cv.lam[i] - cv.lam[j]);
-            lcb = l * (kOnChip ? cbr[t][e] : CB[i * kLdCB + j]);
-            lw = l * w[t][e];
-          }
+          // the decay computed on every element and the masked ones selected to 0 (a branch
+          // around it made each element its own basic block: serial exp latencies)
+          const bool on = (j <= i) & (cv.seg[i] == cv.seg[j]);  // both read: no branch
+          const float l = expf_kept(on ? cv.lam[i] - cv.lam[j] : 0.f);
+          const float lcb = on ? l * (kOnChip ? cbr[t][e] : CB[i * kLdCB + j]) : 0.f;
+          const float lw = on ? l * w[t][e] : 0.f;
           const float dtj = cv.dt[j];
           T1[j * kLdQ + i] = __float2bfloat16_rn(lcb);
           T2[j * kLdQ + i] = __float2bfloat16_rn(dtj * lw);

@@ -265,12 +265,19 @@ def graph():
         en.synchronize()
         return st.elapsed_time(en) * 1e3 / inner  # µs per call
 
+    # GRAPH_CASES: which of lfwd, lbwd (l-contig), cfwd, cbwd (channel-last) to time
+    cases = set(os.environ.get("GRAPH_CASES", "lfwd,lbwd,cfwd,cbwd").split(","))
     for b, l, cl in ((4, 2048, False), (1, 16384, False), (4, 2048, True), (1, 16384, True)):
+        lay = "c" if cl else "l"
+        variants = [v for v in GRAPH_VARIANTS[cl] if lay + "fwd" in cases]
+        variants += [v for v in GRAPH_BWD_VARIANTS[cl] if lay + "bwd" in cases]
+        if not variants:
+            continue
         sets = _sets(b, l, d, w, cl, dev)
         n = b * d * l * 2
         graphs = {"copy": cuda_graph_fn(lambda: [sets[i % 2][4].copy_(sets[i % 2][0]) for i in range(inner)]),
                   "silu": cuda_graph_fn(lambda: [F.silu(sets[i % 2][0]) for i in range(inner)])}
-        for label, env in GRAPH_VARIANTS[cl] + GRAPH_BWD_VARIANTS[cl]:
+        for label, env in variants:
             for k in _KNOBS:
                 os.environ[k] = env.get(k, "")
             kind = "bwd" if label.startswith("bwd") else "fwd"
