@@ -220,6 +220,25 @@ __device__ __forceinline__ bool vec_ok(const R* p, int64_t step = 0) {
          (step * static_cast<int64_t>(sizeof(R))) % static_cast<int64_t>(sizeof(W)) == 0;
 }
 
+// N packed elements -> floats. bf16 by integer ops on 32-bit pairs: the high element is the
+// word masked (one LOP3, where the generic path spends a PRMT and a shift); exact either way.
+template <int N, typename R>
+__device__ __forceinline__ void packed_to_float(const void* w, float (&v)[N]) {
+  if constexpr (std::is_same_v<R, __nv_bfloat16>) {
+    static_assert(N % 2 == 0, "bf16 pairs");
+    const uint32_t* u = static_cast<const uint32_t*>(w);
+    #pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      v[2 * i] = __uint_as_float(u[i] << 16);
+      v[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+    }
+  } else {
+    const R* e = static_cast<const R*>(w);
+    #pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
+  }
+}
+
 // N elements held as raw words: load now, convert later (a prefetch that costs N*size bytes of
 // registers, not N floats).
 template <int N, typename R>
@@ -230,11 +249,7 @@ struct RawRun {
     for (int i = 0; i < Words<N, R>::kCount; ++i)
       w[i] = reinterpret_cast<const typename Words<N, R>::W*>(p)[i];
   }
-  __device__ __forceinline__ void to_float(float (&v)[N]) const {
-    const R* e = reinterpret_cast<const R*>(w);
-    #pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
-  }
+  __device__ __forceinline__ void to_float(float (&v)[N]) const { packed_to_float<N, R>(w, v); }
 };
 
 // Fast path: N elements with whole-word loads; the caller checked vec_ok and the range. Call it
@@ -245,9 +260,7 @@ __device__ __forceinline__ void load_vec(const R* p, float (&v)[N]) {
   typename Wd::W w[Wd::kCount];
   #pragma unroll
   for (int i = 0; i < Wd::kCount; ++i) w[i] = reinterpret_cast<const typename Wd::W*>(p)[i];
-  const R* e = reinterpret_cast<const R*>(w);
-  #pragma unroll
-  for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
+  packed_to_float<N, R>(w, v);
 }
 
 // Slow path: element loads, n of them valid (the rest read as 0).

@@ -148,12 +148,15 @@ struct SegIter {
     ts = t0 - lead;
   }
   __device__ __forceinline__ bool done() const { return r >= r1; }
-  __device__ __forceinline__ void next() {
+  // true when it moved to a new segment (b, t0, ts changed)
+  __device__ __forceinline__ bool next() {
     ts += RW;
     if (ts >= t1 + tail) {
       r += t1 - t0;
       if (r < r1) set_segment();
+      return true;
     }
+    return false;
   }
 };
 

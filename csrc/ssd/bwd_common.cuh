@@ -50,11 +50,11 @@ __device__ __forceinline__ void st_code(void* p, int code, int64_t i, float v) {
   else static_cast<bf16*>(p)[i] = __float2bfloat16_rn(v);
 }
 
-// __expf's value (ex2.approx.ftz of x log2 e) as volatile asm: the compiler cannot sink it
-// under the branch of a later select
+// __expf's value (ex2.approx of x log2 e, denormal results kept, as __expf compiles here) as
+// volatile asm: the compiler cannot sink it under the branch of a later select
 __device__ __forceinline__ float expf_kept(float x) {
   float r;
-  asm volatile("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
+  asm volatile("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x * 1.4426950408889634f));
   return r;
 }
 __device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
