@@ -188,11 +188,6 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "pipe_tune1": ("pipe", None, "1"),
     "pipe_tune2": ("pipe", None, "2"),
     "pipe_tune2_small_grid": ("pipe", "0.01", "2"),
-    "pipe_tune3": ("pipe", None, "3"),
-    "pipe_tune3_small_grid": ("pipe", "0.01", "3"),
-    "pipe_tune4": ("pipe", None, "4"),
-    "pipe_tune5": ("pipe", None, "5"),
-    "pipe_tune6": ("pipe", None, "6"),
     # v2 channel-last with long per-warp row chunks (the backward's default on large inputs)
     "v2_chunk128": ("v2", None, None, "128"),
     # the one-shot l-contiguous kernels forced (by default: the forward, and the backward where

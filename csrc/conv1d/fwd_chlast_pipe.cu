@@ -14,13 +14,13 @@ namespace mlmamba {
 namespace conv1d {
 
 // C channels per lane (8: 16-byte words; 4 at 16-bit types: 8-byte words, fewer registers), S
-// stages of RW rows, MINB blocks per SM the registers are budgeted for. kRows: x rows through
-// p.rows (conv1d.h; no initial or final states), read by the producer S-1 stages ahead.
-template <int W, typename T, int C, int S, int MINB, bool kRows = false, int RW = 4>
+// stages of RW = 4 rows, MINB blocks per SM the registers are budgeted for. kRows: x rows
+// through p.rows (conv1d.h; no initial or final states), read by the producer S-1 stages ahead.
+template <int W, typename T, int C, int S, int MINB, bool kRows = false>
 __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvParams p, int64_t ncg,
                                                                    int64_t rows_per_warp) {
   using R = typename RawOf<T>::type;
-  constexpr int V = Words<C, R>::kCount;  // words per row of a lane
+  constexpr int RW = 4, V = Words<C, R>::kCount;  // words per row of a lane
   constexpr int H = W - 1;
   __shared__ typename Words<C, R>::W q[S][RW][128][V];  // [stage][row][thread][word]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -47,37 +47,29 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
   SegIter<RW> pi, ci;  // producer, consumer
   pi.begin(r0, r1, L, H, 0);
   ci = pi;
-  // each side steps a pointer to its stage's first row (rebuilt where a segment starts): no
-  // 64-bit row products in the steady state
-  const int64_t xs = p.x_l, os = p.out_l;
-  auto xrow = [&](const SegIter<RW>& it) { return xc + it.b * p.x_b + it.ts * xs; };
-  auto orow = [&](const SegIter<RW>& it) { return oc + it.b * p.out_b + it.ts * os; };
-  const R* px = xrow(pi);
-  R* po = orow(ci);
   auto issue = [&](int s) {  // queue the producer's stage into s (an empty group past the end)
     if (!pi.done()) {
+      const R* xb = xc + pi.b * p.x_b;
       if (kRows) {  // token t reads row rows[t]; out of range: zeros
-        const R* xb = xc + pi.b * p.x_b;
         #pragma unroll
         for (int r = 0; r < RW; ++r) {
-          const int t = pi.ts + r;
+          const int64_t t = pi.ts + r;
           const int row = act && t >= 0 && t < pi.t1 ? __ldg(p.rows + t) : -1;
           const bool in = row >= 0 && row < L;
-          cp_async_run<C, R>(&q[s][r][tid][0], in ? xb + row * xs : xc, in ? C : 0);
+          cp_async_run<C, R>(&q[s][r][tid][0], in ? xb + row * p.x_l : xc, in ? C : 0);
         }
       } else if (act && pi.ts >= 0 && pi.ts + RW <= pi.t1) {  // every row in range
         #pragma unroll
-        for (int r = 0; r < RW; ++r) cp_async_whole<C, R>(&q[s][r][tid][0], px + r * xs);
+        for (int r = 0; r < RW; ++r) cp_async_whole<C, R>(&q[s][r][tid][0], xb + (pi.ts + r) * p.x_l);
       } else {
         #pragma unroll
         for (int r = 0; r < RW; ++r) {
-          const int t = pi.ts + r;
+          const int64_t t = pi.ts + r;
           const bool in = act && t >= 0 && t < pi.t1;
-          cp_async_run<C, R>(&q[s][r][tid][0], in ? px + r * xs : xc, in ? C : 0);
+          cp_async_run<C, R>(&q[s][r][tid][0], in ? xb + t * p.x_l : xc, in ? C : 0);
         }
       }
-      if (pi.next()) px = xrow(pi);
-      else px += RW * xs;
+      pi.next();
     }
     cp_async_commit();
   };
@@ -93,7 +85,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
     if (!kRows && ci.ts < 0 && p.init != nullptr && act) {  // rows before t = 0: the initial states
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
-        const int t = ci.ts + r;
+        const int64_t t = ci.ts + r;
         if (t >= 0) continue;
         #pragma unroll
         for (int i = 0; i < C; ++i)
@@ -101,10 +93,10 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
                                   p.init_dtype);
       }
     }
-    // row r is stored when t0 <= ts + r < t1: one unsigned compare per row
-    const int lo = ci.t0 - ci.ts, nrows = act ? ci.t1 - ci.t0 : 0;
+    R* ob = oc + ci.b * p.out_b;
     #pragma unroll
     for (int r = 0; r < RW; ++r) {  // predicated stores: the RW rows are one basic block
+      const int64_t t = ci.ts + r;
       float o[C];
       #pragma unroll
       for (int i = 0; i < C; ++i) {
@@ -113,7 +105,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
         for (int k = 0; k < W; ++k) acc = fmaf(wr[k][i], xw[H + r - k][i], acc);
         o[i] = act_fwd(acc, p.silu);
       }
-      store_run_if<C>(po + r * os, o, static_cast<unsigned>(r - lo) < static_cast<unsigned>(nrows));
+      store_run_if<C>(ob + t * p.out_l, o, t >= ci.t0 && t < ci.t1 && act);
     }
     #pragma unroll
     for (int j = 0; j < H; ++j) {
@@ -138,16 +130,15 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
         }
       }
     }
-    if (ci.next()) po = orow(ci);
-    else po += RW * os;
+    ci.next();
   }
   cp_async_wait<0>();
 }
 
-template <int W, typename T, int C, int S, int MINB, bool kRows = false, int RW = 4>
+template <int W, typename T, int C, int S, int MINB, bool kRows = false>
 void launch_fwd_chlast_pipe(const ConvParams& p, cudaStream_t s) {
   const int64_t ncg = (p.dim + 32 * C - 1) / (32 * C), rows = p.batch * p.seqlen;
-  auto kernel = fwd_chlast_pipe_kernel<W, T, C, S, MINB, kRows, RW>;
+  auto kernel = fwd_chlast_pipe_kernel<W, T, C, S, MINB, kRows>;
   static const int occ = occupancy(kernel, 128);
   const int64_t bpc = chlast_pipe_bpc(occ, rows, ncg, 2.0);
   const int64_t rows_per_warp = (rows + 4 * bpc - 1) / (4 * bpc);
@@ -168,10 +159,6 @@ void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s) {
       if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
         if (tune_variant() == 1) return launch_fwd_chlast_pipe<W, T, 4, 6, 5>(p, s);
         if (tune_variant() == 2) return launch_fwd_chlast_pipe<W, T, 8, 4, 3>(p, s);
-        if (tune_variant() == 3) return launch_fwd_chlast_pipe<W, T, 4, 4, 4, false, 8>(p, s);
-        if (tune_variant() == 4) return launch_fwd_chlast_pipe<W, T, 4, 5, 3, false, 8>(p, s);
-        if (tune_variant() == 5) return launch_fwd_chlast_pipe<W, T, 4, 6, 4, false, 8>(p, s);
-        if (tune_variant() == 6) return launch_fwd_chlast_pipe<W, T, 4, 6, 4, false, 6>(p, s);
         return launch_fwd_chlast_pipe<W, T, 4, 8, 5>(p, s);
       }
       launch_fwd_chlast_pipe<W, T, 8, sizeof(T) == 4 ? 2 : 4, W <= 4 ? 3 : 2>(p, s);

@@ -148,15 +148,12 @@ struct SegIter {
     ts = t0 - lead;
   }
   __device__ __forceinline__ bool done() const { return r >= r1; }
-  // true when it moved to a new segment (b, t0, ts changed)
-  __device__ __forceinline__ bool next() {
+  __device__ __forceinline__ void next() {
     ts += RW;
     if (ts >= t1 + tail) {
       r += t1 - t0;
       if (r < r1) set_segment();
-      return true;
     }
-    return false;
   }
 };
 
