@@ -40,17 +40,22 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
 
   const bool whole = t_end <= L;
-  #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int s0 = t_start + (k * 32 + lane) * 8;
-    if (whole) {
-      cp_async_whole<8, R>(&q[k][0][tid][0], xr + s0);
-      cp_async_whole<8, R>(&q[k][1][tid][0], dr + s0);
-    } else {
+  if (whole) {  // one branch around the staging, not one per vector (fwd_lcontig_oneshot.cu)
+    const int s0 = t_start + lane * 8;
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+      cp_async_whole<8, R>(&q[k][0][tid][0], xr + s0 + k * 256);
+      cp_async_whole<8, R>(&q[k][1][tid][0], dr + s0 + k * 256);
+      if ((k + 1) % KG == 0) cp_async_commit();
+    }
+  } else {
+    #pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int s0 = t_start + (k * 32 + lane) * 8;
       cp_async_run<8, R>(&q[k][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
       cp_async_run<8, R>(&q[k][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
+      if ((k + 1) % KG == 0) cp_async_commit();
     }
-    if ((k + 1) % KG == 0) cp_async_commit();
   }
   float wr[W], bias, tail[H];  // tail: the w-1 inputs before the current vector
   row_side<W>(p, xr, t_start, b, c, wr, bias, tail);
