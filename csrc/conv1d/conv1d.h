@@ -222,6 +222,9 @@ __device__ __forceinline__ bool vec_ok(const R* p, int64_t step = 0) {
 
 // N packed elements -> floats. bf16 by integer ops on 32-bit pairs: the high element is the
 // word masked (one LOP3, where the generic path spends a PRMT and a shift); exact either way.
+// Used where the words come from shared memory (smem_run_to_float); RawRun / load_vec keep the
+// per-element conversion: with this one the v2 channel-last backward (bwd_chlast.cuh) ran 20%
+// slower on an H200 for no difference visible in its SASS (docs/perf-log.md, session 17).
 template <int N, typename R>
 __device__ __forceinline__ void packed_to_float(const void* w, float (&v)[N]) {
   if constexpr (std::is_same_v<R, __nv_bfloat16>) {
@@ -249,7 +252,11 @@ struct RawRun {
     for (int i = 0; i < Words<N, R>::kCount; ++i)
       w[i] = reinterpret_cast<const typename Words<N, R>::W*>(p)[i];
   }
-  __device__ __forceinline__ void to_float(float (&v)[N]) const { packed_to_float<N, R>(w, v); }
+  __device__ __forceinline__ void to_float(float (&v)[N]) const {
+    const R* e = reinterpret_cast<const R*>(w);
+    #pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
+  }
 };
 
 // Fast path: N elements with whole-word loads; the caller checked vec_ok and the range. Call it
@@ -260,7 +267,9 @@ __device__ __forceinline__ void load_vec(const R* p, float (&v)[N]) {
   typename Wd::W w[Wd::kCount];
   #pragma unroll
   for (int i = 0; i < Wd::kCount; ++i) w[i] = reinterpret_cast<const typename Wd::W*>(p)[i];
-  packed_to_float<N, R>(w, v);
+  const R* e = reinterpret_cast<const R*>(w);
+  #pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = Elem<R>::tof(e[i]);
 }
 
 // Slow path: element loads, n of them valid (the rest read as 0).

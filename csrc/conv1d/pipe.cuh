@@ -54,11 +54,10 @@ __device__ __forceinline__ void cp_async_whole(void* dst, const R* src) {
 // N elements from shared memory (written by cp_async_run) as floats.
 template <int N, typename R>
 __device__ __forceinline__ void smem_run_to_float(const void* src, float (&v)[N]) {
-  RawRun<N, R> r;
+  typename Words<N, R>::W w[Words<N, R>::kCount];
   #pragma unroll
-  for (int i = 0; i < Words<N, R>::kCount; ++i)
-    r.w[i] = static_cast<const typename Words<N, R>::W*>(src)[i];
-  r.to_float(v);
+  for (int i = 0; i < Words<N, R>::kCount; ++i) w[i] = static_cast<const typename Words<N, R>::W*>(src)[i];
+  packed_to_float<N, R>(w, v);
 }
 
 // N floats -> global memory as whole words (N*sizeof(R) a multiple of 8 bytes; p aligned to
