@@ -196,10 +196,12 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 }
 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd) {
-  // The backward by default only where a row fits one 4 KB tile (no look-back / look-ahead
-  // loads): on an H200 it was 11% faster at b4 L2048 and 16% slower at b1 L16384 (perf-log v6).
+  // The backward by default where a row fits one 4 KB tile, and at 16-bit widths <= 4 (its
+  // unrolled configuration) for any length: on an H200 2.5% faster than the streaming kernel at
+  // b1 L16384 since session 17 (156 against 160 us; 16% slower before, perf-log v6 / v8).
   const std::string impl = conv_impl(op);
-  const bool dflt = impl.empty() && (!bwd || p.seqlen * esize <= 4096);
+  const bool dflt =
+      impl.empty() && (!bwd || p.seqlen * esize <= 4096 || (esize == 2 && p.width <= 4));
   return !chlast && (impl == "oneshot" || dflt) && pipe_ok(p, esize, chlast, bwd);
 }
 
