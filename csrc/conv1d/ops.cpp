@@ -174,12 +174,12 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
 }
 
 // Which kernels run. Default, where pipe_ok says a fast path applies: the one-shot kernels for
-// the l-contiguous forward and, where a row fits one tile, backward; the streaming kernels
-// (pipe.cuh) for the channel-last forward and the other l-contiguous backwards; v2 for the
-// channel-last backward (each the fastest measured on an H200: docs/perf-log.md,
-// causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs). MLMAMBA_CONV1D_IMPL=pipe or =v2
-// forces one where it applies, =oneshot the one-shot l-contiguous kernels (A/B timing; read per
-// call); any other non-empty value is an error.
+// the l-contiguous forward and backward (the backward at 16-bit widths <= 4 and where a row
+// fits one tile); the streaming kernels (pipe.cuh) for the channel-last forward and the other
+// l-contiguous backwards; v2 for the channel-last backward (each the fastest measured on an
+// H200: docs/perf-log.md, causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs).
+// MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies, =oneshot the one-shot
+// l-contiguous kernels (A/B timing; read per call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
   const char* e = std::getenv("MLMAMBA_CONV1D_IMPL");
   const std::string impl = e != nullptr ? e : "";
