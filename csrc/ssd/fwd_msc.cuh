@@ -9,6 +9,7 @@
 #include "common/device_utils.cuh"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
+#include "ssd/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {
@@ -30,21 +31,31 @@ struct MscRaw {
   static constexpr int CPR = P / 8, ROWS = kChunk + kMscLB, BYTES = ROWS * P * 2;
 };
 
-// One warp: the raster positions of chunk c0's tokens and of its look-back tokens into ord (-1
-// outside the sequence).
-__device__ __forceinline__ void msc_fetch_positions(int* ord, const int* order, int64_t len,
-                                                    int64_t c0, int lane) {
+// One warp, in two steps: the raster positions of chunk c0's tokens and of its look-back tokens
+// into registers (-1 outside the sequence or past len: an unchecked order reads zeros there
+// and writes nothing), then into ord. Apart, the loads can run a chunk ahead of their use.
+struct MscPos {
+  int v[3];  // tokens c0 + 2 lane, c0 + 2 lane + 1; look-back token c0 - 3 + lane (lane < 3)
+};
+__device__ __forceinline__ MscPos msc_load_positions(const int* order, int64_t len, int64_t c0,
+                                                     int lane) {
+  MscPos r;
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int64_t tk = c0 + 2 * lane + k;
-    int pos = tk < len ? order[tk] : -1;
-    if (pos >= len) pos = -1;  // not a position (unchecked orders): read zeros, write nothing
-    ord[kMscLB + 2 * lane + k] = pos;
+    r.v[k] = tk < len ? __ldg(order + tk) : -1;
   }
-  if (lane < kMscLB) {
-    const int pos = c0 - kMscLB + lane >= 0 ? order[c0 - kMscLB + lane] : -1;
-    ord[lane] = pos < len ? pos : -1;
-  }
+  r.v[2] = lane < kMscLB && c0 - kMscLB + lane >= 0 ? __ldg(order + c0 - kMscLB + lane) : -1;
+  return r;
+}
+__device__ __forceinline__ void msc_store_positions(int* ord, const MscPos& r, int64_t len, int lane) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k) ord[kMscLB + 2 * lane + k] = r.v[k] < len ? r.v[k] : -1;
+  if (lane < kMscLB) ord[lane] = r.v[2] < len ? r.v[2] : -1;
+}
+__device__ __forceinline__ void msc_fetch_positions(int* ord, const int* order, int64_t len,
+                                                    int64_t c0, int lane) {
+  msc_store_positions(ord, msc_load_positions(order, len, c0, lane), len, lane);
 }
 
 // Warp 0: the positions (above) and, with_dt (when no pre-pass made the vectors), the raw dt
@@ -221,8 +232,9 @@ __device__ __forceinline__ void msc_prefetch_acc(const int* ord, int sc, int nsc
 // The epilogue of a thread's two output rows of a scan: yacc[4 j8 + 2 hf], yacc[4 j8 + 2 hf + 1]
 // are head channels 8 j8 + 2 t (+1) of row hf, landing at raster position pos[hf] (< 0: not
 // stored). Merge 0: out[sc]; sum / mean: a running fp32 sum in acc that only this CTA touches,
-// scans in order (deterministic); the last scan writes out. Both rows' sixteen loads of the
-// running sum are in flight together (one round trip).
+// scans in order (deterministic): scan 0 stores it, the middle scans add to it at L2
+// (red_add_f32x2: no round trip; the same fp32 sum, subnormals flushed), the last scan reads
+// it (both rows' sixteen loads in flight together) and writes out.
 __device__ __forceinline__ void msc_store(const float* yacc, const int (&pos)[2], int sc,
                                           int nscans, int64_t bidx, int h, int t,
                                           const FwdParams& p) {
@@ -246,38 +258,38 @@ __device__ __forceinline__ void msc_store(const float* yacc, const int (&pos)[2]
   auto acc_at = [&](int ps) {
     return m.acc + ((bidx * p.seqlen + ps) * p.nheads + h) * p.headdim + 2 * t;
   };
-  float2 v[2][8];
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) v[hf][j8] = make_float2(yacc[4 * j8 + 2 * hf], yacc[4 * j8 + 2 * hf + 1]);
-  if (sc > 0) {
-    float2 o[2][8];
+  if (sc + 1 < nscans) {  // scan 0 stores the sum, the middle scans add to it
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const float* a = acc_at(pos[hf] < 0 ? 0 : pos[hf]);
+      if (pos[hf] < 0) continue;
+      float* a = acc_at(pos[hf]);
 #pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8)
-        o[hf][j8] = pos[hf] < 0 ? make_float2(0.f, 0.f) : *reinterpret_cast<const float2*>(a + 8 * j8);
+      for (int j8 = 0; j8 < 8; ++j8) {
+        const float2 v = make_float2(yacc[4 * j8 + 2 * hf], yacc[4 * j8 + 2 * hf + 1]);
+        if (sc == 0) *reinterpret_cast<float2*>(a + 8 * j8) = v;
+        else red_add_f32x2(a + 8 * j8, v);
+      }
     }
+    return;
+  }
+  float2 o[2][8];  // the last scan: the sum so far
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf)
+  for (int hf = 0; hf < 2; ++hf) {
+    const float* a = acc_at(pos[hf] < 0 ? 0 : pos[hf]);
 #pragma unroll
-      for (int j8 = 0; j8 < 8; ++j8) v[hf][j8].x += o[hf][j8].x, v[hf][j8].y += o[hf][j8].y;
+    for (int j8 = 0; j8 < 8; ++j8)
+      o[hf][j8] = pos[hf] < 0 ? make_float2(0.f, 0.f) : __ldcg(reinterpret_cast<const float2*>(a + 8 * j8));
   }
   const float scale = m.merge == 2 ? 1.f / nscans : 1.f;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     if (pos[hf] < 0) continue;
-    float* a = acc_at(pos[hf]);
     __nv_bfloat16* out = out_at(pos[hf]);
 #pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) {
-      if (sc + 1 < nscans) *reinterpret_cast<float2*>(a + 8 * j8) = v[hf][j8];
-      else
-        *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) =
-            __floats2bfloat162_rn(v[hf][j8].x * scale, v[hf][j8].y * scale);
-    }
+    for (int j8 = 0; j8 < 8; ++j8)
+      *reinterpret_cast<__nv_bfloat162*>(out + 8 * j8) =
+          __floats2bfloat162_rn((yacc[4 * j8 + 2 * hf] + o[hf][j8].x) * scale,
+                                (yacc[4 * j8 + 2 * hf + 1] + o[hf][j8].y) * scale);
   }
 }
 

@@ -102,13 +102,21 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   __syncthreads();
 
   // Chunk gn's positions (warp 0 of WG0, into buffer gn % 3), then its gathered loads into
-  // stage gn & 1 (all WG0 threads). Addresses are rebuilt from p at each call: nothing held in
-  // WG0's registers across the walk.
+  // stage gn & 1 (all WG0 threads). Calls run gn = 0, 1, 2, ...: warp 0 loads the next chunk's
+  // positions into registers (nxt) a call ahead, so no global round trip sits before the
+  // barrier. Addresses are rebuilt from p at each call.
+  MscPos nxt;
   auto load_chunk = [&](int gn) {
     const int s = gn & 1, sc = gn / nchunks, c = gn - sc * nchunks;
     int* ord = ordsm + (gn % 3) * kMscOrd;
-    if (wq == 0)
-      msc_fetch_positions(ord, p.msc.orders + sc * p.seqlen, len, static_cast<int64_t>(c) * Q, lane);
+    if (wq == 0) {
+      if (gn == 0) nxt = msc_load_positions(p.msc.orders, len, 0, lane);
+      msc_store_positions(ord, nxt, len, lane);
+      if (gn + 1 < total) {
+        const int sn = (gn + 1) / nchunks, cn = gn + 1 - sn * nchunks;
+        nxt = msc_load_positions(p.msc.orders + sn * p.seqlen, len, static_cast<int64_t>(cn) * Q, lane);
+      }
+    }
     bar_sync_n(kBarWg0, NW);  // the positions, for every WG0 thread
     const bf16* rows = static_cast<const bf16*>(p.x) + bidx * p.x_b;
     msc_issue_raw_inplace<P, NW>(smem_u32(Xs(s)), smem_u32(LBs(s)), ord, rows, p.x_l, h * p.x_h, tid);

@@ -113,6 +113,16 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
 #endif
 }
 
+// dst[0], dst[1] += v.x, v.y at L2, without a round trip (one vector reduction; sm_90). The
+// float reductions flush subnormal inputs and results to zero (SASS REDG ... .FTZ.RN).
+__device__ __forceinline__ void red_add_f32x2(float* dst, float2 v) {
+#if MLM_SM90
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(v.x), "f"(v.y) : "memory");
+#else
+  __trap();
+#endif
+}
+
 // TMA stores (bulk groups): one thread writes a box of shared memory at src to a 4-D tensor
 // map's tensor at coordinates (c0 innermost .. c3). The writers of src first run
 // fence_async_smem (wgmma.cuh) and meet the issuing thread at a barrier.

@@ -41,7 +41,7 @@ def dump(path):
         got = ssd_scan(**t, dt_softplus=True, return_final_states=fin)
         out[name] = [v.cpu() for v in (got if fin else (got,))]
         print(name, "done", flush=True)
-    for kind in ("cross", "bidirectional"):
+    for kind in ("cross", "bidirectional", "random"):
         a = make_inputs(4, 24, 24, 8, 64, 128, kind, "cuda", torch.bfloat16, 7)
         out[f"msc_{kind}"] = [msc_scan(**a).cpu()]
         print(f"msc_{kind} done", flush=True)
