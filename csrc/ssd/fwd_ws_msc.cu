@@ -247,8 +247,13 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 #pragma unroll
     for (int k = 0; k < 4; ++k) wgmma_m64n64_ss<0, 1>(yacc, desc_k(Ms, k), desc_mn(X, k), true);
     wgmma_commit();
+    uint32_t xd[2][8];  // D x's words of X, read while the products run
+    msc_x_words(xd, X, wq, g, t);
     wgmma_wait<0>();
     mbar_arrive(mfree);  // completion gc
+    // done with C, X and the vectors of stage s: WG0 loads chunk gc + 2 during the epilogue
+    // (its positions sit in buffer (gc + 2) % 3; this chunk's stay until chunk gc + 1 is done)
+    mbar_arrive(empty0 + 8 * s);
 
     // ---- epilogue: + D x, merge ----
     int pos[2];
@@ -256,10 +261,9 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     for (int hf = 0; hf < 2; ++hf) {
       const int i = 16 * wq + g + 8 * hf;
       pos[hf] = i < nvalid ? ordsm[(gc % 3) * kMscOrd + kMscLB + i] : -1;
-      if (i < nvalid) wg::finish_row(yacc + 2 * hf, X, Dsm, p, bidx, c0 + i, h, i, g, t);
     }
+    if (p.D != nullptr) msc_add_dx(yacc, xd, Dsm, t);  // rows past nvalid are not stored
     msc_store(yacc, pos, sc, nscans, bidx, h, t, p);
-    mbar_arrive(empty0 + 8 * s);  // done with C, X, the vectors of stage s and the positions
   }
 }
 
@@ -273,6 +277,7 @@ const char* launch_ws_msc(const FwdParams& p, cudaStream_t stream) {
 
 const char* launch_msc_fwd_ws(const FwdParams& p, int dstate, cudaStream_t stream) {
   if (p.headdim != P) return "headdim must be 64";
+  if (p.z != nullptr) return "it does not take z";
   if (!p.tma) return "it needs TMA maps of the conv'd B and C";
   if (!p.vec_buf) return "it needs the chunk-vector pre-pass (not with MLMAMBA_SSD_FWD_VEC=0)";
   if (dstate == 64) return launch_ws_msc<64>(p, stream);

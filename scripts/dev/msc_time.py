@@ -1,5 +1,6 @@
 """The fused msc_scan forward by merge mode and scan count (bench timing, one input set):
-    python3 scripts/dev/msc_time.py [b H W h]   (default: issue 8's cross case, b32 24x24 h32)
+    python3 scripts/dev/msc_time.py [b H W h [kind]]   (default: issue 8's cross case, b32 24x24
+    h32; kind: cross, bidirectional or random)
 MSC_TIME_WS=0,1 times each case under those MLMAMBA_MSC_WS values, interleaved (A/B).
 """
 import os
@@ -16,10 +17,11 @@ from bench.common import _time_once  # noqa: E402
 
 def main():
     b, H, W, h = (list(map(int, sys.argv[1:5])) or [32, 24, 24, 32])
+    kind = sys.argv[5] if len(sys.argv) > 5 else "cross"
     dev = torch.device("cuda")
-    a = make_inputs(b, H, W, h, 64, 128, "cross", dev, torch.bfloat16, 0)
+    a = make_inputs(b, H, W, h, 64, 128, kind, dev, torch.bfloat16, 0)
     op = torch.ops.mlmamba.msc_scan_fwd
-    for k in (4, 1):
+    for k in (a["orders"].shape[0], 1):
         for merge in ("mean", "none"):
             s = {n: (v[:k] if n in ("A", "D", "conv_weight", "conv_bias", "dt_bias", "orders")
                      else v) for n, v in a.items()}
@@ -32,7 +34,7 @@ def main():
                     os.environ["MLMAMBA_MSC_WS"] = ws
                 f()
                 us = statistics.median(_time_once(f, dev, 20, lead=True) * 1e6 for _ in range(5))
-                print(f"b{b} {H}x{W} h{h} k{k} merge {merge}{' ws ' + ws if ws else ''}: "
+                print(f"{kind} b{b} {H}x{W} h{h} k{k} merge {merge}{' ws ' + ws if ws else ''}: "
                       f"{us:.1f} us ({us / k:.1f} per scan)", flush=True)
 
 
