@@ -2,9 +2,9 @@
 // MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel; docs/perf-log.md "msc_scan"). The split of
 // fwd_ws.cu (v11) for the k scans of a patch grid, one CTA per (row, head), one scan after
 // another:
-//   WG0 (mask, state, loads): M = C B^T -> mask -> Mbuf; S = decay S + (w o X)^T B -> Sbuf
-//                 (zeroed at each scan's start); then chunk g + 2's positions and its gathered
-//                 loads (cp.async, completed on the stage's mbarrier) once WG1 is done with g
+//   WG0 (mask, state, loads): M = C B^T -> mask -> Mbuf; then chunk g + 1's positions and its
+//                 gathered loads (cp.async, completed on the stage's mbarrier) once WG1 is done
+//                 with g - 1; S = decay S + (w o X)^T B -> Sbuf (zeroed at each scan's start)
 //   WG1 (conv, output): the conv of the raw x rows in place into the X tile, Y = C S^T,
 //                 Y += M X, the epilogue with the scans' merge (msc_store)
 // The chunk counter g runs over all scans (stages, parities and loads continue across a scan
@@ -167,6 +167,14 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       uint32_t ma[4][4];
       wg::mask_m(ma, macc, cv, wq, g, t);
       hand_over_m(ma, m_base, mfree, mready, gc);  // M of chunk gc to WG1
+      if (gc >= 1 && gc + 1 < total) {
+        // chunk gc + 1's loads, after M (WG1 waits for M; the loads have a chunk to land):
+        // stage (gc + 1) & 1 once both warpgroups are done with chunk gc - 1 (WG1 arrives after
+        // its Y += M X, and after chunk gc - 2's epilogue, whose positions buffer this reuses)
+        wait_phase(empty0 + 8 * (s ^ 1), ((gc - 1) >> 1) & 1);
+        __syncwarp();
+        load_chunk(gc + 1);
+      }
       wait_phase(xready, gc & 1);     // the X tile (conv'd by WG1)
       __syncwarp();
       uint32_t xa[4][4];
@@ -182,12 +190,6 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       wg::store_state(sacc, st_base);
       fence_async_smem();
       mbar_arrive(sready);  // completion gc + 1
-      if (gc + 2 < total) {
-        // WG1 is done with stage s and with chunk gc - 1's positions (buffer (gc + 2) % 3)
-        wait_phase(empty0 + 8 * s, (gc >> 1) & 1);
-        __syncwarp();
-        load_chunk(gc + 2);
-      }
     }
     return;
   }
