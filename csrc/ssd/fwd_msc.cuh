@@ -260,7 +260,8 @@ __device__ __forceinline__ void msc_add_dx(float* yacc, const uint32_t (&xd)[2][
 // stored). Merge 0: out[sc]; sum / mean: a running fp32 sum in acc that only this CTA touches,
 // scans in order (deterministic): scan 0 stores it, the middle scans add to it at L2
 // (red_add_f32x2: no round trip; the same fp32 sum, subnormals flushed), the last scan reads
-// it (both rows' sixteen loads in flight together) and writes out.
+// it from L2 (ld.cg: this SM's L1 may hold a line older than the reductions; both rows'
+// sixteen loads in flight together) and writes out.
 __device__ __forceinline__ void msc_store(const float* yacc, const int (&pos)[2], int sc,
                                           int nscans, int64_t bidx, int h, int t,
                                           const FwdParams& p) {
