@@ -340,9 +340,8 @@ __device__ __forceinline__ void zero_if(bool zero, float (&v)[N]) {
 // sigmoid through the hardware exp2 and reciprocal (a few ulp; no IEEE-division slow path):
 // these kernels are memory-bound only while the arithmetic per element stays this short.
 __device__ __forceinline__ float fast_sigmoid(float x) {
-  float e, r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * -1.4426950408889634f));
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + exp2_approx(x * -kLog2e)));
   return r;
 }
 __device__ __forceinline__ float act_fwd(float pre, bool silu) {

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common/cp_async.cuh"
+#include "common/device_utils.cuh"
 
 // device code for sm_90 or newer (TMA, mbarrier waits, proxy fences); 0 in host code and
 // in the default build's sm_80 pass, where those helpers trap instead
@@ -145,13 +146,7 @@ __device__ __forceinline__ void split_bf16(float v0, float v1, uint32_t& hi, uin
   lo = pack_bf16(v0 - h.x, v1 - h.y);
 }
 
-// 2^x on the special-function unit (flushes results below 2^-126 to zero).
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-constexpr float kLog2e = 1.4426950408889634f;
+// exp2_approx, kLog2e: common/device_utils.cuh
 
 
 // ---- runtime-typed scalar loads for small side inputs (dt, z, states) -------------------

@@ -229,32 +229,6 @@ __device__ __forceinline__ void msc_prefetch_acc(const int* ord, int sc, int nsc
   asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
 }
 
-// The X words of a thread's two output rows (16 w + g, + 8) that D x needs (finish_row's reads
-// of the swizzled tile, taken early: the stage can be released before the epilogue) and the
-// term itself, operation for operation finish_row's (p.z unset).
-__device__ __forceinline__ void msc_x_words(uint32_t (&xd)[2][8], const unsigned char* X, int w,
-                                            int g, int t) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int i = 16 * w + g + 8 * hf;
-#pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8)
-      xd[hf][j8] = *reinterpret_cast<const uint32_t*>(X + i * 128 + ((g ^ j8) << 4) + 4 * t);
-  }
-}
-__device__ __forceinline__ void msc_add_dx(float* yacc, const uint32_t (&xd)[2][8], const float* Dsm,
-                                           int t) {
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) {
-      const float2 xv = unpack_bf16(xd[hf][j8]);
-      const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
-      yacc[4 * j8 + 2 * hf] = fmaf(dv.x, xv.x, yacc[4 * j8 + 2 * hf]);
-      yacc[4 * j8 + 2 * hf + 1] = fmaf(dv.y, xv.y, yacc[4 * j8 + 2 * hf + 1]);
-    }
-}
-
 // The epilogue of a thread's two output rows of a scan: yacc[4 j8 + 2 hf], yacc[4 j8 + 2 hf + 1]
 // are head channels 8 j8 + 2 t (+1) of row hf, landing at raster position pos[hf] (< 0: not
 // stored). Merge 0: out[sc]; sum / mean: a running fp32 sum in acc that only this CTA touches,

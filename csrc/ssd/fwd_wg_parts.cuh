@@ -188,6 +188,14 @@ __device__ __forceinline__ void scale_y(float (&yacc)[32], const ChunkVecs& cv, 
   }
 }
 
+// y[4 j8], y[4 j8 + 1] += D x for the lane's X word j8 of a chunk row (columns 8 j8 + 2 t, +1)
+__device__ __forceinline__ void add_dx(float* y, uint32_t xw, const float* Dsm, int t, int j8) {
+  const float2 xv = unpack_bf16(xw);
+  const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
+  y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
+  y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
+}
+
 // Epilogue of chunk row i (token tok) in y[4 j8], y[4 j8 + 1] (columns 8 j8 + 2 t, +1): + D x,
 // * silu(z). The swizzled X row i holds the lane's columns at byte (i * 128 + 4 t) ^
 // (((i & 7) ^ j8) << 4), i & 7 = g.
@@ -197,12 +205,8 @@ __device__ __forceinline__ void finish_row(float* y, const unsigned char* X, con
   if (p.D != nullptr) {
     const unsigned char* xrow = X + i * 128 + (g << 4) + 4 * t;
 #pragma unroll
-    for (int j8 = 0; j8 < 8; ++j8) {
-      const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(X + ((xrow - X) ^ (j8 << 4))));
-      const float2 dv = *reinterpret_cast<const float2*>(Dsm + 8 * j8 + 2 * t);
-      y[4 * j8] = fmaf(dv.x, xv.x, y[4 * j8]);
-      y[4 * j8 + 1] = fmaf(dv.y, xv.y, y[4 * j8 + 1]);
-    }
+    for (int j8 = 0; j8 < 8; ++j8)
+      add_dx(y, *reinterpret_cast<const uint32_t*>(X + ((xrow - X) ^ (j8 << 4))), Dsm, t, j8);
   }
   if (p.z != nullptr) {
     const int64_t zo = bidx * p.z_b + tok * p.z_l + h * p.z_h + 2 * t * p.z_p;

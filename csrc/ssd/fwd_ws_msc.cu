@@ -249,8 +249,14 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 #pragma unroll
     for (int k = 0; k < 4; ++k) wgmma_m64n64_ss<0, 1>(yacc, desc_k(Ms, k), desc_mn(X, k), true);
     wgmma_commit();
-    uint32_t xd[2][8];  // D x's words of X, read while the products run
-    msc_x_words(xd, X, wq, g, t);
+    uint32_t xd[2][8];  // D x's words of X (finish_row's), read while the products run
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int j8 = 0; j8 < 8; ++j8) {  // row i = 16 wq + g + 8 hf (i & 7 = g), word (g ^ j8)
+        const unsigned char* w = X + (16 * wq + g + 8 * hf) * 128 + ((g ^ j8) << 4) + 4 * t;
+        xd[hf][j8] = *reinterpret_cast<const uint32_t*>(w);
+      }
     wgmma_wait<0>();
     mbar_arrive(mfree);  // completion gc
     // done with C, X and the vectors of stage s: WG0 loads chunk gc + 2 during the epilogue
@@ -264,7 +270,12 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       const int i = 16 * wq + g + 8 * hf;
       pos[hf] = i < nvalid ? ordsm[(gc % 3) * kMscOrd + kMscLB + i] : -1;
     }
-    if (p.D != nullptr) msc_add_dx(yacc, xd, Dsm, t);  // rows past nvalid are not stored
+    if (p.D != nullptr) {  // rows past nvalid are not stored
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int j8 = 0; j8 < 8; ++j8) wg::add_dx(yacc + 2 * hf, xd[hf][j8], Dsm, t, j8);
+    }
     msc_store(yacc, pos, sc, nscans, bidx, h, t, p);
   }
 }
