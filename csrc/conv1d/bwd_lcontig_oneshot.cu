@@ -4,10 +4,9 @@
 // tile of K 8-element vectors per lane; x and dout go by cp.async into shared memory in G
 // groups. Per vector (rolled, or by 2 in whole tiles): g = dout * act'(pre) one vector ahead
 // (lane 31's dx needs the next vector's first g), then dx of the vector. Lane 0's look-back
-// and every lane's look-ahead
-// (the 8 inputs and douts after the tile, for lane 31 of the last vector) are 16-byte loads
-// (L2 hits: the neighbouring warps read them too). dweight/dbias: the warp's sums go to its
-// tile's slot, reduced in a fixed order (reduce.cu).
+// and every lane's look-ahead (the 8 inputs and douts after the tile, for lane 31 of the last
+// vector) are 16-byte loads (L2 hits: the neighbouring warps read them too). dweight/dbias:
+// the warp's sums go to its tile's slot, reduced in a fixed order (reduce.cu).
 #include <type_traits>
 
 #include "common/check.h"

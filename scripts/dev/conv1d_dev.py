@@ -111,8 +111,8 @@ def sweep():
 # (kind, label, MLMAMBA_CONV1D_IMPL, MLMAMBA_CONV1D_WAVES, MLMAMBA_CONV1D_TUNE); "" = unset.
 # The tuning variants (bf16 width 4; see the *_pipe.cu launchers): fwd l-contig 1 = 1 KB tiles
 # at 6 blocks/SM, 2 = 4 stages; fwd channel-last (default: 4 channels per lane, 8 stages, 5
-# blocks/SM) 1 = 6 stages, 2 = 8 channels per lane at 3 blocks/SM; bwd l-contig 1 = the earlier 1 KB tiles (K 2, 3
-# stages, 5 blocks/SM).
+# blocks/SM) 1 = 6 stages, 2 = 8 channels per lane at 3 blocks/SM; bwd l-contig 1 = the earlier
+# 1 KB tiles (K 2, 3 stages, 5 blocks/SM).
 # Caution: these are host-side timings (events around ~10 Python calls), which add host launch
 # cost to ~50 us kernels: ncu put the same fwd l-contig kernel at 50 us where this reads 57-62.
 VARIANTS = [("fwd", "default", "", "", ""), ("fwd", "v2", "v2", "", ""),
