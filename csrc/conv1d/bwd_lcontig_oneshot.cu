@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
     }
   }
   float wr[W], bias, tail[H];  // tail: the w-1 inputs before the current vector
-  row_side<W>(p, xr, t_start, b, c, wr, bias, tail);
+  row_side<W>(p, xr, t_start, seg, b, c, wr, bias, tail);
   float xa[8], da[8];  // after the tile (zeros past the end)
   load8_any(xr, t_end < L ? t_end : 0, t_end < L ? L - t_end : 0, xa);
   load8_any(dr, t_end < L ? t_end : 0, t_end < L ? L - t_end : 0, da);
@@ -180,7 +180,8 @@ struct BwdLOneshot {
     const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
     MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
     MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_bwd: input too large for the one-shot kernel");
-    bwd_lcontig_oneshot_kernel<W, T, K, MINB, G, U><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
+    auto kernel = bwd_lcontig_oneshot_kernel<W, T, K, MINB, G, U>;
+    kernel<<<static_cast<unsigned>((ntiles + 3) / 4), 128, occupancy_pad(kernel, blocks_knob()), s>>>(
         p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
     MLM_CHECK_LAUNCH();
   }

@@ -87,9 +87,11 @@ int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_pe
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
-// One-shot l-contiguous kernels (*_lcontig_oneshot.cu): where pipe_ok holds. Backward:
+// One-shot l-contiguous kernels (*_lcontig_oneshot*.cu): the forward where oneshot_fwd_ok holds
+// (_any: rows off 16-byte boundaries), the backward where pipe_ok does, with
 // p.nslots_per_batch = bwd_lcontig_oneshot_tiles(p) (tiles per row).
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
+void fwd_lcontig_oneshot_any(const ConvParams& p, int xdtype, cudaStream_t s);
 int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype);
 void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 // l-contiguous backward: p.nslots_per_batch = bwd_lcontig_pipe_tiles(p) (tiles per row).
@@ -112,6 +114,16 @@ inline bool pipe_ok(const ConvParams& p, int esize, bool chlast, bool bwd) {
   ok = ok && (chlast ? p.dim % 8 == 0 && st(p.x_l) && st(p.out_l) : st(p.x_d) && st(p.out_d));
   if (bwd) ok = ok && al(p.dout) && st(p.dout_b) && st(chlast ? p.dout_l : p.dout_d);
   return ok;
+}
+
+// The one-shot l-contiguous forward's: pipe_ok's, except that rows may start anywhere, as long
+// as x's and out's rows start equally far past a 16-byte boundary.
+inline bool oneshot_fwd_ok(const ConvParams& p, int esize) {
+  auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  constexpr int64_t kMax = int64_t(1) << 30;
+  const int64_t e = 16 / esize;  // elements per 16 bytes
+  return p.seq == nullptr && al(p.x) && al(p.out) && (p.x_b - p.out_b) % e == 0 &&
+         (p.x_d - p.out_d) % e == 0 && p.batch < kMax && p.dim < kMax && p.seqlen < kMax;
 }
 
 // Tile sizes the host needs to size the workspace.

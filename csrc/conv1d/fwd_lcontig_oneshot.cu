@@ -1,143 +1,23 @@
-// Causal conv1d forward, l contiguous, one-shot fast path (no seq_idx, 16-byte aligned rows;
-// pipe_ok). Shaped like torch's elementwise kernels: one warp per tile of 256*K elements of
-// one row, blocks in address order, each lane loads its K 8-element vectors once, computes,
-// stores and exits. On an H200 a one-shot copy ran at 98-100% of cudaMemcpy where warps that
-// each walk a range of tiles (the pipe kernels) ran at 89-93% (scripts/dev/copy_order.cu).
+// Causal conv1d forward, l contiguous, one-shot fast path (no seq_idx, 16-byte aligned
+// tensors; rows may start anywhere: oneshot_fwd_ok). Shaped like torch's elementwise kernels:
+// one warp per tile of 256*K elements of one row, blocks in address order, each lane loads its
+// K 8-element vectors once, computes, stores and exits. On an H200 a one-shot copy ran at
+// 98-100% of cudaMemcpy where warps that each walk a range of tiles (the pipe kernels) ran at
+// 89-93% (scripts/dev/copy_order.cu). A row that starts a0 elements before a 16-byte boundary
+// has its tiles start at position a0, so every vector is aligned; lane 0 of its first tile
+// computes positions 0 .. a0-1 one by one.
 // The w-1 look-back comes from the previous lane by shuffle, for lane 0 from one 16-byte load
 // of the 8 elements before the tile (an L2 hit: the previous warp reads them too).
-#include <type_traits>
-
-#include "common/check.h"
-#include "conv1d/oneshot.cuh"
-#include "conv1d/switch.h"
+#include "conv1d/fwd_lcontig_oneshot.cuh"
 
 namespace mlmamba {
 namespace conv1d {
 
-// K 8-element vectors per lane; kAsync: they go through shared memory by cp.async (the bytes
-// in flight cost no registers) in G groups, each computed as soon as it lands (the later
-// groups stay in flight meanwhile), else straight into registers (G = 1).
-template <int W, typename T, int K, int MINB, bool kAsync, int G>
-__global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
-                                                                        uint32_t ntiles) {
-  using R = typename RawOf<T>::type;
-  constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount, KG = K / G;
-  static_assert(K % G == 0 && G <= 4 && (kAsync || G == 1), "groups");
-  __shared__ uint4 q[kAsync ? K : 1][128][V];  // [vector][thread][word]
-  const int tid = threadIdx.x, lane = tid & 31;
-  const uint32_t gt = blockIdx.x * 4u + (tid >> 5);
-  if (gt >= ntiles) return;  // whole warp
-  const uint32_t D = static_cast<uint32_t>(p.dim);
-  const auto [b, c, seg] = oneshot_tile(gt, nseg, D);
-  const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(seg) * kTile;
-  const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
-
-  // x first (all K vectors in flight), then the side loads, then wait. A whole tile (every
-  // tile but a row's last, as a rule) stages without the zero-fill arithmetic: one branch
-  // around the loop, not one per vector.
-  RawRun<8, R> raw[kAsync ? 1 : K];
-  const bool whole = t_start + kTile <= L;
-  const R* xl = xr + t_start + lane * 8;  // this lane's vector 0
-  if (whole) {
-    #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      if constexpr (kAsync) {
-        cp_async_whole<8, R>(&q[k][tid][0], xl + k * 256);
-        if ((k + 1) % KG == 0) cp_async_commit();
-      } else {
-        raw[k].load(xl + k * 256);
-      }
-    }
-  } else {
-    #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int s0 = t_start + (k * 32 + lane) * 8;
-      if constexpr (kAsync) {
-        cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
-        if ((k + 1) % KG == 0) cp_async_commit();
-      } else if (s0 + 8 <= L) {
-        raw[k].load(xr + s0);
-      } else {
-        R* e = reinterpret_cast<R*>(raw[k].w);
-        #pragma unroll
-        for (int i = 0; i < 8; ++i) e[i] = s0 + i < L ? xr[s0 + i] : Elem<R>::fromf(0.f);
-      }
-    }
-  }
-  float wr[W], bias, h0[H];  // h0: the inputs before the tile
-  row_side<W>(p, xr, t_start, b, c, wr, bias, h0);
-
-  // vector k is converted where it is used (raw words stay packed: fewer live registers, so
-  // more bytes in flight per SM); the wrap of vector k-1 into k comes from lane 31
-  R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
-  R* fr = p.final_states != nullptr && t_start + kTile > L - H
-              ? static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H
-              : nullptr;  // this tile holds some of the row's last w-1 inputs
-  float tail[H];  // the previous vector's last w-1 inputs (h0 before vector 0)
-  #pragma unroll
-  for (int j = 0; j < H; ++j) tail[j] = h0[j];
-  // one vector; kWhole: every position of the tile in range (no bounds checks)
-  auto vec = [&](auto whole_tag, int k) {
-    constexpr bool kWhole = decltype(whole_tag)::value;
-    const int s0 = t_start + (k * 32 + lane) * 8;
-    float xv[8];
-    if (kAsync && k % KG == 0) cp_async_wait_upto(G - 1 - k / KG);
-    if constexpr (kAsync) smem_run_to_float<8, R>(&q[k][tid][0], xv);
-    else raw[k].to_float(xv);
-    float h[H];
-    lookback<H>(xv, k, lane, tail, h);
-    if (!kWhole && s0 >= L) return;  // after the shuffles: every lane takes part in them
-    float o[8];
-    conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
-    if (kWhole || s0 + 8 <= L) store_run<8>(outr + s0, o);
-    else store_checked<8>(outr + s0, L - s0, o);
-    if (fr != nullptr && s0 + 8 > L - H) {  // final states
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int j = s0 + i - (L - H);
-        if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
-      }
-    }
-  };
-  if (whole) {
-    #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time
-    for (int k = 0; k < K; ++k) vec(std::true_type{}, k);
-  } else {
-    #pragma unroll (kAsync ? 1 : K)
-    for (int k = 0; k < K; ++k) vec(std::false_type{}, k);
-  }
-  if (fr != nullptr && t_start == 0 && lane == 0 && L < H) {  // initial states in front
-    #pragma unroll
-    for (int j = 0; j < H; ++j)
-      if (j >= L) fr[j - L] = Elem<R>::fromf(h0[j]);
-  }
-}
-
-template <int W, typename T, int K, int MINB, bool kAsync = true, int G = 1>
-void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s) {
-  const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
-  MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
-  fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync, G><<<static_cast<unsigned>((ntiles + 3) / 4), 128, 0, s>>>(
-      p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
-  MLM_CHECK_LAUNCH();
-}
-
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
   MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_fwd: input too large");
-  CONV_X_SWITCH(xdtype, T, [&] {
-    CONV_WIDTH_SWITCH(p.width, W, [&] {
-      // MLMAMBA_CONV1D_TUNE (bf16, width 4): 11 = x in registers (4 vectors per lane, 64
-      // registers), 13 = 4 cp.async groups. On an H200 both within 1% of the default at b1
-      // L16384 / b4 L2048 (docs/perf-log.md, causal_conv1d v6). Whole tiles unrolled by 2 / 8
-      // measured +0 / 1% (v7) and were removed.
-      if constexpr (std::is_same_v<T, at::BFloat16> && W == 4) {
-        if (tune_variant() == 11) return launch_fwd_lcontig_oneshot<W, T, 4, 8, false>(p, s);
-        if (tune_variant() == 13) return launch_fwd_lcontig_oneshot<W, T, 8, 10, true, 4>(p, s);
-      }
-      // 4 KB of x per warp in two cp.async groups; blocks per SM as the registers allow
-      launch_fwd_lcontig_oneshot<W, T, 8, sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8, true, 2>(p, s);
-  });
-  });
+  const int64_t e = 16 / (xdtype == kF32 ? 4 : 2);  // elements per 16 bytes
+  if (p.x_b % e == 0 && p.x_d % e == 0) fwd_lcontig_oneshot_rows<false>(p, xdtype, s);
+  else fwd_lcontig_oneshot_any(p, xdtype, s);
 }
 
 }  // namespace conv1d

@@ -15,23 +15,32 @@ __device__ __forceinline__ OneTile oneshot_tile(uint32_t gt, uint32_t nseg, uint
   return {b, row - b * D, gt - row * nseg};
 }
 
-// Row (b, c)'s reversed taps and bias, and the w-1 inputs before position t_start: x (one
-// 16-byte load of the 8 before it), or the initial states (zeros) at t = 0.
+// Row (b, c)'s input at position q < 0: its initial state (zero without them, or below -H).
+template <int H>
+__device__ __forceinline__ float input_before(const ConvParams& p, uint32_t b, uint32_t c, int q) {
+  return p.init != nullptr && q >= -H
+             ? load_any(p.init, b * p.init_b + c * p.init_d + (H + q) * p.init_k, p.init_dtype)
+             : 0.f;
+}
+
+// Row (b, c)'s reversed taps and bias, and the w-1 inputs before the tile at t_start: x (one
+// 16-byte load of the 8 before it; t_start on a 16-byte boundary), for the row's first tile
+// (seg 0) the initial states (zeros), the inputs before position 0.
 template <int W, typename R>
-__device__ __forceinline__ void row_side(const ConvParams& p, const R* xr, int t_start, uint32_t b,
-                                         uint32_t c, float (&wr)[W], float& bias, float (&before)[W - 1]) {
+__device__ __forceinline__ void row_side(const ConvParams& p, const R* xr, int t_start, uint32_t seg,
+                                         uint32_t b, uint32_t c, float (&wr)[W], float& bias,
+                                         float (&before)[W - 1]) {
   constexpr int H = W - 1;
   load_any_n<W>(p.weight, c * p.w_d + (W - 1) * p.w_k, -p.w_k, p.w_dtype, wr);
   bias = p.bias != nullptr ? load_any(p.bias, c * p.bias_s, p.bias_dtype) : 0.f;
-  if (t_start > 0) {
+  if (seg > 0) {
     float pv[8];
     load_vec<8>(xr + t_start - 8, pv);
     #pragma unroll
     for (int j = 0; j < H; ++j) before[j] = pv[8 - H + j];
   } else {
     #pragma unroll
-    for (int j = 0; j < H; ++j)
-      before[j] = p.init != nullptr ? load_any(p.init, b * p.init_b + c * p.init_d + j * p.init_k, p.init_dtype) : 0.f;
+    for (int j = 0; j < H; ++j) before[j] = input_before<H>(p, b, c, j - H);
   }
 }
 

@@ -202,7 +202,8 @@ bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bo
   const std::string impl = conv_impl(op);
   const bool dflt =
       impl.empty() && (!bwd || p.seqlen * esize <= 4096 || (esize == 2 && p.width <= 4));
-  return !chlast && (impl == "oneshot" || dflt) && pipe_ok(p, esize, chlast, bwd);
+  return !chlast && (impl == "oneshot" || dflt) &&
+         (bwd ? pipe_ok(p, esize, chlast, bwd) : oneshot_fwd_ok(p, esize));
 }
 
 namespace {

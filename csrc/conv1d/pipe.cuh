@@ -171,6 +171,26 @@ inline int tune_variant() {
   return e != nullptr ? std::atoi(e) : 0;
 }
 
+// The dynamic shared memory (unused) that leaves a kernel at most n blocks per SM (0: none).
+template <typename K>
+int occupancy_pad(K kernel, int n) {
+  if (n <= 0) return 0;
+  cudaFuncAttributes a;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a, kernel));
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int per = static_cast<int>(prop->sharedMemPerMultiprocessor / n) / 256 * 256;
+  const int pad = std::max(0, per - static_cast<int>(a.sharedSizeBytes) - static_cast<int>(prop->reservedSharedMemPerBlock));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
+  return pad;
+}
+
+// Developer switch (tuning): MLMAMBA_CONV1D_BLOCKS=n caps a one-shot kernel at n blocks per SM
+// (occupancy_pad); unset: -1, the kernel's own choice.
+inline int blocks_knob() {
+  const char* e = std::getenv("MLMAMBA_CONV1D_BLOCKS");
+  return e != nullptr && *e != 0 ? std::atoi(e) : -1;
+}
+
 // The grid of a persistent launch: `waves` times every SM full once (the forward kernels and
 // the l-contiguous backward measured fastest at 2 on an H200: docs/perf-log.md, causal_conv1d).
 // MLMAMBA_CONV1D_WAVES overrides it (tuning).

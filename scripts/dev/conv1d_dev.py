@@ -15,6 +15,7 @@ other families are still being written.
 """
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,7 @@ def _env(impl, waves, tune):
     os.environ["MLMAMBA_CONV1D_IMPL"] = impl
     os.environ["MLMAMBA_CONV1D_WAVES"] = waves
     os.environ["MLMAMBA_CONV1D_TUNE"] = tune
+    os.environ["MLMAMBA_CONV1D_BLOCKS"] = ""
 
 
 def _sets(b, l, d, w, cl, dev):
@@ -225,7 +227,10 @@ def prof():
 _ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
 GRAPH_VARIANTS = {
     False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
-    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13)],
+    + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=t))
+       for t in os.environ.get("GRAPH_TUNES", "11,13").split(",") if t]
+    + [(f"blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
+       for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n],
     True: [("default", {})] + [(f"tune{t}", {"MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
 }
 # (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
@@ -235,10 +240,13 @@ GRAPH_BWD_VARIANTS = {
     False: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
             ("bwd tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"}),
             ("bwd oneshot", _ONE)] + [
-        (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14)],
+        (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14)]
+    + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
+       for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})],
 }
-_KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE")
+_KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
+          "MLMAMBA_CONV1D_BLOCKS")
 
 
 def graph():
@@ -267,10 +275,16 @@ def graph():
 
     # GRAPH_CASES: which of lfwd, lbwd (l-contig), cfwd, cbwd (channel-last) to time
     cases = set(os.environ.get("GRAPH_CASES", "lfwd,lbwd,cfwd,cbwd").split(","))
-    for b, l, cl in ((4, 2048, False), (1, 16384, False), (4, 2048, True), (1, 16384, True)):
+    # GRAPH_SHAPES="b,l,cl;...": the shapes (cl 1: channel-last), default issue 3's four
+    shapes = [tuple(int(v) for v in sh.split(",")) for sh in
+              os.environ.get("GRAPH_SHAPES", "4,2048,0;1,16384,0;4,2048,1;1,16384,1").split(";")]
+    for b, l, cl in shapes:
+        cl = bool(cl)
         lay = "c" if cl else "l"
         variants = [v for v in GRAPH_VARIANTS[cl] if lay + "fwd" in cases]
         variants += [v for v in GRAPH_BWD_VARIANTS[cl] if lay + "bwd" in cases]
+        if os.environ.get("GRAPH_SKIP"):  # a regex of variant labels not to time
+            variants = [v for v in variants if not re.search(os.environ["GRAPH_SKIP"], v[0])]
         if not variants:
             continue
         sets = _sets(b, l, d, w, cl, dev)
