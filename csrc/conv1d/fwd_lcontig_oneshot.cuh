@@ -172,8 +172,8 @@ void fwd_lcontig_oneshot_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
       // elements that holds the row (a longer one leaves lanes idle: at bf16 w 4 on an H200,
       // b32 L512 53.7% of a same-size copy with 2048, 84.5% with 512; b16 L1024 83.3% / 93.8%
       // with 1024). Where one 2048 tile holds a row of 16-bit elements, at most 8 blocks per
-      // SM (128 KB of tiles in flight): b4 L2048 88.1 -> 90.2%, b8 92.9 -> 94.0% (perf-log,
-      // causal_conv1d / session 19).
+      // SM (128 KB of tiles in flight): b4 L2048 88.2 -> 89.7%, b8 93.1 -> 93.8%; no gain at
+      // longer rows (perf-log, causal_conv1d / session 19). The tuning variants: aligned rows.
       constexpr int MINB = sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8;
       const int64_t L = p.seqlen;
       if (L <= 512) return launch_fwd_lcontig_oneshot<kAny, W, T, 2, MINB, true, 1>(p, s);
