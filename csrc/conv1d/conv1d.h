@@ -103,27 +103,31 @@ void bwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 // Sums the partial workspace in a fixed order into dweight (d, w) and dbias (d,).
 void reduce_dweight(const ConvParams& p, int64_t nslots, void* dweight, void* dbias, cudaStream_t s);
 
-// True when the streaming kernels apply: no seq_idx, batch, dim and seqlen < 2^30, and x, out
-// (and dout) start 16-byte aligned with every stride but the unit one a multiple of 16 bytes (channel-last: d % 8 == 0).
+inline bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
+
+// What every fast path needs: no seq_idx, batch, dim and seqlen < 2^30 (the kernels' 32-bit
+// row/batch indices), x and out starting 16-byte aligned.
+inline bool fast_path_base_ok(const ConvParams& p) {
+  constexpr int64_t kMax = int64_t(1) << 30;
+  return p.seq == nullptr && aligned16(p.x) && aligned16(p.out) && p.batch < kMax && p.dim < kMax &&
+         p.seqlen < kMax;
+}
+
+// True when the streaming kernels apply: fast_path_base_ok, and x, out (and dout) with every
+// stride but the unit one a multiple of 16 bytes (channel-last: d % 8 == 0; dout aligned too).
 inline bool pipe_ok(const ConvParams& p, int esize, bool chlast, bool bwd) {
-  auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
   auto st = [esize](int64_t s) { return (s * esize) % 16 == 0; };
-  constexpr int64_t kMax = int64_t(1) << 30;  // the kernels' 32-bit row/batch indices
-  bool ok = p.seq == nullptr && al(p.x) && al(p.out) && st(p.x_b) && st(p.out_b) &&
-            p.batch < kMax && p.dim < kMax && p.seqlen < kMax;
+  bool ok = fast_path_base_ok(p) && st(p.x_b) && st(p.out_b);
   ok = ok && (chlast ? p.dim % 8 == 0 && st(p.x_l) && st(p.out_l) : st(p.x_d) && st(p.out_d));
-  if (bwd) ok = ok && al(p.dout) && st(p.dout_b) && st(chlast ? p.dout_l : p.dout_d);
+  if (bwd) ok = ok && aligned16(p.dout) && st(p.dout_b) && st(chlast ? p.dout_l : p.dout_d);
   return ok;
 }
 
 // The one-shot l-contiguous forward's: pipe_ok's, except that rows may start anywhere, as long
 // as x's and out's rows start equally far past a 16-byte boundary.
 inline bool oneshot_fwd_ok(const ConvParams& p, int esize) {
-  auto al = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  constexpr int64_t kMax = int64_t(1) << 30;
   const int64_t e = 16 / esize;  // elements per 16 bytes
-  return p.seq == nullptr && al(p.x) && al(p.out) && (p.x_b - p.out_b) % e == 0 &&
-         (p.x_d - p.out_d) % e == 0 && p.batch < kMax && p.dim < kMax && p.seqlen < kMax;
+  return fast_path_base_ok(p) && (p.x_b - p.out_b) % e == 0 && (p.x_d - p.out_d) % e == 0;
 }
 
 // Tile sizes the host needs to size the workspace.
