@@ -288,11 +288,11 @@ def test_final_states_across_tiles(rng, monkeypatch, dtype, width, layout, impl)
 
 @need
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
+def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
     """l-contiguous rows whose length is not a multiple of 16 bytes start at every offset from
-    a 16-byte boundary; the one-shot forward takes them (its tiles start at the first boundary
+    a 16-byte boundary; the one-shot kernels take them (their tiles start at the first boundary
     of a row, lane 0 computes the positions before it): lengths shorter than that offset and
-    than w - 1, tile edges for each tile size, initial and final states."""
+    than w - 1, tile edges for each tile size, initial and final states, every gradient."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
     lengths = (1, 2, 3, 5, 6, 7, 9, 13, 511, 513, 700, 1023, 1025, 2047, 2055, 4099)

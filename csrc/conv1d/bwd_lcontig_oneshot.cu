@@ -23,7 +23,64 @@ __device__ __forceinline__ void load8_any(const R* p, int64_t s, int64_t n, floa
   else load_checked<8>(p + s, n, v);
 }
 
-template <int W, typename T, int K, int MINB, int G, int U = 1>
+// Lane 0 of a row's first tile where the tiles start at a0 > 0: positions 0 .. a0-1 one at a
+// time. g there and up to a0-1+H (those past a0 are recomputed here: dx of a0-1 needs them),
+// their dweight / dbias shares, their dx (with dfinal), dinit; tail becomes the inputs before a0.
+template <int W, typename R>
+__device__ __noinline__ void head(const ConvParams& p, const R* xr, const R* dr, uint32_t b, uint32_t c,
+                                  int a0, const float (&wr)[W], float bias, float (&tail)[W - 1],
+                                  float (&dw)[W], float& db) {
+  constexpr int H = W - 1, E = 16 / static_cast<int>(sizeof(R)), NU = E - 1 + H;
+  const int L = static_cast<int>(p.seqlen), fin0 = L - H;
+  float g[NU];  // g at positions 0 .. NU-1 (zero past a0-1+H and past the row)
+  #pragma unroll
+  for (int u = 0; u < NU; ++u) {
+    g[u] = 0.f;
+    if (u < a0 + H && u < L) {
+      float acc = bias;
+      #pragma unroll
+      for (int k = 0; k < W; ++k) acc = fmaf(wr[k], row_input<H>(p, xr, b, c, u - k), acc);
+      g[u] = Elem<R>::tof(dr[u]) * act_grad(acc, p.silu);
+      if (u < a0) {
+        db += g[u];
+        #pragma unroll
+        for (int k = 0; k < W; ++k) dw[k] = fmaf(g[u], row_input<H>(p, xr, b, c, u - k), dw[k]);
+      }
+    }
+  }
+  R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+  #pragma unroll
+  for (int t = 0; t < E - 1; ++t) {
+    if (t < a0 && t < L) {
+      float acc = 0.f;
+      #pragma unroll
+      for (int k = 0; k < W; ++k) acc = fmaf(wr[k], g[t + k], acc);  // g is zero past the row
+      if (p.dfinal != nullptr && t >= fin0)
+        acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (t - fin0) * p.dfinal_k, p.dfinal_dtype);
+      dxr[t] = Elem<R>::fromf(acc);
+    }
+  }
+  if (p.dinit != nullptr) {  // positions j - H < 0
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      float acc = 0.f;
+      #pragma unroll
+      for (int k = 0; k < W; ++k)
+        if (j - H + k >= 0) acc = fmaf(wr[k], g[j - H + k], acc);
+      if (p.dfinal != nullptr && j - H >= fin0)
+        acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+      store_any(p.dinit, (static_cast<int64_t>(b) * p.dim + c) * H + j, p.init_dtype, acc);
+    }
+  }
+  #pragma unroll
+  for (int j = 0; j < H; ++j) tail[j] = row_input<H>(p, xr, b, c, a0 - H + j);
+}
+
+// kAny: rows may start anywhere (x, dout and dx rows equally far off a 16-byte boundary); a
+// row that starts a0 elements before one has its tiles start at position a0, and lane 0 of its
+// first tile takes positions 0 .. a0-1 one at a time (their g, dx, dweight / dbias shares and
+// dinit), as the forward does (fwd_lcontig_oneshot.cuh).
+template <int W, typename T, int K, int MINB, int G, int U, bool kAny>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
                                                                         uint32_t ntiles) {
   using R = typename RawOf<T>::type;
@@ -35,9 +92,20 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   if (gt >= ntiles) return;  // whole warp
   const uint32_t D = static_cast<uint32_t>(p.dim);
   const auto [b, c, seg] = oneshot_tile(gt, nseg, D);
-  const int L = static_cast<int>(p.seqlen), t_start = static_cast<int>(seg) * kTile, t_end = t_start + kTile;
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
   const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
+  constexpr int E = 16 / static_cast<int>(sizeof(R));  // elements per 16 bytes
+  const int a0 =
+      kAny ? (E - static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16) / static_cast<int>(sizeof(R))) % E : 0;
+  const int L = static_cast<int>(p.seqlen), t_start = a0 + static_cast<int>(seg) * kTile, t_end = t_start + kTile;
+  if (kAny && seg > 0 && t_start >= L) {  // a row's spare last tile: its dweight slot is zeros
+    if (lane == 0) {
+      float* slot = p.partial + ((static_cast<int64_t>(b) * nseg + seg) * D + c) * (W + 1);
+      #pragma unroll
+      for (int kk = 0; kk <= W; ++kk) slot[kk] = 0.f;
+    }
+    return;
+  }
 
   const bool whole = t_end <= L;
   if (whole) {  // one branch around the staging, not one per vector (fwd_lcontig_oneshot.cu)
@@ -66,6 +134,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   float dw[W], db = 0.f;
   #pragma unroll
   for (int k = 0; k < W; ++k) dw[k] = 0.f;
+  if (kAny && seg == 0 && lane == 0 && a0 > 0) head<W>(p, xr, dr, b, c, a0, wr, bias, tail, dw, db);
   // g on vector k's positions (dout is zero past the end, so g is too), and the sums
   auto gvec = [&](int k, float (&g)[8]) {
     float xv[8];
@@ -176,14 +245,20 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
 template <int W, typename T, int K, int MINB, int G, int U = 1>
 struct BwdLOneshot {
   static constexpr int kVecs = K;
+  template <bool kAny>
+  static void run(const ConvParams& p, cudaStream_t s, int64_t nseg, int64_t ntiles) {
+    auto kernel = bwd_lcontig_oneshot_kernel<W, T, K, MINB, G, U, kAny>;
+    kernel<<<static_cast<unsigned>((ntiles + 3) / 4), 128, occupancy_pad(kernel, blocks_knob()), s>>>(
+        p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
+    MLM_CHECK_LAUNCH();
+  }
   static void launch(const ConvParams& p, cudaStream_t s) {
     const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
     MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
     MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_bwd: input too large for the one-shot kernel");
-    auto kernel = bwd_lcontig_oneshot_kernel<W, T, K, MINB, G, U>;
-    kernel<<<static_cast<unsigned>((ntiles + 3) / 4), 128, occupancy_pad(kernel, blocks_knob()), s>>>(
-        p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
-    MLM_CHECK_LAUNCH();
+    const int64_t e = 16 / static_cast<int64_t>(sizeof(T));  // elements per 16 bytes
+    if (p.x_b % e == 0 && p.x_d % e == 0) run<false>(p, s, nseg, ntiles);
+    else run<true>(p, s, nseg, ntiles);
   }
 };
 

@@ -87,8 +87,8 @@ int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_pe
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
-// One-shot l-contiguous kernels (*_lcontig_oneshot*.cu): the forward where oneshot_fwd_ok holds
-// (_any: rows off 16-byte boundaries), the backward where pipe_ok does, with
+// One-shot l-contiguous kernels (*_lcontig_oneshot*.cu), where oneshot_ok holds (the forward's
+// _any: rows off 16-byte boundaries); the backward with
 // p.nslots_per_batch = bwd_lcontig_oneshot_tiles(p) (tiles per row).
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_lcontig_oneshot_any(const ConvParams& p, int xdtype, cudaStream_t s);
@@ -123,11 +123,13 @@ inline bool pipe_ok(const ConvParams& p, int esize, bool chlast, bool bwd) {
   return ok;
 }
 
-// The one-shot l-contiguous forward's: pipe_ok's, except that rows may start anywhere, as long
-// as x's and out's rows start equally far past a 16-byte boundary.
-inline bool oneshot_fwd_ok(const ConvParams& p, int esize) {
+// The one-shot l-contiguous kernels': pipe_ok's, except that rows may start anywhere, as long
+// as x's and out's (and the backward's dout's) rows start equally far past a 16-byte boundary.
+inline bool oneshot_ok(const ConvParams& p, int esize, bool bwd) {
   const int64_t e = 16 / esize;  // elements per 16 bytes
-  return fast_path_base_ok(p) && (p.x_b - p.out_b) % e == 0 && (p.x_d - p.out_d) % e == 0;
+  bool ok = fast_path_base_ok(p) && (p.x_b - p.out_b) % e == 0 && (p.x_d - p.out_d) % e == 0;
+  if (bwd) ok = ok && aligned16(p.dout) && (p.x_b - p.dout_b) % e == 0 && (p.x_d - p.dout_d) % e == 0;
+  return ok;
 }
 
 // Tile sizes the host needs to size the workspace.

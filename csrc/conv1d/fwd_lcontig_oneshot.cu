@@ -1,5 +1,5 @@
 // Causal conv1d forward, l contiguous, one-shot fast path (no seq_idx, 16-byte aligned
-// tensors; rows may start anywhere: oneshot_fwd_ok). Shaped like torch's elementwise kernels:
+// tensors; rows may start anywhere: oneshot_ok). Shaped like torch's elementwise kernels:
 // one warp per tile of 256*K elements of one row, blocks in address order, each lane loads its
 // K 8-element vectors once, computes, stores and exits. On an H200 a one-shot copy ran at
 // 98-100% of cudaMemcpy where warps that each walk a range of tiles (the pipe kernels) ran at

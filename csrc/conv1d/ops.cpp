@@ -199,11 +199,11 @@ bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bo
   // The backward by default where a row fits one 4 KB tile, and at 16-bit widths <= 4 (its
   // unrolled configuration) for any length: on an H200 2.5% faster than the streaming kernel at
   // b1 L16384 since session 17 (156 against 160 us; 16% slower before, perf-log v6 / v8).
+  // Rows off 16-byte boundaries (no streaming kernel takes them) take it in either direction.
   const std::string impl = conv_impl(op);
-  const bool dflt =
-      impl.empty() && (!bwd || p.seqlen * esize <= 4096 || (esize == 2 && p.width <= 4));
-  return !chlast && (impl == "oneshot" || dflt) &&
-         (bwd ? pipe_ok(p, esize, chlast, bwd) : oneshot_fwd_ok(p, esize));
+  const bool dflt = impl.empty() && (!bwd || p.seqlen * esize <= 4096 || (esize == 2 && p.width <= 4) ||
+                                     !pipe_ok(p, esize, chlast, bwd));
+  return !chlast && (impl == "oneshot" || dflt) && oneshot_ok(p, esize, bwd);
 }
 
 namespace {
