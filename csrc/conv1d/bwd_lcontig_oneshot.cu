@@ -23,29 +23,36 @@ __device__ __forceinline__ void load8_any(const R* p, int64_t s, int64_t n, floa
   else load_checked<8>(p + s, n, v);
 }
 
-// Lane 0 of a row's first tile where the tiles start at a0 > 0: positions 0 .. a0-1 one at a
-// time. g there and up to a0-1+H (those past a0 are recomputed here: dx of a0-1 needs them),
-// their dweight / dbias shares, their dx (with dfinal), dinit; tail becomes the inputs before a0.
+// Lane 0 of a row's first tile where the tiles start at a0 > 0: positions 0 .. a0-1. g there
+// and up to a0-1+H (those past a0 are recomputed here: dx of a0-1 needs them), their dweight /
+// dbias shares, their dx (with dfinal), dinit; tail becomes the inputs before a0. Every load
+// first, none depending on another (one latency, not one per position), then static indices.
 template <int W, typename R>
-__device__ __noinline__ void head(const ConvParams& p, const R* xr, const R* dr, uint32_t b, uint32_t c,
+__device__ __forceinline__ void head(const ConvParams& p, const R* xr, const R* dr, uint32_t b, uint32_t c,
                                   int a0, const float (&wr)[W], float bias, float (&tail)[W - 1],
                                   float (&dw)[W], float& db) {
   constexpr int H = W - 1, E = 16 / static_cast<int>(sizeof(R)), NU = E - 1 + H;
-  const int L = static_cast<int>(p.seqlen), fin0 = L - H;
-  float g[NU];  // g at positions 0 .. NU-1 (zero past a0-1+H and past the row)
+  const int L = static_cast<int>(p.seqlen), fin0 = L - H, lim = a0 + H < L ? a0 + H : L;
+  float xs[H + NU], ds[NU];  // xs[i]: x at position i - H (the initial states before 0)
+  #pragma unroll
+  for (int j = 0; j < H; ++j) xs[j] = input_before<H>(p, b, c, j - H);
   #pragma unroll
   for (int u = 0; u < NU; ++u) {
-    g[u] = 0.f;
-    if (u < a0 + H && u < L) {
-      float acc = bias;
+    const bool in = u < lim;
+    xs[H + u] = in ? Elem<R>::tof(xr[u]) : 0.f;
+    ds[u] = in ? Elem<R>::tof(dr[u]) : 0.f;
+  }
+  float g[NU];  // g at positions 0 .. NU-1 (zero from lim on: dout is)
+  #pragma unroll
+  for (int u = 0; u < NU; ++u) {
+    float acc = bias;
+    #pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(wr[k], xs[H + u - k], acc);
+    g[u] = u < lim ? ds[u] * act_grad(acc, p.silu) : 0.f;
+    if (u < a0) {
+      db += g[u];
       #pragma unroll
-      for (int k = 0; k < W; ++k) acc = fmaf(wr[k], row_input<H>(p, xr, b, c, u - k), acc);
-      g[u] = Elem<R>::tof(dr[u]) * act_grad(acc, p.silu);
-      if (u < a0) {
-        db += g[u];
-        #pragma unroll
-        for (int k = 0; k < W; ++k) dw[k] = fmaf(g[u], row_input<H>(p, xr, b, c, u - k), dw[k]);
-      }
+      for (int k = 0; k < W; ++k) dw[k] = fmaf(g[u], xs[H + u - k], dw[k]);
     }
   }
   R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
@@ -73,7 +80,12 @@ __device__ __noinline__ void head(const ConvParams& p, const R* xr, const R* dr,
     }
   }
   #pragma unroll
-  for (int j = 0; j < H; ++j) tail[j] = row_input<H>(p, xr, b, c, a0 - H + j);
+  for (int a = 1; a < E; ++a) {  // tail: x at a0 - H .. a0 - 1 (zero past the row)
+    if (a == a0) {
+      #pragma unroll
+      for (int j = 0; j < H; ++j) tail[j] = xs[a + j];
+    }
+  }
 }
 
 // kAny: rows may start anywhere (x, dout and dx rows equally far off a 16-byte boundary); a
@@ -108,6 +120,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   }
 
   const bool whole = t_end <= L;
+  const int kv = whole ? K : (L - t_start + 255) / 256;  // vectors holding any of the row
   if (whole) {  // one branch around the staging, not one per vector (fwd_lcontig_oneshot.cu)
     const int s0 = t_start + lane * 8;
     #pragma unroll
@@ -116,12 +129,14 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
       cp_async_whole<8, R>(&q[k][1][tid][0], dr + s0 + k * 256);
       if ((k + 1) % KG == 0) cp_async_commit();
     }
-  } else {
+  } else {  // vectors wholly past the row's end not at all
     #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s0 = t_start + (k * 32 + lane) * 8;
-      cp_async_run<8, R>(&q[k][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
-      cp_async_run<8, R>(&q[k][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
+      if (k < kv) {
+        cp_async_run<8, R>(&q[k][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+        cp_async_run<8, R>(&q[k][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
+      }
       if ((k + 1) % KG == 0) cp_async_commit();
     }
   }
@@ -164,13 +179,17 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   // kFast (U > 1): a whole tile with no dinit or final-state positions, its vectors unrolled by
   // U (fewer basic blocks); otherwise a rolled loop with the edges.
   auto walk = [&]<bool kFast>() {
+    if (!kFast && kv == 0) return;  // a row shorter than a0: head() took it all
     float gc[8];
     cp_async_wait_upto(G - 1);
     gvec(0, gc);
     #pragma unroll (kFast ? U : 1)
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < (kFast ? K : kv); ++k) {
       float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
-      if (k + 1 < K) {
+      if (!kFast && k + 1 >= kv && k + 1 < K) {  // the next vector is past the row's end
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) gn[j] = 0.f;
+      } else if (k + 1 < K) {
         if ((k + 1) % KG == 0) cp_async_wait_upto(G - 1 - (k + 1) / KG);
         gvec(k + 1, gn);
       } else {  // only lane 31 uses these; its tail is the tile's last w-1 inputs

@@ -40,6 +40,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   RawRun<8, R> raw[kAsync ? 1 : K];
   const bool whole = t_start + kTile <= L;
   const R* xl = xr + t_start + lane * 8;  // this lane's vector 0
+  const int kv = whole ? K : (L - t_start + 255) / 256;  // vectors holding any of the row
   if (whole) {
     #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -50,12 +51,12 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
         raw[k].load(xl + k * 256);
       }
     }
-  } else {
+  } else {  // vectors wholly past the row's end not at all
     #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s0 = t_start + (k * 32 + lane) * 8;
       if constexpr (kAsync) {
-        cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+        if (k < kv) cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
         if ((k + 1) % KG == 0) cp_async_commit();
       } else if (s0 + 8 <= L) {
         raw[k].load(xr + s0);
@@ -76,17 +77,29 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   #pragma unroll
   for (int j = 0; j < H; ++j) tail[j] = h0[j];
   if (kAny && seg == 0 && lane == 0 && a0 > 0) {  // positions 0 .. a0-1, tail moved to before a0
-    #pragma unroll 1
-    for (int t = 0; t < a0; ++t) {
-      const float xt = t < L ? Elem<R>::tof(xr[t]) : 0.f;
-      float acc = fmaf(wr[0], xt, bias);
-      #pragma unroll
-      for (int k = 1; k < W; ++k) acc = fmaf(wr[k], tail[H - k], acc);
-      if (t < L) outr[t] = Elem<R>::fromf(act_fwd(acc, p.silu));
-      if (fr != nullptr && t >= L - H && t < L) fr[t - (L - H)] = xr[t];
-      #pragma unroll
-      for (int j = 0; j + 1 < H; ++j) tail[j] = tail[j + 1];
-      tail[H - 1] = xt;
+    // every load first, none depending on another; then static indices
+    constexpr int NU = E - 1;
+    float xs[H + NU];  // xs[i]: x at position i - H (the initial states before 0)
+    #pragma unroll
+    for (int j = 0; j < H; ++j) xs[j] = tail[j];
+    #pragma unroll
+    for (int u = 0; u < NU; ++u) xs[H + u] = u < a0 && u < L ? Elem<R>::tof(xr[u]) : 0.f;
+    #pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      if (u < a0 && u < L) {
+        float acc = bias;
+        #pragma unroll
+        for (int k = 0; k < W; ++k) acc = fmaf(wr[k], xs[H + u - k], acc);
+        outr[u] = Elem<R>::fromf(act_fwd(acc, p.silu));
+        if (fr != nullptr && u >= L - H) fr[u - (L - H)] = Elem<R>::fromf(xs[H + u]);
+      }
+    }
+    #pragma unroll
+    for (int a = 1; a < E; ++a) {
+      if (a == a0) {
+        #pragma unroll
+        for (int j = 0; j < H; ++j) tail[j] = xs[a + j];
+      }
     }
   }
 
@@ -120,7 +133,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     for (int k = 0; k < K; ++k) vec(std::true_type{}, k);
   } else {
     #pragma unroll (kAsync ? 1 : K)
-    for (int k = 0; k < K; ++k) vec(std::false_type{}, k);
+    for (int k = 0; k < kv; ++k) vec(std::false_type{}, k);
   }
   if (fr != nullptr && seg == 0 && lane == 0 && L < H) {  // initial states in front
     #pragma unroll
@@ -174,7 +187,7 @@ void fwd_lcontig_oneshot_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
       // with 1024). Where one 2048 tile holds a row of 16-bit elements, at most 8 blocks per
       // SM (128 KB of tiles in flight): b4 L2048 88.2 -> 89.7%, b8 93.1 -> 93.8%; no gain at
       // longer rows (perf-log, causal_conv1d / session 19). The tuning variants: aligned rows.
-      constexpr int MINB = sizeof(T) == 4 ? 6 : W <= 3 ? 12 : W == 4 ? 10 : 8;
+      constexpr int MINB = sizeof(T) == 4 ? 6 : W <= 4 ? 10 : 8;  // 12 at w <= 3 spilled
       const int64_t L = p.seqlen;
       if (L <= 512) return launch_fwd_lcontig_oneshot<kAny, W, T, 2, MINB, true, 1>(p, s);
       if (L <= 1024) return launch_fwd_lcontig_oneshot<kAny, W, T, 4, MINB, true, 1>(p, s);

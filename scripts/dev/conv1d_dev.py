@@ -132,6 +132,7 @@ def _env(impl, waves, tune):
     os.environ["MLMAMBA_CONV1D_WAVES"] = waves
     os.environ["MLMAMBA_CONV1D_TUNE"] = tune
     os.environ["MLMAMBA_CONV1D_BLOCKS"] = ""
+    os.environ["MLMAMBA_CONV1D_PREFETCH"] = ""
 
 
 def _sets(b, l, d, w, cl, dev):
@@ -239,14 +240,16 @@ GRAPH_VARIANTS = {
 GRAPH_BWD_VARIANTS = {
     False: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
             ("bwd tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"}),
-            ("bwd oneshot", _ONE)] + [
+            ("bwd oneshot", _ONE), ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"})] + [
         (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14)]
     + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
-    True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})],
+    True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
+    + [(f"bwd prefetch {n}", {"MLMAMBA_CONV1D_PREFETCH": str(n)})
+       for n in os.environ.get("GRAPH_PREFETCH", "").split(",") if n],
 }
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
-          "MLMAMBA_CONV1D_BLOCKS")
+          "MLMAMBA_CONV1D_BLOCKS", "MLMAMBA_CONV1D_PREFETCH")
 
 
 def graph():
