@@ -120,7 +120,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   }
 
   const bool whole = t_end <= L;
-  const int kv = whole ? K : (L - t_start + 255) / 256;  // vectors holding any of the row
+  // vectors wholly in the row (kw), holding any of it (kv); both K in a whole tile
+  const int kw = whole ? K : (L - t_start) / 256, kv = whole ? K : (L - t_start + 255) / 256;
   if (whole) {  // one branch around the staging, not one per vector (fwd_lcontig_oneshot.cu)
     const int s0 = t_start + lane * 8;
     #pragma unroll
@@ -129,11 +130,14 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
       cp_async_whole<8, R>(&q[k][1][tid][0], dr + s0 + k * 256);
       if ((k + 1) % KG == 0) cp_async_commit();
     }
-  } else {  // vectors wholly past the row's end not at all
+  } else {  // vectors wholly in the row stage whole; those wholly past its end not at all
     #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s0 = t_start + (k * 32 + lane) * 8;
-      if (k < kv) {
+      if (k < kw) {
+        cp_async_whole<8, R>(&q[k][0][tid][0], xr + s0);
+        cp_async_whole<8, R>(&q[k][1][tid][0], dr + s0);
+      } else if (k < kv) {
         cp_async_run<8, R>(&q[k][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
         cp_async_run<8, R>(&q[k][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
       }
