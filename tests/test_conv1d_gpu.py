@@ -306,6 +306,32 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 
 
 @need
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
+    """l-contiguous rows of at most 512 elements that start on 16-byte boundaries run several
+    to a warp (fwd_lcontig_rows.cu): a warp's rows across batches (d 13), the last warp part
+    empty, one and two vectors a lane, widths 2-8, initial and final states, rows padded apart;
+    bitwise the one-row-a-warp kernel (MLMAMBA_CONV1D_TUNE=20)."""
+    set_impl(monkeypatch, "default")
+    g = gen(rng)
+    for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512)):
+        width = (2, 3, 4, 5, 8)[i % 5]
+        kw = inputs(g, 3, 13, l, width, dtype, "l", bias=i % 3 != 0, init=i % 2 == 0)
+        if i % 2:  # rows 8 elements apart
+            kw["x"] = torch.randn(3, 13, l + 8, device=DEV, generator=g).to(dtype)[..., :l]
+        try:
+            check_case(kw, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
+        except AssertionError as e:
+            raise AssertionError(f"l={l} w={width}: {e}") from None
+        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, i % 4 != 1, True)
+        a = ops().causal_conv1d_fwd(*args)
+        monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", "20")
+        one = ops().causal_conv1d_fwd(*args)
+        monkeypatch.delenv("MLMAMBA_CONV1D_TUNE")
+        assert torch.equal(a[0], one[0]) and torch.equal(a[1], one[1]), f"l={l}: kernels differ"
+
+
+@need
 def test_single_channel_and_long_rows(rng):
     g = gen(rng)
     for b, d, l in ((1, 1, 5000), (2, 1, 3), (1, 3, 20000)):

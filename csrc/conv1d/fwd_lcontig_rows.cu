@@ -1,0 +1,114 @@
+// Causal conv1d forward, l contiguous, for short rows (at most 512 elements) that start on
+// 16-byte boundaries. The one-shot kernel gives each row its own warp, so a 200-element row
+// keeps a warp's 32 lanes for 400 bytes: too few bytes in flight per SM (b64 L200 ran at 45% of
+// a same-size copy). Here a warp takes NR consecutive rows (flat index b * d + c), KV 8-element
+// vectors a lane per row, and stages all of them by cp.async before computing any: 8 vectors a
+// lane, as the long-row kernel keeps. Each row's taps, bias and initial states go through
+// shared memory, loaded by the warp's lanes together.
+#include "common/check.h"
+#include "conv1d/oneshot.cuh"
+#include "conv1d/switch.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+template <int W, typename T, int KV, int MINB>
+__global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
+  using R = typename RawOf<T>::type;
+  constexpr int H = W - 1, NR = 8 / KV, V = Words<8, R>::kCount, S = W + 1 + H;  // S: side floats a row
+  __shared__ uint4 q[NR * KV][128][V];  // [row * KV + vector][thread][word]
+  __shared__ float side[4][NR][S];      // [warp][row]: reversed taps, bias, initial states
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t r0 = (blockIdx.x * 4u + warp) * NR;
+  if (r0 >= nrows) return;  // whole warp
+  const uint32_t D = static_cast<uint32_t>(p.dim), nr = nrows - r0 < NR ? nrows - r0 : NR;
+  const int L = static_cast<int>(p.seqlen);
+  const uint32_t b0 = r0 / D, c0 = r0 - b0 * D;
+
+  uint32_t b = b0, c = c0;
+  for (uint32_t k = 0; k < nr; ++k) {  // the rows' vectors, all in flight
+    const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    #pragma unroll
+    for (int v = 0; v < KV; ++v) {
+      const int s0 = v * 256 + lane * 8;
+      if (s0 < L) cp_async_run<8, R>(&q[k * KV + v][tid][0], xr + s0, L - s0);
+    }
+    if (++c == D) c = 0, ++b;
+  }
+  cp_async_commit();
+  for (uint32_t i = lane; i < nr * S; i += 32) {  // the rows' side values, lanes together
+    const uint32_t k = i / S, j = i - k * S, r = r0 + k, rb = r / D, rc = r - rb * D;
+    float v;
+    if (j < W) v = load_any(p.weight, rc * p.w_d + (W - 1 - j) * p.w_k, p.w_dtype);
+    else if (j == W) v = p.bias != nullptr ? load_any(p.bias, rc * p.bias_s, p.bias_dtype) : 0.f;
+    else v = input_before<H>(p, rb, rc, static_cast<int>(j) - W - 1 - H);
+    side[warp][k][j] = v;
+  }
+  cp_async_wait<0>();
+  __syncwarp();
+
+  b = b0, c = c0;
+  #pragma unroll 1
+  for (uint32_t k = 0; k < nr; ++k) {
+    float wr[W], bias, tail[H];
+    #pragma unroll
+    for (int j = 0; j < W; ++j) wr[j] = side[warp][k][j];
+    bias = side[warp][k][W];
+    #pragma unroll
+    for (int j = 0; j < H; ++j) tail[j] = side[warp][k][W + 1 + j];
+    R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+    R* fr = p.final_states != nullptr ? static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H
+                                      : nullptr;
+    #pragma unroll
+    for (int v = 0; v < KV; ++v) {
+      const int s0 = v * 256 + lane * 8;
+      float xv[8], h[H];
+      smem_run_to_float<8, R>(&q[k * KV + v][tid][0], xv);  // past the row: never stored
+      lookback<H>(xv, v, lane, tail, h);
+      if (s0 < L) {
+        float o[8];
+        conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
+        if (s0 + 8 <= L) store_run<8>(outr + s0, o);
+        else store_checked<8>(outr + s0, L - s0, o);
+        if (fr != nullptr && s0 + 8 > L - H) {  // final states
+          #pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int j = s0 + i - (L - H);
+            if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
+          }
+        }
+      }
+    }
+    if (fr != nullptr && lane == 0 && L < H) {  // initial states in front
+      #pragma unroll
+      for (int j = 0; j < H; ++j)
+        if (j >= L) fr[j - L] = Elem<R>::fromf(side[warp][k][W + 1 + j]);
+    }
+    if (++c == D) c = 0, ++b;
+  }
+}
+
+template <int W, typename T, int KV>
+void launch_fwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
+  constexpr int NR = 8 / KV, MINB = sizeof(T) == 4 ? 6 : 8;
+  const int64_t nrows = p.batch * p.dim;
+  MLM_CHECK(nrows < (int64_t(1) << 32) - 4 * NR, "causal_conv1d_fwd: input too large for the short-row kernel");
+  const int64_t blocks = (nrows + 4 * NR - 1) / (4 * NR);
+  fwd_lcontig_rows_kernel<W, T, KV, MINB><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
+      p, static_cast<uint32_t>(nrows));
+  MLM_CHECK_LAUNCH();
+}
+
+bool fwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
+  if (p.seqlen > 512 || tune_variant() == 20) return false;
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(p.width, W, [&] {
+      if (p.seqlen <= 256) launch_fwd_lcontig_rows<W, T, 1>(p, s);
+      else launch_fwd_lcontig_rows<W, T, 2>(p, s);
+    });
+  });
+  return true;
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
