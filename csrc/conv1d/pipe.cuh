@@ -164,8 +164,9 @@ int occupancy(K kernel, int threads) {
   return n > 0 ? n : 1;
 }
 
-// Developer A/B switch (bf16, width 4 only): MLMAMBA_CONV1D_TUNE=n launches variant n of a
-// streaming kernel where one exists (scripts/dev/conv1d_dev.py pipe); unset or 0: the default.
+// Developer A/B switch: MLMAMBA_CONV1D_TUNE=n launches variant n of a kernel where one exists
+// (bf16, width 4; scripts/dev/conv1d_dev.py); 20 (any dtype and width): short l-contiguous rows
+// one a warp, not several (fwd_lcontig_rows.cu); unset or 0: the default.
 inline int tune_variant() {
   const char* e = std::getenv("MLMAMBA_CONV1D_TUNE");
   return e != nullptr ? std::atoi(e) : 0;
