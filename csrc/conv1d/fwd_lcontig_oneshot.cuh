@@ -116,17 +116,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
     float h[H];
     lookback<H>(xv, k, lane, tail, h);
     if (!kWhole && s0 >= L) return;  // after the shuffles: every lane takes part in them
-    float o[8];
-    conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
-    if (kWhole || s0 + 8 <= L) store_run<8>(outr + s0, o);
-    else store_checked<8>(outr + s0, L - s0, o);
-    if (fr != nullptr && s0 + 8 > L - H) {  // final states
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int j = s0 + i - (L - H);
-        if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
-      }
-    }
+    emit8_fwd<W, kWhole>(wr, bias, xv, h, p.silu, outr, fr, s0, L);
   };
   if (whole) {
     #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time

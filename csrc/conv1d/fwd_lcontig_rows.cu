@@ -65,19 +65,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
       float xv[8], h[H];
       smem_run_to_float<8, R>(&q[k * KV + v][tid][0], xv);  // past the row: never stored
       lookback<H>(xv, v, lane, tail, h);
-      if (s0 < L) {
-        float o[8];
-        conv8_fwd<W>(wr, bias, xv, h, p.silu, o);
-        if (s0 + 8 <= L) store_run<8>(outr + s0, o);
-        else store_checked<8>(outr + s0, L - s0, o);
-        if (fr != nullptr && s0 + 8 > L - H) {  // final states
-          #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int j = s0 + i - (L - H);
-            if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
-          }
-        }
-      }
+      if (s0 < L) emit8_fwd<W, false>(wr, bias, xv, h, p.silu, outr, fr, s0, L);
     }
     if (fr != nullptr && lane == 0 && L < H) {  // initial states in front
       #pragma unroll

@@ -65,6 +65,26 @@ __device__ __forceinline__ void lookback(const float (&xv)[8], int k, int lane, 
   }
 }
 
+// A lane's 8 outputs at positions s0 .. s0+7 of a row of L (s0 < L): the conv of xv with the
+// look-back h, stored (kWhole: all 8 in the row, no checks), and any of the row's final states.
+template <int W, bool kWhole, typename R>
+__device__ __forceinline__ void emit8_fwd(const float (&wr)[W], float bias, const float (&xv)[8],
+                                          const float (&h)[W - 1], bool silu, R* outr, R* fr, int s0,
+                                          int L) {
+  constexpr int H = W - 1;
+  float o[8];
+  conv8_fwd<W>(wr, bias, xv, h, silu, o);
+  if (kWhole || s0 + 8 <= L) store_run<8>(outr + s0, o);
+  else store_checked<8>(outr + s0, L - s0, o);
+  if (fr != nullptr && s0 + 8 > L - H) {  // final states
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int j = s0 + i - (L - H);
+      if (j >= 0 && s0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
+    }
+  }
+}
+
 // Waits until at most n (< 4) of this thread's cp.async groups are pending (n known at run
 // time: the kernels' groups).
 __device__ __forceinline__ void cp_async_wait_upto(int n) {
