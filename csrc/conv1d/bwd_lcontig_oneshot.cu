@@ -90,7 +90,7 @@ __device__ __forceinline__ void head(const ConvParams& p, const R* xr, const R* 
 
 // kAny: rows may start anywhere (x, dout and dx rows equally far off a 16-byte boundary); a
 // row that starts a0 elements before one has its tiles start at position a0, and lane 0 of its
-// first tile takes positions 0 .. a0-1 one at a time (their g, dx, dweight / dbias shares and
+// first tile takes positions 0 .. a0-1 alone (head(): their g, dx, dweight / dbias shares and
 // dinit), as the forward does (fwd_lcontig_oneshot.cuh).
 template <int W, typename T, int K, int MINB, int G, int U, bool kAny>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,

@@ -5,7 +5,7 @@
 // 98-100% of cudaMemcpy where warps that each walk a range of tiles (the pipe kernels) ran at
 // 89-93% (scripts/dev/copy_order.cu). A row that starts a0 elements before a 16-byte boundary
 // has its tiles start at position a0, so every vector is aligned; lane 0 of its first tile
-// computes positions 0 .. a0-1 one by one.
+// computes positions 0 .. a0-1 alone.
 // The w-1 look-back comes from the previous lane by shuffle, for lane 0 from one 16-byte load
 // of the 8 elements before the tile (an L2 hit: the previous warp reads them too).
 #include "conv1d/fwd_lcontig_oneshot.cuh"

@@ -23,12 +23,6 @@ __device__ __forceinline__ float input_before(const ConvParams& p, uint32_t b, u
              : 0.f;
 }
 
-// Row (b, c)'s input at position q (xr: the row; zero past its end), one element.
-template <int H, typename R>
-__device__ __forceinline__ float row_input(const ConvParams& p, const R* xr, uint32_t b, uint32_t c, int q) {
-  return q < 0 ? input_before<H>(p, b, c, q) : q < p.seqlen ? Elem<R>::tof(xr[q]) : 0.f;
-}
-
 // Row (b, c)'s reversed taps and bias, and the w-1 inputs before the tile at t_start: x (one
 // 16-byte load of the 8 before it; t_start on a 16-byte boundary), for the row's first tile
 // (seg 0) the initial states (zeros), the inputs before position 0.
