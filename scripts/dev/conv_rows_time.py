@@ -4,6 +4,7 @@ at msc's shape (b32, 24x24, 2304 channels, bf16, width 4), against causal_conv1d
 gathered in that order, the gather itself (msc_sum_rows, one scan) and the cat of the pieces.
 Events around 20 back-to-back calls, median of 7 samples, µs per call.
     python3 scripts/dev/conv_rows_time.py [b H W channels]
+    python3 scripts/dev/conv_rows_time.py prof rows|gathered   # one call each, for ncu
 """
 import statistics
 import sys
@@ -21,7 +22,29 @@ def timed(fn, reps=7, inner=20):
     return statistics.median(_time_once(fn, dev, inner, lead=True) * 1e6 for _ in range(reps))
 
 
+def prof(which):
+    """One msc_conv_bwd (rows mode, a random order) or one causal_conv1d_bwd on the rows
+    gathered in that order, at msc's shape (scripts/dev/profile_call.sh convrows / convgath)."""
+    b, H, W, d = 32, 24, 24, 2304
+    L = H * W
+    ops = torch.ops.mlmamba
+    g = torch.Generator("cuda").manual_seed(0)
+    xBC = torch.randn(b, L, d, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(d, 4, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+    bias = torch.randn(d, device="cuda", generator=g).to(torch.bfloat16)
+    dout = torch.randn(b, L, d, device="cuda", generator=g).to(torch.bfloat16)
+    o = torch.randperm(L, generator=torch.Generator().manual_seed(0))
+    if which == "rows":
+        ops.msc_conv_bwd(xBC, o.to("cuda", torch.int32), w, bias, [dout])
+    else:
+        xs = xBC[:, o.to("cuda")].contiguous()
+        ops.causal_conv1d_bwd(xs.transpose(1, 2), w, bias, None, None, dout.transpose(1, 2), None, True)
+    torch.cuda.synchronize()
+
+
 def main():
+    if sys.argv[1:2] == ["prof"]:
+        return prof(sys.argv[2])
     b, H, W, d = (list(map(int, sys.argv[1:])) or [32, 24, 24, 2304])[:4]
     L = H * W
     ops = torch.ops.mlmamba

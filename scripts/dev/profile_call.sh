@@ -7,10 +7,12 @@
 # one-warpgroup one; issue 8), the conv1d l-contiguous forward and F.silu on the same tensor
 # (convl: the streaming l-contiguous forward, convone: the one-shot one (the default), silu:
 # a plain elementwise kernel on the same tensor), the one-shot l-contiguous backward at b4 L2048
-# (convbwd, one tile a row) and b1 L16384 (convbwd1, 8 tiles a row). Per kernel: the headline metrics and the
+# (convbwd, one tile a row) and b1 L16384 (convbwd1, 8 tiles a row), the one-shot kernels on
+# rows off 16-byte boundaries (convoneodd, convbwdodd: b4 L2047), msc's rows-mode conv
+# backward and the same kernel on gathered rows (convrows, convgath: b32 24x24 d2304). Per kernel: the headline metrics and the
 # SASS lines with the most stall samples (ncu_top.py); the source CSVs come back as
 # $OUT/ncu_src.tgz (the device returns at most 8 files), the reports stay in /tmp/ncu there.
-#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,convone,silu,ws,ws576,msc,mscwg,convbwd,convbwd1] > $OUT/profile.log 2>&1
+#   scripts/dev/profile_call.sh [chunk,chunkwg,chunkwg576,states,stateswg,fwd,conv,convl,convone,silu,ws,ws576,msc,mscwg,convbwd,convbwd1,convoneodd,convbwdodd,convrows,convgath] > $OUT/profile.log 2>&1
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}" MLMAMBA_CUDA_ARCHS="${MLMAMBA_CUDA_ARCHS:-90a}" COLUMNS=400
@@ -55,4 +57,8 @@ prof convone fwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
 PROF_ONLY="bwd oneshot" prof convbwd bwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
 PROF_ONLY="bwd oneshot" PROF_SHAPE=1x16384 prof convbwd1 bwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
 PROF_ONLY=silu prof silu vectorized_elementwise 0 $PY scripts/dev/conv1d_dev.py prof
+PROF_SHAPE=4x2047 prof convoneodd fwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
+PROF_ONLY="bwd oneshot" PROF_SHAPE=4x2047 prof convbwdodd bwd_lcontig_oneshot 0 $PY scripts/dev/conv1d_dev.py prof
+prof convrows bwd_chlast_kernel 0 $PY scripts/dev/conv_rows_time.py prof rows
+prof convgath bwd_chlast_kernel 0 $PY scripts/dev/conv_rows_time.py prof gathered
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/ncu_src.tgz" --exclude='*.ncu-rep' -C /tmp ncu; fi
