@@ -22,17 +22,22 @@ def timed(fn, reps=7, inner=20):
     return statistics.median(_time_once(fn, dev, inner, lead=True) * 1e6 for _ in range(reps))
 
 
-def prof(which):
-    """One msc_conv_bwd (rows mode, a random order) or one causal_conv1d_bwd on the rows
-    gathered in that order, at msc's shape (scripts/dev/profile_call.sh convrows / convgath)."""
-    b, H, W, d = 32, 24, 24, 2304
-    L = H * W
-    ops = torch.ops.mlmamba
+def tensors(b, L, d):
+    """xBC, conv weight, bias and dout (bf16, width 4), seeded."""
     g = torch.Generator("cuda").manual_seed(0)
     xBC = torch.randn(b, L, d, device="cuda", generator=g).to(torch.bfloat16)
     w = (torch.randn(d, 4, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
     bias = torch.randn(d, device="cuda", generator=g).to(torch.bfloat16)
     dout = torch.randn(b, L, d, device="cuda", generator=g).to(torch.bfloat16)
+    return xBC, w, bias, dout
+
+
+def prof(which):
+    """One msc_conv_bwd (rows mode, a random order) or one causal_conv1d_bwd on the rows
+    gathered in that order, at msc's shape (scripts/dev/profile_call.sh convrows / convgath)."""
+    L = 24 * 24
+    ops = torch.ops.mlmamba
+    xBC, w, bias, dout = tensors(32, L, 2304)
     o = torch.randperm(L, generator=torch.Generator().manual_seed(0))
     if which == "rows":
         ops.msc_conv_bwd(xBC, o.to("cuda", torch.int32), w, bias, [dout])
@@ -48,11 +53,7 @@ def main():
     b, H, W, d = (list(map(int, sys.argv[1:])) or [32, 24, 24, 2304])[:4]
     L = H * W
     ops = torch.ops.mlmamba
-    g = torch.Generator("cuda").manual_seed(0)
-    xBC = torch.randn(b, L, d, device="cuda", generator=g).to(torch.bfloat16)
-    w = (torch.randn(d, 4, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
-    bias = torch.randn(d, device="cuda", generator=g).to(torch.bfloat16)
-    dout = torch.randn(b, L, d, device="cuda", generator=g).to(torch.bfloat16)
+    xBC, w, bias, dout = tensors(b, L, d)
     pieces = [dout[..., :d - 256].contiguous(), dout[..., d - 256:d - 128].contiguous(),
               dout[..., d - 128:].contiguous()]
     cross = mk.scan_orders(H, W, "cross")
