@@ -106,9 +106,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   const auto [b, c, seg] = oneshot_tile(gt, nseg, D);
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
   const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
-  constexpr int E = 16 / static_cast<int>(sizeof(R));  // elements per 16 bytes
-  const int a0 =
-      kAny ? (E - static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16) / static_cast<int>(sizeof(R))) % E : 0;
+  const int a0 = kAny ? to_boundary16(xr) : 0;
   const int L = static_cast<int>(p.seqlen), t_start = a0 + static_cast<int>(seg) * kTile, t_end = t_start + kTile;
   if (kAny && seg > 0 && t_start >= L) {  // a row's spare last tile: its dweight slot is zeros
     if (lane == 0) {
@@ -279,8 +277,7 @@ struct BwdLOneshot {
     const int64_t nseg = lcontig_segments(p, K), ntiles = p.batch * p.dim * nseg;
     MLM_CHECK(p.nslots_per_batch == nseg, "causal_conv1d_bwd: workspace sized for another tile");
     MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_bwd: input too large for the one-shot kernel");
-    const int64_t e = 16 / static_cast<int64_t>(sizeof(T));  // elements per 16 bytes
-    if (p.x_b % e == 0 && p.x_d % e == 0) run<false>(p, s, nseg, ntiles);
+    if (rows_aligned16(p, sizeof(T))) run<false>(p, s, nseg, ntiles);
     else run<true>(p, s, nseg, ntiles);
   }
 };

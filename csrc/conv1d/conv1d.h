@@ -135,6 +135,13 @@ inline bool oneshot_ok(const ConvParams& p, int esize, bool bwd) {
   return ok;
 }
 
+// Whether every x row starts on a 16-byte boundary (given that x does: fast_path_base_ok);
+// where oneshot_ok holds, the out and dout rows then do too.
+inline bool rows_aligned16(const ConvParams& p, int esize) {
+  const int64_t e = 16 / esize;  // elements per 16 bytes
+  return p.x_b % e == 0 && p.x_d % e == 0;
+}
+
 // Tile sizes the host needs to size the workspace.
 constexpr int kFwdLVecs = 4;  // 8-element vectors per lane, l-contiguous forward
 constexpr int kBwdLVecs = 2;  // same, backward

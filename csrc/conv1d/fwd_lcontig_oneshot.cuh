@@ -29,8 +29,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   const auto [b, c, seg] = oneshot_tile(gt, nseg, D);
   const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
   constexpr int E = 16 / static_cast<int>(sizeof(R));  // elements per 16 bytes
-  const int a0 =
-      kAny ? (E - static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16) / static_cast<int>(sizeof(R))) % E : 0;
+  const int a0 = kAny ? to_boundary16(xr) : 0;
   const int L = static_cast<int>(p.seqlen), t_start = a0 + static_cast<int>(seg) * kTile;
   if (kAny && seg > 0 && t_start >= L) return;  // whole warp: a spare last tile of a row
 

@@ -15,6 +15,13 @@ __device__ __forceinline__ OneTile oneshot_tile(uint32_t gt, uint32_t nseg, uint
   return {b, row - b * D, gt - row * nseg};
 }
 
+// Elements from q up to the next 16-byte boundary (0 on one): where a row's tiles start.
+template <typename R>
+__device__ __forceinline__ int to_boundary16(const R* q) {
+  constexpr int E = 16 / static_cast<int>(sizeof(R)), S = static_cast<int>(sizeof(R));
+  return (E - static_cast<int>(reinterpret_cast<uintptr_t>(q) % 16) / S) % E;
+}
+
 // Row (b, c)'s input at position q < 0: its initial state (zero without them, or below -H).
 template <int H>
 __device__ __forceinline__ float input_before(const ConvParams& p, uint32_t b, uint32_t c, int q) {
