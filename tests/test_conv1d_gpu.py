@@ -309,9 +309,9 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
     """l-contiguous rows of at most 512 elements that start on 16-byte boundaries run several
-    to a warp (fwd_lcontig_rows.cu): a warp's rows across batches (d 13), the last warp part
-    empty, one and two vectors a lane, widths 2-8, initial and final states, rows padded apart;
-    bitwise the one-row-a-warp kernel (MLMAMBA_CONV1D_TUNE=20)."""
+    to a warp (fwd_lcontig_rows.cu, bwd_lcontig_rows.cu): a warp's rows across batches (d 13),
+    the last warp part empty, one and two vectors a lane, widths 2-8, initial and final states,
+    rows padded apart; bitwise the one-row-a-warp kernels (MLMAMBA_CONV1D_TUNE=20)."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
     for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512)):
@@ -323,12 +323,17 @@ def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
             check_case(kw, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
         except AssertionError as e:
             raise AssertionError(f"l={l} w={width}: {e}") from None
-        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, i % 4 != 1, True)
-        a = ops().causal_conv1d_fwd(*args)
+        x, silu = kw["x"], i % 4 != 1
+        args = (x, kw["weight"], kw["bias"], kw["initial_states"], None, silu, True)
+        dout = torch.randn(x.shape, device=DEV, generator=g).to(dtype)
+        dfin = torch.randn(3, 13, width - 1, device=DEV, generator=g).to(dtype)
+        bargs = (x, kw["weight"], kw["bias"], kw["initial_states"], None, dout, dfin, silu)
+        a = ops().causal_conv1d_fwd(*args) + ops().causal_conv1d_bwd(*bargs)
         monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", "20")
-        one = ops().causal_conv1d_fwd(*args)
+        one = ops().causal_conv1d_fwd(*args) + ops().causal_conv1d_bwd(*bargs)
         monkeypatch.delenv("MLMAMBA_CONV1D_TUNE")
-        assert torch.equal(a[0], one[0]) and torch.equal(a[1], one[1]), f"l={l}: kernels differ"
+        for name, u, v in zip(("out", "final", "dx", "dweight", "dbias", "dinit"), a, one):
+            assert torch.equal(u, v), f"l={l}: {name} differs between the kernels"
 
 
 @need

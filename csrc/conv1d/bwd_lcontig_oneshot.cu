@@ -313,6 +313,8 @@ int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype) {
 
 void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
   MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_bwd: input too large");
+  const int64_t e = 16 / (xdtype == kF32 ? 4 : 2);  // elements per 16 bytes
+  if (p.x_b % e == 0 && p.x_d % e == 0 && bwd_lcontig_rows(p, xdtype, s)) return;
   with_bwd_lcontig_oneshot(xdtype, p.width, [&](auto k) { decltype(k)::launch(p, s); });
 }
 

@@ -1,0 +1,161 @@
+// Causal conv1d backward, l contiguous, for short rows (at most 512 elements) that start on
+// 16-byte boundaries: NR = 8 / KV consecutive rows a warp (4 / KV at fp32) (flat index b * d + c), KV vectors a
+// lane per row, every row's x and dout staged by cp.async before any is computed (the forward's
+// scheme, fwd_lcontig_rows.cu; the math and the sums' order as bwd_lcontig_oneshot.cu, so the
+// results are bitwise the one-row-a-warp kernel's). One dweight / dbias slot per row.
+#include "common/check.h"
+#include "conv1d/oneshot.cuh"
+#include "conv1d/switch.h"
+
+namespace mlmamba {
+namespace conv1d {
+
+// Rows a warp: 8 vectors a lane of x and of dout in shared memory (32 KB a block at 16 bits);
+// half as many at fp32.
+template <typename T>
+constexpr int rows_a_warp(int kv) { return (sizeof(T) == 4 ? 4 : 8) / kv; }
+
+template <int W, typename T, int KV, int MINB>
+__global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
+  using R = typename RawOf<T>::type;
+  constexpr int H = W - 1, NR = rows_a_warp<T>(KV), V = Words<8, R>::kCount, S = W + 1 + H;  // S: side floats a row
+  __shared__ uint4 q[NR * KV][2][128][V];  // [row * KV + vector][x, dout][thread][word]
+  __shared__ float side[4][NR][S];         // [warp][row]: reversed taps, bias, initial states
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t r0 = (blockIdx.x * 4u + warp) * NR;
+  if (r0 >= nrows) return;  // whole warp
+  const uint32_t D = static_cast<uint32_t>(p.dim), nr = nrows - r0 < NR ? nrows - r0 : NR;
+  const int L = static_cast<int>(p.seqlen), fin0 = L - H;
+  const uint32_t b0 = r0 / D, c0 = r0 - b0 * D;
+
+  uint32_t b = b0, c = c0;
+  for (uint32_t k = 0; k < nr; ++k) {  // the rows' vectors, all in flight (zeros past the end)
+    const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
+    #pragma unroll
+    for (int v = 0; v < KV; ++v) {
+      const int s0 = v * 256 + lane * 8;
+      cp_async_run<8, R>(&q[k * KV + v][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+      cp_async_run<8, R>(&q[k * KV + v][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
+    }
+    if (++c == D) c = 0, ++b;
+  }
+  cp_async_commit();
+  for (uint32_t i = lane; i < nr * S; i += 32) {  // the rows' side values, lanes together
+    const uint32_t k = i / S, j = i - k * S, r = r0 + k, rb = r / D, rc = r - rb * D;
+    float v;
+    if (j < W) v = load_any(p.weight, rc * p.w_d + (W - 1 - j) * p.w_k, p.w_dtype);
+    else if (j == W) v = p.bias != nullptr ? load_any(p.bias, rc * p.bias_s, p.bias_dtype) : 0.f;
+    else v = input_before<H>(p, rb, rc, static_cast<int>(j) - W - 1 - H);
+    side[warp][k][j] = v;
+  }
+  cp_async_wait<0>();
+  __syncwarp();
+
+  b = b0, c = c0;
+  #pragma unroll 1
+  for (uint32_t k = 0; k < nr; ++k) {
+    float wr[W], bias, tail[H];
+    #pragma unroll
+    for (int j = 0; j < W; ++j) wr[j] = side[warp][k][j];
+    bias = side[warp][k][W];
+    #pragma unroll
+    for (int j = 0; j < H; ++j) tail[j] = side[warp][k][W + 1 + j];
+    float g[KV][8], dw[W], db = 0.f;
+    #pragma unroll
+    for (int j = 0; j < W; ++j) dw[j] = 0.f;
+    #pragma unroll
+    for (int v = 0; v < KV; ++v) {  // g = dout * act'(pre), and the dweight / dbias sums
+      float xv[8], h[H];
+      smem_run_to_float<8, R>(&q[k * KV + v][0][tid][0], xv);
+      smem_run_to_float<8, R>(&q[k * KV + v][1][tid][0], g[v]);
+      lookback<H>(xv, v, lane, tail, h);
+      #pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float xm[W];
+        float acc = bias;
+        #pragma unroll
+        for (int kk = 0; kk < W; ++kk) {
+          xm[kk] = i - kk >= 0 ? xv[i - kk] : h[H + i - kk];
+          acc = fmaf(wr[kk], xm[kk], acc);
+        }
+        const float gi = g[v][i] * act_grad(acc, p.silu);
+        g[v][i] = gi;
+        db += gi;
+        #pragma unroll
+        for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
+      }
+    }
+    R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+    #pragma unroll
+    for (int v = 0; v < KV; ++v) {  // dx: g of the w-1 positions after each; zero past the row
+      const int s0 = v * 256 + lane * 8;
+      float ah[H];
+      #pragma unroll
+      for (int j = 0; j < H; ++j) {
+        const float dn = __shfl_down_sync(kFull, g[v][j], 1);
+        const float wrap = v + 1 < KV ? __shfl_sync(kFull, g[v + 1 < KV ? v + 1 : v][j], 0) : 0.f;
+        ah[j] = lane == 31 ? wrap : dn;
+      }
+      if (v == 0 && p.dinit != nullptr && lane == 0) {  // positions j - H < 0
+        #pragma unroll
+        for (int j = 0; j < H; ++j) {
+          float acc = 0.f;
+          #pragma unroll
+          for (int kk = 0; kk < W; ++kk) {
+            const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
+            if (t >= 0 && t < L) acc = fmaf(wr[kk], g[0][t >= 0 && t < 8 ? t : 0], acc);
+          }
+          if (p.dfinal != nullptr && j - H >= fin0)
+            acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+          store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+        }
+      }
+      if (s0 < L) {
+        float o[8];
+        conv8_bwd<W>(wr, g[v], ah, o);
+        add_dfinal<H>(p, b, c, s0, L, o);
+        if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
+        else store_checked<8>(dxr + s0, L - s0, o);
+      }
+    }
+    #pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {  // deterministic warp sums, then the row's slot
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
+      db += __shfl_xor_sync(kFull, db, off);
+    }
+    if (lane == 0) {
+      float* slot = p.partial + (static_cast<int64_t>(b) * D + c) * (W + 1);  // one slot a row
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) slot[kk] = dw[kk];
+      slot[W] = db;
+    }
+    if (++c == D) c = 0, ++b;
+  }
+}
+
+template <int W, typename T, int KV>
+void launch_bwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
+  constexpr int NR = rows_a_warp<T>(KV), MINB = sizeof(T) == 4 ? 4 : 6;
+  const int64_t nrows = p.batch * p.dim;
+  MLM_CHECK(nrows < (int64_t(1) << 32) - 4 * NR, "causal_conv1d_bwd: input too large for the short-row kernel");
+  const int64_t blocks = (nrows + 4 * NR - 1) / (4 * NR);
+  bwd_lcontig_rows_kernel<W, T, KV, MINB><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
+      p, static_cast<uint32_t>(nrows));
+  MLM_CHECK_LAUNCH();
+}
+
+bool bwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
+  if (p.seqlen > 512 || p.nslots_per_batch != 1 || tune_variant() == 20) return false;
+  CONV_X_SWITCH(xdtype, T, [&] {
+    CONV_WIDTH_SWITCH(p.width, W, [&] {
+      if (p.seqlen <= 256) launch_bwd_lcontig_rows<W, T, 1>(p, s);
+      else launch_bwd_lcontig_rows<W, T, 2>(p, s);
+    });
+  });
+  return true;
+}
+
+}  // namespace conv1d
+}  // namespace mlmamba
