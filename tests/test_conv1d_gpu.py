@@ -308,13 +308,16 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 @need
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
-    """l-contiguous rows of at most 512 elements that start on 16-byte boundaries run several
-    to a warp (fwd_lcontig_rows.cu, bwd_lcontig_rows.cu): a warp's rows across batches (d 13),
-    the last warp part empty, one and two vectors a lane, widths 2-8, initial and final states,
-    rows padded apart; bitwise the one-row-a-warp kernels (MLMAMBA_CONV1D_TUNE=20)."""
+    """l-contiguous rows of at most 512 elements run several to a warp (fwd_lcontig_rows.cu,
+    and where they start on 16-byte boundaries bwd_lcontig_rows.cu): a warp's rows across
+    batches (d 13), the last warp part empty, one and two vectors a lane, widths 2-8, initial
+    and final states, rows padded apart, rows off 16-byte boundaries (odd lengths: every
+    offset, and shorter than w - 1); bitwise the one-row-a-warp kernels
+    (MLMAMBA_CONV1D_TUNE=20)."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
-    for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512)):
+    for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512,
+                           1, 2, 3, 5, 7, 129, 201, 249, 250, 255, 257, 403, 505)):
         width = (2, 3, 4, 5, 8)[i % 5]
         kw = inputs(g, 3, 13, l, width, dtype, "l", bias=i % 3 != 0, init=i % 2 == 0)
         if i % 2:  # rows 8 elements apart

@@ -15,11 +15,10 @@ namespace conv1d {
 
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
   MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_fwd: input too large");
-  if (rows_aligned16(p, xdtype == kF32 ? 4 : 2)) {
-    if (!fwd_lcontig_rows(p, xdtype, s)) fwd_lcontig_oneshot_rows<false>(p, xdtype, s);
-  } else {
-    fwd_lcontig_oneshot_any(p, xdtype, s);
-  }
+  const bool any = !rows_aligned16(p, xdtype == kF32 ? 4 : 2);
+  if (fwd_lcontig_rows(p, xdtype, any, s)) return;
+  if (!any) fwd_lcontig_oneshot_rows<false>(p, xdtype, s);
+  else fwd_lcontig_oneshot_any(p, xdtype, s);
 }
 
 }  // namespace conv1d

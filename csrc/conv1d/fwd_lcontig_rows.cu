@@ -12,7 +12,35 @@
 namespace mlmamba {
 namespace conv1d {
 
-template <int W, typename T, int KV, int MINB>
+// kAny's 8 outputs of a lane: xv's positions p0 .. p0+7 of the row (some may be another
+// row's), its word at outa + s0 (outa: the 16-byte boundary at or below the row's start).
+template <int W, typename R>
+__device__ __forceinline__ void store8_rows(const float (&wr)[W], float bias, const float (&xv)[8],
+                                            const float (&h)[W - 1], bool silu, R* outa, R* fr, int s0,
+                                            int p0, int L) {
+  constexpr int H = W - 1;
+  float o[8];
+  conv8_fwd<W>(wr, bias, xv, h, silu, o);
+  if (p0 >= 0 && p0 + 8 <= L) {
+    store_run<8>(outa + s0, o);
+  } else {
+    #pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (p0 + i >= 0 && p0 + i < L) outa[s0 + i] = Elem<R>::fromf(o[i]);
+  }
+  if (fr != nullptr && p0 + 8 > L - H) {  // final states
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int j = p0 + i - (L - H);
+      if (j >= 0 && p0 + i >= 0 && p0 + i < L) fr[j] = Elem<R>::fromf(xv[i]);
+    }
+  }
+}
+
+// kAny: rows may start anywhere (x and out rows equally far off a boundary): a row staged from
+// the 16-byte boundary at or below its start, a elements earlier; positions before the row's
+// start read its initial states, and the stores skip what is not the row's.
+template <int W, typename T, int KV, int MINB, bool kAny>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, NR = 8 / KV, V = Words<8, R>::kCount, S = W + 1 + H;  // S: side floats a row
@@ -28,10 +56,11 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
   uint32_t b = b0, c = c0;
   for (uint32_t k = 0; k < nr; ++k) {  // the rows' vectors, all in flight
     const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    const int a = kAny ? static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16 / sizeof(R)) : 0;
     #pragma unroll
     for (int v = 0; v < KV; ++v) {
       const int s0 = v * 256 + lane * 8;
-      if (s0 < L) cp_async_run<8, R>(&q[k * KV + v][tid][0], xr + s0, L - s0);
+      if (s0 < L + a) cp_async_run<8, R>(&q[k * KV + v][tid][0], xr - a + s0, L + a - s0);
     }
     if (++c == D) c = 0, ++b;
   }
@@ -57,6 +86,8 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
     #pragma unroll
     for (int j = 0; j < H; ++j) tail[j] = side[warp][k][W + 1 + j];
     R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+    const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    const int a = kAny ? static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16 / sizeof(R)) : 0;
     R* fr = p.final_states != nullptr ? static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H
                                       : nullptr;
     #pragma unroll
@@ -65,7 +96,24 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
       float xv[8], h[H];
       smem_run_to_float<8, R>(&q[k * KV + v][tid][0], xv);  // past the row: never stored
       lookback<H>(xv, v, lane, tail, h);
-      if (s0 < L) emit8_fwd<W, false>(wr, bias, xv, h, p.silu, outr, fr, s0, L);
+      if constexpr (kAny) {
+        const int p0 = s0 - a;  // the row position of xv[0]
+        if (v == 0 && p0 < H) {  // positions before the row: its initial states (or zeros)
+          #pragma unroll
+          for (int j = 0; j < H; ++j) {
+            const int t = p0 - H + j;
+            if (t < 0) h[j] = t >= -H ? side[warp][k][W + 1 + H + t] : 0.f;
+          }
+          #pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int t = p0 + i;
+            if (t < 0) xv[i] = t >= -H ? side[warp][k][W + 1 + H + t] : 0.f;
+          }
+        }
+        if (p0 + 8 > 0 && p0 < L) store8_rows(wr, bias, xv, h, p.silu, outr - a, fr, s0, p0, L);
+      } else if (s0 < L) {
+        emit8_fwd<W, false>(wr, bias, xv, h, p.silu, outr, fr, s0, L);
+      }
     }
     if (fr != nullptr && lane == 0 && L < H) {  // initial states in front
       #pragma unroll
@@ -76,23 +124,30 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
   }
 }
 
-template <int W, typename T, int KV>
+template <int W, typename T, int KV, bool kAny>
 void launch_fwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
   constexpr int NR = 8 / KV, MINB = sizeof(T) == 4 ? 6 : 8;
   const int64_t nrows = p.batch * p.dim;
   MLM_CHECK(nrows < (int64_t(1) << 32) - 4 * NR, "causal_conv1d_fwd: input too large for the short-row kernel");
   const int64_t blocks = (nrows + 4 * NR - 1) / (4 * NR);
-  fwd_lcontig_rows_kernel<W, T, KV, MINB><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
+  fwd_lcontig_rows_kernel<W, T, KV, MINB, kAny><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
       p, static_cast<uint32_t>(nrows));
   MLM_CHECK_LAUNCH();
 }
 
-bool fwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
-  if (p.seqlen > 512 || tune_variant() == 20) return false;
+bool fwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s) {
+  // a row and the elements before it back to a 16-byte boundary (at most 7 at 16 bits)
+  const int64_t span = p.seqlen + (any ? (xdtype == kF32 ? 3 : 7) : 0);
+  if (span > 512 || tune_variant() == 20) return false;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      if (p.seqlen <= 256) launch_fwd_lcontig_rows<W, T, 1>(p, s);
-      else launch_fwd_lcontig_rows<W, T, 2>(p, s);
+      if (any) {
+        if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, true>(p, s);
+        else launch_fwd_lcontig_rows<W, T, 2, true>(p, s);
+      } else {
+        if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, false>(p, s);
+        else launch_fwd_lcontig_rows<W, T, 2, false>(p, s);
+      }
     });
   });
   return true;
