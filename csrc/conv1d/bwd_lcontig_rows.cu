@@ -18,9 +18,9 @@ constexpr int rows_a_warp(int kv) { return (sizeof(T) == 4 ? 4 : 8) / kv; }
 template <int W, typename T, int KV, int MINB>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
   using R = typename RawOf<T>::type;
-  constexpr int H = W - 1, NR = rows_a_warp<T>(KV), V = Words<8, R>::kCount, S = W + 1 + H;  // S: side floats a row
+  constexpr int H = W - 1, NR = rows_a_warp<T>(KV), V = Words<8, R>::kCount;
   __shared__ uint4 q[NR * KV][2][128][V];  // [row * KV + vector][x, dout][thread][word]
-  __shared__ float side[4][NR][S];         // [warp][row]: reversed taps, bias, initial states
+  __shared__ float side[4][NR][2 * W];       // [warp][row]: reversed taps, bias, initial states
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const uint32_t r0 = (blockIdx.x * 4u + warp) * NR;
   if (r0 >= nrows) return;  // whole warp
@@ -41,14 +41,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
     if (++c == D) c = 0, ++b;
   }
   cp_async_commit();
-  for (uint32_t i = lane; i < nr * S; i += 32) {  // the rows' side values, lanes together
-    const uint32_t k = i / S, j = i - k * S, r = r0 + k, rb = r / D, rc = r - rb * D;
-    float v;
-    if (j < W) v = load_any(p.weight, rc * p.w_d + (W - 1 - j) * p.w_k, p.w_dtype);
-    else if (j == W) v = p.bias != nullptr ? load_any(p.bias, rc * p.bias_s, p.bias_dtype) : 0.f;
-    else v = input_before<H>(p, rb, rc, static_cast<int>(j) - W - 1 - H);
-    side[warp][k][j] = v;
-  }
+  load_rows_side<W>(p, r0, nr, D, lane, side[warp]);
   cp_async_wait<0>();
   __syncwarp();
 
@@ -56,11 +49,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
   #pragma unroll 1
   for (uint32_t k = 0; k < nr; ++k) {
     float wr[W], bias, tail[H];
-    #pragma unroll
-    for (int j = 0; j < W; ++j) wr[j] = side[warp][k][j];
-    bias = side[warp][k][W];
-    #pragma unroll
-    for (int j = 0; j < H; ++j) tail[j] = side[warp][k][W + 1 + j];
+    read_row_side<W>(side[warp][k], wr, bias, tail);
     float g[KV][8], dw[W], db = 0.f;
     #pragma unroll
     for (int j = 0; j < W; ++j) dw[j] = 0.f;

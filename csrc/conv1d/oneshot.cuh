@@ -51,6 +51,33 @@ __device__ __forceinline__ void row_side(const ConvParams& p, const R* xr, int t
   }
 }
 
+// The short-row kernels' (*_lcontig_rows.cu) side values of rows r0 .. r0+nr-1, loaded by a
+// warp's lanes together: side[k] = row r0+k's reversed taps, bias and initial states (2W floats).
+template <int W>
+__device__ __forceinline__ void load_rows_side(const ConvParams& p, uint32_t r0, uint32_t nr, uint32_t D,
+                                               int lane, float (*side)[2 * W]) {
+  constexpr int H = W - 1, S = 2 * W;
+  for (uint32_t i = lane; i < nr * S; i += 32) {
+    const uint32_t k = i / S, j = i - k * S, r = r0 + k, rb = r / D, rc = r - rb * D;
+    float v;
+    if (j < W) v = load_any(p.weight, rc * p.w_d + (W - 1 - j) * p.w_k, p.w_dtype);
+    else if (j == W) v = p.bias != nullptr ? load_any(p.bias, rc * p.bias_s, p.bias_dtype) : 0.f;
+    else v = input_before<H>(p, rb, rc, static_cast<int>(j) - W - 1 - H);
+    side[k][j] = v;
+  }
+}
+
+// One row's side values (load_rows_side) into registers.
+template <int W>
+__device__ __forceinline__ void read_row_side(const float (&side)[2 * W], float (&wr)[W], float& bias,
+                                              float (&tail)[W - 1]) {
+  #pragma unroll
+  for (int j = 0; j < W; ++j) wr[j] = side[j];
+  bias = side[W];
+  #pragma unroll
+  for (int j = 0; j < W - 1; ++j) tail[j] = side[W + 1 + j];
+}
+
 // The H inputs before a lane's 8 of vector k (xv): the previous lane's last H, for lane 0 the
 // previous vector's lane 31 (tail: every lane's last H of the previous vector; before vector
 // 0, the inputs before the tile). tail becomes this vector's. Every lane must take part.
