@@ -178,74 +178,89 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
 
   R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
   const int fin0 = L - H;  // first position that final_states covers
-  // kFast (U > 1): a whole tile with no dinit or final-state positions, its vectors unrolled by
-  // U (fewer basic blocks); otherwise a rolled loop with the edges.
-  auto walk = [&]<bool kFast>() {
-    if (!kFast && kv == 0) return;  // a row shorter than a0: head() took it all
+  // Vector k's dx; gc: g on its positions, then on the next vector's. kFast: vector k wholly in
+  // the row, the next one holding some of it (or k the tile's last), none of k's positions
+  // dinit's or final_states' (no edge checks).
+  auto step = [&]<bool kFast>(int k, float (&gc)[8]) {
+    float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
+    if (!kFast && k + 1 >= kv && k + 1 < K) {  // the next vector is past the row's end
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) gn[j] = 0.f;
+    } else if (k + 1 < K) {
+      if ((k + 1) % KG == 0) cp_async_wait_upto(G - 1 - (k + 1) / KG);
+      gvec(k + 1, gn);
+    } else {  // only lane 31 uses these; its tail is the tile's last w-1 inputs
+      #pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float acc = bias;
+        if (j < H) {
+          #pragma unroll
+          for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk >= 0 ? j - kk : 0] : tail[(H + j - kk) % H], acc);
+        }
+        gn[j] = j < H ? da[j] * act_grad(acc, p.silu) : 0.f;
+      }
+    }
+    const int s0 = t_start + (k * 32 + lane) * 8;
+    float ah[H];
+    #pragma unroll
+    for (int j = 0; j < H; ++j) {
+      const float dn = __shfl_down_sync(kFull, gc[j], 1);
+      const float wrap = __shfl_sync(kFull, gn[j], 0);  // the next vector's lane 0
+      ah[j] = lane == 31 ? (k + 1 < K ? wrap : gn[j]) : dn;
+    }
+    if (!kFast && p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
+      #pragma unroll
+      for (int j = 0; j < H; ++j) {
+        float acc = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < W; ++kk) {
+          const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
+          if (t >= 0 && t < L) acc = fmaf(wr[kk], gc[t >= 0 && t < 8 ? t : 0], acc);
+        }
+        if (p.dfinal != nullptr && j - H >= fin0)
+          acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+        store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+      }
+    }
+    if (kFast) {
+      float o[8];
+      conv8_bwd<W>(wr, gc, ah, o);
+      store_run<8>(dxr + s0, o);
+    } else if (s0 < L) {
+      float o[8];
+      conv8_bwd<W>(wr, gc, ah, o);
+      add_dfinal<H>(p, b, c, s0, L, o);
+      if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
+      else store_checked<8>(dxr + s0, L - s0, o);
+    }
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) gc[i] = gn[i];
+  };
+  // Where U > 1, a whole tile with no dinit or final-state positions runs every vector fast,
+  // unrolled by U (fewer basic blocks); a partial tile the vectors before its edges (kf) fast,
+  // rolled, and the rest with the edge checks.
+  int kf = 0;
+  if constexpr (U > 1) {
+    if (p.dinit == nullptr || t_start > 0) {
+      kf = whole ? K : kw < kv ? kw : kw - 1;  // a partial tile: vector k + 1 holds some of the row
+      if (p.dfinal != nullptr) kf = min(kf, fin0 >= t_start ? (fin0 - t_start) / 256 : 0);
+      kf = max(kf, 0);
+    }
+  }
+  if (kv > 0) {  // else a row shorter than a0: head() took it all
     float gc[8];
     cp_async_wait_upto(G - 1);
     gvec(0, gc);
-    #pragma unroll (kFast ? U : 1)
-    for (int k = 0; k < (kFast ? K : kv); ++k) {
-      float gn[8];  // g of the next vector; after the last one, of the w-1 positions after the tile
-      if (!kFast && k + 1 >= kv && k + 1 < K) {  // the next vector is past the row's end
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) gn[j] = 0.f;
-      } else if (k + 1 < K) {
-        if ((k + 1) % KG == 0) cp_async_wait_upto(G - 1 - (k + 1) / KG);
-        gvec(k + 1, gn);
-      } else {  // only lane 31 uses these; its tail is the tile's last w-1 inputs
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          float acc = bias;
-          if (j < H) {
-            #pragma unroll
-            for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk >= 0 ? j - kk : 0] : tail[(H + j - kk) % H], acc);
-          }
-          gn[j] = j < H ? da[j] * act_grad(acc, p.silu) : 0.f;
-        }
-      }
-      const int s0 = t_start + (k * 32 + lane) * 8;
-      float ah[H];
-      #pragma unroll
-      for (int j = 0; j < H; ++j) {
-        const float dn = __shfl_down_sync(kFull, gc[j], 1);
-        const float wrap = __shfl_sync(kFull, gn[j], 0);  // the next vector's lane 0
-        ah[j] = lane == 31 ? (k + 1 < K ? wrap : gn[j]) : dn;
-      }
-      if (!kFast && p.dinit != nullptr && k == 0 && t_start == 0 && lane == 0) {  // positions j - H < 0
-        #pragma unroll
-        for (int j = 0; j < H; ++j) {
-          float acc = 0.f;
-          #pragma unroll
-          for (int kk = 0; kk < W; ++kk) {
-            const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
-            if (t >= 0 && t < L) acc = fmaf(wr[kk], gc[t >= 0 && t < 8 ? t : 0], acc);
-          }
-          if (p.dfinal != nullptr && j - H >= fin0)
-            acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
-          store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
-        }
-      }
-      if (kFast) {
-        float o[8];
-        conv8_bwd<W>(wr, gc, ah, o);
-        store_run<8>(dxr + s0, o);
-      } else if (s0 < L) {
-        float o[8];
-        conv8_bwd<W>(wr, gc, ah, o);
-        add_dfinal<H>(p, b, c, s0, L, o);
-        if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
-        else store_checked<8>(dxr + s0, L - s0, o);
-      }
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) gc[i] = gn[i];
+    if (kf == K) {
+      #pragma unroll U
+      for (int k = 0; k < K; ++k) step.template operator()<true>(k, gc);
+    } else {
+      #pragma unroll 1
+      for (int k = 0; k < kf; ++k) step.template operator()<true>(k, gc);
+      #pragma unroll 1
+      for (int k = kf; k < kv; ++k) step.template operator()<false>(k, gc);
     }
-  };
-  if (U > 1 && whole && (t_start > 0 || p.dinit == nullptr) && (p.dfinal == nullptr || t_end <= fin0))
-    walk.template operator()<true>();
-  else
-    walk.template operator()<false>();
+  }
   cp_async_wait<0>();
 
   #pragma unroll
@@ -313,8 +328,7 @@ int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype) {
 
 void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
   MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_bwd: input too large");
-  const int64_t e = 16 / (xdtype == kF32 ? 4 : 2);  // elements per 16 bytes
-  if (p.x_b % e == 0 && p.x_d % e == 0 && bwd_lcontig_rows(p, xdtype, s)) return;
+  if (rows_aligned16(p, xdtype == kF32 ? 4 : 2) && bwd_lcontig_rows(p, xdtype, s)) return;
   with_bwd_lcontig_oneshot(xdtype, p.width, [&](auto k) { decltype(k)::launch(p, s); });
 }
 

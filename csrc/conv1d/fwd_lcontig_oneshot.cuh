@@ -39,7 +39,8 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   RawRun<8, R> raw[kAsync ? 1 : K];
   const bool whole = t_start + kTile <= L;
   const R* xl = xr + t_start + lane * 8;  // this lane's vector 0
-  const int kv = whole ? K : (L - t_start + 255) / 256;  // vectors holding any of the row
+  // vectors wholly in the row (kw), holding any of it (kv); both K in a whole tile
+  const int kw = whole ? K : (L - t_start) / 256, kv = whole ? K : (L - t_start + 255) / 256;
   if (whole) {
     #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -50,12 +51,13 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
         raw[k].load(xl + k * 256);
       }
     }
-  } else {  // vectors wholly past the row's end not at all
+  } else {  // vectors wholly in the row stage whole; those wholly past its end not at all
     #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int s0 = t_start + (k * 32 + lane) * 8;
       if constexpr (kAsync) {
-        if (k < kv) cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
+        if (k < kw) cp_async_whole<8, R>(&q[k][tid][0], xr + s0);
+        else if (k < kv) cp_async_run<8, R>(&q[k][tid][0], s0 < L ? xr + s0 : xr, L - s0);
         if ((k + 1) % KG == 0) cp_async_commit();
       } else if (s0 + 8 <= L) {
         raw[k].load(xr + s0);
@@ -120,9 +122,11 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const Co
   if (whole) {
     #pragma unroll (kAsync ? 1 : K)  // from shared memory: one vector's registers at a time
     for (int k = 0; k < K; ++k) vec(std::true_type{}, k);
-  } else {
+  } else {  // the vectors wholly in the row without bounds checks, then the rest
     #pragma unroll (kAsync ? 1 : K)
-    for (int k = 0; k < kv; ++k) vec(std::false_type{}, k);
+    for (int k = 0; k < kw; ++k) vec(std::true_type{}, k);
+    #pragma unroll (kAsync ? 1 : K)
+    for (int k = kw; k < kv; ++k) vec(std::false_type{}, k);
   }
   if (fr != nullptr && seg == 0 && lane == 0 && L < H) {  // initial states in front
     #pragma unroll
