@@ -308,16 +308,18 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 @need
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
-    """l-contiguous rows of at most 512 elements run several to a warp (fwd_lcontig_rows.cu,
-    and where they start on 16-byte boundaries bwd_lcontig_rows.cu): a warp's rows across
-    batches (d 13), the last warp part empty, one and two vectors a lane, widths 2-8, initial
+    """l-contiguous rows of at most 1024 elements (512 at fp32) run several to a warp
+    (fwd_lcontig_rows.cu, and where they start on 16-byte boundaries bwd_lcontig_rows.cu): a
+    warp's rows across batches (d 13), the last warp part empty, one, two and four vectors a
+    lane, widths 2-8, initial
     and final states, rows padded apart, rows off 16-byte boundaries (odd lengths: every
     offset, and shorter than w - 1); bitwise the one-row-a-warp kernels
     (MLMAMBA_CONV1D_TUNE=20)."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
     for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512,
-                           1, 2, 3, 5, 7, 129, 201, 249, 250, 255, 257, 403, 505)):
+                           1, 2, 3, 5, 7, 129, 201, 249, 250, 255, 257, 403, 505,
+                           520, 704, 1016, 1024, 513, 701, 1017, 1018)):
         width = (2, 3, 4, 5, 8)[i % 5]
         kw = inputs(g, 3, 13, l, width, dtype, "l", bias=i % 3 != 0, init=i % 2 == 0)
         if i % 2:  # rows 8 elements apart

@@ -1,8 +1,9 @@
-// Causal conv1d backward, l contiguous, for short rows (at most 512 elements) that start on
-// 16-byte boundaries: NR = 8 / KV consecutive rows a warp (4 / KV at fp32) (flat index b * d + c), KV vectors a
-// lane per row, every row's x and dout staged by cp.async before any is computed (the forward's
-// scheme, fwd_lcontig_rows.cu; the math and the sums' order as bwd_lcontig_oneshot.cu, so the
-// results are bitwise the one-row-a-warp kernel's). One dweight / dbias slot per row.
+// Causal conv1d backward, l contiguous, for short rows (at most 1024 elements, 512 at fp32) that
+// start on 16-byte boundaries: NR = 8 / KV consecutive rows a warp (4 / KV at fp32; flat index b *
+// d + c), KV vectors a lane per row, every row's x and dout staged by cp.async before any is
+// computed (the forward's scheme, fwd_lcontig_rows.cu; the math and the sums' order as
+// bwd_lcontig_oneshot.cu, so the results are bitwise the one-row-a-warp kernel's). One dweight /
+// dbias slot per row.
 #include "common/check.h"
 #include "conv1d/oneshot.cuh"
 #include "conv1d/switch.h"
@@ -136,11 +137,14 @@ void launch_bwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
 }
 
 bool bwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
-  if (p.seqlen > 512 || p.nslots_per_batch != 1 || tune_variant() == 20) return false;
+  // rows of up to 1024 elements at 16 bits (two a warp), 512 at fp32
+  if (p.seqlen > (xdtype == kF32 ? 512 : 1024) || p.nslots_per_batch != 1 || tune_variant() == 20)
+    return false;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       if (p.seqlen <= 256) launch_bwd_lcontig_rows<W, T, 1>(p, s);
-      else launch_bwd_lcontig_rows<W, T, 2>(p, s);
+      else if (p.seqlen <= 512) launch_bwd_lcontig_rows<W, T, 2>(p, s);
+      else if constexpr (sizeof(T) == 2) launch_bwd_lcontig_rows<W, T, 4>(p, s);
     });
   });
   return true;

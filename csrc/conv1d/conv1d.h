@@ -92,9 +92,9 @@ void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 // p.nslots_per_batch = bwd_lcontig_oneshot_tiles(p) (tiles per row).
 void fwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_lcontig_oneshot_any(const ConvParams& p, int xdtype, cudaStream_t s);
-// Rows of at most 512 elements (any: with the elements back to the 16-byte boundary below
-// their start), several a warp (fwd_lcontig_rows.cu); false where it does not apply (longer
-// rows, MLMAMBA_CONV1D_TUNE=20).
+// Rows of at most 1024 elements, 512 at fp32 (any: with the elements back to the 16-byte
+// boundary below their start), several a warp (fwd_lcontig_rows.cu); false where it does not
+// apply (longer rows, MLMAMBA_CONV1D_TUNE=20).
 bool fwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s);
 // The backward's, aligned rows only (bwd_lcontig_rows.cu; p.nslots_per_batch 1: one slot a row).
 bool bwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s);

@@ -1,10 +1,10 @@
-// Causal conv1d forward, l contiguous, for short rows (at most 512 elements) that start on
-// 16-byte boundaries. The one-shot kernel gives each row its own warp, so a 200-element row
-// keeps a warp's 32 lanes for 400 bytes: too few bytes in flight per SM (b64 L200 ran at 45% of
-// a same-size copy). Here a warp takes NR consecutive rows (flat index b * d + c), KV 8-element
-// vectors a lane per row, and stages all of them by cp.async before computing any: 8 vectors a
-// lane, as the long-row kernel keeps. Each row's taps, bias and initial states go through
-// shared memory, loaded by the warp's lanes together.
+// Causal conv1d forward, l contiguous, for short rows (at most 1024 elements, 512 at fp32). The
+// one-shot kernel gives each row its own warp, so a 200-element row keeps a warp's 32 lanes for 400
+// bytes: too few bytes in flight per SM (b64 L200 ran at 45% of a same-size copy). Here a warp
+// takes NR consecutive rows (flat index b * d + c), KV 8-element vectors a lane per row, and stages
+// all of them by cp.async before computing any: 8 vectors a lane, as the long-row kernel keeps.
+// Each row's taps, bias and initial states go through shared memory, loaded by the warp's lanes
+// together.
 #include "common/check.h"
 #include "conv1d/oneshot.cuh"
 #include "conv1d/switch.h"
@@ -125,18 +125,19 @@ void launch_fwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
 }
 
 bool fwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s) {
-  // a row and the elements before it back to a 16-byte boundary (at most 7 at 16 bits)
+  // a row and the elements before it back to a 16-byte boundary (at most 7 at 16 bits); rows
+  // of up to 1024 elements at 16 bits (two a warp), 512 at fp32
   const int64_t span = p.seqlen + (any ? (xdtype == kF32 ? 3 : 7) : 0);
-  if (span > 512 || tune_variant() == 20) return false;
+  if (span > (xdtype == kF32 ? 512 : 1024) || tune_variant() == 20) return false;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      if (any) {
-        if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, true>(p, s);
-        else launch_fwd_lcontig_rows<W, T, 2, true>(p, s);
-      } else {
-        if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, false>(p, s);
-        else launch_fwd_lcontig_rows<W, T, 2, false>(p, s);
-      }
+      auto go = [&]<bool kAny>() {
+        if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, kAny>(p, s);
+        else if (span <= 512) launch_fwd_lcontig_rows<W, T, 2, kAny>(p, s);
+        else if constexpr (sizeof(T) == 2) launch_fwd_lcontig_rows<W, T, 4, kAny>(p, s);
+      };
+      if (any) go.template operator()<true>();
+      else go.template operator()<false>();
     });
   });
   return true;
