@@ -291,7 +291,8 @@ def test_final_states_across_tiles(rng, monkeypatch, dtype, width, layout, impl)
 def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
     """l-contiguous rows whose length is not a multiple of 16 bytes start at every offset from
     a 16-byte boundary; the one-shot kernels take them (their tiles start at the first boundary
-    of a row, lane 0 computes the positions before it): lengths shorter than that offset and
+    of a row, lane 0 computes the positions before it), the short-row kernels those of at most
+    1017 elements (505 at fp32): lengths shorter than that offset and
     than w - 1, tile edges for each tile size, initial and final states, every gradient."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
@@ -309,12 +310,12 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
     """l-contiguous rows of at most 1024 elements (512 at fp32) run several to a warp
-    (fwd_lcontig_rows.cu, and where they start on 16-byte boundaries bwd_lcontig_rows.cu): a
-    warp's rows across batches (d 13), the last warp part empty, one, two and four vectors a
-    lane, widths 2-8, initial
-    and final states, rows padded apart, rows off 16-byte boundaries (odd lengths: every
-    offset, and shorter than w - 1); bitwise the one-row-a-warp kernels
-    (MLMAMBA_CONV1D_TUNE=20)."""
+    (fwd_lcontig_rows.cu, bwd_lcontig_rows.cu): a warp's rows across batches (d 13), the last
+    warp part empty, one, two and four vectors a lane, widths 2-8, initial and final states,
+    rows padded apart, rows off 16-byte boundaries (odd lengths: every offset, and shorter
+    than w - 1); bitwise the one-row-a-warp kernels
+    (MLMAMBA_CONV1D_TUNE=20), but for dweight / dbias on rows off 16-byte boundaries (there
+    the one-row kernel sums a row's first positions apart)."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
     for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512,
@@ -337,8 +338,13 @@ def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
         monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", "20")
         one = ops().causal_conv1d_fwd(*args) + ops().causal_conv1d_bwd(*bargs)
         monkeypatch.delenv("MLMAMBA_CONV1D_TUNE")
+        aligned = all(st * x.element_size() % 16 == 0 for st in x.stride()[:2])
         for name, u, v in zip(("out", "final", "dx", "dweight", "dbias", "dinit"), a, one):
-            assert torch.equal(u, v), f"l={l}: {name} differs between the kernels"
+            if aligned or name not in ("dweight", "dbias"):
+                assert torch.equal(u, v), f"l={l}: {name} differs between the kernels"
+            else:
+                tol = TOL_SUM[u.dtype]
+                torch.testing.assert_close(u, v, rtol=tol, atol=tol, msg=lambda m: f"l={l} {name}: {m}")
 
 
 @need

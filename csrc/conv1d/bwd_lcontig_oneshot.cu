@@ -328,7 +328,7 @@ int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype) {
 
 void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s) {
   MLM_CHECK(p.batch < (1 << 30) && p.dim < (1 << 30) && p.seqlen < (1 << 30), "causal_conv1d_bwd: input too large");
-  if (rows_aligned16(p, xdtype == kF32 ? 4 : 2) && bwd_lcontig_rows(p, xdtype, s)) return;
+  if (bwd_lcontig_rows(p, xdtype, !rows_aligned16(p, xdtype == kF32 ? 4 : 2), s)) return;
   with_bwd_lcontig_oneshot(xdtype, p.width, [&](auto k) { decltype(k)::launch(p, s); });
 }
 

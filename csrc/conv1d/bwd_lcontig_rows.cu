@@ -16,7 +16,11 @@ namespace conv1d {
 template <typename T>
 constexpr int rows_a_warp(int kv) { return (sizeof(T) == 4 ? 4 : 8) / kv; }
 
-template <int W, typename T, int KV, int MINB>
+// kAny: rows may start anywhere (x, dout and dx rows equally far off a boundary): a row staged
+// from the 16-byte boundary at or below its start, a elements earlier, as the forward's
+// (fwd_lcontig_rows.cu); g is zero before the row's start, and the stores skip what is not the
+// row's.
+template <int W, typename T, int KV, int MINB, bool kAny>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, NR = rows_a_warp<T>(KV), V = Words<8, R>::kCount;
@@ -33,11 +37,12 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
   for (uint32_t k = 0; k < nr; ++k) {  // the rows' vectors, all in flight (zeros past the end)
     const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
     const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
+    const int a = kAny ? static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16 / sizeof(R)) : 0;
     #pragma unroll
     for (int v = 0; v < KV; ++v) {
-      const int s0 = v * 256 + lane * 8;
-      cp_async_run<8, R>(&q[k * KV + v][0][tid][0], s0 < L ? xr + s0 : xr, L - s0);
-      cp_async_run<8, R>(&q[k * KV + v][1][tid][0], s0 < L ? dr + s0 : dr, L - s0);
+      const int s0 = v * 256 + lane * 8, n = L + a - s0;
+      cp_async_run<8, R>(&q[k * KV + v][0][tid][0], n > 0 ? xr - a + s0 : xr, n);
+      cp_async_run<8, R>(&q[k * KV + v][1][tid][0], n > 0 ? dr - a + s0 : dr, n);
     }
     if (++c == D) c = 0, ++b;
   }
@@ -51,6 +56,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
   for (uint32_t k = 0; k < nr; ++k) {
     float wr[W], bias, tail[H];
     read_row_side<W>(side[warp][k], wr, bias, tail);
+    const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    const int a = kAny ? static_cast<int>(reinterpret_cast<uintptr_t>(xr) % 16 / sizeof(R)) : 0;
     float g[KV][8], dw[W], db = 0.f;
     #pragma unroll
     for (int j = 0; j < W; ++j) dw[j] = 0.f;
@@ -60,6 +67,13 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
       smem_run_to_float<8, R>(&q[k * KV + v][0][tid][0], xv);
       smem_run_to_float<8, R>(&q[k * KV + v][1][tid][0], g[v]);
       lookback<H>(xv, v, lane, tail, h);
+      const int p0 = v * 256 + lane * 8 - a;  // the row position of xv[0]
+      if (kAny && v == 0 && p0 < H) {  // the neighbouring row's positions: no gradient flows
+        inputs_before_row<H>(&side[warp][k][W + 1], p0, xv, h);
+        #pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (p0 + i < 0) g[v][i] = 0.f;
+      }
       #pragma unroll
       for (int i = 0; i < 8; ++i) {
         float xm[W];
@@ -87,26 +101,47 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
         const float wrap = v + 1 < KV ? __shfl_sync(kFull, g[v + 1 < KV ? v + 1 : v][j], 0) : 0.f;
         ah[j] = lane == 31 ? wrap : dn;
       }
-      if (v == 0 && p.dinit != nullptr && lane == 0) {  // positions j - H < 0
+      if (v == 0 && p.dinit != nullptr) {  // positions j - H < 0
+        float g0[H];  // g at positions 0 .. H-1: lane 0's first ones (kAny: staged index t + a)
         #pragma unroll
-        for (int j = 0; j < H; ++j) {
-          float acc = 0.f;
-          #pragma unroll
-          for (int kk = 0; kk < W; ++kk) {
-            const int t = j - H + kk;  // < w-1 <= 7: inside lane 0's first vector
-            if (t >= 0 && t < L) acc = fmaf(wr[kk], g[0][t >= 0 && t < 8 ? t : 0], acc);
+        for (int t = 0; t < H; ++t) {
+          if constexpr (kAny) {
+            const int e = (t + a) & 7;
+            float u = g[0][0];
+            #pragma unroll
+            for (int i = 1; i < 8; ++i) u = e == i ? g[0][i] : u;
+            g0[t] = __shfl_sync(kFull, u, (t + a) >> 3);
+          } else {
+            g0[t] = g[0][t];
           }
-          if (p.dfinal != nullptr && j - H >= fin0)
-            acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
-          store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+        }
+        if (lane == 0) {
+          #pragma unroll
+          for (int j = 0; j < H; ++j) {
+            float acc = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < W; ++kk) {
+              const int t = j - H + kk;  // < w-1 <= 7
+              if (t >= 0 && t < L) acc = fmaf(wr[kk], g0[t >= 0 ? t : 0], acc);
+            }
+            if (p.dfinal != nullptr && j - H >= fin0)
+              acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (j - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+            store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + j, p.init_dtype, acc);
+          }
         }
       }
-      if (s0 < L) {
+      const int p0 = s0 - a;  // the row position of o[0]
+      if (p0 + 8 > 0 && p0 < L) {
         float o[8];
         conv8_bwd<W>(wr, g[v], ah, o);
-        add_dfinal<H>(p, b, c, s0, L, o);
-        if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
-        else store_checked<8>(dxr + s0, L - s0, o);
+        add_dfinal<H>(p, b, c, p0, L, o);
+        if (p0 >= 0 && p0 + 8 <= L) {
+          store_run<8>(dxr - a + s0, o);
+        } else {
+          #pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (p0 + i >= 0 && p0 + i < L) dxr[p0 + i] = Elem<R>::fromf(o[i]);
+        }
       }
     }
     #pragma unroll
@@ -125,26 +160,32 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
   }
 }
 
-template <int W, typename T, int KV>
+template <int W, typename T, int KV, bool kAny>
 void launch_bwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
   constexpr int NR = rows_a_warp<T>(KV), MINB = sizeof(T) == 4 ? 4 : 6;
   const int64_t nrows = p.batch * p.dim;
   MLM_CHECK(nrows < (int64_t(1) << 32) - 4 * NR, "causal_conv1d_bwd: input too large for the short-row kernel");
   const int64_t blocks = (nrows + 4 * NR - 1) / (4 * NR);
-  bwd_lcontig_rows_kernel<W, T, KV, MINB><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
+  bwd_lcontig_rows_kernel<W, T, KV, MINB, kAny><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
       p, static_cast<uint32_t>(nrows));
   MLM_CHECK_LAUNCH();
 }
 
-bool bwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s) {
-  // rows of up to 1024 elements at 16 bits (two a warp), 512 at fp32
-  if (p.seqlen > (xdtype == kF32 ? 512 : 1024) || p.nslots_per_batch != 1 || tune_variant() == 20)
+bool bwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s) {
+  // a row and the elements before it back to a 16-byte boundary; rows of up to 1024 elements at
+  // 16 bits (two a warp), 512 at fp32
+  const int64_t span = p.seqlen + (any ? (xdtype == kF32 ? 3 : 7) : 0);
+  if (span > (xdtype == kF32 ? 512 : 1024) || p.nslots_per_batch != 1 || tune_variant() == 20)
     return false;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      if (p.seqlen <= 256) launch_bwd_lcontig_rows<W, T, 1>(p, s);
-      else if (p.seqlen <= 512) launch_bwd_lcontig_rows<W, T, 2>(p, s);
-      else if constexpr (sizeof(T) == 2) launch_bwd_lcontig_rows<W, T, 4>(p, s);
+      auto go = [&]<bool kAny>() {
+        if (span <= 256) launch_bwd_lcontig_rows<W, T, 1, kAny>(p, s);
+        else if (span <= 512) launch_bwd_lcontig_rows<W, T, 2, kAny>(p, s);
+        else if constexpr (sizeof(T) == 2) launch_bwd_lcontig_rows<W, T, 4, kAny>(p, s);
+      };
+      if (any) go.template operator()<true>();
+      else go.template operator()<false>();
     });
   });
   return true;

@@ -96,8 +96,8 @@ void fwd_lcontig_oneshot_any(const ConvParams& p, int xdtype, cudaStream_t s);
 // boundary below their start), several a warp (fwd_lcontig_rows.cu); false where it does not
 // apply (longer rows, MLMAMBA_CONV1D_TUNE=20).
 bool fwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s);
-// The backward's, aligned rows only (bwd_lcontig_rows.cu; p.nslots_per_batch 1: one slot a row).
-bool bwd_lcontig_rows(const ConvParams& p, int xdtype, cudaStream_t s);
+// The backward's (bwd_lcontig_rows.cu; p.nslots_per_batch 1: one slot a row).
+bool bwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s);
 int64_t bwd_lcontig_oneshot_tiles(const ConvParams& p, int xdtype);
 void bwd_lcontig_oneshot(const ConvParams& p, int xdtype, cudaStream_t s);
 // l-contiguous backward: p.nslots_per_batch = bwd_lcontig_pipe_tiles(p) (tiles per row).

@@ -87,18 +87,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
       lookback<H>(xv, v, lane, tail, h);
       if constexpr (kAny) {
         const int p0 = s0 - a;  // the row position of xv[0]
-        if (v == 0 && p0 < H) {  // positions before the row: its initial states (or zeros)
-          #pragma unroll
-          for (int j = 0; j < H; ++j) {
-            const int t = p0 - H + j;
-            if (t < 0) h[j] = t >= -H ? side[warp][k][W + 1 + H + t] : 0.f;
-          }
-          #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int t = p0 + i;
-            if (t < 0) xv[i] = t >= -H ? side[warp][k][W + 1 + H + t] : 0.f;
-          }
-        }
+        if (v == 0 && p0 < H) inputs_before_row<H>(&side[warp][k][W + 1], p0, xv, h);
         if (p0 + 8 > 0 && p0 < L) store8_rows(wr, bias, xv, h, p.silu, outr - a, fr, s0, p0, L);
       } else if (s0 < L) {
         emit8_fwd<W, false>(wr, bias, xv, h, p.silu, outr, fr, s0, L);

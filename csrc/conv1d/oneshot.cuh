@@ -78,6 +78,24 @@ __device__ __forceinline__ void read_row_side(const float (&side)[2 * W], float 
   for (int j = 0; j < W - 1; ++j) tail[j] = side[W + 1 + j];
 }
 
+// Rows off 16-byte boundaries in the short-row kernels: a lane's inputs at row positions p0 ..
+// p0+7 (xv) and the H before them (h), where some precede the row's start (they were staged
+// from the neighbouring row): the row's initial states there (init: the H inputs before
+// position 0), zeros before those.
+template <int H>
+__device__ __forceinline__ void inputs_before_row(const float* init, int p0, float (&xv)[8], float (&h)[H]) {
+  #pragma unroll
+  for (int j = 0; j < H; ++j) {
+    const int t = p0 - H + j;
+    if (t < 0) h[j] = t >= -H ? init[H + t] : 0.f;
+  }
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int t = p0 + i;
+    if (t < 0) xv[i] = t >= -H ? init[H + t] : 0.f;
+  }
+}
+
 // The H inputs before a lane's 8 of vector k (xv): the previous lane's last H, for lane 0 the
 // previous vector's lane 31 (tail: every lane's last H of the previous vector; before vector
 // 0, the inputs before the tile). tail becomes this vector's. Every lane must take part.
