@@ -311,20 +311,25 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
     """l-contiguous rows of at most 1024 elements (512 at fp32) run several to a warp
     (fwd_lcontig_rows.cu, bwd_lcontig_rows.cu): a warp's rows across batches (d 13), the last
-    warp part empty, one, two and four vectors a lane, widths 2-8, initial and final states,
+    warp part empty, one, two and four vectors a lane, two and four rows a vector (aligned rows
+    of at most 128 / 64 elements), widths 2-8, initial and final states,
     rows padded apart, rows off 16-byte boundaries (odd lengths: every offset, and shorter
     than w - 1); bitwise the one-row-a-warp kernels
     (MLMAMBA_CONV1D_TUNE=20), but for dweight / dbias on rows off 16-byte boundaries (there
     the one-row kernel sums a row's first positions apart)."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
-    for i, l in enumerate((8, 16, 24, 136, 248, 256, 264, 400, 504, 512,
-                           1, 2, 3, 5, 7, 129, 201, 249, 250, 255, 257, 403, 505,
-                           520, 704, 1016, 1024, 513, 701, 1017, 1018)):
+    lengths = (8, 16, 24, 136, 248, 256, 264, 400, 504, 512,
+               1, 2, 3, 5, 7, 129, 201, 249, 250, 255, 257, 403, 505,
+               520, 704, 1016, 1024, 513, 701, 1017, 1018,
+               32, 40, 64, 72, 120, 128, 56, 96)
+    # (length, row stride): rows shorter than w - 1 on 16-byte boundaries, several a vector
+    strided = ((1, 16), (2, 16), (5, 16), (6, 16), (3, 8), (60, 64), (100, 128))
+    for i, (l, stride) in enumerate([(l, l + 8 * (i % 2)) for i, l in enumerate(lengths)] + list(strided)):
         width = (2, 3, 4, 5, 8)[i % 5]
         kw = inputs(g, 3, 13, l, width, dtype, "l", bias=i % 3 != 0, init=i % 2 == 0)
-        if i % 2:  # rows 8 elements apart
-            kw["x"] = torch.randn(3, 13, l + 8, device=DEV, generator=g).to(dtype)[..., :l]
+        if stride != l:  # rows padded apart
+            kw["x"] = torch.randn(3, 13, stride, device=DEV, generator=g).to(dtype)[..., :l]
         try:
             check_case(kw, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
         except AssertionError as e:

@@ -16,21 +16,122 @@ namespace conv1d {
 template <typename T>
 constexpr int rows_a_warp(int kv) { return (sizeof(T) == 4 ? 4 : 8) / kv; }
 
+// Several rows a vector (bwd_lcontig_rows_kernel's S > 1; fwd_rows_shared in
+// fwd_lcontig_rows.cu): vector k of lane l holds row k * S + l / G of the warp's, positions
+// (l % G) * 8 .. +7 (G = 32 / S lanes a row); a row's first lane takes its initial states as the
+// look-back, its last no g after it; dweight / dbias summed over the row's G lanes.
+template <int W, typename R, int NR, int S, typename Q>
+__device__ __forceinline__ void bwd_rows_shared(const ConvParams& p, Q& q, float (*side)[2 * W], uint32_t r0,
+                                                uint32_t nr, uint32_t D, int L, int tid) {
+  constexpr int H = W - 1, G = 32 / S;
+  const int lane = tid & 31, s0 = lane % G * 8, fin0 = L - H;
+  #pragma unroll
+  for (int k = 0; k < NR; ++k) {  // the rows' vectors, all in flight (zeros past the end)
+    const uint32_t j = k * S + lane / G, r = r0 + j, b = r / D, c = r - b * D;
+    const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    const R* dr = static_cast<const R*>(p.dout) + b * p.dout_b + c * p.dout_d;
+    const int n = j < nr ? L - s0 : 0;
+    cp_async_run<8, R>(&q[k][0][tid][0], n > 0 ? xr + s0 : xr, n);
+    cp_async_run<8, R>(&q[k][1][tid][0], n > 0 ? dr + s0 : dr, n);
+  }
+  cp_async_commit();
+  load_rows_side<W>(p, r0, nr, D, lane, side);
+  cp_async_wait<0>();
+  __syncwarp();
+  #pragma unroll 1
+  for (int k = 0; k < NR && k * S < static_cast<int>(nr); ++k) {
+    const uint32_t j = k * S + lane / G, jj = j < nr ? j : nr - 1, r = r0 + jj, b = r / D, c = r - b * D;
+    float wr[W], bias, tail[H], xv[8], g[8], h[H], dw[W], db = 0.f;
+    read_row_side<W>(side[jj], wr, bias, tail);
+    smem_run_to_float<8, R>(&q[k][0][tid][0], xv);
+    smem_run_to_float<8, R>(&q[k][1][tid][0], g);
+    #pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float up = __shfl_up_sync(kFull, xv[8 - H + i], 1);
+      h[i] = s0 == 0 ? tail[i] : up;
+    }
+    #pragma unroll
+    for (int kk = 0; kk < W; ++kk) dw[kk] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < 8; ++i) {  // g = dout * act'(pre), and the dweight / dbias sums
+      float xm[W];
+      float acc = bias;
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) {
+        xm[kk] = i - kk >= 0 ? xv[i - kk] : h[H + i - kk];
+        acc = fmaf(wr[kk], xm[kk], acc);
+      }
+      const float gi = g[i] * act_grad(acc, p.silu);
+      g[i] = gi;
+      db += gi;
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
+    }
+    float ah[H];  // g of the w-1 positions after the lane's: the next lane's (none past the row)
+    #pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float dn = __shfl_down_sync(kFull, g[i], 1);
+      ah[i] = lane % G == G - 1 ? 0.f : dn;
+    }
+    #pragma unroll
+    for (int off = G / 2; off > 0; off >>= 1) {  // deterministic sums over the row's lanes
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
+      db += __shfl_xor_sync(kFull, db, off);
+    }
+    if (j >= nr) continue;
+    R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+    if (p.dinit != nullptr && s0 == 0) {  // positions i - H < 0
+      #pragma unroll
+      for (int i = 0; i < H; ++i) {
+        float acc = 0.f;
+        #pragma unroll
+        for (int kk = 0; kk < W; ++kk) {
+          const int t = i - H + kk;  // < w-1 <= 7: inside the lane's vector
+          if (t >= 0 && t < L) acc = fmaf(wr[kk], g[t >= 0 ? t : 0], acc);
+        }
+        if (p.dfinal != nullptr && i - H >= fin0)
+          acc += load_any(p.dfinal, b * p.dfinal_b + c * p.dfinal_d + (i - H - fin0) * p.dfinal_k, p.dfinal_dtype);
+        store_any(p.dinit, (static_cast<int64_t>(b) * D + c) * H + i, p.init_dtype, acc);
+      }
+    }
+    if (s0 < L) {
+      float o[8];
+      conv8_bwd<W>(wr, g, ah, o);
+      add_dfinal<H>(p, b, c, s0, L, o);
+      if (s0 + 8 <= L) store_run<8>(dxr + s0, o);
+      else store_checked<8>(dxr + s0, L - s0, o);
+    }
+    if (s0 == 0) {
+      float* slot = p.partial + (static_cast<int64_t>(b) * D + c) * (W + 1);  // one slot a row
+      #pragma unroll
+      for (int kk = 0; kk < W; ++kk) slot[kk] = dw[kk];
+      slot[W] = db;
+    }
+  }
+}
+
 // kAny: rows may start anywhere (x, dout and dx rows equally far off a boundary): a row staged
 // from the 16-byte boundary at or below its start, a elements earlier, as the forward's
 // (fwd_lcontig_rows.cu); g is zero before the row's start, and the stores skip what is not the
-// row's.
-template <int W, typename T, int KV, int MINB, bool kAny>
+// row's. S > 1 (KV 1, aligned rows of at most 256 / S elements): S rows a vector
+// (bwd_rows_shared above).
+template <int W, typename T, int KV, int MINB, bool kAny, int S = 1>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, NR = rows_a_warp<T>(KV), V = Words<8, R>::kCount;
-  __shared__ uint4 q[NR * KV][2][128][V];  // [row * KV + vector][x, dout][thread][word]
-  __shared__ float side[4][NR][2 * W];       // [warp][row]: reversed taps, bias, initial states
+  static_assert(S == 1 || (KV == 1 && !kAny), "several rows a vector: one vector a row, aligned rows");
+  __shared__ uint4 q[NR * KV][2][128][V];    // [row * KV + vector][x, dout][thread][word]
+  __shared__ float side[4][NR * S][2 * W];  // [warp][row]: reversed taps, bias, initial states
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const uint32_t r0 = (blockIdx.x * 4u + warp) * NR;
+  const uint32_t r0 = (blockIdx.x * 4u + warp) * (NR * S);
   if (r0 >= nrows) return;  // whole warp
-  const uint32_t D = static_cast<uint32_t>(p.dim), nr = nrows - r0 < NR ? nrows - r0 : NR;
+  const uint32_t D = static_cast<uint32_t>(p.dim), nr = nrows - r0 < NR * S ? nrows - r0 : NR * S;
   const int L = static_cast<int>(p.seqlen), fin0 = L - H;
+  if constexpr (S > 1) {
+    bwd_rows_shared<W, R, NR, S>(p, q, side[warp], r0, nr, D, L, tid);
+    return;
+  }
   const uint32_t b0 = r0 / D, c0 = r0 - b0 * D;
 
   uint32_t b = b0, c = c0;
@@ -160,13 +261,13 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
   }
 }
 
-template <int W, typename T, int KV, bool kAny>
+template <int W, typename T, int KV, bool kAny, int S = 1>
 void launch_bwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
-  constexpr int NR = rows_a_warp<T>(KV), MINB = sizeof(T) == 4 ? 4 : 6;
+  constexpr int NR = rows_a_warp<T>(KV) * S, MINB = sizeof(T) == 4 ? 4 : 6;  // NR: rows a warp
   const int64_t nrows = p.batch * p.dim;
   MLM_CHECK(nrows < (int64_t(1) << 32) - 4 * NR, "causal_conv1d_bwd: input too large for the short-row kernel");
   const int64_t blocks = (nrows + 4 * NR - 1) / (4 * NR);
-  bwd_lcontig_rows_kernel<W, T, KV, MINB, kAny><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
+  bwd_lcontig_rows_kernel<W, T, KV, MINB, kAny, S><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
       p, static_cast<uint32_t>(nrows));
   MLM_CHECK_LAUNCH();
 }
@@ -180,7 +281,9 @@ bool bwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s)
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       auto go = [&]<bool kAny>() {
-        if (span <= 256) launch_bwd_lcontig_rows<W, T, 1, kAny>(p, s);
+        if (!kAny && span <= 64 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 4>(p, s);
+        else if (!kAny && span <= 128 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 2>(p, s);
+        else if (span <= 256) launch_bwd_lcontig_rows<W, T, 1, kAny>(p, s);
         else if (span <= 512) launch_bwd_lcontig_rows<W, T, 2, kAny>(p, s);
         else if constexpr (sizeof(T) == 2) launch_bwd_lcontig_rows<W, T, 4, kAny>(p, s);
       };

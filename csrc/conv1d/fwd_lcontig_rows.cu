@@ -37,20 +37,69 @@ __device__ __forceinline__ void store8_rows(const float (&wr)[W], float bias, co
   }
 }
 
+// Several rows a vector (fwd_lcontig_rows_kernel's S > 1): vector k of lane l holds row k * S +
+// l / G of the warp's, positions (l % G) * 8 .. +7 (G = 32 / S lanes a row); a row's first lane
+// takes the row's initial states as its look-back.
+template <int W, typename R, int NR, int S, typename Q>
+__device__ __forceinline__ void fwd_rows_shared(const ConvParams& p, Q& q, float (*side)[2 * W], uint32_t r0,
+                                                uint32_t nr, uint32_t D, int L, int tid) {
+  constexpr int H = W - 1, G = 32 / S;
+  const int lane = tid & 31, s0 = lane % G * 8;
+  #pragma unroll
+  for (int k = 0; k < NR; ++k) {  // the rows' vectors, all in flight
+    const uint32_t j = k * S + lane / G, r = r0 + j, b = r / D, c = r - b * D;
+    const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
+    if (j < nr && s0 < L) cp_async_run<8, R>(&q[k][tid][0], xr + s0, L - s0);
+  }
+  cp_async_commit();
+  load_rows_side<W>(p, r0, nr, D, lane, side);
+  cp_async_wait<0>();
+  __syncwarp();
+  #pragma unroll 1
+  for (int k = 0; k < NR && k * S < static_cast<int>(nr); ++k) {
+    const uint32_t j = k * S + lane / G, jj = j < nr ? j : nr - 1, r = r0 + jj, b = r / D, c = r - b * D;
+    float wr[W], bias, tail[H], xv[8], h[H];
+    read_row_side<W>(side[jj], wr, bias, tail);
+    smem_run_to_float<8, R>(&q[k][tid][0], xv);  // past the row: never stored
+    #pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float up = __shfl_up_sync(kFull, xv[8 - H + i], 1);
+      h[i] = s0 == 0 ? tail[i] : up;
+    }
+    if (j >= nr) continue;
+    R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
+    R* fr = p.final_states != nullptr ? static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H
+                                      : nullptr;
+    if (s0 < L) emit8_fwd<W, false>(wr, bias, xv, h, p.silu, outr, fr, s0, L);
+    if (fr != nullptr && s0 == 0 && L < H) {  // initial states in front
+      #pragma unroll
+      for (int i = 0; i < H; ++i)
+        if (i >= L) fr[i - L] = Elem<R>::fromf(tail[i]);
+    }
+  }
+}
+
 // kAny: rows may start anywhere (x and out rows equally far off a boundary): a row staged from
 // the 16-byte boundary at or below its start, a elements earlier; positions before the row's
 // start read its initial states, and the stores skip what is not the row's.
-template <int W, typename T, int KV, int MINB, bool kAny>
+// S > 1 (KV 1, aligned rows of at most 256 / S elements): a vector holds S rows, 32 / S lanes
+// each, so a warp takes 8 * S rows (fwd_rows_shared below).
+template <int W, typename T, int KV, int MINB, bool kAny, int S = 1>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, NR = 8 / KV, V = Words<8, R>::kCount;
-  __shared__ uint4 q[NR * KV][128][V];  // [row * KV + vector][thread][word]
-  __shared__ float side[4][NR][2 * W];    // [warp][row]: reversed taps, bias, initial states
+  static_assert(S == 1 || (KV == 1 && !kAny), "several rows a vector: one vector a row, aligned rows");
+  __shared__ uint4 q[NR * KV][128][V];    // [row * KV + vector][thread][word]
+  __shared__ float side[4][NR * S][2 * W];  // [warp][row]: reversed taps, bias, initial states
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const uint32_t r0 = (blockIdx.x * 4u + warp) * NR;
+  const uint32_t r0 = (blockIdx.x * 4u + warp) * (NR * S);
   if (r0 >= nrows) return;  // whole warp
-  const uint32_t D = static_cast<uint32_t>(p.dim), nr = nrows - r0 < NR ? nrows - r0 : NR;
+  const uint32_t D = static_cast<uint32_t>(p.dim), nr = nrows - r0 < NR * S ? nrows - r0 : NR * S;
   const int L = static_cast<int>(p.seqlen);
+  if constexpr (S > 1) {
+    fwd_rows_shared<W, R, NR, S>(p, q, side[warp], r0, nr, D, L, tid);
+    return;
+  }
   const uint32_t b0 = r0 / D, c0 = r0 - b0 * D;
 
   uint32_t b = b0, c = c0;
@@ -102,13 +151,13 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
   }
 }
 
-template <int W, typename T, int KV, bool kAny>
+template <int W, typename T, int KV, bool kAny, int S = 1>
 void launch_fwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
-  constexpr int NR = 8 / KV, MINB = sizeof(T) == 4 ? 6 : 8;
+  constexpr int NR = 8 / KV * S, MINB = sizeof(T) == 4 ? 6 : 8;  // NR: rows a warp
   const int64_t nrows = p.batch * p.dim;
   MLM_CHECK(nrows < (int64_t(1) << 32) - 4 * NR, "causal_conv1d_fwd: input too large for the short-row kernel");
   const int64_t blocks = (nrows + 4 * NR - 1) / (4 * NR);
-  fwd_lcontig_rows_kernel<W, T, KV, MINB, kAny><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
+  fwd_lcontig_rows_kernel<W, T, KV, MINB, kAny, S><<<static_cast<unsigned>(blocks), 128, 0, s>>>(
       p, static_cast<uint32_t>(nrows));
   MLM_CHECK_LAUNCH();
 }
@@ -121,7 +170,9 @@ bool fwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s)
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       auto go = [&]<bool kAny>() {
-        if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, kAny>(p, s);
+        if (!kAny && span <= 64 && tune_variant() != 21) launch_fwd_lcontig_rows<W, T, 1, false, 4>(p, s);
+        else if (!kAny && span <= 128 && tune_variant() != 21) launch_fwd_lcontig_rows<W, T, 1, false, 2>(p, s);
+        else if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, kAny>(p, s);
         else if (span <= 512) launch_fwd_lcontig_rows<W, T, 2, kAny>(p, s);
         else if constexpr (sizeof(T) == 2) launch_fwd_lcontig_rows<W, T, 4, kAny>(p, s);
       };

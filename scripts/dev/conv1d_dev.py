@@ -241,7 +241,7 @@ GRAPH_BWD_VARIANTS = {
     False: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
             ("bwd tune1", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": "1"}),
             ("bwd oneshot", _ONE), ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"})] + [
-        (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14, 20)]
+        (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14, 20, 21)]
     + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
