@@ -311,8 +311,8 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
 def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
     """l-contiguous rows of at most 1024 elements (512 at fp32) run several to a warp
     (fwd_lcontig_rows.cu, bwd_lcontig_rows.cu): a warp's rows across batches (d 13), the last
-    warp part empty, one, two and four vectors a lane, two and four rows a vector (aligned rows
-    of at most 128 / 64 elements), widths 2-8, initial and final states,
+    warp part empty, one, two and four vectors a lane, two, four and eight rows a vector
+    (aligned rows of at most 128 / 64 / 32 elements), widths 2-8, initial and final states,
     rows padded apart, rows off 16-byte boundaries (odd lengths: every offset, and shorter
     than w - 1); bitwise the one-row-a-warp kernels
     (MLMAMBA_CONV1D_TUNE=20), but for dweight / dbias on rows off 16-byte boundaries (there

@@ -281,7 +281,8 @@ bool bwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s)
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
       auto go = [&]<bool kAny>() {
-        if (!kAny && span <= 64 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 4>(p, s);
+        if (!kAny && span <= 32 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 8>(p, s);
+        else if (!kAny && span <= 64 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 4>(p, s);
         else if (!kAny && span <= 128 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 2>(p, s);
         else if (span <= 256) launch_bwd_lcontig_rows<W, T, 1, kAny>(p, s);
         else if (span <= 512) launch_bwd_lcontig_rows<W, T, 2, kAny>(p, s);
