@@ -159,21 +159,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
     smem_run_to_float<8, R>(&q[k][1][tid][0], g);
     float h[H];
     lookback<H>(xv, k, lane, tail, h);
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      float xm[W];
-      float acc = bias;
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) {
-        xm[kk] = i - kk >= 0 ? xv[i - kk] : h[H + i - kk];
-        acc = fmaf(wr[kk], xm[kk], acc);
-      }
-      const float gi = g[i] * act_grad(acc, p.silu);
-      g[i] = gi;
-      db += gi;
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
-    }
+    grad8<W>(wr, bias, xv, h, p.silu, g, dw, db);
   };
 
   R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;

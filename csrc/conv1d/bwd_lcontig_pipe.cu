@@ -119,21 +119,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_pipe_kernel(const ConvP
         const float wrap = k > 0 ? __shfl_sync(kFull, xv[k > 0 ? k - 1 : 0][8 - H + j], 31) : h0[j];
         h[j] = lane == 0 ? wrap : up;
       }
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float xm[W];
-        float acc = bias;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) {
-          xm[kk] = i - kk >= 0 ? xv[k][i - kk] : h[H + i - kk];
-          acc = fmaf(wr[kk], xm[kk], acc);
-        }
-        const float gi = g[k][i] * act_grad(acc, p.silu);  // dout is 0 past the end
-        g[k][i] = gi;
-        db += gi;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
-      }
+      grad8<W>(wr, bias, xv[k], h, p.silu, g[k], dw, db);  // dout is 0 past the end
     }
     #pragma unroll
     for (int j = 0; j < H; ++j) hprev[j] = __shfl_sync(kFull, xv[K - 1][8 - H + j], 31);

@@ -52,21 +52,7 @@ __device__ __forceinline__ void bwd_rows_shared(const ConvParams& p, Q& q, float
     }
     #pragma unroll
     for (int kk = 0; kk < W; ++kk) dw[kk] = 0.f;
-    #pragma unroll
-    for (int i = 0; i < 8; ++i) {  // g = dout * act'(pre), and the dweight / dbias sums
-      float xm[W];
-      float acc = bias;
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) {
-        xm[kk] = i - kk >= 0 ? xv[i - kk] : h[H + i - kk];
-        acc = fmaf(wr[kk], xm[kk], acc);
-      }
-      const float gi = g[i] * act_grad(acc, p.silu);
-      g[i] = gi;
-      db += gi;
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
-    }
+    grad8<W>(wr, bias, xv, h, p.silu, g, dw, db);  // g = dout * act'(pre), and the sums
     float ah[H];  // g of the w-1 positions after the lane's: the next lane's (none past the row)
     #pragma unroll
     for (int i = 0; i < H; ++i) {
@@ -175,21 +161,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
         for (int i = 0; i < 8; ++i)
           if (p0 + i < 0) g[v][i] = 0.f;
       }
-      #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float xm[W];
-        float acc = bias;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) {
-          xm[kk] = i - kk >= 0 ? xv[i - kk] : h[H + i - kk];
-          acc = fmaf(wr[kk], xm[kk], acc);
-        }
-        const float gi = g[v][i] * act_grad(acc, p.silu);
-        g[v][i] = gi;
-        db += gi;
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) dw[kk] = fmaf(gi, xm[kk], dw[kk]);
-      }
+      grad8<W>(wr, bias, xv, h, p.silu, g[v], dw, db);
     }
     R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
     #pragma unroll
@@ -273,23 +245,13 @@ void launch_bwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
 }
 
 bool bwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s) {
-  // a row and the elements before it back to a 16-byte boundary; rows of up to 1024 elements at
-  // 16 bits (two a warp), 512 at fp32
-  const int64_t span = p.seqlen + (any ? (xdtype == kF32 ? 3 : 7) : 0);
-  if (span > (xdtype == kF32 ? 512 : 1024) || p.nslots_per_batch != 1 || tune_variant() == 20)
-    return false;
+  const int64_t span = rows_span(p, xdtype, any);
+  if (span == 0 || p.nslots_per_batch != 1) return false;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      auto go = [&]<bool kAny>() {
-        if (!kAny && span <= 32 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 8>(p, s);
-        else if (!kAny && span <= 64 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 4>(p, s);
-        else if (!kAny && span <= 128 && tune_variant() != 21) launch_bwd_lcontig_rows<W, T, 1, false, 2>(p, s);
-        else if (span <= 256) launch_bwd_lcontig_rows<W, T, 1, kAny>(p, s);
-        else if (span <= 512) launch_bwd_lcontig_rows<W, T, 2, kAny>(p, s);
-        else if constexpr (sizeof(T) == 2) launch_bwd_lcontig_rows<W, T, 4, kAny>(p, s);
-      };
-      if (any) go.template operator()<true>();
-      else go.template operator()<false>();
+      with_rows_variant<T>(span, any, [&]<int KV, bool kAny, int S>() {
+        launch_bwd_lcontig_rows<W, T, KV, kAny, S>(p, s);
+      });
     });
   });
   return true;

@@ -416,6 +416,29 @@ __device__ __forceinline__ void conv8_bwd(const float (&wr)[W], const float (&g)
     o[i] = acc;
   }
 }
+// backward, g = dout * act'(pre) on a lane's 8 positions (g holds dout on entry; x their
+// inputs, h the w-1 before them), and their dweight / dbias shares added in position order.
+template <int W>
+__device__ __forceinline__ void grad8(const float (&wr)[W], float bias, const float (&x)[8],
+                                      const float (&h)[W - 1], bool silu, float (&g)[8], float (&dw)[W],
+                                      float& db) {
+  constexpr int H = W - 1;
+  #pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float xm[W];
+    float acc = bias;
+    #pragma unroll
+    for (int k = 0; k < W; ++k) {
+      xm[k] = i - k >= 0 ? x[i - k] : h[H + i - k];
+      acc = fmaf(wr[k], xm[k], acc);
+    }
+    const float gi = g[i] * act_grad(acc, silu);
+    g[i] = gi;
+    db += gi;
+    #pragma unroll
+    for (int k = 0; k < W; ++k) dw[k] = fmaf(gi, xm[k], dw[k]);
+  }
+}
 // Adds dfinal_states to a lane's 8 dx at positions s0.. of row (b, c) that are among the row's
 // last w-1 (L: seqlen; index types as the caller's).
 template <int H, typename B, typename I>

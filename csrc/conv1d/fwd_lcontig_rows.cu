@@ -163,22 +163,13 @@ void launch_fwd_lcontig_rows(const ConvParams& p, cudaStream_t s) {
 }
 
 bool fwd_lcontig_rows(const ConvParams& p, int xdtype, bool any, cudaStream_t s) {
-  // a row and the elements before it back to a 16-byte boundary (at most 7 at 16 bits); rows
-  // of up to 1024 elements at 16 bits (two a warp), 512 at fp32
-  const int64_t span = p.seqlen + (any ? (xdtype == kF32 ? 3 : 7) : 0);
-  if (span > (xdtype == kF32 ? 512 : 1024) || tune_variant() == 20) return false;
+  const int64_t span = rows_span(p, xdtype, any);
+  if (span == 0) return false;
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      auto go = [&]<bool kAny>() {
-        if (!kAny && span <= 32 && tune_variant() != 21) launch_fwd_lcontig_rows<W, T, 1, false, 8>(p, s);
-        else if (!kAny && span <= 64 && tune_variant() != 21) launch_fwd_lcontig_rows<W, T, 1, false, 4>(p, s);
-        else if (!kAny && span <= 128 && tune_variant() != 21) launch_fwd_lcontig_rows<W, T, 1, false, 2>(p, s);
-        else if (span <= 256) launch_fwd_lcontig_rows<W, T, 1, kAny>(p, s);
-        else if (span <= 512) launch_fwd_lcontig_rows<W, T, 2, kAny>(p, s);
-        else if constexpr (sizeof(T) == 2) launch_fwd_lcontig_rows<W, T, 4, kAny>(p, s);
-      };
-      if (any) go.template operator()<true>();
-      else go.template operator()<false>();
+      with_rows_variant<T>(span, any, [&]<int KV, bool kAny, int S>() {
+        launch_fwd_lcontig_rows<W, T, KV, kAny, S>(p, s);
+      });
     });
   });
   return true;

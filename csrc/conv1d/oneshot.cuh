@@ -111,6 +111,32 @@ __device__ __forceinline__ void lookback(const float (&xv)[8], int k, int lane, 
   }
 }
 
+// The short-row kernels' (*_lcontig_rows.cu) elements a row stages (the row, and where rows
+// start off 16-byte boundaries those back to the boundary below), 0 where they do not apply:
+// rows of up to 1024 elements at 16 bits, 512 at fp32; MLMAMBA_CONV1D_TUNE=20 turns them off.
+inline int64_t rows_span(const ConvParams& p, int xdtype, bool any) {
+  const int64_t span = p.seqlen + (any ? (xdtype == kF32 ? 3 : 7) : 0);
+  return span > (xdtype == kF32 ? 512 : 1024) || tune_variant() == 20 ? 0 : span;
+}
+
+// f.template operator()<KV, kAny, S>() for the short-row variant of rows that stage `span`
+// elements: KV vectors a lane per row (two rows a warp at KV 4), or S rows a vector (aligned
+// rows of at most 128 / 64 / 32 elements; MLMAMBA_CONV1D_TUNE=21: one row a vector).
+template <typename T, typename F>
+void with_rows_variant(int64_t span, bool any, F&& f) {
+  auto go = [&]<bool kAny>() {
+    const bool several = !kAny && tune_variant() != 21;
+    if (several && span <= 32) f.template operator()<1, false, 8>();
+    else if (several && span <= 64) f.template operator()<1, false, 4>();
+    else if (several && span <= 128) f.template operator()<1, false, 2>();
+    else if (span <= 256) f.template operator()<1, kAny, 1>();
+    else if (span <= 512) f.template operator()<2, kAny, 1>();
+    else if constexpr (sizeof(T) == 2) f.template operator()<4, kAny, 1>();
+  };
+  if (any) go.template operator()<true>();
+  else go.template operator()<false>();
+}
+
 // A lane's 8 outputs at positions s0 .. s0+7 of a row of L (s0 < L): the conv of xv with the
 // look-back h, stored (kWhole: all 8 in the row, no checks), and any of the row's final states.
 template <int W, bool kWhole, typename R>
