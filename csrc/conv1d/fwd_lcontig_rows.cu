@@ -83,7 +83,7 @@ __device__ __forceinline__ void fwd_rows_shared(const ConvParams& p, Q& q, float
 // the 16-byte boundary at or below its start, a elements earlier; positions before the row's
 // start read its initial states, and the stores skip what is not the row's.
 // S > 1 (KV 1, aligned rows of at most 256 / S elements): a vector holds S rows, 32 / S lanes
-// each, so a warp takes 8 * S rows (fwd_rows_shared below).
+// each, so a warp takes 8 * S rows (fwd_rows_shared above).
 template <int W, typename T, int KV, int MINB, bool kAny, int S = 1>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvParams p, uint32_t nrows) {
   using R = typename RawOf<T>::type;
