@@ -223,13 +223,7 @@ __global__ void __launch_bounds__(128) bwd_lcontig_kernel(const ConvParams p) {
     }
   }
 
-  // Deterministic warp sums, then one slot per warp.
-  #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    #pragma unroll
-    for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
-    db += __shfl_xor_sync(kFull, db, off);
-  }
+  lane_sums<32>(dw, db);  // warp sums, then one slot per warp
   if (lane == 0) {
     float* slot = p.partial + ((b * nseg + seg) * D + c) * (W + 1);
     #pragma unroll

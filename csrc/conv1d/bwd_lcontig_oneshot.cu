@@ -249,12 +249,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
   }
   cp_async_wait<0>();
 
-  #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {  // deterministic warp sums, then the tile's slot
-    #pragma unroll
-    for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
-    db += __shfl_xor_sync(kFull, db, off);
-  }
+  lane_sums<32>(dw, db);  // warp sums, then the tile's slot
   if (lane == 0) {
     float* slot = p.partial + ((static_cast<int64_t>(b) * nseg + seg) * D + c) * (W + 1);
     #pragma unroll

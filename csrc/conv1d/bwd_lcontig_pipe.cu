@@ -174,13 +174,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_pipe_kernel(const ConvP
       #pragma unroll
       for (int kk = 0; kk <= W; ++kk) slots[seg * D * (W + 1) + kk] = 0.f;
     }
-    if (piece_end) {  // deterministic warp sums, then the piece's slot
-      #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        #pragma unroll
-        for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
-        db += __shfl_xor_sync(kFull, db, off);
-      }
+    if (piece_end) {  // warp sums, then the piece's slot
+      lane_sums<32>(dw, db);
       if (lane == 0) {
         float* slot = slots + seg_first * D * (W + 1);
         #pragma unroll

@@ -59,12 +59,7 @@ __device__ __forceinline__ void bwd_rows_shared(const ConvParams& p, Q& q, float
       const float dn = __shfl_down_sync(kFull, g[i], 1);
       ah[i] = lane % G == G - 1 ? 0.f : dn;
     }
-    #pragma unroll
-    for (int off = G / 2; off > 0; off >>= 1) {  // deterministic sums over the row's lanes
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
-      db += __shfl_xor_sync(kFull, db, off);
-    }
+    lane_sums<G>(dw, db);  // over the row's lanes
     if (j >= nr) continue;
     R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
     if (p.dinit != nullptr && s0 == 0) {  // positions i - H < 0
@@ -217,12 +212,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
         }
       }
     }
-    #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {  // deterministic warp sums, then the row's slot
-      #pragma unroll
-      for (int kk = 0; kk < W; ++kk) dw[kk] += __shfl_xor_sync(kFull, dw[kk], off);
-      db += __shfl_xor_sync(kFull, db, off);
-    }
+    lane_sums<32>(dw, db);  // warp sums, then the row's slot
     if (lane == 0) {
       float* slot = p.partial + (static_cast<int64_t>(b) * D + c) * (W + 1);  // one slot a row
       #pragma unroll

@@ -439,6 +439,17 @@ __device__ __forceinline__ void grad8(const float (&wr)[W], float bias, const fl
     for (int k = 0; k < W; ++k) dw[k] = fmaf(gi, xm[k], dw[k]);
   }
 }
+// Sums dw / db over groups of N lanes (xor offsets N/2 .. 1: a fixed order, deterministic);
+// every lane of a group ends with its group's sums. Every lane must take part.
+template <int N, int W>
+__device__ __forceinline__ void lane_sums(float (&dw)[W], float& db) {
+  #pragma unroll
+  for (int off = N / 2; off > 0; off >>= 1) {
+    #pragma unroll
+    for (int k = 0; k < W; ++k) dw[k] += __shfl_xor_sync(kFull, dw[k], off);
+    db += __shfl_xor_sync(kFull, db, off);
+  }
+}
 // Adds dfinal_states to a lane's 8 dx at positions s0.. of row (b, c) that are among the row's
 // last w-1 (L: seqlen; index types as the caller's).
 template <int H, typename B, typename I>
