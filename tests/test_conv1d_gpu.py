@@ -292,8 +292,8 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
     """l-contiguous rows whose length is not a multiple of 16 bytes start at every offset from
     a 16-byte boundary; the one-shot kernels take them (their tiles start at the first boundary
     of a row, lane 0 computes the positions before it), the short-row kernels those of at most
-    1017 elements (505 at fp32): lengths shorter than that offset and
-    than w - 1, tile edges for each tile size, initial and final states, every gradient."""
+    1017 elements (505 at fp32): lengths shorter than that offset and than w - 1, tile edges
+    for each tile size, initial and final states, every gradient."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
     lengths = (1, 2, 3, 5, 6, 7, 9, 13, 511, 513, 700, 1023, 1025, 2047, 2055, 4099)
@@ -314,9 +314,9 @@ def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
     warp part empty, one, two and four vectors a lane, two, four and eight rows a vector
     (aligned rows of at most 128 / 64 / 32 elements), widths 2-8, initial and final states,
     rows padded apart, rows off 16-byte boundaries (odd lengths: every offset, and shorter
-    than w - 1); bitwise the one-row-a-warp kernels
-    (MLMAMBA_CONV1D_TUNE=20), but for dweight / dbias on rows off 16-byte boundaries (there
-    the one-row kernel sums a row's first positions apart)."""
+    than w - 1); bitwise the one-row-a-warp kernels (MLMAMBA_CONV1D_TUNE=20), but for
+    dweight / dbias on rows off 16-byte boundaries (there the one-row kernel sums a row's first
+    positions apart)."""
     set_impl(monkeypatch, "default")
     g = gen(rng)
     lengths = (8, 16, 24, 136, 248, 256, 264, 400, 504, 512,
