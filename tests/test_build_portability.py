@@ -1,7 +1,7 @@
 """The default build makes sm_90a and sm_80 code from the same sources (setup.py:
 MLMAMBA_CUDA_ARCHS "90a;80"), so instructions that only sm_90 has (TMA, mbarrier waits, proxy
 fences, wgmma, setmaxnreg, stmatrix, vector float reductions) may appear only inside the
-helpers of csrc/ssd/tma.cuh and csrc/ssd/wgmma.cuh, each under its architecture guard
+helpers of csrc/common/tma.cuh and csrc/ssd/wgmma.cuh, each under its architecture guard
 (elsewhere they trap). A bare use in a kernel file fails the sm_80 pass of `pip install` with a
 ptxas error (it did once, unnoticed: CI builds 90a only)."""
 import re
@@ -11,7 +11,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 SM90_ONLY = re.compile(r"setmaxnreg|mbarrier\.(try_wait|arrive\.expect_tx)|cp\.async\.bulk|"
                        r"fence\.proxy\.async|fence\.mbarrier_init|wgmma\.|stmatrix|"
                        r"red\.[a-z.:]*\.v[248]\.f(16|32)")
-GUARDED = {"ssd/tma.cuh", "ssd/wgmma.cuh"}
+GUARDED = {"common/tma.cuh", "ssd/wgmma.cuh"}
 GUARD = re.compile(r"#if (MLM_SM90|defined\(__CUDA_ARCH_FEAT_SM90_ALL\))")
 
 

@@ -22,7 +22,7 @@
 #include "common/launch.h"
 #include "ssd/bwd.h"
 #include "ssd/bwd_common.cuh"
-#include "ssd/tma.cuh"
+#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {
@@ -102,15 +102,15 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
   auto srd = [&](int k) { return bar0 + 56 + 8 * (k & 1); };  // head k's sums written
   if (tid == 0) {
     for (int s = 0; s < 2; ++s) {
-      ssd::mbar_init(full(s), 1);
-      ssd::mbar_init(empty(s), kThr);
+      mlmamba::mbar_init(full(s), 1);
+      mlmamba::mbar_init(empty(s), kThr);
     }
-    ssd::mbar_init(bc, 1);
-    ssd::mbar_init(t2r, kWg);
-    ssd::mbar_init(t2f, kWg);
-    ssd::mbar_init(srd(0), kWg);
-    ssd::mbar_init(srd(1), kWg);
-    ssd::mbar_init_fence();
+    mlmamba::mbar_init(bc, 1);
+    mlmamba::mbar_init(t2r, kWg);
+    mlmamba::mbar_init(t2f, kWg);
+    mlmamba::mbar_init(srd(0), kWg);
+    mlmamba::mbar_init(srd(1), kWg);
+    mlmamba::mbar_init_fence();
   }
   __syncthreads();
 
@@ -119,23 +119,23 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     unsigned char* base = stage(k);
     const uint32_t bar = full(k);
     const int hn = hbeg + k, row = slot * P.h + hn;
-    ssd::mbar_arrive_expect_tx(bar, Lt::STAGE_TX);
-    ssd::bulk_load(ssd::smem_u32(base + Lt::REC),
+    mlmamba::mbar_arrive_expect_tx(bar, Lt::STAGE_TX);
+    mlmamba::bulk_load(ssd::smem_u32(base + Lt::REC),
                    static_cast<const char*>(P.hrec) + int64_t(row) * kHeadRecB, kHeadRecB, bar);
-    ssd::tma_load_4d(ssd::smem_u32(base + Lt::X), &M.x, 0, t0, hn, bb, bar);
-    ssd::tma_load_4d(ssd::smem_u32(base + Lt::Y), &M.o, 0, t0, hn, bb, bar);
+    mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::X), &M.x, 0, t0, hn, bb, bar);
+    mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::Y), &M.o, 0, t0, hn, bb, bar);
 #pragma unroll
     for (int np = 0; np < NP; ++np) {
-      ssd::tma_load_4d(ssd::smem_u32(base + Lt::S + np * kTileB), &M.wsS, 64 * np, 0, 0, row, bar);
-      ssd::tma_load_4d(ssd::smem_u32(base + Lt::G + np * kTileB), &M.wsG, 64 * np, 0, 0, row, bar);
+      mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::S + np * kTileB), &M.wsS, 64 * np, 0, 0, row, bar);
+      mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::G + np * kTileB), &M.wsG, 64 * np, 0, 0, row, bar);
     }
   };
   if (tid == 0) {
-    ssd::mbar_arrive_expect_tx(bc, 2 * NP * kTileB);
+    mlmamba::mbar_arrive_expect_tx(bc, 2 * NP * kTileB);
 #pragma unroll
     for (int np = 0; np < NP; ++np) {
-      ssd::tma_load_4d(ssd::smem_u32(sm + Lt::B_OFF + np * kTileB), &M.B, 64 * np, t0, gg, bb, bc);
-      ssd::tma_load_4d(ssd::smem_u32(sm + Lt::C_OFF + np * kTileB), &M.C, 64 * np, t0, gg, bb, bc);
+      mlmamba::tma_load_4d(ssd::smem_u32(sm + Lt::B_OFF + np * kTileB), &M.B, 64 * np, t0, gg, bb, bc);
+      mlmamba::tma_load_4d(ssd::smem_u32(sm + Lt::C_OFF + np * kTileB), &M.C, 64 * np, t0, gg, bb, bc);
     }
     issue(0);
     if (nh > 1) issue(1);
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     // column 8 jj + 2 t + e of row i0 + 8 hf
     const int i0 = 16 * w + g;
     float cb[32];
-    ssd::wait_phase(bc, 0);
+    mlmamba::wait_phase(bc, 0);
     __syncwarp();
     ssd::wgmma_fence();
 #pragma unroll
@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
 #pragma unroll 1
     for (int k = 0; k < nh; ++k) {
       const int hh = hbeg + k;
-      ssd::wait_phase(full(k), (k >> 1) & 1);
+      mlmamba::wait_phase(full(k), (k >> 1) & 1);
       const ChunkVec& cv = rec(k)->cv;
       HeadSums& hs = *sums(k);
       const unsigned char* X = stage(k) + Lt::X;
@@ -232,7 +232,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
       ssd::wgmma_wait<0>();  // u, v: retired before the wait loop below (C7520)
       // WG1's products with head k - 1's T2 are done, and so is its lambda pass of head k - 2
       // (the sums' set this head writes)
-      if (k > 0) ssd::wait_phase(t2f, (k - 1) & 1);
+      if (k > 0) mlmamba::wait_phase(t2f, (k - 1) & 1);
       if (lane == 0) hs.gs[w] = gs;
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj)
@@ -242,8 +242,8 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
           *reinterpret_cast<uint32_t*>(T1 + off) = t1p[2 * jj + hf];
           *reinterpret_cast<uint32_t*>(T2 + off) = t2p[2 * jj + hf];
         }
-      ssd::fence_async_smem();
-      ssd::mbar_arrive(t2r);
+      mlmamba::fence_async_smem();
+      mlmamba::mbar_arrive(t2r);
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float s = rs[hf];
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
             t2[hf] += yv.x * v[q] + yv.y * v[q + 1];
           }
       }
-      ssd::bar_sync_n(1, kWg);  // every T1 store (fenced) before the wgmma reads the tile
+      mlmamba::bar_sync_n(1, kWg);  // every T1 store (fenced) before the wgmma reads the tile
       __syncwarp();
       ssd::wgmma_fence();
 #pragma unroll
@@ -328,8 +328,8 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
           if (t == 0) hs.din[i0 + 8 * hf] = d;
         }
       }
-      ssd::mbar_arrive(empty(k));  // this thread's reads of the stage (and its wgmma) are done
-      ssd::mbar_arrive(srd(k));    // the head's sums: WG1's lambda pass
+      mlmamba::mbar_arrive(empty(k));  // this thread's reads of the stage (and its wgmma) are done
+      mlmamba::mbar_arrive(srd(k));    // the head's sums: WG1's lambda pass
     }
     return;
   }
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     const int hh = hbeg + k;
     const ChunkVec& cv = rec(k)->cv;
     const HeadSums& hs = *sums(k);
-    ssd::wait_phase(srd(k), (k >> 1) & 1);
+    mlmamba::wait_phase(srd(k), (k >> 1) & 1);
     const float term3 = cv.cont * (hs.gs[0] + hs.gs[1] + hs.gs[2] + hs.gs[3]);
     float dlt[2], t2v[2], t4v[2], din[2];
 #pragma unroll
@@ -360,11 +360,11 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     }
     lambda_tail(P, cv, dlt, t2v, t4v, din, term3, rec(k)->A, bb, t0, qc, slot, hh);
   };
-  ssd::wait_phase(bc, 0);
+  mlmamba::wait_phase(bc, 0);
 #pragma unroll 1
   for (int k = 0; k < nh; ++k) {
     const int hh = hbeg + k;
-    ssd::wait_phase(full(k), (k >> 1) & 1);
+    mlmamba::wait_phase(full(k), (k >> 1) & 1);
     const ChunkVec& cv = rec(k)->cv;
     const unsigned char* X = stage(k) + Lt::X;
     const unsigned char* Y = stage(k) + Lt::Y;
@@ -403,8 +403,8 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
 #pragma unroll
         for (int e = 0; e < 8; ++e) ddw(k)[w][8 * lane + e] = dd[e];
     }
-    ssd::fence_async_smem();
-    ssd::bar_sync_n(2, kWg);  // the scaled tiles and the dD partials written
+    mlmamba::fence_async_smem();
+    mlmamba::bar_sync_n(2, kWg);  // the scaled tiles and the dD partials written
     if (tid1 < kQ)
       P.part_dD[(int64_t(slot) * P.h + hh) * P.p + tid1] =
           ddw(k)[0][tid1] + ddw(k)[1][tid1] + ddw(k)[2][tid1] + ddw(k)[3][tid1];
@@ -427,14 +427,14 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
     // stalls only this warpgroup)
     if (w == 1 && k > 0) {
       lambda_pass(k - 1);
-      ssd::mbar_arrive(empty(k - 1));
+      mlmamba::mbar_arrive(empty(k - 1));
       if (lane == 0 && k + 1 < nh) {
-        ssd::wait_phase(empty(k - 1), ((k - 1) >> 1) & 1);
+        mlmamba::wait_phase(empty(k - 1), ((k - 1) >> 1) & 1);
         issue(k + 1);
       }
       __syncwarp();
     }
-    ssd::wait_phase(t2r, k & 1);
+    mlmamba::wait_phase(t2r, k & 1);
     __syncwarp();
     ssd::wgmma_fence();
 #pragma unroll
@@ -446,8 +446,8 @@ __global__ void __launch_bounds__(kThr, 1) chunk_wg_kernel(const __grid_constant
       }
     ssd::wgmma_commit();
     ssd::wgmma_wait<0>();
-    if (k + 1 < nh) ssd::mbar_arrive(t2f);
-    if (w != 1) ssd::mbar_arrive(empty(k));  // warp 1's after its lambda pass of head k
+    if (k + 1 < nh) mlmamba::mbar_arrive(t2f);
+    if (w != 1) mlmamba::mbar_arrive(empty(k));  // warp 1's after its lambda pass of head k
   }
   if (w == 1) lambda_pass(nh - 1);
 

@@ -17,7 +17,7 @@
 #include "common/launch.h"
 #include "ssd/bwd.h"
 #include "ssd/bwd_common.cuh"
-#include "ssd/tma.cuh"
+#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {
@@ -97,14 +97,14 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
   const uint32_t ofull0 = empty0 + 8 * kStages, ofree0 = ofull0 + 8 * NO;
   if (tid == 0) {
     for (int k = 0; k < kStages; ++k) {
-      ssd::mbar_init(full0 + 8 * k, 1);
-      ssd::mbar_init(empty0 + 8 * k, kThr);
+      mlmamba::mbar_init(full0 + 8 * k, 1);
+      mlmamba::mbar_init(empty0 + 8 * k, kThr);
     }
     for (int k = 0; k < NO; ++k) {
-      ssd::mbar_init(ofull0 + 8 * k, kThr);  // the threads' writes of outgoing tile k
-      ssd::mbar_init(ofree0 + 8 * k, 1);     // its TMA store has read it
+      mlmamba::mbar_init(ofull0 + 8 * k, kThr);  // the threads' writes of outgoing tile k
+      mlmamba::mbar_init(ofree0 + 8 * k, 1);     // its TMA store has read it
     }
-    ssd::mbar_init_fence();
+    mlmamba::mbar_init_fence();
   }
   __syncthreads();
 
@@ -112,15 +112,15 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
     const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
     unsigned char* base = sm + Lt::IN_OFF + st * Lt::STAGE_B;
     const uint32_t bar = full0 + 8 * st;
-    ssd::mbar_arrive_expect_tx(bar, (gate ? 2 : 1) * kTileB + NP * kTileB + kVecB);
-    ssd::bulk_load(ssd::smem_u32(sm + Lt::VEC_OFF + st * kVecB),
+    mlmamba::mbar_arrive_expect_tx(bar, (gate ? 2 : 1) * kTileB + NP * kTileB + kVecB);
+    mlmamba::bulk_load(ssd::smem_u32(sm + Lt::VEC_OFF + st * kVecB),
                    P.vec + (int64_t(slot0 + k) * P.h + hh) * kVecW, kVecB, bar);
     const int tok = k * kQ;
-    ssd::tma_load_4d(ssd::smem_u32(base + Lt::X_OFF), dir == 0 ? &M.x : &M.o, 0, tok, hh, s, bar);
-    if (gate) ssd::tma_load_4d(ssd::smem_u32(base + Lt::Z_OFF), &M.z, 0, tok, hh, s, bar);
+    mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::X_OFF), dir == 0 ? &M.x : &M.o, 0, tok, hh, s, bar);
+    if (gate) mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::Z_OFF), &M.z, 0, tok, hh, s, bar);
 #pragma unroll
     for (int np = 0; np < NP; ++np)
-      ssd::tma_load_4d(ssd::smem_u32(base + Lt::Y_OFF + np * kTileB), dir == 0 ? &M.B : &M.C,
+      mlmamba::tma_load_4d(ssd::smem_u32(base + Lt::Y_OFF + np * kTileB), dir == 0 ? &M.B : &M.C,
                        n0 + 64 * np, tok, gg, s, bar);
   };
   if (tid == 0)  // the first loads fly while the carried tile is read below
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
     const int k = dir == 0 ? it : nk - 1 - it, st = it % kStages;
     if (tid == 0 && it + kStages - 1 < nk) {
       // stage (it - 1) % S: every thread's wgmma of step it - 1 is done with it
-      if (it >= 1) ssd::mbar_wait(empty0 + 8 * ((it - 1) % kStages), ((it - 1) / kStages) & 1);
+      if (it >= 1) mlmamba::mbar_wait(empty0 + 8 * ((it - 1) % kStages), ((it - 1) / kStages) & 1);
       issue(it + kStages - 1);
     }
     // the tile entering chunk k (forward) / arriving at its end (backward), bf16, into
@@ -153,17 +153,17 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
     // the wgmma runs (per-thread 4-byte global stores held the registers: ncu)
     const int ob = it % NO;
     unsigned char* out = sm + Lt::OUT_OFF + ob * Lt::OUT_B;
-    if (it >= NO) ssd::mbar_wait(ofree0 + 8 * ob, (it / NO - 1) & 1);
+    if (it >= NO) mlmamba::mbar_wait(ofree0 + 8 * ob, (it / NO - 1) & 1);
 #pragma unroll
     for (int np = 0; np < NP; ++np)
 #pragma unroll
       for (int i = 0; i < 32; i += 2)
         *reinterpret_cast<__nv_bfloat162*>(out + ssd::sw128_offset<kQ>(acc_row(w, g, i), acc_col(np, t, i))) =
             __floats2bfloat162_rn(acc[np][i], acc[np][i + 1]);
-    ssd::fence_async_smem();
-    ssd::mbar_arrive(ofull0 + 8 * ob);
+    mlmamba::fence_async_smem();
+    mlmamba::mbar_arrive(ofull0 + 8 * ob);
 
-    ssd::mbar_wait(full0 + 8 * st, (it / kStages) & 1);
+    mlmamba::mbar_wait(full0 + 8 * st, (it / kStages) & 1);
     const unsigned char* base = sm + Lt::IN_OFF + st * Lt::STAGE_B;
     const float* vec = reinterpret_cast<const float*>(sm + Lt::VEC_OFF + st * kVecB);
     uint32_t xa[4][4];
@@ -182,22 +182,22 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
         ssd::wgmma_m64n64_rs<1>(acc[np], xa[s4], ssd::desc_mn(base + Lt::Y_OFF + np * kTileB, s4), true);
     ssd::wgmma_commit();
     if (tid == 0) {
-      ssd::mbar_wait(ofull0 + 8 * ob, (it / NO) & 1);
+      mlmamba::mbar_wait(ofull0 + 8 * ob, (it / NO) & 1);
 #pragma unroll
       for (int np = 0; np < NP; ++np)
-        ssd::tma_store_4d(ws, ssd::smem_u32(out + np * kTileB), n0 + 64 * np, 0, 0,
+        mlmamba::tma_store_4d(ws, ssd::smem_u32(out + np * kTileB), n0 + 64 * np, 0, 0,
                           (slot0 + k) * P.h + hh);
-      ssd::bulk_commit();
+      mlmamba::bulk_commit();
       if (it >= NO - 1) {  // step it - NO + 1's store has read its tile: free it
-        ssd::bulk_wait_read<NO - 1>();
-        ssd::mbar_arrive(ofree0 + 8 * ((it - NO + 1) % NO));
+        mlmamba::bulk_wait_read<NO - 1>();
+        mlmamba::mbar_arrive(ofree0 + 8 * ((it - NO + 1) % NO));
       }
     }
     ssd::wgmma_wait<0>();
-    ssd::mbar_arrive(empty0 + 8 * st);
+    mlmamba::mbar_arrive(empty0 + 8 * st);
   }
 
-  if (tid == 0) ssd::bulk_wait_all();  // the outgoing tiles stay valid until the stores are done
+  if (tid == 0) mlmamba::bulk_wait_all();  // the outgoing tiles stay valid until the stores are done
   if (dir == 1 && P.has_init) {
 #pragma unroll
     for (int np = 0; np < NP; ++np)

@@ -12,16 +12,10 @@
 #include <cuda_fp16.h>
 #include <cstdint>
 
+#include "common/arch.h"
 #include "common/cp_async.cuh"
 #include "common/device_utils.cuh"
 
-// device code for sm_90 or newer (TMA, mbarrier waits, proxy fences); 0 in host code and
-// in the default build's sm_80 pass, where those helpers trap instead
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MLM_SM90 1
-#else
-#define MLM_SM90 0
-#endif
 
 namespace mlmamba {
 namespace ssd {

@@ -9,7 +9,7 @@
 #include "common/device_utils.cuh"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
-#include "ssd/tma.cuh"
+#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {

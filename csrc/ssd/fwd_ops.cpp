@@ -5,37 +5,19 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cudaTypedefs.h>
-
 #include <cstdlib>
 #include <limits>
 #include <optional>
 #include <string>
 
 #include "common/check.h"
+#include "common/tensor_map.h"
 #include "ssd/fwd.h"
 #include "ssd/fwd_split.h"
 #include "ssd/host.h"
 
 namespace mlmamba {
 namespace ssd {
-
-// cuTensorMapEncodeTiled from the driver, found through the runtime (no libcuda link);
-// nullptr where the driver has none.
-static PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      return nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
 
 // A 4-D bf16 map of t (b, l, j, cols) as (cols, l, j, b) with 64 x 64 boxes and the 128-byte
 // swizzle of the wgmma tiles; reads past the end fill zeros. Strides of size-1 dims are free in

@@ -22,7 +22,7 @@
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
 #include "ssd/fwd_wg_parts.cuh"
-#include "ssd/tma.cuh"
+#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 #include "ssd/ws_sync.cuh"
 

@@ -15,6 +15,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/tma.cuh"
 #include "ssd/common.cuh"
 
 namespace mlmamba {
@@ -79,14 +80,6 @@ template <int N>
 __device__ __forceinline__ void setmaxnreg_dec() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
-#else
-  __trap();
-#endif
-}
-// generic-proxy writes to shared memory (st.shared, cp.async) -> visible to wgmma's reads
-__device__ __forceinline__ void fence_async_smem() {
-#if MLM_SM90
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #else
   __trap();
 #endif

@@ -7,7 +7,7 @@
 
 #include "common/launch.h"
 #include "ssd/fwd.h"
-#include "ssd/tma.cuh"
+#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {

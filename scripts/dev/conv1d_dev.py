@@ -232,7 +232,9 @@ GRAPH_VARIANTS = {
        for t in os.environ.get("GRAPH_TUNES", "11,13").split(",") if t]
     + [(f"blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n],
-    True: [("default", {})] + [(f"tune{t}", {"MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
+    True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
+           ("tma64", {"MLMAMBA_CONV1D_TUNE": "31"})]
+    + [(f"pipe tune{t}", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
 }
 # (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
 # streaming kernel on a one-shot grid (MLMAMBA_CONV1D_WAVES=100000: one tile per warp) and 4
@@ -244,7 +246,8 @@ GRAPH_BWD_VARIANTS = {
         (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14, 20, 21)]
     + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
-    True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
+    True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
+           ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"}), ("bwd tma64", {"MLMAMBA_CONV1D_TUNE": "31"})]
     + [(f"bwd prefetch {n}", {"MLMAMBA_CONV1D_PREFETCH": str(n)})
        for n in os.environ.get("GRAPH_PREFETCH", "").split(",") if n],
 }

@@ -1,5 +1,5 @@
-// sm_90 tensor-memory-access (TMA) loads and the shared-memory mbarriers that track them, for
-// the wgmma SSD kernels (fwd_wgmma.cu, ...). One thread issues a tile's loads; every consumer
+// sm_90 tensor-memory-access (TMA) loads and stores and the shared-memory mbarriers that track
+// them, for the wgmma SSD kernels (ssd/fwd_wgmma.cu, ...) and the conv1d TMA kernels. One thread issues a tile's loads; every consumer
 // waits on the stage's mbarrier (phase parity = how many times the stage was filled before,
 // mod 2). Compiled for an older target (the default build also makes sm_80 code) each helper
 // traps: the sm_90 kernels are only launched on an sm_90 image (their launchers check).
@@ -8,10 +8,9 @@
 
 #include <cstdint>
 
-#include "ssd/common.cuh"
+#include "common/arch.h"
 
 namespace mlmamba {
-namespace ssd {
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
 #if MLM_SM90
@@ -162,5 +161,14 @@ __device__ __forceinline__ void bulk_wait_all() {
 #endif
 }
 
-}  // namespace ssd
+// generic-proxy writes to shared memory (st.shared, cp.async) -> visible to the async proxy
+// (wgmma's reads, TMA stores)
+__device__ __forceinline__ void fence_async_smem() {
+#if MLM_SM90
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
 }  // namespace mlmamba
