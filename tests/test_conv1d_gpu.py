@@ -196,8 +196,8 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "oneshot_tune11": ("oneshot", None, "11"),
     "oneshot_tune13": ("oneshot", None, "13"),
     "oneshot_tune14": ("oneshot", None, "14"),
-    # the channel-last forward's TMA kernel (the default on sm_90) with 64-row tiles
-    "tma_rows64": (None, None, "31"),
+    # the channel-last forward's TMA kernel (the default on sm_90) with 32-row tiles
+    "tma_rows32": (None, None, "31"),
 }
 
 
@@ -381,53 +381,42 @@ def test_backward_bitwise_deterministic(rng, monkeypatch, impl):
 
 @need
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_chlast_tma_kernels(rng, monkeypatch, dtype):
-    """The channel-last TMA kernels (the default on sm_90 where the streaming kernels apply)
-    run, write every output (NaN-poisoned memory) and match the streaming kernels: out, final
-    states, dx and dinit bitwise (the same arithmetic in the same order), dweight / dbias within
-    the sum tolerance (summed in another order). Tile edges in l (32 / 64 rows forward, 128 / 64
-    backward, a warp's 32 / 16) and in d (256 / 64 channels at 16 bits), rows before t = 0 with
-    and without initial states, lengths below w - 1, final states and their gradient, widths
-    2-8, batch strides of a slice."""
+def test_chlast_tma_forward(rng, monkeypatch, dtype):
+    """The channel-last forward's TMA kernel (the default on sm_90 where the streaming kernel
+    applies) runs, writes every output (NaN-poisoned memory) and equals the streaming kernel
+    bitwise (the same arithmetic in the same order), with each tile height (MLMAMBA_CONV1D_TUNE
+    31-33): tile edges in l and in d (256 channels a tile at 16 bits, 128 at fp32), rows before
+    t = 0 with and without initial states, lengths below w - 1, final states, widths 2-8, batch
+    strides of a slice."""
     g = gen(rng)
     cases = ((3, 264, 1), (2, 8, 2), (2, 520, 33), (1, 256, 64), (2, 136, 95), (2, 5376, 97),
              (1, 16, 300), (4, 72, 7), (2, 24, 129), (1, 64, 161))
+    tunes = ("", "31", "32", "33")
     for i, (b, d, l) in enumerate(cases):
         w = (2, 4, 5, 8)[i % 4]
         kw = inputs(g, b, d, l, w, dtype, "cl", bias=i % 3 != 2, init=i % 2 == 0)
         if i % 2:  # every other case a slice of a longer batch
             kw["x"] = torch.randn(b + 1, l + 5, d, device=DEV, generator=g).to(dtype)[1:, 2:l + 2].transpose(1, 2)
-        silu = i % 3 != 1
-        dout = torch.randn(b, l, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
-        dfinal = torch.randn(b, d, w - 1, device=DEV, generator=g).to(dtype) if i % 3 != 0 else None
-        fargs = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, silu, True)
-        bargs = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, dout, dfinal, silu)
+        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, i % 3 != 1, True)
         got = {}
-        for impl, tune in (("", ""), ("", "31"), ("pipe", "")):
+        for impl, tune in [("pipe", "")] + [("", t) for t in tunes]:
             monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", impl)
             monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", tune)
             junk = torch.full((1 << 22,), float("nan"), device=DEV)
             del junk
-            got[impl + tune] = ops().causal_conv1d_fwd(*fargs) + ops().causal_conv1d_bwd(*bargs)
-        names = ("out", "final_states", "dx", "dweight", "dbias", "dinit")
-        for key in ("", "31"):
-            where = f"b={b} d={d} l={l} w={w} tune={key!r}"
-            for name, u, v in zip(names, got[key], got["pipe"]):
-                assert torch.isfinite(u).all(), f"{where}: {name} has unwritten entries"
-                if name in ("dweight", "dbias"):
-                    close_sum(name, u, v.double(), dtype)
-                else:
-                    assert torch.equal(u, v), f"{where}: {name} differs from the streaming kernel"
+            got[impl + tune] = ops().causal_conv1d_fwd(*args)
+        for key in tunes:
+            for name, u, v in zip(("out", "final_states"), got[key], got["pipe"]):
+                assert torch.equal(u, v), (f"b={b} d={d} l={l} w={w} tune={key!r}: {name} differs "
+                                           "from the streaming kernel")
     if torch.cuda.get_device_capability()[0] == 9:
         monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "")
         monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", "")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            ops().causal_conv1d_fwd(*fargs)
-            ops().causal_conv1d_bwd(*bargs)
+            ops().causal_conv1d_fwd(*args)
             torch.cuda.synchronize()
         names = [e.name for e in prof.events()]
-        for k in ("fwd_chlast_tma", "bwd_chlast_tma"):
-            assert any(k in n for n in names), f"{k} did not run; kernels: {names}"
+        assert any("fwd_chlast_tma" in n for n in names), f"the TMA kernel did not run: {names}"
 
 
 @need

@@ -87,11 +87,8 @@ int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_pe
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
-// The channel-last kernels by TMA tiles (sm_90 only; where pipe_ok holds, no rows mode). The
-// backward with p.nslots_per_batch = bwd_chlast_tma_tiles(p) (tiles per row, a slot each).
+// The channel-last forward by TMA tiles (sm_90 only; where pipe_ok holds, no rows mode).
 void fwd_chlast_tma(const ConvParams& p, int xdtype, cudaStream_t s);
-int64_t bwd_chlast_tma_tiles(const ConvParams& p);
-void bwd_chlast_tma(const ConvParams& p, int xdtype, cudaStream_t s);
 // One-shot l-contiguous kernels (*_lcontig_oneshot*.cu), where oneshot_ok holds (the forward's
 // _any: rows off 16-byte boundaries); the backward with
 // p.nslots_per_batch = bwd_lcontig_oneshot_tiles(p) (tiles per row).

@@ -174,13 +174,12 @@ int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
   return pick_chunk(b, d, l, 256, 64, 24);  // ~24 warps/SM: 3+ waves at 8-12 resident
 }
 
-// Which kernels run. Default, where pipe_ok says a fast path applies: on sm_90 the TMA kernels
-// for the channel-last forward and backward (use_tma); the one-shot kernels for the
-// l-contiguous forward and backward (the backward at 16-bit widths <= 4 and where a row fits
-// one tile); the streaming kernels (pipe.cuh) for the channel-last forward off sm_90 and the
-// other l-contiguous backwards; v2 for the channel-last backward off sm_90 (each the fastest
-// measured on an H200: docs/perf-log.md, causal_conv1d); v2 elsewhere (seq_idx, unaligned
-// inputs).
+// Which kernels run. Default, where pipe_ok says a fast path applies: on sm_90 the TMA kernel
+// for the channel-last forward (use_tma); the one-shot kernels for the l-contiguous forward and
+// backward (the backward at 16-bit widths <= 4 and where a row fits one tile); the streaming
+// kernels (pipe.cuh) for the channel-last forward off sm_90 and the other l-contiguous
+// backwards; v2 for the channel-last backward (each the fastest measured on an H200:
+// docs/perf-log.md, causal_conv1d); v2 elsewhere (seq_idx, unaligned inputs).
 // MLMAMBA_CONV1D_IMPL=pipe or =v2 forces one where it applies, =oneshot the one-shot
 // l-contiguous kernels (A/B timing; read per call); any other non-empty value is an error.
 static std::string conv_impl(const char* op) {
@@ -209,10 +208,10 @@ bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bo
   return !chlast && (impl == "oneshot" || dflt) && oneshot_ok(p, esize, bwd);
 }
 
-// The channel-last TMA kernels (*_chlast_tma.cu): by default where the streaming kernels apply
-// (pipe_ok: 16-byte aligned rows, d % 8 == 0, no seq_idx), on an sm_90 GPU.
-static bool use_tma(const char* op, const ConvParams& p, int esize, bool bwd) {
-  return conv_impl(op).empty() && pipe_ok(p, esize, true, bwd) && p.rows == nullptr &&
+// The channel-last forward's TMA kernel (fwd_chlast_tma.cu): by default where the streaming
+// kernel applies (pipe_ok: 16-byte aligned rows, d % 8 == 0, no seq_idx), on an sm_90 GPU.
+static bool use_tma(const char* op, const ConvParams& p, int esize) {
+  return conv_impl(op).empty() && pipe_ok(p, esize, true, false) && p.rows == nullptr &&
          at::cuda::getCurrentDeviceProperties()->major == 9 && tensor_map_encoder() != nullptr;
 }
 
@@ -251,7 +250,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_fwd(const Tensor& x_in, const Tensor& w
   const bool pipe = use_pipe(op, p, esize, chlast, false);
   if (use_oneshot(op, p, esize, chlast, false)) {
     fwd_lcontig_oneshot(p, dtag(x), stream);
-  } else if (chlast && use_tma(op, p, esize, false)) {
+  } else if (chlast && use_tma(op, p, esize)) {
     fwd_chlast_tma(p, dtag(x), stream);
   } else if (chlast && pipe) {
     fwd_chlast_pipe(p, dtag(x), stream);
@@ -322,12 +321,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   if (dinit.numel()) p.dinit = dinit.data_ptr();
   const bool pipe = use_pipe(op, p, static_cast<int>(x.element_size()), chlast, true);
   const bool oneshot = use_oneshot(op, p, static_cast<int>(x.element_size()), chlast, true);
-  const bool tma = chlast && use_tma(op, p, static_cast<int>(x.element_size()), true);
   int64_t nslots;  // dweight/dbias workspace slots
-  if (tma) {  // one slot per tile
-    p.nslots_per_batch = bwd_chlast_tma_tiles(p);
-    nslots = b * p.nslots_per_batch;
-  } else if (chlast && pipe) {  // one slot per block; blocks share a channel group
+  if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
   } else if (chlast) {  // one slot per block of 4 chunks
@@ -343,8 +338,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   Tensor partial = at::empty({nslots, d, w + 1}, x.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (tma) bwd_chlast_tma(p, dtag(x), stream);
-  else if (chlast && pipe) bwd_chlast_pipe(p, dtag(x), stream);
+  if (chlast && pipe) bwd_chlast_pipe(p, dtag(x), stream);
   else if (chlast) bwd_chlast(p, dtag(x), stream);
   else if (oneshot) bwd_lcontig_oneshot(p, dtag(x), stream);
   else if (pipe) bwd_lcontig_pipe(p, dtag(x), stream);

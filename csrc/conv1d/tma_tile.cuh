@@ -1,9 +1,9 @@
-// Shared by the channel-last TMA kernels (fwd_chlast_tma.cu, bwd_chlast_tma.cu): the tensor map
-// of a channel-last tensor, and a lane's 4-byte column word <-> floats.
+// Helpers of the channel-last TMA kernel (fwd_chlast_tma.cu; a backward on this pattern is on
+// branch next/conv-bwd-chlast-tma): the tensor map of a channel-last tensor, and a thread's
+// 4-byte column word <-> floats.
 #pragma once
 #include <cuda.h>
 
-#include <cstring>
 #include <type_traits>
 
 #include "common/check.h"
@@ -51,11 +51,12 @@ template <typename R>
 __device__ __forceinline__ uint32_t float_to_word(const float (&v)[4 / sizeof(R)]) {
   if constexpr (std::is_same_v<R, float>) {
     return __float_as_uint(v[0]);
+  } else if constexpr (std::is_same_v<R, __half>) {
+    const __half2 h = __floats2half2_rn(v[0], v[1]);
+    return *reinterpret_cast<const uint32_t*>(&h);
   } else {
-    R e[2] = {Elem<R>::fromf(v[0]), Elem<R>::fromf(v[1])};
-    uint32_t u;
-    memcpy(&u, e, 4);
-    return u;
+    const __nv_bfloat162 h = __floats2bfloat162_rn(v[0], v[1]);
+    return *reinterpret_cast<const uint32_t*>(&h);
   }
 }
 #endif

@@ -232,8 +232,8 @@ GRAPH_VARIANTS = {
        for t in os.environ.get("GRAPH_TUNES", "11,13").split(",") if t]
     + [(f"blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n],
-    True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
-           ("tma64", {"MLMAMBA_CONV1D_TUNE": "31"})]
+    True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
+    + [(f"tma rows {n}", {"MLMAMBA_CONV1D_TUNE": t}) for t, n in (("31", 32), ("32", 48), ("33", 80))]
     + [(f"pipe tune{t}", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
 }
 # (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
@@ -247,7 +247,7 @@ GRAPH_BWD_VARIANTS = {
     + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
-           ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"}), ("bwd tma64", {"MLMAMBA_CONV1D_TUNE": "31"})]
+           ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"})]
     + [(f"bwd prefetch {n}", {"MLMAMBA_CONV1D_PREFETCH": str(n)})
        for n in os.environ.get("GRAPH_PREFETCH", "").split(",") if n],
 }
