@@ -211,6 +211,20 @@ __device__ __forceinline__ void load_any_n(const void* p, int64_t i0, int64_t st
   }
 }
 
+// The weights of channels c0 .. c0 + C - 1, taps reversed (wr[k][i] multiplies x[t - k]), and
+// their bias; zeros where !act (a lane past d).
+template <int W, int C, typename Params>
+__device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0, bool act, float (&wr)[W][C],
+                                                     float (&bias)[C]) {
+  #pragma unroll
+  for (int i = 0; i < C; ++i) {
+    #pragma unroll
+    for (int k = 0; k < W; ++k)
+      wr[k][i] = act ? load_any(p.weight, (c0 + i) * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype) : 0.f;
+    bias[i] = act && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
+  }
+}
+
 __device__ __forceinline__ void store_any(void* p, int64_t i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
   else if (dt == kF16) static_cast<__half*>(p)[i] = __float2half_rn(v);
