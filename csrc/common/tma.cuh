@@ -1,7 +1,7 @@
 // sm_90 tensor-memory-access (TMA) loads and stores and the shared-memory mbarriers that track
-// them, for the wgmma SSD kernels (ssd/fwd_wgmma.cu, ...) and the conv1d TMA kernels. One thread issues a tile's loads; every consumer
-// waits on the stage's mbarrier (phase parity = how many times the stage was filled before,
-// mod 2). Compiled for an older target (the default build also makes sm_80 code) each helper
+// them, for the wgmma SSD kernels (ssd/fwd_wgmma.cu, ...) and the conv1d TMA kernels. One
+// thread issues a tile's loads; every consumer waits on the stage's mbarrier (phase parity =
+// how many times the stage was filled before, mod 2). Compiled for an older target (the default build also makes sm_80 code) each helper
 // traps: the sm_90 kernels are only launched on an sm_90 image (their launchers check).
 #pragma once
 #include <cuda.h>
@@ -124,7 +124,7 @@ __device__ __forceinline__ void red_add_f32x2(float* dst, float2 v) {
 
 // TMA stores (bulk groups): one thread writes a box of shared memory at src to a 4-D tensor
 // map's tensor at coordinates (c0 innermost .. c3). The writers of src first run
-// fence_async_smem (wgmma.cuh) and meet the issuing thread at a barrier.
+// fence_async_smem (below) and meet the issuing thread at a barrier.
 __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, uint32_t src, int c0, int c1,
                                              int c2, int c3) {
 #if MLM_SM90

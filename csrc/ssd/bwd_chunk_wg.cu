@@ -20,9 +20,9 @@
 #include <cuda_runtime.h>
 
 #include "common/launch.h"
+#include "common/tma.cuh"
 #include "ssd/bwd.h"
 #include "ssd/bwd_common.cuh"
-#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {

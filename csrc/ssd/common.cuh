@@ -16,7 +16,6 @@
 #include "common/cp_async.cuh"
 #include "common/device_utils.cuh"
 
-
 namespace mlmamba {
 namespace ssd {
 

@@ -7,9 +7,9 @@
 #include <cuda_bf16.h>
 
 #include "common/device_utils.cuh"
+#include "common/tma.cuh"
 #include "ssd/fwd.h"
 #include "ssd/fwd_vectors.cuh"
-#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {

@@ -18,11 +18,11 @@
 
 #include "common/device_utils.cuh"
 #include "common/launch.h"
+#include "common/tma.cuh"
 #include "ssd/fwd.h"
 #include "ssd/fwd_msc.cuh"
 #include "ssd/fwd_vectors.cuh"
 #include "ssd/fwd_wg_parts.cuh"
-#include "common/tma.cuh"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {

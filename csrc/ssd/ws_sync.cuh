@@ -6,8 +6,8 @@
 #include <cstdint>
 
 #include "common/launch.h"
-#include "ssd/fwd.h"
 #include "common/tma.cuh"
+#include "ssd/fwd.h"
 #include "ssd/wgmma.cuh"
 
 namespace mlmamba {
