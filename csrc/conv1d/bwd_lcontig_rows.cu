@@ -34,10 +34,7 @@ __device__ __forceinline__ void bwd_rows_shared(const ConvParams& p, Q& q, float
     cp_async_run<8, R>(&q[k][0][tid][0], n > 0 ? xr + s0 : xr, n);
     cp_async_run<8, R>(&q[k][1][tid][0], n > 0 ? dr + s0 : dr, n);
   }
-  cp_async_commit();
-  load_rows_side<W>(p, r0, nr, D, lane, side);
-  cp_async_wait<0>();
-  __syncwarp();
+  finish_rows_staging<W>(p, r0, nr, D, lane, side);
   #pragma unroll 1
   for (int k = 0; k < NR && k * S < static_cast<int>(nr); ++k) {
     const uint32_t j = k * S + lane / G, jj = j < nr ? j : nr - 1, r = r0 + jj, b = r / D, c = r - b * D;
@@ -45,11 +42,7 @@ __device__ __forceinline__ void bwd_rows_shared(const ConvParams& p, Q& q, float
     read_row_side<W>(side[jj], wr, bias, tail);
     smem_run_to_float<8, R>(&q[k][0][tid][0], xv);
     smem_run_to_float<8, R>(&q[k][1][tid][0], g);
-    #pragma unroll
-    for (int i = 0; i < H; ++i) {
-      const float up = __shfl_up_sync(kFull, xv[8 - H + i], 1);
-      h[i] = s0 == 0 ? tail[i] : up;
-    }
+    row_lookback<H>(xv, s0 == 0, tail, h);
     #pragma unroll
     for (int kk = 0; kk < W; ++kk) dw[kk] = 0.f;
     grad8<W>(wr, bias, xv, h, p.silu, g, dw, db);  // g = dout * act'(pre), and the sums
@@ -128,10 +121,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_rows_kernel(const ConvP
     }
     if (++c == D) c = 0, ++b;
   }
-  cp_async_commit();
-  load_rows_side<W>(p, r0, nr, D, lane, side[warp]);
-  cp_async_wait<0>();
-  __syncwarp();
+  finish_rows_staging<W>(p, r0, nr, D, lane, side[warp]);
 
   b = b0, c = c0;
   #pragma unroll 1

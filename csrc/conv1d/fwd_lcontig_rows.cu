@@ -51,21 +51,14 @@ __device__ __forceinline__ void fwd_rows_shared(const ConvParams& p, Q& q, float
     const R* xr = static_cast<const R*>(p.x) + b * p.x_b + c * p.x_d;
     if (j < nr && s0 < L) cp_async_run<8, R>(&q[k][tid][0], xr + s0, L - s0);
   }
-  cp_async_commit();
-  load_rows_side<W>(p, r0, nr, D, lane, side);
-  cp_async_wait<0>();
-  __syncwarp();
+  finish_rows_staging<W>(p, r0, nr, D, lane, side);
   #pragma unroll 1
   for (int k = 0; k < NR && k * S < static_cast<int>(nr); ++k) {
     const uint32_t j = k * S + lane / G, jj = j < nr ? j : nr - 1, r = r0 + jj, b = r / D, c = r - b * D;
     float wr[W], bias, tail[H], xv[8], h[H];
     read_row_side<W>(side[jj], wr, bias, tail);
     smem_run_to_float<8, R>(&q[k][tid][0], xv);  // past the row: never stored
-    #pragma unroll
-    for (int i = 0; i < H; ++i) {
-      const float up = __shfl_up_sync(kFull, xv[8 - H + i], 1);
-      h[i] = s0 == 0 ? tail[i] : up;
-    }
+    row_lookback<H>(xv, s0 == 0, tail, h);
     if (j >= nr) continue;
     R* outr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;
     R* fr = p.final_states != nullptr ? static_cast<R*>(p.final_states) + (static_cast<int64_t>(b) * D + c) * H
@@ -113,10 +106,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_lcontig_rows_kernel(const ConvP
     }
     if (++c == D) c = 0, ++b;
   }
-  cp_async_commit();
-  load_rows_side<W>(p, r0, nr, D, lane, side[warp]);
-  cp_async_wait<0>();
-  __syncwarp();
+  finish_rows_staging<W>(p, r0, nr, D, lane, side[warp]);
 
   b = b0, c = c0;
   #pragma unroll 1

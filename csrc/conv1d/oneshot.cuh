@@ -51,12 +51,15 @@ __device__ __forceinline__ void row_side(const ConvParams& p, const R* xr, int t
   }
 }
 
-// The short-row kernels' (*_lcontig_rows.cu) side values of rows r0 .. r0+nr-1, loaded by a
-// warp's lanes together: side[k] = row r0+k's reversed taps, bias and initial states (2W floats).
+// The short-row kernels' (*_lcontig_rows.cu) step between staging and arithmetic: commits the
+// lane's staging copies, loads the side values of rows r0 .. r0+nr-1 while they land (a warp's
+// lanes together: side[k] = row r0+k's reversed taps, bias and initial states, 2W floats), then
+// waits for the copies and meets the warp.
 template <int W>
-__device__ __forceinline__ void load_rows_side(const ConvParams& p, uint32_t r0, uint32_t nr, uint32_t D,
-                                               int lane, float (*side)[2 * W]) {
+__device__ __forceinline__ void finish_rows_staging(const ConvParams& p, uint32_t r0, uint32_t nr, uint32_t D,
+                                                    int lane, float (*side)[2 * W]) {
   constexpr int H = W - 1, S = 2 * W;
+  cp_async_commit();
   for (uint32_t i = lane; i < nr * S; i += 32) {
     const uint32_t k = i / S, j = i - k * S, r = r0 + k, rb = r / D, rc = r - rb * D;
     float v;
@@ -65,9 +68,11 @@ __device__ __forceinline__ void load_rows_side(const ConvParams& p, uint32_t r0,
     else v = input_before<H>(p, rb, rc, static_cast<int>(j) - W - 1 - H);
     side[k][j] = v;
   }
+  cp_async_wait<0>();
+  __syncwarp();
 }
 
-// One row's side values (load_rows_side) into registers.
+// One row's side values (finish_rows_staging) into registers.
 template <int W>
 __device__ __forceinline__ void read_row_side(const float (&side)[2 * W], float (&wr)[W], float& bias,
                                               float (&tail)[W - 1]) {
@@ -108,6 +113,18 @@ __device__ __forceinline__ void lookback(const float (&xv)[8], int k, int lane, 
     const float wrap = __shfl_sync(kFull, tail[j], 31);
     h[j] = lane == 0 ? (k > 0 ? wrap : tail[j]) : up;
     tail[j] = xv[8 - H + j];
+  }
+}
+
+// Several rows a vector: a lane's look-back, the previous lane's last w-1 inputs, or the row's
+// own (tail: its initial states) where the lane starts the row (first).
+template <int H>
+__device__ __forceinline__ void row_lookback(const float (&xv)[8], bool first, const float (&tail)[H],
+                                             float (&h)[H]) {
+  #pragma unroll
+  for (int i = 0; i < H; ++i) {
+    const float up = __shfl_up_sync(kFull, xv[8 - H + i], 1);
+    h[i] = first ? tail[i] : up;
   }
 }
 
