@@ -233,7 +233,7 @@ GRAPH_VARIANTS = {
     + [(f"blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n],
     True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
-    + [(f"tma rows {n}", {"MLMAMBA_CONV1D_TUNE": t}) for t, n in (("31", 32), ("32", 48), ("33", 80))]
+    + [(f"tma rows {n}", {"MLMAMBA_CONV1D_TUNE": t}) for t, n in (("31", 32), ("32", 64), ("33", 80))]
     + [(f"pipe tune{t}", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
 }
 # (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
