@@ -41,18 +41,8 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   const int64_t fin0 = L - H;
   const int64_t u_first = (t0 == 0 && p.dinit != nullptr) ? -H : t0;
 
-  float wr[W][C], bias[C], dw[W][C], db[C];
-  #pragma unroll
-  for (int i = 0; i < C; ++i) {
-    const bool ok = i < nc;
-    #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      wr[k][i] = ok ? load_any(p.weight, (c0 + i) * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype) : 0.f;
-      dw[k][i] = 0.f;
-    }
-    bias[i] = ok && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
-    db[i] = 0.f;
-  }
+  float wr[W][C], bias[C], dw[W][C] = {}, db[C] = {};
+  load_channel_weights<W, C>(p, c0, nc, wr, bias);
   float xw[H + RW][C], gw[H + RW][C];
   int sw[H + RW];
   const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l) && vec_ok<C>(dob, dl);

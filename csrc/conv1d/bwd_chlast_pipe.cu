@@ -41,17 +41,8 @@ __global__ void __launch_bounds__(128, MINB) bwd_chlast_pipe_kernel(const ConvPa
   R* dxc = static_cast<R*>(p.out) + c0;
   const int64_t fin0 = L - H;
 
-  float wr[W][C], bias[C], dw[W][C], db[C];
-  #pragma unroll
-  for (int i = 0; i < C; ++i) {
-    #pragma unroll
-    for (int k = 0; k < W; ++k) {
-      wr[k][i] = act ? load_any(p.weight, (c0 + i) * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype) : 0.f;
-      dw[k][i] = 0.f;
-    }
-    bias[i] = act && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
-    db[i] = 0.f;
-  }
+  float wr[W][C], bias[C], dw[W][C] = {}, db[C] = {};
+  load_channel_weights<W, C>(p, c0, act ? C : 0, wr, bias);
 
   SegIter<RW> pi, ci;  // producer, consumer
   pi.begin(r0, r1, L, H, H);

@@ -212,12 +212,12 @@ __device__ __forceinline__ void load_any_n(const void* p, int64_t i0, int64_t st
 }
 
 // The weights of channels c0 .. c0 + C - 1, taps reversed (wr[k][i] multiplies x[t - k]), and
-// their bias; zeros where !act (a lane past d). One branch on the weights' dtype around all
-// their loads, then the conversions: with load_any per weight the compiler put a branch around
-// each load and its conversion, so the loads waited one after another (ncu of the TMA forward,
-// docs/perf-log.md, causal_conv1d v14).
+// their bias; zeros for channels i >= n (past d: n = d - c0, or 0 for an idle lane). One branch
+// on the weights' dtype around all their loads, then the conversions: with load_any per weight
+// the compiler put a branch around each load and its conversion, so the loads waited one after
+// another (ncu of the TMA forward, docs/perf-log.md, causal_conv1d v14).
 template <int W, int C, typename Params>
-__device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0, bool act, float (&wr)[W][C],
+__device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0, int64_t n, float (&wr)[W][C],
                                                      float (&bias)[C]) {
   auto all = [&](auto zero, auto to_float) {
     using V = decltype(zero);
@@ -226,7 +226,7 @@ __device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0
     #pragma unroll
     for (int i = 0; i < C; ++i) {
       #pragma unroll
-      for (int k = 0; k < W; ++k) raw[k][i] = act ? __ldg(w + (c0 + i) * p.w_d + (W - 1 - k) * p.w_k) : zero;
+      for (int k = 0; k < W; ++k) raw[k][i] = i < n ? __ldg(w + (c0 + i) * p.w_d + (W - 1 - k) * p.w_k) : zero;
     }
     #pragma unroll
     for (int i = 0; i < C; ++i) {
@@ -239,7 +239,7 @@ __device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0
   else all(static_cast<unsigned short>(0), [](unsigned short v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); });
   #pragma unroll
   for (int i = 0; i < C; ++i)
-    bias[i] = act && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
+    bias[i] = i < n && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
 }
 
 __device__ __forceinline__ void store_any(void* p, int64_t i, int dt, float v) {

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(128, MINB) fwd_chlast_pipe_kernel(const ConvPa
   R* oc = static_cast<R*>(p.out) + c0;
 
   float wr[W][C], bias[C];
-  load_channel_weights<W, C>(p, c0, act, wr, bias);
+  load_channel_weights<W, C>(p, c0, act ? C : 0, wr, bias);
 
   SegIter<RW> pi, ci;  // producer, consumer
   pi.begin(r0, r1, L, H, 0);

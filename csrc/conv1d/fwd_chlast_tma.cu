@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kTmaThreads, MINB)
   const int64_t c0 = int64_t(cg) * DC + tid * E;
   const bool act = c0 < D;  // d % 8 == 0: a thread has both 16-bit channels or none
   float wr[W][E], bias[E];
-  load_channel_weights<W, E>(p, c0, act, wr, bias);
+  load_channel_weights<W, E>(p, c0, act ? E : 0, wr, bias);
   // input j of the initial states (time j - H) of channel c0 + i
   auto init_at = [&](int j, int i) {
     return load_any(p.init, b * p.init_b + (c0 + i) * p.init_d + j * p.init_k, p.init_dtype);

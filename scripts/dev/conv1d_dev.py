@@ -249,10 +249,12 @@ GRAPH_BWD_VARIANTS = {
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
            ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"})]
     + [(f"bwd prefetch {n}", {"MLMAMBA_CONV1D_PREFETCH": str(n)})
-       for n in os.environ.get("GRAPH_PREFETCH", "").split(",") if n],
+       for n in os.environ.get("GRAPH_PREFETCH", "").split(",") if n]
+    + [(f"bwd chunk {n}", {"MLMAMBA_CONV1D_CHUNK": str(n)})  # v2's rows per warp
+       for n in os.environ.get("GRAPH_CHUNKS", "").split(",") if n],
 }
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
-          "MLMAMBA_CONV1D_BLOCKS", "MLMAMBA_CONV1D_PREFETCH")
+          "MLMAMBA_CONV1D_BLOCKS", "MLMAMBA_CONV1D_PREFETCH", "MLMAMBA_CONV1D_CHUNK")
 
 
 def graph():
