@@ -198,6 +198,9 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     "oneshot_tune14": ("oneshot", None, "14"),
     # the channel-last forward's TMA kernel (the default on sm_90) with 32-row tiles
     "tma_rows32": (None, None, "31"),
+    # the v2 channel-last backward's ring of 2 / 4 row groups (bf16 width 4) over long chunks
+    "v2_ring2_tune41": ("v2", None, "41", "128"),
+    "v2_ring4_tune42": ("v2", None, "42", "128"),
 }
 
 
@@ -417,6 +420,36 @@ def test_chlast_tma_forward(rng, monkeypatch, dtype):
             torch.cuda.synchronize()
         names = [e.name for e in prof.events()]
         assert any("fwd_chlast_tma" in n for n in names), f"the TMA kernel did not run: {names}"
+
+
+@need
+def test_chlast_bwd_ring_depths_bitwise(rng, monkeypatch):
+    """The v2 channel-last backward's ring of 2, 3 (default) and 4 row groups (bf16 width 4,
+    MLMAMBA_CONV1D_TUNE 41 / 42) gives bitwise the same gradients (the same arithmetic: only
+    how far ahead the rows are copied changes), NaN-poisoned memory first: chunks of whole and
+    partial groups, rows before t = 0 with initial states, final states' gradient, rows mode's
+    cousin (a batch-strided slice)."""
+    g = gen(rng)
+    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "v2")
+    for i, (b, d, l, chunk) in enumerate(((2, 264, 301, "24"), (3, 128, 1000, "128"), (1, 520, 37, "16"),
+                                          (2, 256, 4099, ""))):
+        kw = inputs(g, b, d, l, 4, torch.bfloat16, "cl", bias=True, init=i % 2 == 0)
+        if i % 2:
+            kw["x"] = torch.randn(b + 1, l + 3, d, device=DEV, generator=g).to(torch.bfloat16)[1:, 1:l + 1].transpose(1, 2)
+        dout = torch.randn(b, l, d, device=DEV, generator=g).to(torch.bfloat16).transpose(1, 2)
+        dfinal = torch.randn(b, d, 3, device=DEV, generator=g).to(torch.bfloat16)
+        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, dout, dfinal, True)
+        monkeypatch.setenv("MLMAMBA_CONV1D_CHUNK", chunk)
+        got = {}
+        for tune in ("", "41", "42"):
+            monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", tune)
+            junk = torch.full((1 << 22,), float("nan"), device=DEV)
+            del junk
+            got[tune] = ops().causal_conv1d_bwd(*args)
+        for tune in ("41", "42"):
+            for name, u, v in zip(("dx", "dweight", "dbias", "dinit"), got[tune], got[""]):
+                assert torch.equal(u, v), f"b={b} d={d} l={l} tune={tune}: {name} differs from the default ring"
+        assert not got[""][0].isnan().any(), f"b={b} d={d} l={l}: dx not written"
 
 
 @need

@@ -2,6 +2,8 @@
 #pragma once
 #include <c10/cuda/CUDAException.h>
 
+#include <type_traits>
+
 #include "common/check.h"
 #include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
@@ -12,10 +14,15 @@ namespace conv1d {
 // Channel-last: a lane owns C channels and walks rows t = t0 .. t1+H-1 upward, keeping the
 // last H+1 rows of x and g; dx for row u = t - H is complete once g[t] is known.
 // kRows: x rows through p.rows (conv1d.h), no seq_idx, initial or final states.
-template <int W, typename T, bool kSeq, bool kRows>
+// Whole groups of RW rows come through a per-lane ring of S groups in shared memory (cp.async,
+// S-1 groups in flight while a group computes; pipe.cuh): the bytes in flight cost no
+// registers. Held in registers one group ahead, they had ~2 KB in flight per warp at 168
+// registers, 12 warps per SM.
+template <int W, typename T, bool kSeq, bool kRows, int S>
 __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
   using R = typename RawOf<T>::type;
-  constexpr int C = 4, H = W - 1, RW = 4;
+  constexpr int C = 4, H = W - 1, RW = 4, RB = C * static_cast<int>(sizeof(R));  // RB: a lane's row
+  __shared__ __align__(16) unsigned char ring[S][2][RW][128][RB];  // [group][x, dout][row][thread]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
   const int64_t b = blockIdx.x / cgroups;
@@ -81,34 +88,36 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
     }
   }
   const int64_t t_last = active ? t1 + H : t0;  // exclusive; rows >= t1 are look-ahead
-  // Full groups of RW rows are loaded one group ahead (raw words), so a group's loads are in
-  // flight while the previous group computes.
   const int64_t t_stop = t_last < L ? t_last : L;  // rows to read in this chunk
-  RawRun<C, R> nx[RW], nd[RW];
-  bool nz[RW];
-  if (vec_in && t0 + RW <= t_stop) {
-    #pragma unroll
-    for (int r = 0; r < RW; ++r) {
-      nx[r].load(x_row<kRows>(xb, p, t0 + r, nz[r]));
-      nd[r].load(dob + (t0 + r) * dl);
-    }
-  }
-  for (int64_t tg = t0; tg < t_last; tg += RW) {
-    float dv[RW][C];
-    if (vec_in && tg + RW <= t_stop) {
+  // Group tq's rows into ring slot q, one commit group (empty past the whole groups), so that
+  // wait<S-1> after each issue leaves group g landed. Rows mode: a row out of range is
+  // zero-filled (cp_async_run with n 0).
+  const int tid = threadIdx.x;
+  auto issue = [&](int64_t tq, int q) {
+    if (vec_in && tq + RW <= t_stop) {
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
-        nx[r].to_float(xw[H + r]);
-        zero_if(nz[r], xw[H + r]);
-        nd[r].to_float(dv[r]);
+        bool z;
+        const R* xs = x_row<kRows>(xb, p, tq + r, z);
+        if (kRows) cp_async_run<C, R>(&ring[q][0][r][tid][0], xs, z ? 0 : C);
+        else cp_async_whole<C, R>(&ring[q][0][r][tid][0], xs);
+        cp_async_whole<C, R>(&ring[q][1][r][tid][0], dob + (tq + r) * dl);
       }
-      const int64_t tn = tg + RW;
-      if (tn + RW <= t_stop) {
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) {
-          nx[r].load(x_row<kRows>(xb, p, tn + r, nz[r]));
-          nd[r].load(dob + (tn + r) * dl);
-        }
+    }
+    cp_async_commit();
+  };
+  #pragma unroll
+  for (int q = 0; q < S - 1; ++q) issue(t0 + q * RW, q);
+  int q_now = 0;  // the ring slot of group tg
+  for (int64_t tg = t0; tg < t_last; tg += RW) {
+    float dv[RW][C];
+    issue(tg + (S - 1) * RW, q_now == 0 ? S - 1 : q_now - 1);  // into the slot read last step
+    if (vec_in && tg + RW <= t_stop) {
+      cp_async_wait<S - 1>();
+      #pragma unroll
+      for (int r = 0; r < RW; ++r) {
+        smem_run_to_float<C, R>(&ring[q_now][0][r][tid][0], xw[H + r]);
+        smem_run_to_float<C, R>(&ring[q_now][1][r][tid][0], dv[r]);
       }
     } else {
       #pragma unroll
@@ -197,7 +206,9 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
       for (int i = 0; i < C; ++i) { xw[j][i] = xw[RW + j][i]; gw[j][i] = gw[RW + j][i]; }
       sw[j] = sw[RW + j];
     }
+    q_now = q_now == S - 1 ? 0 : q_now + 1;
   }
+  cp_async_wait<0>();  // empty groups only: none may be pending at exit
   // Sum the 4 warps' partials in a fixed order; one workspace slot per block.
   constexpr int kItems = C * (W + 1);
   __shared__ float red[4][kItems][32];
@@ -225,8 +236,17 @@ void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      bwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(p, cgroups);
-      MLM_CHECK_LAUNCH();
+      // ring depth: 3 groups (24 KB a block at 16 bits, 3 blocks per SM), 2 at fp32 (32 KB).
+      // MLMAMBA_CONV1D_TUNE (bf16, width 4, no seq_idx): 41 = 2 groups, 42 = 4.
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, 128, 0, s>>>(p, cgroups);
+        MLM_CHECK_LAUNCH();
+      };
+      if constexpr (!kSeq && std::is_same_v<T, at::BFloat16> && W == 4) {
+        if (tune_variant() == 41) return launch(bwd_chlast_kernel<W, T, kSeq, kRows, 2>);
+        if (tune_variant() == 42) return launch(bwd_chlast_kernel<W, T, kSeq, kRows, 4>);
+      }
+      launch(bwd_chlast_kernel<W, T, kSeq, kRows, sizeof(T) == 4 ? 2 : 3>);
     });
   });
 }

@@ -247,9 +247,8 @@ GRAPH_BWD_VARIANTS = {
     + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
-           ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"})]
-    + [(f"bwd prefetch {n}", {"MLMAMBA_CONV1D_PREFETCH": str(n)})
-       for n in os.environ.get("GRAPH_PREFETCH", "").split(",") if n]
+           ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"}),
+           ("bwd ring 2", {"MLMAMBA_CONV1D_TUNE": "41"}), ("bwd ring 4", {"MLMAMBA_CONV1D_TUNE": "42"})]
     + [(f"bwd chunk {n}", {"MLMAMBA_CONV1D_CHUNK": str(n)})  # v2's rows per warp
        for n in os.environ.get("GRAPH_CHUNKS", "").split(",") if n],
 }
