@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
             xm[k] = ok ? xw[H + r - k][i] : 0.f;
             acc = fmaf(wr[k][i], xm[k], acc);
           }
-          const float gi = dv[r][i] * act_grad(acc, p.silu);
+          const float gi = act_bwd(dv[r][i], acc, p.silu);
           gw[H + r][i] = gi;
           if (own) {
             db[i] += gi;

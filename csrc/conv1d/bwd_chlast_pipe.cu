@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_chlast_pipe_kernel(const ConvPa
         #pragma unroll
         for (int k = 0; k < W; ++k) acc = fmaf(wr[k][i], xw[H + r - k][i], acc);
         // g = 0 before the segment (where the window's look-back is not loaded) and past l
-        const float gi = t < ci.t0 ? 0.f : dv[r][i] * act_grad(acc, p.silu);
+        const float gi = t < ci.t0 ? 0.f : act_bwd(dv[r][i], acc, p.silu);
         gw[H + r][i] = gi;
         if (own) {
           db[i] += gi;

@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(128) bwd_lcontig_kernel(const ConvParams p) {
         xm[kk] = ok ? xval : 0.f;
         acc = fmaf(wr[kk], xm[kk], acc);
       }
-      const float gi = g[k][i] * act_grad(acc, p.silu);  // dout is 0 past the end
+      const float gi = act_bwd(g[k][i], acc, p.silu);  // dout is 0 past the end
       g[k][i] = gi;
       db += gi;
       #pragma unroll
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(128) bwd_lcontig_kernel(const ConvParams p) {
       ok = ok && sq == sa[j];
       acc = fmaf(wr[kk], ok ? xval : 0.f, acc);
     }
-    ga[j] = da[j] * act_grad(acc, p.silu);
+    ga[j] = act_bwd(da[j], acc, p.silu);
   }
 
   R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;

@@ -48,7 +48,7 @@ __device__ __forceinline__ void head(const ConvParams& p, const R* xr, const R* 
     float acc = bias;
     #pragma unroll
     for (int k = 0; k < W; ++k) acc = fmaf(wr[k], xs[H + u - k], acc);
-    g[u] = u < lim ? ds[u] * act_grad(acc, p.silu) : 0.f;
+    g[u] = u < lim ? act_bwd(ds[u], acc, p.silu) : 0.f;
     if (u < a0) {
       db += g[u];
       #pragma unroll
@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const Co
           #pragma unroll
           for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk >= 0 ? j - kk : 0] : tail[(H + j - kk) % H], acc);
         }
-        gn[j] = j < H ? da[j] * act_grad(acc, p.silu) : 0.f;
+        gn[j] = j < H ? act_bwd(da[j], acc, p.silu) : 0.f;
       }
     }
     const int s0 = t_start + (k * 32 + lane) * 8;

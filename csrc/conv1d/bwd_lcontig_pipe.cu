@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(128, MINB) bwd_lcontig_pipe_kernel(const ConvP
       float acc = bias;
       #pragma unroll
       for (int kk = 0; kk < W; ++kk) acc = fmaf(wr[kk], j - kk >= 0 ? xa[j - kk] : xv[K - 1][8 + j - kk], acc);
-      ga[j] = da[j] * act_grad(acc, p.silu);
+      ga[j] = act_bwd(da[j], acc, p.silu);
     }
 
     R* dxr = static_cast<R*>(p.out) + b * p.out_b + c * p.out_d;

@@ -6,16 +6,21 @@
 
 #include "common/check.h"
 #include "conv1d/conv1d.h"
+#include "conv1d/pipe.cuh"
 #include "conv1d/switch.h"
 
 namespace mlmamba {
 namespace conv1d {
 
 // kRows: x rows through p.rows (conv1d.h), no seq_idx, initial or final states.
-template <int W, typename T, bool kSeq, bool kRows>
+// Whole groups of RW rows come through a per-lane ring of S groups in shared memory (cp.async,
+// as in bwd_chlast.cuh): S-1 groups in flight while a group computes, in no registers.
+template <int W, typename T, bool kSeq, bool kRows, int S>
 __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
   using R = typename RawOf<T>::type;
   constexpr int C = 8, H = W - 1, RW = 4;  // channels per lane, rows per step
+  constexpr int RB = C * static_cast<int>(sizeof(R));  // a lane's row: 16 or 32 bytes
+  __shared__ __align__(16) unsigned char ring[S][RW][128][RB];  // [group][row][thread]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
   const int64_t b = blockIdx.x / cgroups;
@@ -31,14 +36,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   const int seq0 = has_seq ? sr[0] : 0;
 
   float wr[W][C], bias[C];
-  #pragma unroll
-  for (int i = 0; i < C; ++i) {
-    const bool ok = i < nc;
-    #pragma unroll
-    for (int k = 0; k < W; ++k)
-      wr[k][i] = ok ? load_any(p.weight, (c0 + i) * p.w_d + (W - 1 - k) * p.w_k, p.w_dtype) : 0.f;
-    bias[i] = ok && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
-  }
+  load_channel_weights<W, C>(p, c0, nc, wr, bias);
   // Window of rows t-H .. t+RW-1: the first H rows are the look-back.
   float xw[H + RW][C];
   int sw[H + RW];
@@ -73,26 +71,30 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
       }
     }
   }
-  // Full groups of RW rows are loaded one group ahead (raw words), so a group's loads are in
-  // flight while the previous group computes.
-  RawRun<C, R> next[RW];
-  bool nz[RW];
-  if (vec_in && t0 + RW <= t1) {
-    #pragma unroll
-    for (int r = 0; r < RW; ++r) next[r].load(x_row<kRows>(xb, p, t0 + r, nz[r]));
-  }
-  for (int64_t tg = t0; tg < t1; tg += RW) {
-    if (vec_in && tg + RW <= t1) {
+  // Group tq's rows into ring slot q, one commit group (empty past the whole groups); rows
+  // mode zero-fills a row out of range.
+  const int tid = threadIdx.x;
+  auto issue = [&](int64_t tq, int q) {
+    if (vec_in && tq + RW <= t1) {
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
-        next[r].to_float(xw[H + r]);
-        zero_if(nz[r], xw[H + r]);
+        bool z;
+        const R* xs = x_row<kRows>(xb, p, tq + r, z);
+        if (kRows) cp_async_run<C, R>(&ring[q][r][tid][0], xs, z ? 0 : C);
+        else cp_async_whole<C, R>(&ring[q][r][tid][0], xs);
       }
-      const int64_t tn = tg + RW;
-      if (tn + RW <= t1) {
-        #pragma unroll
-        for (int r = 0; r < RW; ++r) next[r].load(x_row<kRows>(xb, p, tn + r, nz[r]));
-      }
+    }
+    cp_async_commit();
+  };
+  #pragma unroll
+  for (int q = 0; q < S - 1; ++q) issue(t0 + q * RW, q);
+  int q_now = 0;  // the ring slot of group tg
+  for (int64_t tg = t0; tg < t1; tg += RW) {
+    issue(tg + (S - 1) * RW, q_now == 0 ? S - 1 : q_now - 1);  // into the slot read last step
+    if (vec_in && tg + RW <= t1) {
+      cp_async_wait<S - 1>();
+      #pragma unroll
+      for (int r = 0; r < RW; ++r) smem_run_to_float<C, R>(&ring[q_now][r][tid][0], xw[H + r]);
     } else {
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
@@ -133,7 +135,9 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
       for (int i = 0; i < C; ++i) xw[j][i] = xw[RW + j][i];
       sw[j] = sw[RW + j];
     }
+    q_now = q_now == S - 1 ? 0 : q_now + 1;
   }
+  cp_async_wait<0>();  // empty groups only: none may be pending at exit
   if (!kRows && p.final_states != nullptr && t1 == L) {  // last w-1 inputs, initial states in front
     R* fr = static_cast<R*>(p.final_states) + (b * D + c0) * H;
     #pragma unroll
@@ -167,7 +171,8 @@ void fwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      fwd_chlast_kernel<W, T, kSeq, kRows><<<grid, 128, 0, s>>>(p, cgroups);
+      // ring depth 3 groups (24 KB a block at 16 bits), 2 at fp32 (32 KB)
+      fwd_chlast_kernel<W, T, kSeq, kRows, sizeof(T) == 4 ? 2 : 3><<<grid, 128, 0, s>>>(p, cgroups);
       MLM_CHECK_LAUNCH();
     });
   });

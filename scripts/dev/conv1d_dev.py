@@ -232,7 +232,7 @@ GRAPH_VARIANTS = {
        for t in os.environ.get("GRAPH_TUNES", "11,13").split(",") if t]
     + [(f"blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
        for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n],
-    True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
+    True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}), ("v2", {"MLMAMBA_CONV1D_IMPL": "v2"})]
     + [(f"tma rows {n}", {"MLMAMBA_CONV1D_TUNE": t}) for t, n in (("31", 32), ("32", 64), ("33", 80))]
     + [(f"pipe tune{t}", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
 }
