@@ -122,8 +122,8 @@ void launch_fwd_chlast_tma(const ConvParams& p, int xdtype, cudaStream_t s) {
 void fwd_chlast_tma(const ConvParams& p, int xdtype, cudaStream_t s) {
   CONV_X_SWITCH(xdtype, T, [&] {
     CONV_WIDTH_SWITCH(p.width, W, [&] {
-      // 48-row tiles (26 KB at w 4, 8 blocks per SM): on an H200 1-3% faster than 64 rows at 6
-      // blocks per SM and 1-7% faster than 32 rows (docs/perf-log.md, causal_conv1d v15).
+      // 48-row tiles (26 KB at w 4, 8 blocks per SM): on an H200 1-2% faster than 64 rows (6
+      // blocks per SM) and than 32 rows (docs/perf-log.md, causal_conv1d v15).
       // MLMAMBA_CONV1D_TUNE: 31 = 32 rows (12 blocks per SM), 32 = 64 rows, 33 = 80 rows (5
       // blocks per SM; static shared memory caps a tile at 89 rows).
       switch (tune_variant()) {
