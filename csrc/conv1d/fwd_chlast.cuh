@@ -77,12 +77,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   auto issue = [&](int64_t tq, int q) {
     if (vec_in && tq + RW <= t1) {
       #pragma unroll
-      for (int r = 0; r < RW; ++r) {
-        bool z;
-        const R* xs = x_row<kRows>(xb, p, tq + r, z);
-        if (kRows) cp_async_run<C, R>(&ring[q][r][tid][0], xs, z ? 0 : C);
-        else cp_async_whole<C, R>(&ring[q][r][tid][0], xs);
-      }
+      for (int r = 0; r < RW; ++r) cp_async_x_row<kRows, C>(&ring[q][r][tid][0], xb, p, tq + r);
     }
     cp_async_commit();
   };
