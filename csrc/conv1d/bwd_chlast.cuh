@@ -23,6 +23,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   using R = typename RawOf<T>::type;
   constexpr int C = 4, H = W - 1, RW = 4, RB = C * static_cast<int>(sizeof(R));  // RB: a lane's row
   __shared__ __align__(16) unsigned char ring[S][2][RW][128][RB];  // [group][x, dout][row][thread]
+  static_assert(sizeof(ring) <= 48 * 1024, "static shared memory over sm_80's 48 KB");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
   const int64_t b = blockIdx.x / cgroups;
@@ -205,10 +206,14 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
     }
     q_now = q_now == S - 1 ? 0 : q_now + 1;
   }
-  cp_async_wait<0>();  // empty groups only: none may be pending at exit
-  // Sum the 4 warps' partials in a fixed order; one workspace slot per block.
+  cp_async_wait<0>();  // only empty groups remain; none may be pending at exit or below
+  // Sum the 4 warps' partials in a fixed order; one workspace slot per block. They go through
+  // the ring's memory (a separate buffer put fp32 w 8 over sm_80's 48 KB of static shared
+  // memory), once every warp is past its walk (its copies waited for above).
   constexpr int kItems = C * (W + 1);
-  __shared__ float red[4][kItems][32];
+  static_assert(sizeof(ring) >= sizeof(float) * 4 * kItems * 32, "the reduction reuses the ring");
+  float (*red)[kItems][32] = reinterpret_cast<float (*)[kItems][32]>(&ring[0][0][0][0][0]);
+  __syncthreads();
   #pragma unroll
   for (int i = 0; i < C; ++i) {
     #pragma unroll

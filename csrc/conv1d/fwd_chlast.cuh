@@ -21,6 +21,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) fwd_chlast_kernel(const C
   constexpr int C = 8, H = W - 1, RW = 4;  // channels per lane, rows per step
   constexpr int RB = C * static_cast<int>(sizeof(R));  // a lane's row: 16 or 32 bytes
   __shared__ __align__(16) unsigned char ring[S][RW][128][RB];  // [group][row][thread]
+  static_assert(sizeof(ring) <= 48 * 1024, "static shared memory over sm_80's 48 KB");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
   const int64_t b = blockIdx.x / cgroups;
