@@ -201,6 +201,10 @@ IMPLS = {  # MLMAMBA_CONV1D_IMPL, _WAVES, _TUNE (, _CHUNK)
     # the v2 channel-last backward's ring of 2 / 4 row groups (bf16 width 4) over long chunks
     "v2_ring2_tune41": ("v2", None, "41", "128"),
     "v2_ring4_tune42": ("v2", None, "42", "128"),
+    # the v2 channel-last backward's two layouts (plan_bwd_chlast), 40-row chunks: one chunk a
+    # warp (blocks span batch rows) and four a block (idle warps past a row's end)
+    "v2_flat": ("v2", None, "46", "40"),
+    "v2_blocked": ("v2", None, "47", "40"),
 }
 
 
@@ -450,6 +454,42 @@ def test_chlast_bwd_ring_depths_bitwise(rng, monkeypatch):
             for name, u, v in zip(("dx", "dweight", "dbias", "dinit"), got[tune], got[""]):
                 assert torch.equal(u, v), f"b={b} d={d} l={l} tune={tune}: {name} differs from the default ring"
         assert not got[""][0].isnan().any(), f"b={b} d={d} l={l}: dx not written"
+
+
+@need
+def test_chlast_bwd_layouts_agree(rng, monkeypatch):
+    """The v2 channel-last backward one chunk a warp ("flat", MLMAMBA_CONV1D_TUNE 46) and four
+    a block (47): dx and dinit bitwise equal (the same arithmetic per row), dweight and dbias
+    equal to fp32 rounding (only the order of the chunk sums differs), each bitwise equal on a
+    second run; NaN-poisoned memory first. Chunk counts that leave flat blocks spanning two or
+    more batch rows and blocked rows with idle warps."""
+    g = gen(rng)
+    monkeypatch.setenv("MLMAMBA_CONV1D_IMPL", "v2")
+    for i, (b, d, l, chunk) in enumerate(((3, 264, 301, "48"), (5, 128, 100, "40"), (4, 72, 37, "16"),
+                                          (2, 256, 2049, ""))):
+        dtype = (torch.bfloat16, torch.float32)[i % 2]
+        kw = inputs(g, b, d, l, (4, 3)[i % 2], dtype, "cl", bias=True, init=i % 2 == 0)
+        dout = torch.randn(b, l, d, device=DEV, generator=g).to(dtype).transpose(1, 2)
+        args = (kw["x"], kw["weight"], kw["bias"], kw["initial_states"], None, dout, None, True)
+        monkeypatch.setenv("MLMAMBA_CONV1D_CHUNK", chunk)
+        got = {}
+        for tune in ("46", "47"):
+            monkeypatch.setenv("MLMAMBA_CONV1D_TUNE", tune)
+            runs = []
+            for _ in range(2):
+                junk = torch.full((1 << 22,), float("nan"), device=DEV)
+                del junk
+                runs.append(ops().causal_conv1d_bwd(*args))
+            for name, u, v in zip(("dx", "dweight", "dbias", "dinit"), *runs):
+                assert torch.equal(u, v), f"case {i} tune={tune}: {name} differs between two runs"
+            got[tune] = runs[0]
+        for name, u, v in zip(("dx", "dweight", "dbias", "dinit"), got["46"], got["47"]):
+            if name in ("dx", "dinit"):
+                assert torch.equal(u, v), f"case {i}: {name} differs between the layouts"
+            else:
+                torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5 * v.abs().max().item(),
+                                           msg=lambda m: f"case {i}: {name}: {m}")
+        assert not got["46"][0].isnan().any() and not got["46"][1].isnan().any(), f"case {i}: not written"
 
 
 @need

@@ -12,26 +12,34 @@ namespace mlmamba {
 namespace conv1d {
 
 // Channel-last: a lane owns C channels and walks rows t = t0 .. t1+H-1 upward, keeping the
-// last H+1 rows of x and g; dx for row u = t - H is complete once g[t] is known.
+// last H+1 rows of x and g; dx for row u = t - H is complete once g[t] is known. A warp takes
+// a chunk (p.chunk rows of one batch row) of the block's 128 channels. p.chunk_blocks 0
+// ("flat"): warp w of block x the (row, chunk) item 4x + w, its own dweight / dbias slot, no
+// barrier; else block x takes 4 consecutive chunks of one row (idle warps past its end), its
+// warps' sums added on chip into one slot (plan_bwd_chlast, ops.cpp).
 // kRows: x rows through p.rows (conv1d.h), no seq_idx, initial or final states.
 // Whole groups of RW rows come through a per-lane ring of S groups in shared memory (cp.async,
 // S-1 groups in flight while a group computes; pipe.cuh): the bytes in flight cost no
 // registers. Held in registers one group ahead, they had ~2 KB in flight per warp at 168
 // registers, 12 warps per SM.
 template <int W, typename T, bool kSeq, bool kRows, int S>
-__global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const ConvParams p, int64_t cgroups) {
+__global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_kernel(const ConvParams p) {
   using R = typename RawOf<T>::type;
   constexpr int C = 4, H = W - 1, RW = 4, RB = C * static_cast<int>(sizeof(R));  // RB: a lane's row
   __shared__ __align__(16) unsigned char ring[S][2][RW][128][RB];  // [group][x, dout][row][thread]
   static_assert(sizeof(ring) <= 48 * 1024, "static shared memory over sm_80's 48 KB");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t L = p.seqlen, D = p.dim;
-  const int64_t b = blockIdx.x / cgroups;
-  const int64_t cg = blockIdx.x - b * cgroups;
-  const int64_t t0 = (cg * 4 + warp) * p.chunk;
+  const bool flat = p.chunk_blocks == 0;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * 4 + warp;  // flat: (row, chunk)
+  const int64_t b = flat ? item / p.nslots_per_batch : blockIdx.x / p.chunk_blocks;
+  const int64_t t0 = (flat ? item - b * p.nslots_per_batch
+                           : (blockIdx.x - b * p.chunk_blocks) * 4 + warp) * p.chunk;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * 32 + lane) * C;
-  // No early return: the block meets at a barrier for the dweight sums. Idle lanes add zeros.
-  const bool active = t0 < L && c0 < D;
+  // Blocked: no early return, the block meets at a barrier for the dweight sums; idle lanes
+  // add zeros.
+  const bool active = b < p.batch && t0 < L && c0 < D;
+  if (flat && !active) return;
   const int64_t t1 = !active ? t0 : (t0 + p.chunk < L ? t0 + p.chunk : L);
   const int64_t nc = D - c0;
   const R* xb = static_cast<const R*>(p.x) + b * p.x_b + c0;
@@ -207,9 +215,21 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
     q_now = q_now == S - 1 ? 0 : q_now + 1;
   }
   cp_async_wait<0>();  // only empty groups remain; none may be pending at exit or below
-  // Sum the 4 warps' partials in a fixed order; one workspace slot per block. They go through
-  // the ring's memory (a separate buffer put fp32 w 8 over sm_80's 48 KB of static shared
-  // memory), once every warp is past its walk (its copies waited for above).
+  if (flat) {
+    float* slot = p.partial + (item * D + c0) * (W + 1);
+    #pragma unroll
+    for (int i = 0; i < C; ++i) {
+      if (i < nc) {
+        #pragma unroll
+        for (int k = 0; k < W; ++k) slot[i * (W + 1) + k] = dw[k][i];
+        slot[i * (W + 1) + W] = db[i];
+      }
+    }
+    return;
+  }
+  // Blocked: the 4 warps' sums in a fixed order, through the ring's memory (a buffer of their
+  // own put fp32 w 8 over sm_80's 48 KB of static shared memory) once every warp is past its
+  // walk (its copies waited for above).
   constexpr int kItems = C * (W + 1);
   static_assert(sizeof(ring) >= sizeof(float) * 4 * kItems * 32, "the reduction reuses the ring");
   float (*red)[kItems][32] = reinterpret_cast<float (*)[kItems][32]>(&ring[0][0][0][0][0]);
@@ -222,7 +242,7 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
   }
   __syncthreads();
   if (c0 >= D) return;
-  float* slot = p.partial + ((b * cgroups + cg) * D + c0) * (W + 1);
+  float* slot = p.partial + (static_cast<int64_t>(blockIdx.x) * D + c0) * (W + 1);
   for (int it = warp; it < kItems; it += 4) {
     if (it / (W + 1) >= nc) break;
     slot[it] = ((red[0][it][lane] + red[1][it][lane]) + red[2][it][lane]) + red[3][it][lane];
@@ -231,8 +251,9 @@ __global__ void __launch_bounds__(128, W <= 4 ? 3 : 2) bwd_chlast_kernel(const C
 
 template <bool kSeq, bool kRows = false>
 void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
-  const int64_t cgroups = p.nslots_per_batch;
-  const int64_t gx = p.batch * cgroups, gy = (p.dim + 127) / 128;
+  const int64_t gx = p.chunk_blocks == 0 ? (p.batch * p.nslots_per_batch + 3) / 4
+                                          : p.batch * p.chunk_blocks;
+  const int64_t gy = (p.dim + 127) / 128;
   MLM_CHECK(gx < (int64_t(1) << 31) && gy < 65536,
             kRows ? "msc_conv_bwd" : "causal_conv1d_bwd", ": input too large");
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
@@ -241,7 +262,7 @@ void bwd_chlast_launch(const ConvParams& p, int xdtype, cudaStream_t s) {
       // ring depth: 3 groups (24 KB a block at 16 bits, 3 blocks per SM), 2 at fp32 (32 KB).
       // MLMAMBA_CONV1D_TUNE (bf16, width 4, no seq_idx): 41 = 2 groups, 42 = 4.
       auto launch = [&](auto kernel) {
-        kernel<<<grid, 128, 0, s>>>(p, cgroups);
+        kernel<<<grid, 128, 0, s>>>(p);
         MLM_CHECK_LAUNCH();
       };
       if constexpr (!kSeq && std::is_same_v<T, at::BFloat16> && W == 4) {

@@ -9,6 +9,7 @@
 // All strides are in elements and 64-bit.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <cuda_runtime_api.h>
 
@@ -51,8 +52,11 @@ struct ConvParams {
   int dfinal_dtype;
   void* dinit;  // contiguous (b, d, w-1), init dtype, or null
   float* partial;  // (slots, d, w+1) fp32: per-tile dweight (reversed taps) then dbias
-  int64_t nslots_per_batch;  // l-contig: tiles per row; channel-last: blocks (4 chunks) per row;
-                             // channel-last pipe: blocks per channel group (slots in all)
+  int64_t nslots_per_batch;  // l-contig: tiles per row; channel-last: slots per row (a chunk's
+                             // or a block's, plan_bwd_chlast); channel-last pipe: blocks per
+                             // channel group (slots in all)
+  int64_t chunk_blocks;  // channel-last v2 backward: 0, one chunk a warp; else the blocks per
+                         // batch row, 4 consecutive chunks a block (plan_bwd_chlast)
 
   int64_t chunk;  // channel-last: rows per warp
 
@@ -83,7 +87,20 @@ bool use_pipe(const char* op, const ConvParams& p, int esize, bool chlast, bool 
 bool use_oneshot(const char* op, const ConvParams& p, int esize, bool chlast, bool bwd);
 // Rows per warp of the channel-last v2 forward / backward (ops.cpp)
 int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l);
-int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm);
+// The channel-last v2 backward's plan: sets p.chunk, p.chunk_blocks and p.nslots_per_batch;
+// returns the dweight workspace slots.
+int64_t plan_bwd_chlast(ConvParams& p, int esize);
+// Developer A/B switch: MLMAMBA_CONV1D_TUNE=n launches variant n of a kernel where one exists
+// (bf16, width 4; scripts/dev/conv1d_dev.py); 20 (any dtype and width): short l-contiguous rows
+// one a warp, not several (fwd_lcontig_rows.cu); 46 / 47: the channel-last v2 backward
+// one chunk a warp / four a block (plan_bwd_chlast); unset or 0: the default.
+inline int tune_variant() {
+  const char* e = std::getenv("MLMAMBA_CONV1D_TUNE");
+  return e != nullptr ? std::atoi(e) : 0;
+}
+
+// Blocks per SM of bwd_chlast_kernel (its launch bounds), by conv width
+constexpr int bwd_chlast_blocks_per_sm(int width) { return width <= 4 ? 3 : 2; }
 // Streaming fast paths (pipe.cuh): no seq_idx and 16-byte aligned rows (pipe_ok).
 void fwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 void fwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);

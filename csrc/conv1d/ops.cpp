@@ -148,26 +148,39 @@ static int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channel
   return chunk;
 }
 
-// Rows per warp for the channel-last v2 backward (4 warps per block, blocks_per_sm resident):
-// the chunk of 16..256 rows (multiples of 8) that minimizes waves x (chunk + 16), the 16 rows
-// standing for a chunk's fixed cost (w-1 re-read rows, weights, setup); a tie keeps the longer
-// chunk. The model fits the H200 sweep of v4 (b4 L2048: chunks 16/32/64/128 measured
-// 1.60/1.18/1.06/1 of chunk 128, modelled 1.56/1.17/1.11/1). Where the last block of a (batch,
-// channel group) has idle warps, a chunk that divides the length into whole blocks wins: b32
-// L576 (msc_scan's per-scan backward) takes 72 rows (3 waves) instead of 128 (3 waves at 5/8
-// of the warps busy). MLMAMBA_CONV1D_CHUNK overrides it.
-int64_t pick_chunk_bwd_chlast(int64_t b, int64_t d, int64_t l, int64_t blocks_per_sm) {
-  if (const int64_t forced = forced_chunk()) return forced;
-  const int64_t cgroups = (d + 127) / 128;
-  const int64_t slots =
-      int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * blocks_per_sm;
-  int64_t best = 128, best_cost = -1;
-  for (int64_t chunk = 16; chunk <= 256; chunk += 8) {
-    const int64_t blocks = b * (((l + chunk - 1) / chunk + 3) / 4) * cgroups;
-    const int64_t cost = (blocks + slots - 1) / slots * (chunk + 16);
-    if (best_cost < 0 || cost <= best_cost) best = chunk, best_cost = cost;
+// The channel-last v2 backward: a warp walks a chunk of rows of one batch row and 128
+// channels, in one of two layouts: "flat", one chunk a warp over all (row, chunk) items and a
+// dweight slot a warp; "blocked", 4 consecutive chunks of one row a block (idle warps past the
+// row's end) summed on chip into a slot a block. The plan minimizes waves x (chunk + 16) x (1 +
+// the workspace's share of the bytes), over chunks of 16..576 rows (multiples of 8) and both
+// layouts: the 16 rows stand for a chunk's fixed cost (w-1 re-read rows, weights, setup); a
+// warp streams at a rate of its own, so a wave's idle warp slots are bandwidth lost (H200,
+// causal_conv1d v16: b4 L2048 1.06 waves of 208-row chunks 31% slower than 0.95 of 232).
+// MLMAMBA_CONV1D_CHUNK forces the chunk, MLMAMBA_CONV1D_TUNE=46 / 47 the layout.
+int64_t plan_bwd_chlast(ConvParams& p, int esize) {
+  const int64_t cgroups = (p.dim + 127) / 128, L = p.seqlen;
+  const int64_t slots = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
+                        bwd_chlast_blocks_per_sm(p.width);  // block slots
+  const int64_t forced = forced_chunk();
+  const int tune = tune_variant();
+  double best = -1;
+  for (int64_t c = forced ? forced : 16; c <= (forced ? forced : 576); c += 8) {
+    const int64_t n = (L + c - 1) / c;  // chunks per row
+    for (const bool flat : {true, false}) {
+      if ((tune == 46 && !flat) || (tune == 47 && flat)) continue;
+      const int64_t blocks = (flat ? (p.batch * n + 3) / 4 : p.batch * ((n + 3) / 4)) * cgroups;
+      const int64_t per_row = flat ? n : (n + 3) / 4;  // dweight slots, each written and read
+      const double ws = 2.0 * per_row * (p.width + 1) * 4 / (3.0 * L * esize);
+      const double cost = double((blocks + slots - 1) / slots) * double(c + 16) * (1 + ws);
+      if (best < 0 || cost < best) {
+        best = cost;
+        p.chunk = c;
+        p.chunk_blocks = flat ? 0 : (n + 3) / 4;
+        p.nslots_per_batch = per_row;
+      }
+    }
   }
-  return best;
+  return p.batch * p.nslots_per_batch;
 }
 
 int64_t pick_chunk_fwd_chlast(int64_t b, int64_t d, int64_t l) {
@@ -325,10 +338,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
-  } else if (chlast) {  // one slot per block of 4 chunks
-    p.chunk = pick_chunk_bwd_chlast(b, d, l, w <= 4 ? 3 : 2);  // bwd_chlast_kernel's bounds
-    p.nslots_per_batch = ((l + p.chunk - 1) / p.chunk + 3) / 4;
-    nslots = b * p.nslots_per_batch;
+  } else if (chlast) {  // one slot per chunk
+    nslots = plan_bwd_chlast(p, static_cast<int>(x.element_size()));
   } else {  // one slot per tile
     p.nslots_per_batch = oneshot ? bwd_lcontig_oneshot_tiles(p, dtag(x))
                          : pipe  ? bwd_lcontig_pipe_tiles(p, dtag(x))

@@ -174,14 +174,6 @@ int occupancy(K kernel, int threads) {
   return n > 0 ? n : 1;
 }
 
-// Developer A/B switch: MLMAMBA_CONV1D_TUNE=n launches variant n of a kernel where one exists
-// (bf16, width 4; scripts/dev/conv1d_dev.py); 20 (any dtype and width): short l-contiguous rows
-// one a warp, not several (fwd_lcontig_rows.cu); unset or 0: the default.
-inline int tune_variant() {
-  const char* e = std::getenv("MLMAMBA_CONV1D_TUNE");
-  return e != nullptr ? std::atoi(e) : 0;
-}
-
 // The dynamic shared memory (unused) that leaves a kernel at most n blocks per SM (0: none).
 template <typename K>
 int occupancy_pad(K kernel, int n) {

@@ -143,9 +143,7 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   }
   p.dsplit[0] = split[0];
   p.dsplit[1] = split[1];
-  p.chunk = conv1d::pick_chunk_bwd_chlast(b, d, L, w <= 4 ? 3 : 2);  // the kernel's bounds
-  p.nslots_per_batch = ((L + p.chunk - 1) / p.chunk + 3) / 4;
-  const int64_t nslots = b * p.nslots_per_batch;
+  const int64_t nslots = conv1d::plan_bwd_chlast(p, static_cast<int>(xBC.element_size()));
   Tensor partial = at::empty({nslots, d, w + 1}, xBC.options().dtype(at::kFloat));
   p.partial = partial.data_ptr<float>();
   auto stream = at::cuda::getCurrentCUDAStream();

@@ -248,7 +248,8 @@ GRAPH_BWD_VARIANTS = {
        for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
            ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"}),
-           ("bwd ring 2", {"MLMAMBA_CONV1D_TUNE": "41"}), ("bwd ring 4", {"MLMAMBA_CONV1D_TUNE": "42"})]
+           ("bwd ring 2", {"MLMAMBA_CONV1D_TUNE": "41"}), ("bwd ring 4", {"MLMAMBA_CONV1D_TUNE": "42"}),
+           ("bwd flat", {"MLMAMBA_CONV1D_TUNE": "46"}), ("bwd blocked", {"MLMAMBA_CONV1D_TUNE": "47"})]
     + [(f"bwd chunk {n}", {"MLMAMBA_CONV1D_CHUNK": str(n)})  # v2's rows per warp
        for n in os.environ.get("GRAPH_CHUNKS", "").split(",") if n],
 }
