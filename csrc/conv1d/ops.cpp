@@ -154,7 +154,7 @@ static int64_t pick_chunk(int64_t b, int64_t d, int64_t l, int64_t lanes_channel
 // row's end) summed on chip into a slot a block. The plan minimizes waves x (chunk + 16) x (1 +
 // the workspace's share of the bytes), over chunks of 16..576 rows (multiples of 8) and both
 // layouts: the 16 rows stand for a chunk's fixed cost (w-1 re-read rows, weights, setup); a
-// warp streams at a rate of its own, so a wave's idle warp slots are bandwidth lost (H200,
+// warp streams at a rate of its own, so a wave's idle block slots are bandwidth lost (H200,
 // causal_conv1d v16: b4 L2048 1.06 waves of 208-row chunks 31% slower than 0.95 of 232).
 // MLMAMBA_CONV1D_CHUNK forces the chunk, MLMAMBA_CONV1D_TUNE=46 / 47 the layout.
 int64_t plan_bwd_chlast(ConvParams& p, int esize) {
@@ -338,7 +338,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> causal_conv1d_bwd(
   if (chlast && pipe) {  // one slot per block; blocks share a channel group
     p.nslots_per_batch = bwd_chlast_pipe_slots(p, dtag(x));
     nslots = p.nslots_per_batch;
-  } else if (chlast) {  // one slot per chunk
+  } else if (chlast) {  // a slot per chunk or per block of 4 (plan_bwd_chlast)
     nslots = plan_bwd_chlast(p, static_cast<int>(x.element_size()));
   } else {  // one slot per tile
     p.nslots_per_batch = oneshot ? bwd_lcontig_oneshot_tiles(p, dtag(x))
