@@ -129,6 +129,8 @@ class Row:
     pct_mm: float = float("nan")
     speedup: dict = field(default_factory=dict)   # over each baseline, e.g. {"torch": 12.3}
     extra: dict = field(default_factory=dict)
+    t_start: float = 0.0  # wall clock (time.time()) around the timing, to match clock logs
+    t_end: float = 0.0
 
 
 class Context:
@@ -168,9 +170,11 @@ class Context:
             fns = {k: (lambda g: (lambda i: g()))(cuda_graph_fn(lambda f=f: f(0)))
                    for k, f in fns.items()}
             nsets = 1
+        t_start = time.time()
         t = time_variants(fns, self.device, nsets=nsets)
         us = t["ours"] * 1e6
-        row = Row(name, us, bytes_moved / 1e9, flops / 1e12, extra=dict(extra or {}))
+        row = Row(name, us, bytes_moved / 1e9, flops / 1e12, extra=dict(extra or {}),
+                  t_start=t_start, t_end=time.time())
         if bytes_moved:
             row.pct_copy = 100 * bytes_moved / t["ours"] / 1e9 / self.roof.copy_gbps
         if flops:

@@ -56,16 +56,7 @@ grep -E "Traceback|Error" "$LOG/bench.log" | head -10
 echo
 echo "build ${build_s}s | tests: $(tail -1 "$LOG/tests.log") (rc $test_rc, ${test_s}s) | bench rc $bench_rc (${bench_s}s) | logs $LOG"
 echo "experimental (not in the exit status): tests: $exp_line"
-$PY - "$LOG/clocks.csv" <<'PYEOF' || true
-import sys, statistics
-rows = [r.split(", ") for r in open(sys.argv[1]) if r.count(",") >= 5]
-sm = [float(r[1].split()[0]) for r in rows if r[1].split()[0].replace(".", "").isdigit()]
-if sm:
-    q = statistics.quantiles(sm, n=10, method="inclusive")
-    print(f"SM clock during the benchmarks (MHz): min {min(sm):.0f}, p10 {q[0]:.0f}, median "
-          f"{statistics.median(sm):.0f}, max {max(sm):.0f}; throttle reasons seen: "
-          f"{sorted(set(r[5].strip() for r in rows))}")
-PYEOF
+$PY scripts/bench_clocks.py "$LOG/clocks.csv" "$LOG/bench.json" || true
 if [ -n "${SSD_AB:-}" ]; then  # the sm_90 forward's two kernels, A/B in one run
   MLMAMBA_BENCH_SSD_AB=1 MLMAMBA_BENCH_SSD=scan PYTHONUNBUFFERED=1 timeout 120 $PY -m bench \
     --only ssd --json "$LOG/bench_ssd_ab.json" > "$LOG/bench_ssd_ab.log" 2>&1
