@@ -9,6 +9,7 @@ quantiles, then each row timed while the clock sat below its maximum or a thrott
 other than "idle" (0x1) was active: those rows' timings are suspect.
 """
 import json
+import os
 import statistics
 import sys
 from datetime import datetime
@@ -41,7 +42,7 @@ def main(argv):
     print(f"SM clock during the benchmarks (MHz): min {min(sm):.0f}, p10 {q[0]:.0f}, median "
           f"{statistics.median(sm):.0f}, max {top:.0f}; throttle reasons seen: "
           f"{sorted({hex(c[2]) for c in clocks})}")
-    if len(argv) < 3:
+    if len(argv) < 3 or not os.path.exists(argv[2]):
         return
     flagged = []
     for r in json.load(open(argv[2]))["rows"]:
