@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path.cwd()))
 import torch  # noqa: E402
 
+from dumps import cli  # noqa: E402
+
 NAMES = ("dx", "dweight", "dbias", "dinit")
 # (b, d, l, width, dtype, initial states, seq_idx): the bench shape, edges, every width class
 CASES = [(4, 5376, 2048, 4, torch.bfloat16, False, False), (2, 264, 301, 4, torch.bfloat16, False, False),
@@ -29,7 +31,7 @@ def dump(path):
     ops = torch.ops.mlmamba
     g = torch.Generator("cuda").manual_seed(1234)
     out = {}
-    for i, (b, d, l, w, dt, init, seq) in enumerate(CASES):
+    for b, d, l, w, dt, init, seq in CASES:
         r = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dt)  # noqa: E731
         x = r(b, l, d).transpose(1, 2)
         weight, bias, dout = r(d, w), r(d), r(b, l, d).transpose(1, 2)
@@ -37,22 +39,11 @@ def dump(path):
               if seq else None)
         ini = r(b, d, w - 1) if init and not seq else None
         dfin = r(b, d, w - 1) if not seq else None
-        out[i] = [t.cpu() for t in ops.causal_conv1d_bwd(x, weight, bias, ini, sq, dout, dfin, True)]
+        grads = ops.causal_conv1d_bwd(x, weight, bias, ini, sq, dout, dfin, True)
+        out[f"b{b} d{d} l{l} w{w} {str(dt)[6:]}"] = {n: t.cpu() for n, t in zip(NAMES, grads)}
     torch.save(out, path)
     print(f"{len(out)} cases saved to {path}")
 
 
-def compare(pa, pb):
-    a, b = torch.load(pa), torch.load(pb)
-    bad = [(CASES[k][:4], n) for k in a for n, u, v in zip(NAMES, a[k], b[k]) if not torch.equal(u, v)]
-    print("bitwise equal" if not bad else f"DIFFER: {bad}")
-    return 1 if bad else 0
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "dump":
-        dump(sys.argv[2])
-    elif len(sys.argv) == 4 and sys.argv[1] == "compare":
-        sys.exit(compare(sys.argv[2], sys.argv[3]))
-    else:
-        sys.exit(__doc__)
+    cli(dump, __doc__)

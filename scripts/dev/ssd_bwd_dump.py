@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from dumps import cli
+
 NAMES = ("dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias", "dinit")
 
 # (name, b, l, h, g, p, n, dtype, dt dtype, z, cu_seqlens): the bench shape first, then the paths
@@ -61,25 +63,5 @@ def dump(path):
     torch.save(out, path)
 
 
-def compare(a_path, b_path):
-    a, b = torch.load(a_path), torch.load(b_path)
-    bad = 0
-    for name in a:
-        for k in NAMES:
-            same = torch.equal(a[name][k], b[name][k])
-            if not same:
-                bad += 1
-                d = (a[name][k].double() - b[name][k].double()).abs().max().item()
-                print(f"DIFF {name} {k}: max abs {d:.3e}")
-    print("bitwise equal" if not bad else f"{bad} gradients differ")
-    return 1 if bad else 0
-
-
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "dump":
-        dump(sys.argv[2])
-    elif len(sys.argv) == 4 and sys.argv[1] == "compare":
-        sys.exit(compare(sys.argv[2], sys.argv[3]))
-    else:
-        print(__doc__)
-        sys.exit(2)
+    cli(dump, __doc__)
