@@ -493,6 +493,36 @@ def test_chlast_bwd_layouts_agree(rng, monkeypatch):
 
 
 @need
+def test_staggered_start_changes_nothing(rng, monkeypatch):
+    """The one-shot kernels' staggered first wave (MLMAMBA_CONV1D_STAGGER, pipe.cuh) only
+    delays blocks: forward, final states and every gradient bitwise equal with it off ("1,0"),
+    at the default and at 8 classes 400 ns apart, on grids of several waves (both layouts;
+    NaN-poisoned memory first). A malformed setting is refused by name."""
+    g = gen(rng)
+    for layout in ("cl", "l"):  # l last: the malformed setting below goes to the one-shot kernel
+        kw = inputs(g, 4, 4224, 2048, 4, torch.bfloat16, layout, bias=True)
+        dout = torch.randn(4, 2048, 4224, device=DEV, generator=g).to(torch.bfloat16)
+        dout = dout.transpose(1, 2) if layout == "cl" else dout.transpose(1, 2).contiguous()
+        got = {}
+        for st in ("1,0", "", "8,400"):
+            monkeypatch.setenv("MLMAMBA_CONV1D_STAGGER", st)
+            junk = torch.full((1 << 26,), float("nan"), device=DEV)
+            del junk
+            out, fin = ops().causal_conv1d_fwd(kw["x"], kw["weight"], kw["bias"], None, None, True, True)
+            grads = ops().causal_conv1d_bwd(kw["x"], kw["weight"], kw["bias"], None, None, dout,
+                                            None, True)
+            got[st] = (out, fin) + tuple(grads)
+        for st in ("", "8,400"):
+            for i, (u, v) in enumerate(zip(got["1,0"], got[st])):
+                if u is not None and u.numel():
+                    assert torch.equal(u, v), f"{layout}: output {i} differs with stagger {st!r}"
+        assert not got[""][0].isnan().any(), f"{layout}: out not written"
+    monkeypatch.setenv("MLMAMBA_CONV1D_STAGGER", "8")
+    with pytest.raises(RuntimeError, match="MLMAMBA_CONV1D_STAGGER"):
+        ops().causal_conv1d_fwd(kw["x"], kw["weight"], kw["bias"], None, None, True, False)
+
+
+@need
 def test_every_output_written(rng):
     """Outputs come from torch.empty: poison the allocator's memory first, then check that
     no NaN survives (every element written)."""

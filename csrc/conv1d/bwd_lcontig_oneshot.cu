@@ -94,7 +94,8 @@ __device__ __forceinline__ void head(const ConvParams& p, const R* xr, const R* 
 // dinit), as the forward does (fwd_lcontig_oneshot.cuh).
 template <int W, typename T, int K, int MINB, int G, int U, bool kAny>
 __global__ void __launch_bounds__(128, MINB) bwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
-                                                                        uint32_t ntiles) {
+                                                                        uint32_t ntiles, Stagger st) {
+  stagger_start(st);
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount, KG = K / G;
   static_assert(K % G == 0 && G <= 4, "groups");
@@ -265,8 +266,14 @@ struct BwdLOneshot {
   template <bool kAny>
   static void run(const ConvParams& p, cudaStream_t s, int64_t nseg, int64_t ntiles) {
     auto kernel = bwd_lcontig_oneshot_kernel<W, T, K, MINB, G, U, kAny>;
-    kernel<<<static_cast<unsigned>((ntiles + 3) / 4), 128, occupancy_pad(kernel, blocks_knob()), s>>>(
-        p, static_cast<uint32_t>(nseg), static_cast<uint32_t>(ntiles));
+    const int knob = blocks_knob(), pad = occupancy_pad(kernel, knob);
+    static int resident[64] = {};
+    const int per_sm = knob >= 0 ? occupancy(kernel, 128, pad)
+                                 : once_per_device(resident, [&] { return occupancy(kernel, 128, 0); });
+    const int64_t blocks = (ntiles + 3) / 4;
+    kernel<<<static_cast<unsigned>(blocks), 128, pad, s>>>(p, static_cast<uint32_t>(nseg),
+                                                           static_cast<uint32_t>(ntiles),
+                                                           stagger_plan(per_sm, blocks));
     MLM_CHECK_LAUNCH();
   }
   static void launch(const ConvParams& p, cudaStream_t s) {

@@ -22,7 +22,8 @@ constexpr int kTmaRowBytes = 4 * kTmaThreads;
 template <int W, typename T, int LT, int MINB>
 __global__ void __launch_bounds__(kTmaThreads, MINB)
     fwd_chlast_tma_kernel(const __grid_constant__ ConvParams p, const __grid_constant__ CUtensorMap xmap,
-                          const __grid_constant__ CUtensorMap omap, int ncg, int nlt) {
+                          const __grid_constant__ CUtensorMap omap, int ncg, int nlt, Stagger st) {
+  stagger_start(st);
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, E = 4 / static_cast<int>(sizeof(R)), DC = kTmaThreads * E;
   __shared__ __align__(128) uint32_t tile[LT + H][kTmaThreads];
@@ -112,8 +113,11 @@ void launch_fwd_chlast_tma(const ConvParams& p, int xdtype, cudaStream_t s) {
   const int64_t ncg = (p.dim + DC - 1) / DC, nlt = (p.seqlen + LT - 1) / LT;
   const int64_t blocks = ncg * nlt * p.batch;
   MLM_CHECK(blocks < (int64_t(1) << 31), op, ": input too large");
-  fwd_chlast_tma_kernel<W, T, LT, MINB><<<static_cast<unsigned>(blocks), kTmaThreads, 0, s>>>(
-      p, xmap, omap, static_cast<int>(ncg), static_cast<int>(nlt));
+  auto kernel = fwd_chlast_tma_kernel<W, T, LT, MINB>;
+  static int resident[64] = {};
+  const int per_sm = once_per_device(resident, [&] { return occupancy(kernel, kTmaThreads); });
+  kernel<<<static_cast<unsigned>(blocks), kTmaThreads, 0, s>>>(
+      p, xmap, omap, static_cast<int>(ncg), static_cast<int>(nlt), stagger_plan(per_sm, blocks));
   MLM_CHECK_LAUNCH();
 }
 

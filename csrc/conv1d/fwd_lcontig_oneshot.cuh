@@ -17,7 +17,8 @@ namespace conv1d {
 // kAny: rows may start anywhere (else every row starts on a 16-byte boundary: a0 = 0).
 template <int W, typename T, int K, int MINB, bool kAsync, int G, bool kAny>
 __global__ void __launch_bounds__(128, MINB) fwd_lcontig_oneshot_kernel(const ConvParams p, uint32_t nseg,
-                                                                        uint32_t ntiles) {
+                                                                        uint32_t ntiles, Stagger st) {
+  stagger_start(st);
   using R = typename RawOf<T>::type;
   constexpr int H = W - 1, kTile = 256 * K, V = Words<8, R>::kCount, KG = K / G;
   static_assert(K % G == 0 && G <= 4 && (kAsync || G == 1), "groups");
@@ -143,21 +144,19 @@ void launch_fwd_lcontig_oneshot(const ConvParams& p, cudaStream_t s, int cap = 0
   MLM_CHECK(ntiles < (int64_t(1) << 32) - 4, "causal_conv1d_fwd: input too large for the one-shot kernel");
   auto kernel = fwd_lcontig_oneshot_kernel<W, T, K, MINB, kAsync, G, kAny>;
   const int knob = blocks_knob();
-  int pad = 0;
+  int pad = 0, per_sm = 0;
   if (knob >= 0) {
     pad = occupancy_pad(kernel, knob);
-  } else if (cap > 0) {  // looked up once per device
-    static int cached[64] = {};  // pad + 1; 0: not yet
-    const int dev = c10::cuda::current_device();
-    if (dev >= 64) {
-      pad = occupancy_pad(kernel, cap);
-    } else {
-      if (cached[dev] == 0) cached[dev] = occupancy_pad(kernel, cap) + 1;
-      pad = cached[dev] - 1;
-    }
+    per_sm = occupancy(kernel, 128, pad);
+  } else {  // looked up once per device (with and without the cap)
+    static int pads[64] = {}, resident[2][64] = {};
+    if (cap > 0) pad = once_per_device(pads, [&] { return occupancy_pad(kernel, cap); });
+    per_sm = once_per_device(resident[cap > 0], [&] { return occupancy(kernel, 128, pad); });
   }
-  kernel<<<static_cast<unsigned>((ntiles + 3) / 4), 128, pad, s>>>(p, static_cast<uint32_t>(nseg),
-                                                                   static_cast<uint32_t>(ntiles));
+  const int64_t blocks = (ntiles + 3) / 4;
+  kernel<<<static_cast<unsigned>(blocks), 128, pad, s>>>(p, static_cast<uint32_t>(nseg),
+                                                         static_cast<uint32_t>(ntiles),
+                                                         stagger_plan(per_sm, blocks));
   MLM_CHECK_LAUNCH();
 }
 

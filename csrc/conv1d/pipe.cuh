@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 
 #include "common/check.h"
@@ -168,10 +169,59 @@ struct SegIter {
 
 // Blocks per SM of a kernel (call once per instantiation: keep it in a static).
 template <typename K>
-int occupancy(K kernel, int threads) {
+int occupancy(K kernel, int threads, int smem = 0) {
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
   return n > 0 ? n : 1;
+}
+
+// f() for the current device, computed once per device and kept in the caller's static cache
+// (one per kernel instantiation; devices past 63 compute it each time).
+template <typename F>
+int once_per_device(int (&cache)[64], F f) {
+  const int dev = c10::cuda::current_device();
+  if (dev >= 64) return f();
+  if (cache[dev] == 0) cache[dev] = f() + 1;  // 0: not yet
+  return cache[dev] - 1;
+}
+
+// A staggered start for one-shot grids of several waves. The first wave's blocks all issue
+// their loads at t = 0, then all compute and store, and the grid keeps that lockstep (a burst
+// of loads, then one of compute and stores) for waves after. Blocks of the first wave that
+// start up to (classes - 1) x ns late, a class per block by a hash of its index, break it;
+// the blocks already running keep the DRAM busy meanwhile. On an H200 (bf16 w 4, d 5376) the
+// forward's cost per launch beyond its streaming rate went from ~6 to ~5 µs: b4 L2048 48.0 ->
+// 47.1 µs (docs/perf-log.md, causal_conv1d v17).
+struct Stagger {
+  uint32_t first = 0;    // blocks below this index may wait (0: none)
+  uint32_t classes = 1;  // block x waits class(x) * ns, class(x) in [0, classes)
+  uint32_t ns = 0;
+};
+
+__device__ __forceinline__ void stagger_start(const Stagger& st) {
+  if (blockIdx.x < st.first) {
+    const uint32_t c = ((blockIdx.x * 2654435761u) >> 16) % st.classes;
+    if (c != 0) __nanosleep(c * st.ns);
+  }
+}
+
+// The stagger of a grid of `blocks` blocks, per_sm resident per SM: 16 classes 250 ns apart
+// (the best of 2-16 classes over 0.6-3.75 µs in v17's sweep) where the grid holds at least two
+// waves, else none. MLMAMBA_CONV1D_STAGGER="classes,ns" overrides them (tuning; "1,0": off).
+inline Stagger stagger_plan(int per_sm, int64_t blocks) {
+  Stagger st;
+  st.classes = 16;
+  st.ns = 250;
+  if (const char* e = std::getenv("MLMAMBA_CONV1D_STAGGER"); e != nullptr && *e != 0) {
+    unsigned c = 1, ns = 0;
+    MLM_CHECK(std::sscanf(e, "%u,%u", &c, &ns) == 2 && c >= 1 && c <= 64 && ns <= 100000,
+              "environment variable MLMAMBA_CONV1D_STAGGER must be \"classes,ns\" (1-64, 0-100000), got '", e, "'");
+    st.classes = c;
+    st.ns = ns;
+  }
+  const int64_t wave = int64_t(per_sm) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  if (st.classes > 1 && st.ns > 0 && blocks >= 2 * wave) st.first = static_cast<uint32_t>(wave);
+  return st;
 }
 
 // The dynamic shared memory (unused) that leaves a kernel at most n blocks per SM (0: none).

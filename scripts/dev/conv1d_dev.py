@@ -226,15 +226,24 @@ def prof():
 # removed after: docs/perf-log.md, causal_conv1d / Session 14), session 15 the pipe kernel's
 # tune 1 and one-shot grid, and one-shot variants (causal_conv1d v6).
 _ONE = {"MLMAMBA_CONV1D_IMPL": "oneshot"}
+
+
+def _stagger(prefix):
+    """GRAPH_STAGGER="classes,ns;...": the one-shot kernels' staggered start (pipe.cuh), "1,0" off."""
+    return [(f"{prefix}stagger {v}", {"MLMAMBA_CONV1D_STAGGER": v})
+            for v in os.environ.get("GRAPH_STAGGER", "").split(";") if v]
+
+
 GRAPH_VARIANTS = {
     False: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"})]
     + [(f"oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=t))
        for t in os.environ.get("GRAPH_TUNES", "11,13").split(",") if t]
     + [(f"blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
-       for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n],
+       for n in os.environ.get("GRAPH_BLOCKS", "").split(",") if n] + _stagger(""),
     True: [("default", {}), ("pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}), ("v2", {"MLMAMBA_CONV1D_IMPL": "v2"})]
     + [(f"tma rows {n}", {"MLMAMBA_CONV1D_TUNE": t}) for t, n in (("31", 32), ("32", 64), ("33", 80))]
-    + [(f"pipe tune{t}", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)],
+    + [(f"pipe tune{t}", {"MLMAMBA_CONV1D_IMPL": "pipe", "MLMAMBA_CONV1D_TUNE": str(t)}) for t in (1, 2)]
+    + _stagger(""),
 }
 # (label, {env}) of the backward timed by `graph`, per layout. Session 15 also timed the
 # streaming kernel on a one-shot grid (MLMAMBA_CONV1D_WAVES=100000: one tile per warp) and 4
@@ -245,7 +254,7 @@ GRAPH_BWD_VARIANTS = {
             ("bwd oneshot", _ONE), ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"})] + [
         (f"bwd oneshot t{t}", dict(_ONE, MLMAMBA_CONV1D_TUNE=str(t))) for t in (11, 13, 14, 20, 21)]
     + [(f"bwd blocks {n}", {"MLMAMBA_CONV1D_BLOCKS": str(n)})
-       for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n],
+       for n in os.environ.get("GRAPH_BWD_BLOCKS", "").split(",") if n] + _stagger("bwd "),
     True: [("bwd default", {}), ("bwd pipe", {"MLMAMBA_CONV1D_IMPL": "pipe"}),
            ("bwd v2", {"MLMAMBA_CONV1D_IMPL": "v2"}),
            ("bwd ring 2", {"MLMAMBA_CONV1D_TUNE": "41"}), ("bwd ring 4", {"MLMAMBA_CONV1D_TUNE": "42"}),
@@ -254,7 +263,8 @@ GRAPH_BWD_VARIANTS = {
        for n in os.environ.get("GRAPH_CHUNKS", "").split(",") if n],
 }
 _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
-          "MLMAMBA_CONV1D_BLOCKS", "MLMAMBA_CONV1D_PREFETCH", "MLMAMBA_CONV1D_CHUNK")
+          "MLMAMBA_CONV1D_BLOCKS", "MLMAMBA_CONV1D_PREFETCH", "MLMAMBA_CONV1D_CHUNK",
+          "MLMAMBA_CONV1D_STAGGER")
 
 
 def graph():
