@@ -523,6 +523,23 @@ def test_staggered_start_changes_nothing(rng, monkeypatch):
 
 
 @need
+def test_blocks_knob_leaves_the_default_launchable(rng, monkeypatch):
+    """MLMAMBA_CONV1D_BLOCKS (a cap on blocks per SM by unused dynamic shared memory) between
+    two default launches: the default's cached pad (8 blocks where a 2048-element tile holds a
+    16-bit row) must stay within the kernel's shared-memory limit after a smaller pad (session 25:
+    "invalid argument" once the knob had lowered it). Outputs bitwise equal throughout."""
+    g = gen(rng)
+    kw = inputs(g, 2, 24, 2048, 4, torch.bfloat16, "l", bias=True)
+    run = lambda: ops().causal_conv1d_fwd(kw["x"], kw["weight"], kw["bias"], None, None, True, False)[0]  # noqa: E731
+    monkeypatch.delenv("MLMAMBA_CONV1D_BLOCKS", raising=False)
+    want = run()
+    for n in ("6", "10", "", "12", "7", ""):
+        monkeypatch.setenv("MLMAMBA_CONV1D_BLOCKS", n)
+        assert torch.equal(run(), want), f"MLMAMBA_CONV1D_BLOCKS={n!r}: output differs"
+    torch.cuda.synchronize()
+
+
+@need
 def test_every_output_written(rng):
     """Outputs come from torch.empty: poison the allocator's memory first, then check that
     no NaN survives (every element written)."""

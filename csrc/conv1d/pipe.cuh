@@ -225,6 +225,8 @@ inline Stagger stagger_plan(int per_sm, int64_t blocks) {
 }
 
 // The dynamic shared memory (unused) that leaves a kernel at most n blocks per SM (0: none).
+// The kernel's limit on dynamic shared memory only ever grows: a pad looked up before (a
+// cached default) must stay launchable after a smaller one (MLMAMBA_CONV1D_BLOCKS).
 template <typename K>
 int occupancy_pad(K kernel, int n) {
   if (n <= 0) return 0;
@@ -233,7 +235,8 @@ int occupancy_pad(K kernel, int n) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   const int per = static_cast<int>(prop->sharedMemPerMultiprocessor / n) / 256 * 256;
   const int pad = std::max(0, per - static_cast<int>(a.sharedSizeBytes) - static_cast<int>(prop->reservedSharedMemPerBlock));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
+  if (pad > a.maxDynamicSharedSizeBytes)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, pad));
   return pad;
 }
 
