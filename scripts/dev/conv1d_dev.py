@@ -9,6 +9,8 @@
   python scripts/dev/conv1d_dev.py prof    # one call per variant, to run under ncu
   python scripts/dev/conv1d_dev.py graph   # forward l-contig variants (GRAPH_VARIANTS) timed
                                            # from CUDA graphs against copy_ and silu
+  python scripts/dev/conv1d_dev.py placement  # the forward on fresh buffers per trial: eager
+                                           # (the bench's method) and graph, with addresses
 
 The real build is setup.py/CMake; this exists so the conv1d kernels can be tested while the
 other families are still being written.
@@ -330,8 +332,55 @@ def graph():
         torch.cuda.empty_cache()
 
 
+def placement():
+    """Does the forward's time depend on where its tensors sit? The bench's eager rows read 0-35%
+    above the graphs, a different row in each process (docs/perf-log.md, causal_conv1d v17).
+    PLACE_TRIALS (8) trials, each with fresh input sets behind a spacer of random size (so they
+    land elsewhere): the forward timed eager by the bench's own method (time_variants, alone)
+    and as a graph of 20 calls, and copy_ of the same bytes; with the buffers' addresses.
+    PLACE_SHAPES="b,l,cl;..." (default b4 L2048 in both layouts)."""
+    import random
+    import statistics
+    import torch
+    import mlmamba_kernels  # noqa: F401
+    from bench.common import cuda_graph_fn, time_variants
+    ops, dev, d, w, inner = torch.ops.mlmamba, torch.device("cuda"), 5376, 4, 20
+    shapes = [tuple(int(v) for v in sh.split(",")) for sh in
+              os.environ.get("PLACE_SHAPES", "4,2048,0;4,2048,1").split(";")]
+    rng = random.Random(int(os.environ.get("PLACE_SEED", "0")))
+
+    def graph_us(fn):
+        g = cuda_graph_fn(fn)
+        times = []
+        for _ in range(5):
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g()
+            st.record()
+            g()
+            en.record()
+            en.synchronize()
+            times.append(st.elapsed_time(en) * 1e3 / inner)
+        return statistics.median(times)
+
+    for b, l, cl in shapes:
+        print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: trial, µs eager / graph / copy_ "
+              f"graph, and x, out (eager) addresses mod 2^30", flush=True)
+        for trial in range(int(os.environ.get("PLACE_TRIALS", "8"))):
+            spacer = torch.empty(rng.randrange(1, 512) << 20, dtype=torch.uint8, device=dev)
+            sets = _sets(b, l, d, w, bool(cl), dev)
+            eager = time_variants({"ours": lambda i: _call(ops, "fwd", sets[i])}, dev, nsets=2)["ours"]
+            out = _call(ops, "fwd", sets[0])
+            gr = graph_us(lambda: [_call(ops, "fwd", sets[i % 2]) for i in range(inner)])
+            cp = graph_us(lambda: [sets[i % 2][4].copy_(sets[i % 2][0]) for i in range(inner)])
+            print(f"  {trial}: {eager * 1e6:6.1f} / {gr:6.1f} / {cp:6.1f}   "
+                  f"x {sets[0][0].data_ptr() % (1 << 30):#011x} out {out.data_ptr() % (1 << 30):#011x}",
+                  flush=True)
+            del spacer, sets, out
+            torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     {"build": build, "ptxas": ptxas, "sweep": sweep, "pipe": pipe, "prof": prof,
-     "graph": graph}[sys.argv[1]]()
+     "graph": graph, "placement": placement}[sys.argv[1]]()
