@@ -269,6 +269,18 @@ _KNOBS = ("MLMAMBA_CONV1D_IMPL", "MLMAMBA_CONV1D_WAVES", "MLMAMBA_CONV1D_TUNE",
           "MLMAMBA_CONV1D_STAGGER")
 
 
+def _replay_us(g, inner):
+    """µs per call of a graph replay g of `inner` calls, timed after one untimed replay."""
+    import torch
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g()
+    st.record()
+    g()
+    en.record()
+    en.synchronize()
+    return st.elapsed_time(en) * 1e3 / inner
+
+
 def graph():
     """bf16 w4 silu bias forward and backward, both layouts (GRAPH_VARIANTS,
     GRAPH_BWD_VARIANTS; the backward's % of copy for 1.5 copies of bytes): each variant captured
@@ -283,15 +295,6 @@ def graph():
     ops = torch.ops.mlmamba
     dev = torch.device("cuda")
     d, w, reps, inner = 5376, 4, 7, 20
-
-    def timed(g):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        g()
-        st.record()
-        g()
-        en.record()
-        en.synchronize()
-        return st.elapsed_time(en) * 1e3 / inner  # µs per call
 
     # GRAPH_CASES: which of lfwd, lbwd (l-contig), cfwd, cbwd (channel-last) to time
     cases = set(os.environ.get("GRAPH_CASES", "lfwd,lbwd,cfwd,cbwd").split(","))
@@ -320,7 +323,7 @@ def graph():
         res = {k: [] for k in graphs}
         for _ in range(reps):
             for k, g in graphs.items():
-                res[k].append(timed(g))
+                res[k].append(_replay_us(g, inner))
         tc = statistics.median(res["copy"])
         print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: {2 * n / 1e6:.1f} MB; µs median "
               f"(min) of {reps} graph replays, GB/s, % of the same-size copy", flush=True)
@@ -351,16 +354,7 @@ def placement():
 
     def graph_us(fn):
         g = cuda_graph_fn(fn)
-        times = []
-        for _ in range(5):
-            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            g()
-            st.record()
-            g()
-            en.record()
-            en.synchronize()
-            times.append(st.elapsed_time(en) * 1e3 / inner)
-        return statistics.median(times)
+        return statistics.median(_replay_us(g, inner) for _ in range(5))
 
     for b, l, cl in shapes:
         print(f"b{b} L{l} {'channel-last' if cl else 'l-contig'}: trial, µs eager / graph / copy_ "
