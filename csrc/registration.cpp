@@ -29,11 +29,12 @@ TORCH_LIBRARY(mlmamba, m) {
   // multi-order 2D scan
   m.def("msc_scan_fwd(Tensor xBC, Tensor dt, Tensor A, Tensor D, Tensor conv_weight, "
         "Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, int ngroups, "
-        "float dt_min, float dt_max, str merge) -> Tensor");
+        "float dt_min, float dt_max, str merge, bool save_conv=False) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("msc_scan_bwd(Tensor dout, Tensor xBC, Tensor dt, Tensor A, Tensor D, "
         "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
-        "int ngroups, float dt_min, float dt_max, str merge) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int ngroups, float dt_min, float dt_max, str merge, Tensor? conv_x=None, "
+        "Tensor? conv_bc=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor");
   m.def("msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor");
   m.def("msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, Tensor[] dout) "

@@ -5,8 +5,8 @@ import torch
 
 from . import _checks as ck
 from ._loader import has_cuda_kernel
-from ._registry import (no_double_backward, none_if_empty, nvtx_range, or_empty, reference_vjp,
-                        register_reference)
+from ._registry import (empty, no_double_backward, none_if_empty, nvtx_range, or_empty,
+                        reference_vjp, register_reference)
 from .reference import conv1d as conv_ref
 from .reference import msc as ref
 
@@ -34,6 +34,10 @@ def _check_orders(op, orders, k, L, dev, values=True):
 # The fused kernel on CUDA where it applies; MLMAMBA_MSC_IMPL=unfused (read at import) keeps
 # the unfused kernels (A/B timing).
 FUSED = os.environ.get("MLMAMBA_MSC_IMPL", "") != "unfused"
+# Under autograd the fused forward keeps each scan's conv outputs (x, B, C in scan order:
+# k b L (h p + 2 g n) elements) for the backward, which then skips the conv's recompute;
+# MLMAMBA_MSC_SAVE_CONV=0 (read at import) recomputes them instead, to save that memory.
+SAVE_CONV = os.environ.get("MLMAMBA_MSC_SAVE_CONV", "1") != "0"
 
 
 def fused_kernel_takes(xBC, dt, conv_weight, headdim, ngroups):
@@ -91,9 +95,13 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     if dev.type == "cuda" and not fused:
         return composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
                                  headdim, ngroups, (lo, hi), merge)
+    save = SAVE_CONV and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad
+        for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
     with nvtx_range(op):
         return torch.ops.mlmamba.msc_scan_fwd(xBC, dt, A, D, conv_weight, conv_bias, dt_bias,
-                                              orders, headdim, ngroups, lo, hi, merge_s)
+                                              orders, headdim, ngroups, lo, hi, merge_s,
+                                              save)[0]
 
 
 def composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
@@ -111,14 +119,26 @@ def composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, he
 
 # ---- reference kernels of the ops -------------------------------------------------------
 
+def _saved_conv(xBC, conv_weight, conv_bias, orders, h, p):
+    """Each scan's conv outputs in scan order, as msc_scan_fwd saves them: conv_x
+    (k, b, L, h, p) and conv_bc (k, b, L, 2 g n)."""
+    u = torch.stack([_conv_fwd_ref(xBC, o, conv_weight[i], None if conv_bias is None else
+                                   conv_bias[i]) for i, o in enumerate(orders)])
+    b, L = xBC.shape[:2]
+    return u[..., :h * p].reshape(-1, b, L, h, p).contiguous(), u[..., h * p:].contiguous()
+
+
 def _fwd_ref(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
-             dt_max, merge):
-    return ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-                        (dt_min, dt_max), None if merge == "none" else merge).contiguous()
+             dt_max, merge, save_conv=False):
+    out = ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
+                       (dt_min, dt_max), None if merge == "none" else merge).contiguous()
+    if not save_conv:
+        return out, empty(xBC), empty(xBC)
+    return (out,) + _saved_conv(xBC, conv_weight, conv_bias, orders, dt.shape[2], headdim)
 
 
 def _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-             dt_min, dt_max, merge):
+             dt_min, dt_max, merge, conv_x=None, conv_bc=None):
     grads = reference_vjp(
         lambda *t: (ref.msc_scan(*t, orders, headdim, ngroups, (dt_min, dt_max),
                                  None if merge == "none" else merge),),
@@ -229,9 +249,10 @@ def _side_streams(device, k):
 
 
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
-                     ngroups, dt_min, dt_max, merge):
+                     ngroups, dt_min, dt_max, merge, conv_x=None, conv_bc=None):
     """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
-    scan after another. Each scan's conv is recomputed reading xBC through its order
+    scan after another. Each scan's conv outputs come from the forward (conv_x, conv_bc: see
+    msc_scan_fwd) or are recomputed reading xBC through its order
     (msc_conv_fwd: the scan's inputs; the scan's own forward is not), dy and dt are gathered by
     the order (msc_sum_rows with one scan), and msc_conv_bwd reads xBC through the order too.
     The gradients of xBC and dt stay in scan order and `msc_sum_rows` sums them over the scans
@@ -269,23 +290,29 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     elif merge == "mean":
         dout = dout / k
 
+    saved = conv_x is not None and conv_x.numel() > 0
+
     def one_scan(i):
         bias = None if conv_bias is None else conv_bias[i]
-        if conv_rows:  # the conv reads xBC's rows through the order: no gathered copy
-            u = ops.msc_conv_fwd(xBC, rows[i], conv_weight[i], bias)
-        else:
+        if not conv_rows:
             xs = _gather(xBC, rows[i], fast).transpose(1, 2)    # (b, cd, L) channel-last
+        if saved:  # the forward's conv outputs, scan order
+            x, (B, C) = conv_x[i], conv_bc[i].view(b, L, 2, g * n).unbind(2)
+        elif conv_rows:  # the conv reads xBC's rows through the order: no gathered copy
+            x, B, C = torch.split(ops.msc_conv_fwd(xBC, rows[i], conv_weight[i], bias),
+                                  [h * p, g * n, g * n], dim=-1)
+        else:
             u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True,
                                       False)[0].transpose(1, 2)
-        x, B, C = torch.split(u, [h * p, g * n, g * n], dim=-1)
+            x, B, C = torch.split(u, [h * p, g * n, g * n], dim=-1)
         dy = dout[i] if merge == "none" else dout
         dy, dts = _gather(dy, rows[i], fast, dy_scale), _gather(dt, rows[i], fast)
         gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
             dy, None, x.reshape(b, L, h, p), dts, A[i], B.reshape(b, L, g, n),
             C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
             dt_min, dt_max)
-        du = [gx.reshape(b, L, h * p).to(u.dtype), gB.reshape(b, L, g * n).to(u.dtype),
-              gC.reshape(b, L, g * n).to(u.dtype)]
+        du = [gx.reshape(b, L, h * p).to(xBC.dtype), gB.reshape(b, L, g * n).to(xBC.dtype),
+              gC.reshape(b, L, g * n).to(xBC.dtype)]
         if conv_rows:  # dout in its three pieces, x through the order; dx in scan order
             gxs, gw, gb = ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias, du)
         else:
@@ -330,12 +357,12 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
 
 
 def _bwd_cuda(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-              dt_min, dt_max, merge):
+              dt_min, dt_max, merge, conv_x=None, conv_bc=None):
     if xBC.dtype == torch.float64:
         return _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                         ngroups, dt_min, dt_max, merge)
     return unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
-                            headdim, ngroups, dt_min, dt_max, merge)
+                            headdim, ngroups, dt_min, dt_max, merge, conv_x, conv_bc)
 
 
 register_reference("msc_scan_fwd", _fwd_ref)
@@ -346,37 +373,46 @@ no_double_backward("msc_scan_bwd")
 
 @torch.library.register_fake("mlmamba::msc_scan_fwd")
 def _fwd_fake(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
-              dt_max, merge):
-    b, L, _ = xBC.shape
-    h = dt.shape[2]
-    shape = (b, L, h, headdim) if merge != "none" else (orders.shape[0], b, L, h, headdim)
-    return xBC.new_empty(shape)
+              dt_max, merge, save_conv=False):
+    b, L, cd = xBC.shape
+    h, k = dt.shape[2], orders.shape[0]
+    shape = (b, L, h, headdim) if merge != "none" else (k, b, L, h, headdim)
+    if not save_conv:
+        return xBC.new_empty(shape), empty(xBC), empty(xBC)
+    return (xBC.new_empty(shape), xBC.new_empty((k, b, L, h, headdim)),
+            xBC.new_empty((k, b, L, cd - h * headdim)))
 
 
 @torch.library.register_fake("mlmamba::msc_scan_bwd")
 def _bwd_fake(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-              dt_min, dt_max, merge):
+              dt_min, dt_max, merge, conv_x=None, conv_bc=None):
     return tuple(or_empty(None if t is None else
                           torch.empty_like(t, memory_format=torch.contiguous_format), xBC)
                  for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
 
 
 _FWD_ARGS = ("xBC", "dt", "A", "D", "conv_weight", "conv_bias", "dt_bias", "orders", "headdim",
-             "ngroups", "dt_min", "dt_max", "merge")
+             "ngroups", "dt_min", "dt_max", "merge", "save_conv")
 
 
 def _setup(ctx, inputs, output):
     a = dict(zip(_FWD_ARGS, inputs))
+    _, conv_x, conv_bc = output
+    ctx.mark_non_differentiable(conv_x, conv_bc)
+    ctx.set_materialize_grads(False)  # no zero gradients made for them (a pass over each)
     ctx.save_for_backward(*(a[k] for k in ("xBC", "dt", "A", "D", "conv_weight", "conv_bias",
-                                            "dt_bias", "orders")))
+                                            "dt_bias", "orders")), conv_x, conv_bc)
     ctx.consts = (a["headdim"], a["ngroups"], a["dt_min"], a["dt_max"], a["merge"])
 
 
-def _backward(ctx, dout):
-    xBC, dt, A, D, cw, cb, dtb, orders = ctx.saved_tensors
-    g = torch.ops.mlmamba.msc_scan_bwd(dout, xBC, dt, A, D, cw, cb, dtb, orders, *ctx.consts)
+def _backward(ctx, dout, _dconv_x, _dconv_bc):
+    if dout is None:  # (grads are not materialized)
+        return (None,) * len(_FWD_ARGS)
+    xBC, dt, A, D, cw, cb, dtb, orders, conv_x, conv_bc = ctx.saved_tensors
+    g = torch.ops.mlmamba.msc_scan_bwd(dout, xBC, dt, A, D, cw, cb, dtb, orders, *ctx.consts,
+                                       none_if_empty(conv_x), none_if_empty(conv_bc))
     dxBC, ddt, dA, dD, dcw, dcb, ddtb = (none_if_empty(t) for t in g)
-    return dxBC, ddt, dA, dD, dcw, dcb, ddtb, None, None, None, None, None, None
+    return dxBC, ddt, dA, dD, dcw, dcb, ddtb, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("mlmamba::msc_scan_fwd", _backward, setup_context=_setup)

@@ -3,6 +3,7 @@ msc_sum_rows kernel (csrc/msc/sum_rows.cu), against the float64 reference."""
 import pytest
 import torch
 from test_msc_gpu import rel_err
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytestmark = pytest.mark.gpu
 
@@ -90,6 +91,50 @@ def test_backward_gathered_conv_matches_reference(rng, monkeypatch, kind, H, W, 
     for name, g, r, w in zip(NAMES, gathered, rows, ref_grads(a, "mean", dout)):
         assert rel_err(g, w) < 5e-2, name
         assert rel_err(r, g.double()) < 2e-2, name
+
+
+@need
+@pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
+                                        ("random", 5, 3, 8)])
+@pytest.mark.parametrize("merge", ["mean", None])
+def test_backward_recomputed_conv_matches_saved(rng, monkeypatch, kind, H, W, k, merge):
+    """msc.SAVE_CONV off (MLMAMBA_MSC_SAVE_CONV=0): the backward recomputes each scan's conv
+    (msc_conv_fwd) instead of taking the forward's; both match the reference and each other
+    (the two convs may round a few values differently)."""
+    a = make(rng, 2, H, W, k, kind)
+    dout = torch.randn(out_shape(a, merge), device=DEV, generator=cuda_gen(rng))
+    dout = dout.to(torch.bfloat16)
+    saved = grads(a, merge, dout)
+    monkeypatch.setattr(msc_mod, "SAVE_CONV", False)
+    recomputed = grads(a, merge, dout)
+    for name, s, r, w in zip(NAMES, saved, recomputed, ref_grads(a, merge, dout)):
+        assert rel_err(r, w) < 5e-2, name
+        assert rel_err(s, r.double()) < 1e-2, name
+
+
+class _SaveFlags(TorchDispatchMode):
+    """Records the save_conv argument of each msc_scan_fwd call."""
+
+    def __init__(self):
+        super().__init__()
+        self.flags = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.mlmamba.msc_scan_fwd.default:
+            self.flags.append(bool(args[13]))
+        return func(*args, **(kwargs or {}))
+
+
+@need
+def test_conv_saved_only_under_autograd(rng):
+    a = make(rng, 1, 5, 3, 4, "cross")
+    leaf = dict(a, A=a["A"].clone().requires_grad_(True))
+    with _SaveFlags() as on:
+        mk.msc_scan(**a)
+        mk.msc_scan(**leaf)
+    with torch.no_grad(), _SaveFlags() as off:
+        mk.msc_scan(**leaf)
+    assert on.flags == [False, True] and off.flags == [False]
 
 
 @need

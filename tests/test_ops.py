@@ -85,11 +85,12 @@ def test_opcheck_conv(rng, channel_last, grad):
 
 
 @pytest.mark.parametrize("merge", ["mean", "none"])
-def test_opcheck_msc(rng, merge):
+@pytest.mark.parametrize("save_conv", [False, True])
+def test_opcheck_msc(rng, merge, save_conv):
     t, o = msc_inputs(rng, grad=True)
     torch.library.opcheck(ops.msc_scan_fwd, (t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"],
                           t["conv_bias"], t["dt_bias"], o["orders"], o["headdim"], o["ngroups"],
-                          0.0, float("inf"), merge))
+                          0.0, float("inf"), merge, save_conv))
 
 
 # ---- autograd through the op equals autograd through the reference -----------------------
@@ -273,6 +274,31 @@ def test_msc_unfused_backward_equals_reference(rng, merge, bias):
     got, want = unfused_backward(*args), _bwd_ref(*args)
     for gv, wv in zip(got, want):
         torch.testing.assert_close(gv, wv, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("merge", ["mean", "none"])
+def test_msc_backward_takes_the_saved_conv(rng, merge):
+    # msc_scan_fwd(save_conv=True) returns each scan's conv outputs in scan order; the backward
+    # given them equals the one that recomputes them, and their shapes are the fake's
+    from mlmamba_kernels.msc import _fwd_fake, _fwd_ref, unfused_backward
+    t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
+    t = {k: v.double() for k, v in t.items()}
+    fwd = (t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"], t["conv_bias"], t["dt_bias"],
+           o["orders"], o["headdim"], o["ngroups"], 0.0, float("inf"), merge)
+    out, cx, cbc = _fwd_ref(*fwd, True)
+    fake = _fwd_fake(*fwd, True)
+    assert [x.shape for x in (out, cx, cbc)] == [x.shape for x in fake]
+    assert [x.numel() for x in _fwd_ref(*fwd)[1:]] == [0, 0]
+    i, L, h, p = 2, 15, 2, 4  # scan 2's token 7 is the conv of its rows orders[2][4..7]
+    rows = t["xBC"][:, o["orders"][i][4:8]]
+    u = torch.nn.functional.silu(torch.einsum("blc,cl->bc", rows, t["conv_weight"][i])
+                                 + t["conv_bias"][i])
+    torch.testing.assert_close(cx[i, :, 7].reshape(2, h * p), u[:, :h * p], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cbc[i, :, 7], u[:, h * p:], rtol=1e-12, atol=1e-12)
+    dout = torch.randn(out.shape, generator=rng, dtype=torch.float64)
+    args = (dout,) + fwd[:-1] + (merge,)
+    for gv, wv in zip(unfused_backward(*args, cx, cbc), unfused_backward(*args)):
+        torch.testing.assert_close(gv, wv, rtol=1e-12, atol=1e-12)
 
 
 def test_msc_unfused_backward_sums_through_msc_sum_rows(rng, monkeypatch):

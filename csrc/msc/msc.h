@@ -8,8 +8,8 @@
 namespace mlmamba {
 namespace msc {
 
-// B and C of every scan, conv'd (width 4, SiLU) along the scan's order and stored at raster
-// positions: out (k, b, L, nch) bf16 from the nch channels of xBC starting at col0.
+// B and C of every scan, conv'd (width 4, SiLU) along the scan's order and stored in scan
+// order: out (k, b, L, nch) bf16 from the nch channels of xBC starting at col0.
 struct BcConvParams {
   const __nv_bfloat16* xBC;   // (b, L, conv_dim), rows 16-byte aligned
   int64_t x_b, x_l;

@@ -17,6 +17,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "common/check.h"
@@ -71,11 +72,16 @@ at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
   return as_int;
 }
 
-at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at::Tensor& A,
-                             const at::Tensor& D, const at::Tensor& conv_weight,
-                             const OptT& conv_bias, const at::Tensor& dt_bias,
-                             const at::Tensor& orders, int64_t headdim, int64_t ngroups,
-                             double dt_min, double dt_max, c10::string_view merge) {
+using Outs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// out, and where save_conv asks (and the warp-specialized kernel runs) each scan's conv
+// outputs in scan order for the backward: conv_x (k, b, L, h, p), conv_bc (k, b, L, 2 g n);
+// else both empty (the backward recomputes them).
+Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at::Tensor& A,
+                       const at::Tensor& D, const at::Tensor& conv_weight, const OptT& conv_bias,
+                       const at::Tensor& dt_bias, const at::Tensor& orders, int64_t headdim,
+                       int64_t ngroups, double dt_min, double dt_max, c10::string_view merge,
+                       bool save_conv) {
   const char* op = "msc_scan";
   MLM_CHECK(xBC_in.is_cuda() && xBC_in.dim() == 3, op,
             ": xBC must be a 3-dim (batch, seqlen, conv_dim) CUDA tensor, got ", xBC_in.sizes(),
@@ -114,6 +120,7 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   MLM_CHECK(merge == "mean" || merge == "sum" || merge == "none", op,
             ": merge must be 'mean', 'sum' or 'none', got '", std::string(merge), "'");
   MLM_CHECK(b <= 65535, op, ": at most 65535 batch rows, got ", b);
+  MLM_CHECK(k * b <= INT_MAX, op, ": k * batch must be below 2^31, got ", k * b);
   MLM_CHECK(L < INT_MAX, op, ": seqlen must be below 2^31, got ", L);
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   MLM_CHECK(prop.major == 9, op, ": the fused CUDA kernel needs an sm_90 GPU, got sm_", prop.major,
@@ -123,7 +130,11 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   const bool none = merge == "none";
   at::Tensor out = none ? at::empty({k, b, L, h, headdim}, xBC_in.options())
                         : at::empty({b, L, h, headdim}, xBC_in.options());
-  if (b == 0 || L == 0 || h == 0) return out;
+  // nothing saved: two empty tensors (outputs must not alias)
+  auto none_saved = [&]() -> Outs {
+    return {out, at::empty({0}, xBC_in.options()), at::empty({0}, xBC_in.options())};
+  };
+  if (b == 0 || L == 0 || h == 0) return none_saved();
   // 16-byte rows for cp.async: the last dim contiguous, other strides multiples of 8
   at::Tensor xBC = xBC_in;
   if (xBC.stride(2) != 1 || xBC.stride(1) % 8 || xBC.stride(0) % 8 ||
@@ -162,6 +173,11 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
     const at::Tensor bcv = bc.view({k * b, L, 2, ngroups, n});
     prm.tma = ssd::encode_tile_map(&prm.tm_B, bcv.select(2, 0)) &&
               ssd::encode_tile_map(&prm.tm_C, bcv.select(2, 1));
+  }
+  at::Tensor conv_x;  // the conv'd x tiles, stored by the kernel through tm_x
+  if (save_conv) {
+    conv_x = at::empty({k, b, L, h, headdim}, xBC.options());
+    prm.msc.save_x = ssd::encode_tile_map(&prm.tm_x, conv_x.view({k * b, L, h, headdim}));
   }
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
   const auto* bcp = static_cast<const at::BFloat16*>(bc.data_ptr());
@@ -214,10 +230,12 @@ at::Tensor msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, con
   const char* ws_env = std::getenv("MLMAMBA_MSC_WS");
   const bool ws = !(ws_env && std::string(ws_env) == "0");
   const char* why = ws ? ssd::launch_msc_fwd_ws(prm, static_cast<int>(n), stream) : "not asked for";
+  const bool saved = why == nullptr && prm.msc.save_x;  // only that kernel stores conv_x
   if (why != nullptr) why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n), stream);
   MLM_CHECK(why == nullptr, op, ": the fused CUDA kernel cannot run: ", why);
   MLM_CHECK_LAUNCH();
-  return out;
+  if (!saved) return none_saved();
+  return {out, conv_x, bc};
 }
 
 }  // namespace

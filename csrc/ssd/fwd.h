@@ -26,6 +26,9 @@ struct MscParams {
   int64_t out_s;              // scan stride of out (merge 0)
   int64_t bc_s;               // scan stride of B and C
   int prefetch;               // acc rows to L2: 0 no, 1 at their chunk's top, 2 a chunk ahead
+  // warp-specialized kernel: store each chunk's conv'd X tile by TMA through tm_x, a map of
+  // (nscans b, l, h, p) in scan order (the backward's saved x; the MSC mode loads no x by TMA)
+  bool save_x;
 };
 
 struct FwdParams {

@@ -5,7 +5,8 @@
 //   WG0 (mask, state, loads): M = C B^T -> mask -> Mbuf; then chunk g + 1's positions and its
 //                 gathered loads (cp.async, completed on the stage's mbarrier) once WG1 is done
 //                 with g - 1; S = decay S + (w o X)^T B -> Sbuf (zeroed at each scan's start)
-//   WG1 (conv, output): the conv of the raw x rows in place into the X tile, Y = C S^T,
+//   WG1 (conv, output): the conv of the raw x rows in place into the X tile (stored by TMA
+//                 for the backward where asked: MscParams::save_x), Y = C S^T,
 //                 Y += M X, the epilogue with the scans' merge (msc_store)
 // The chunk counter g runs over all scans (stages, parities and loads continue across a scan
 // boundary). Operation for operation the one-warpgroup MSC kernel's arithmetic (fwd_wgmma.cu):
@@ -221,6 +222,11 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     msc_conv_inplace(X, LBs(s), cwsm, nvalid, wq, lane, [] { bar_sync_n(kBarWg1, NW); });
     fence_async_smem();       // the X tile and the landed B / C -> the async proxy
     bar_sync_n(kBarWg1, NW);  // the whole X tile written (WG1 reads it below)
+    if (p.msc.save_x && wt == 0) {  // the tile for the backward, by TMA (rows past len clipped)
+      tma_store_4d(&p.tm_x, smem_u32(X), 0, static_cast<int>(c0), h,
+                   sc * static_cast<int>(p.nrows) + row);
+      bulk_commit();
+    }
     wait_phase(sready, gc & 1);  // the state WG1 reads (completion gc)
     mbar_arrive(xready);         // completion gc (after sready gc: never two ahead of WG0)
     {  // rows of the running sum to L2: this chunk's (or the next one's in the scan)
@@ -261,6 +267,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     mbar_arrive(mfree);  // completion gc
     // done with C, X and the vectors of stage s: WG0 loads chunk gc + 2 during the epilogue
     // (its positions sit in buffer (gc + 2) % 3; this chunk's stay until chunk gc + 1 is done)
+    if (p.msc.save_x && wt == 0) bulk_wait_read<0>();  // the X tile's store has read it
     mbar_arrive(empty0 + 8 * s);
 
     // ---- epilogue: + D x, merge ----

@@ -2,6 +2,9 @@
     python3 scripts/dev/msc_time.py [b H W h [kind]]   (default: issue 8's cross case, b32 24x24
     h32; kind: cross, bidirectional or random)
 MSC_TIME_WS=0,1 times each case under those MLMAMBA_MSC_WS values, interleaved (A/B).
+MSC_TIME_STEP=1 times fwd+bwd instead (merge mean, the grads of xBC and dt, as the bench), two
+rounds of the msc.SAVE_CONV values in MSC_TIME_SAVE (default 1,0) interleaved, each with its
+peak memory.
 """
 import os
 import statistics
@@ -15,11 +18,36 @@ from bench.bench_msc import make_inputs  # noqa: E402
 from bench.common import _time_once  # noqa: E402
 
 
+def step(a, dev, name):
+    import mlmamba_kernels as mk
+    from mlmamba_kernels import msc
+    a["xBC"].requires_grad_(True)
+    a["dt"].requires_grad_(True)
+    b, L, h = a["dt"].shape
+    dout = torch.randn(b, L, h, 64, device=dev, dtype=torch.bfloat16)
+
+    def f():
+        return torch.autograd.grad(mk.msc_scan(**a), (a["xBC"], a["dt"]), dout)
+    for rnd in range(2):
+        for save in os.environ.get("MSC_TIME_SAVE", "1,0").split(","):
+            msc.SAVE_CONV = save == "1"
+            f()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            f()
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            us = statistics.median(_time_once(f, dev, 5, lead=True) * 1e6 for _ in range(5))
+            print(f"{name} fwd+bwd save_conv {save} round {rnd}: {us:.1f} us, peak {peak:.0f} MiB",
+                  flush=True)
+
+
 def main():
     b, H, W, h = (list(map(int, sys.argv[1:5])) or [32, 24, 24, 32])
     kind = sys.argv[5] if len(sys.argv) > 5 else "cross"
     dev = torch.device("cuda")
     a = make_inputs(b, H, W, h, 64, 128, kind, dev, torch.bfloat16, 0)
+    if os.environ.get("MSC_TIME_STEP") == "1":
+        return step(a, dev, f"{kind} b{b} {H}x{W} h{h}")
     op = torch.ops.mlmamba.msc_scan_fwd
     for k in (a["orders"].shape[0], 1):
         for merge in ("mean", "none"):
