@@ -22,18 +22,19 @@ SCHEMAS = {
     "ssd_scan_bwd": "ssd_scan_bwd(Tensor dout, Tensor? dfinal_states, Tensor x, Tensor dt, "
     "Tensor A, Tensor B, Tensor C, int chunk_size, Tensor? D, Tensor? z, Tensor? dt_bias, "
     "Tensor? initial_states, Tensor? seq_idx, Tensor? cu_seqlens, bool dt_softplus, "
-    "float dt_min, float dt_max) "
+    "float dt_min, float dt_max, Tensor? chunk_states=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "ssd_state_update": "ssd_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, "
     "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor",
     "msc_scan_fwd": "msc_scan_fwd(Tensor xBC, Tensor dt, Tensor A, Tensor D, "
     "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
-    "int ngroups, float dt_min, float dt_max, str merge, bool save_conv=False) "
-    "-> (Tensor, Tensor, Tensor)",
+    "int ngroups, float dt_min, float dt_max, str merge, bool save_conv=False, "
+    "bool save_states=False) -> (Tensor, Tensor, Tensor, Tensor)",
     "msc_scan_bwd": "msc_scan_bwd(Tensor dout, Tensor xBC, Tensor dt, Tensor A, Tensor D, "
     "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor orders, int headdim, "
     "int ngroups, float dt_min, float dt_max, str merge, Tensor? conv_x=None, "
-    "Tensor? conv_bc=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "Tensor? conv_bc=None, Tensor? states=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "msc_sum_rows": "msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor",
     "msc_conv_fwd": "msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor",
     "msc_conv_bwd": "msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, "

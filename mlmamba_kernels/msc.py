@@ -34,10 +34,29 @@ def _check_orders(op, orders, k, L, dev, values=True):
 # The fused kernel on CUDA where it applies; MLMAMBA_MSC_IMPL=unfused (read at import) keeps
 # the unfused kernels (A/B timing).
 FUSED = os.environ.get("MLMAMBA_MSC_IMPL", "") != "unfused"
-# Under autograd the fused forward keeps each scan's conv outputs (x, B, C in scan order:
-# k b L (h p + 2 g n) elements) for the backward, which then skips the conv's recompute;
-# MLMAMBA_MSC_SAVE_CONV=0 (read at import) recomputes them instead, to save that memory.
-SAVE_CONV = os.environ.get("MLMAMBA_MSC_SAVE_CONV", "1") != "0"
+
+
+def _save_env():
+    env = os.environ.get("MLMAMBA_MSC_SAVE", "conv,states")
+    got = {v.strip() for v in env.split(",")} - {""}
+    if env.strip() == "none":
+        return frozenset()
+    if not got <= {"conv", "states"}:
+        raise ValueError(f"msc_scan: environment variable MLMAMBA_MSC_SAVE must be 'none' or a "
+                         f"comma list of conv, states; got {env!r}")
+    return frozenset(got)
+
+
+# Under autograd the fused forward keeps what the backward would recompute: "conv", each scan's
+# conv outputs in scan order (k b L (h p + 2 g n) elements: the backward skips the conv), and
+# "states", each chunk's entry state (bf16, k b ceil(L / 64) h p n elements: the backward's
+# states walk runs the adjoint alone). MLMAMBA_MSC_SAVE (read at import): a comma list of those
+# (default both), or "none" to recompute (the least memory).
+SAVE = _save_env()
+# only the warp-specialized kernel saves; these developer switches (read at import here, at
+# each call in csrc/msc/ops.cpp) turn it off
+WS_KERNEL = (os.environ.get("MLMAMBA_MSC_WS", "") != "0"
+             and os.environ.get("MLMAMBA_SSD_FWD_VEC", "") != "0")
 
 
 def fused_kernel_takes(xBC, dt, conv_weight, headdim, ngroups):
@@ -95,13 +114,14 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     if dev.type == "cuda" and not fused:
         return composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
                                  headdim, ngroups, (lo, hi), merge)
-    save = SAVE_CONV and torch.is_grad_enabled() and any(
+    save = WS_KERNEL and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
     with nvtx_range(op):
         return torch.ops.mlmamba.msc_scan_fwd(xBC, dt, A, D, conv_weight, conv_bias, dt_bias,
                                               orders, headdim, ngroups, lo, hi, merge_s,
-                                              save)[0]
+                                              save and "conv" in SAVE,
+                                              save and "states" in SAVE)[0]
 
 
 def composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
@@ -128,17 +148,39 @@ def _saved_conv(xBC, conv_weight, conv_bias, orders, h, p):
     return u[..., :h * p].reshape(-1, b, L, h, p).contiguous(), u[..., h * p:].contiguous()
 
 
+def _saved_states(conv_x, conv_bc, dt, A, dt_bias, orders, ngroups, dt_limit):
+    """Each chunk's entry state of each scan, as msc_scan_fwd saves them: (k, b, ceil(L / 64),
+    h, p, n) bf16 (the reference scan's final state over the tokens before the chunk)."""
+    from .reference import ssd as ssd_ref
+    k, b, L, h, p = conv_x.shape
+    n = conv_bc.shape[-1] // (2 * ngroups)
+    per_scan = []
+    for i in range(k):
+        x, dts = conv_x[i], dt[:, orders[i]]
+        B, C = conv_bc[i].view(b, L, 2, ngroups, n).unbind(2)
+        s = [x.new_zeros(b, h, p, n)]
+        for t in range(64, L, 64):
+            s.append(ssd_ref.ssd_scan(x[:, :t], dts[:, :t], A[i], B[:, :t], C[:, :t], 64,
+                                      dt_bias=dt_bias[i], dt_softplus=True, dt_limit=dt_limit,
+                                      return_final_states=True)[1].to(x.dtype))
+        per_scan.append(torch.stack(s, 1))
+    return torch.stack(per_scan).to(torch.bfloat16)
+
+
 def _fwd_ref(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
-             dt_max, merge, save_conv=False):
+             dt_max, merge, save_conv=False, save_states=False):
     out = ref.msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
                        (dt_min, dt_max), None if merge == "none" else merge).contiguous()
-    if not save_conv:
-        return out, empty(xBC), empty(xBC)
-    return (out,) + _saved_conv(xBC, conv_weight, conv_bias, orders, dt.shape[2], headdim)
+    if not (save_conv or save_states):
+        return out, empty(xBC), empty(xBC), empty(xBC)
+    conv_x, conv_bc = _saved_conv(xBC, conv_weight, conv_bias, orders, dt.shape[2], headdim)
+    states = (_saved_states(conv_x, conv_bc, dt, A, dt_bias, orders, ngroups, (dt_min, dt_max))
+              if save_states else empty(xBC))
+    return (out,) + ((conv_x, conv_bc) if save_conv else (empty(xBC), empty(xBC))) + (states,)
 
 
 def _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-             dt_min, dt_max, merge, conv_x=None, conv_bc=None):
+             dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
     grads = reference_vjp(
         lambda *t: (ref.msc_scan(*t, orders, headdim, ngroups, (dt_min, dt_max),
                                  None if merge == "none" else merge),),
@@ -249,10 +291,11 @@ def _side_streams(device, k):
 
 
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
-                     ngroups, dt_min, dt_max, merge, conv_x=None, conv_bc=None):
+                     ngroups, dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
     """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
     scan after another. Each scan's conv outputs come from the forward (conv_x, conv_bc: see
-    msc_scan_fwd) or are recomputed reading xBC through its order
+    msc_scan_fwd; with its chunk states, `states`, the scan backward's walk runs the adjoint
+    alone) or are recomputed reading xBC through its order
     (msc_conv_fwd: the scan's inputs; the scan's own forward is not), dy and dt are gathered by
     the order (msc_sum_rows with one scan), and msc_conv_bwd reads xBC through the order too.
     The gradients of xBC and dt stay in scan order and `msc_sum_rows` sums them over the scans
@@ -310,7 +353,7 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
         gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
             dy, None, x.reshape(b, L, h, p), dts, A[i], B.reshape(b, L, g, n),
             C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
-            dt_min, dt_max)
+            dt_min, dt_max, None if states is None else states[i])
         du = [gx.reshape(b, L, h * p).to(xBC.dtype), gB.reshape(b, L, g * n).to(xBC.dtype),
               gC.reshape(b, L, g * n).to(xBC.dtype)]
         if conv_rows:  # dout in its three pieces, x through the order; dx in scan order
@@ -357,12 +400,12 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
 
 
 def _bwd_cuda(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-              dt_min, dt_max, merge, conv_x=None, conv_bc=None):
+              dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
     if xBC.dtype == torch.float64:
         return _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                         ngroups, dt_min, dt_max, merge)
     return unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
-                            headdim, ngroups, dt_min, dt_max, merge, conv_x, conv_bc)
+                            headdim, ngroups, dt_min, dt_max, merge, conv_x, conv_bc, states)
 
 
 register_reference("msc_scan_fwd", _fwd_ref)
@@ -373,46 +416,48 @@ no_double_backward("msc_scan_bwd")
 
 @torch.library.register_fake("mlmamba::msc_scan_fwd")
 def _fwd_fake(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
-              dt_max, merge, save_conv=False):
+              dt_max, merge, save_conv=False, save_states=False):
     b, L, cd = xBC.shape
     h, k = dt.shape[2], orders.shape[0]
     shape = (b, L, h, headdim) if merge != "none" else (k, b, L, h, headdim)
-    if not save_conv:
-        return xBC.new_empty(shape), empty(xBC), empty(xBC)
-    return (xBC.new_empty(shape), xBC.new_empty((k, b, L, h, headdim)),
-            xBC.new_empty((k, b, L, cd - h * headdim)))
+    n = (cd - h * headdim) // (2 * ngroups)
+    conv = ((xBC.new_empty((k, b, L, h, headdim)), xBC.new_empty((k, b, L, cd - h * headdim)))
+            if save_conv else (empty(xBC), empty(xBC)))
+    states = (xBC.new_empty((k, b, (L + 63) // 64, h, headdim, n), dtype=torch.bfloat16)
+              if save_states else empty(xBC))
+    return (xBC.new_empty(shape),) + conv + (states,)
 
 
 @torch.library.register_fake("mlmamba::msc_scan_bwd")
 def _bwd_fake(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
-              dt_min, dt_max, merge, conv_x=None, conv_bc=None):
+              dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
     return tuple(or_empty(None if t is None else
                           torch.empty_like(t, memory_format=torch.contiguous_format), xBC)
                  for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
 
 
 _FWD_ARGS = ("xBC", "dt", "A", "D", "conv_weight", "conv_bias", "dt_bias", "orders", "headdim",
-             "ngroups", "dt_min", "dt_max", "merge", "save_conv")
+             "ngroups", "dt_min", "dt_max", "merge", "save_conv", "save_states")
 
 
 def _setup(ctx, inputs, output):
     a = dict(zip(_FWD_ARGS, inputs))
-    _, conv_x, conv_bc = output
-    ctx.mark_non_differentiable(conv_x, conv_bc)
+    saved = output[1:]  # conv_x, conv_bc, states
+    ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)  # no zero gradients made for them (a pass over each)
     ctx.save_for_backward(*(a[k] for k in ("xBC", "dt", "A", "D", "conv_weight", "conv_bias",
-                                            "dt_bias", "orders")), conv_x, conv_bc)
+                                            "dt_bias", "orders")), *saved)
     ctx.consts = (a["headdim"], a["ngroups"], a["dt_min"], a["dt_max"], a["merge"])
 
 
-def _backward(ctx, dout, _dconv_x, _dconv_bc):
+def _backward(ctx, dout, *_saved_grads):
     if dout is None:  # (grads are not materialized)
         return (None,) * len(_FWD_ARGS)
-    xBC, dt, A, D, cw, cb, dtb, orders, conv_x, conv_bc = ctx.saved_tensors
+    xBC, dt, A, D, cw, cb, dtb, orders, *saved = ctx.saved_tensors
     g = torch.ops.mlmamba.msc_scan_bwd(dout, xBC, dt, A, D, cw, cb, dtb, orders, *ctx.consts,
-                                       none_if_empty(conv_x), none_if_empty(conv_bc))
+                                       *(none_if_empty(t) for t in saved))
     dxBC, ddt, dA, dD, dcw, dcb, ddtb = (none_if_empty(t) for t in g)
-    return dxBC, ddt, dA, dD, dcw, dcb, ddtb, None, None, None, None, None, None, None
+    return (dxBC, ddt, dA, dD, dcw, dcb, ddtb) + (None,) * (len(_FWD_ARGS) - 7)
 
 
 torch.library.register_autograd("mlmamba::msc_scan_fwd", _backward, setup_context=_setup)

@@ -164,7 +164,8 @@ def _fwd_ref(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
 
 
 def _bwd_ref(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
-             seq_idx, cu_seqlens, dt_softplus, dt_min, dt_max):
+             seq_idx, cu_seqlens, dt_softplus, dt_min, dt_max, chunk_states=None):
+    # chunk_states only spares the CUDA kernel a walk: the reference recomputes them
     grads = reference_vjp(
         lambda x_, dt_, A_, B_, C_, D_, z_, dtb_, init_: ref.ssd_scan(
             x_, dt_, A_, B_, C_, chunk_size, D_, z_, dtb_, init_, seq_idx, cu_seqlens,
@@ -201,7 +202,7 @@ def _like(t, ref_t):
 
 @torch.library.register_fake("mlmamba::ssd_scan_bwd")
 def _bwd_fake(dout, dfinal_states, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
-              seq_idx, cu_seqlens, dt_softplus, dt_min, dt_max):
+              seq_idx, cu_seqlens, dt_softplus, dt_min, dt_max, chunk_states=None):
     return tuple(_like(t, x) for t in (x, dt, A, B, C, D, z, dt_bias, initial_states))
 
 

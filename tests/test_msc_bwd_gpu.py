@@ -97,15 +97,17 @@ def test_backward_gathered_conv_matches_reference(rng, monkeypatch, kind, H, W, 
 @pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
                                         ("random", 5, 3, 8)])
 @pytest.mark.parametrize("merge", ["mean", None])
-def test_backward_recomputed_conv_matches_saved(rng, monkeypatch, kind, H, W, k, merge):
-    """msc.SAVE_CONV off (MLMAMBA_MSC_SAVE_CONV=0): the backward recomputes each scan's conv
-    (msc_conv_fwd) instead of taking the forward's; both match the reference and each other
-    (the two convs may round a few values differently)."""
+@pytest.mark.parametrize("save", [(), ("conv",), ("states",)])
+def test_backward_recomputing_matches_saved(rng, monkeypatch, kind, H, W, k, merge, save):
+    """msc.SAVE (MLMAMBA_MSC_SAVE) short of conv and states: the backward recomputes each
+    scan's conv (msc_conv_fwd) and / or chunk states (the walk's forward direction) instead of
+    taking the forward's; all match the reference and each other (the recomputed values may
+    round a few places differently)."""
     a = make(rng, 2, H, W, k, kind)
     dout = torch.randn(out_shape(a, merge), device=DEV, generator=cuda_gen(rng))
     dout = dout.to(torch.bfloat16)
     saved = grads(a, merge, dout)
-    monkeypatch.setattr(msc_mod, "SAVE_CONV", False)
+    monkeypatch.setattr(msc_mod, "SAVE", frozenset(save))
     recomputed = grads(a, merge, dout)
     for name, s, r, w in zip(NAMES, saved, recomputed, ref_grads(a, merge, dout)):
         assert rel_err(r, w) < 5e-2, name
@@ -113,20 +115,22 @@ def test_backward_recomputed_conv_matches_saved(rng, monkeypatch, kind, H, W, k,
 
 
 class _SaveFlags(TorchDispatchMode):
-    """Records the save_conv argument of each msc_scan_fwd call."""
+    """Records the (save_conv, save_states) arguments of each msc_scan_fwd call."""
 
     def __init__(self):
         super().__init__()
         self.flags = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.mlmamba.msc_scan_fwd.default:
-            self.flags.append(bool(args[13]))
+        if func is torch.ops.mlmamba.msc_scan_fwd.default:  # (trailing defaults dropped)
+            kw = kwargs or {}
+            self.flags.append(tuple(bool(args[i]) if len(args) > i else bool(kw.get(k, False))
+                                    for i, k in ((13, "save_conv"), (14, "save_states"))))
         return func(*args, **(kwargs or {}))
 
 
 @need
-def test_conv_saved_only_under_autograd(rng):
+def test_saved_only_under_autograd(rng, monkeypatch):
     a = make(rng, 1, 5, 3, 4, "cross")
     leaf = dict(a, A=a["A"].clone().requires_grad_(True))
     with _SaveFlags() as on:
@@ -134,7 +138,11 @@ def test_conv_saved_only_under_autograd(rng):
         mk.msc_scan(**leaf)
     with torch.no_grad(), _SaveFlags() as off:
         mk.msc_scan(**leaf)
-    assert on.flags == [False, True] and off.flags == [False]
+    monkeypatch.setattr(msc_mod, "SAVE", frozenset(["states"]))
+    with _SaveFlags() as some:
+        mk.msc_scan(**leaf)
+    assert on.flags == [(False, False), (True, True)] and off.flags == [(False, False)]
+    assert some.flags == [(False, True)]
 
 
 @need

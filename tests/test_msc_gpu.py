@@ -54,15 +54,15 @@ def reference(a, merge, dt_limit=(0.0, float("inf"))):
     return ref.msc_scan(**d, dt_limit=dt_limit, merge=merge)
 
 
-def fused(a, merge, dt_limit=(0.0, float("inf")), save_conv=False):
+def fused(a, merge, dt_limit=(0.0, float("inf")), save=False):
     """The op itself (the fused kernel; it raises where it cannot run), on a poisoned cache:
-    out, or with save_conv (out, conv_x, conv_bc)."""
+    out, or with save (out, conv_x, conv_bc, states)."""
     torch.empty(1 << 24, device=DEV).fill_(float("nan"))  # freed blocks now hold NaN
     outs = torch.ops.mlmamba.msc_scan_fwd(a["xBC"], a["dt"], a["A"], a["D"], a["conv_weight"],
                                           a["conv_bias"], a["dt_bias"], a["orders"], 64,
                                           a["ngroups"], *dt_limit,
-                                          "none" if merge is None else merge, save_conv)
-    return outs if save_conv else outs[0]
+                                          "none" if merge is None else merge, save, save)
+    return outs if save else outs[0]
 
 
 @need
@@ -242,36 +242,43 @@ def test_inference_mode(rng):
 @pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
                                         ("random", 5, 3, 4), ("random", 1, 1, 1)])
 @pytest.mark.parametrize("merge", ["mean", None])
-def test_saved_conv(rng, monkeypatch, kind, H, W, k, merge):
-    """save_conv: the kernel also stores each scan's conv'd x in scan order (by TMA) and
-    returns the conv'd B / C it read; the output is bitwise the same. The saved values are
-    the conv (SiLU) of the rows through the order, rounded to bf16 once (float64 reference).
-    Without the warp-specialized kernel nothing is saved (the backward recomputes)."""
-    from mlmamba_kernels.msc import _conv_fwd_ref
+def test_saved_conv_and_states(rng, monkeypatch, kind, H, W, k, merge):
+    """save_conv / save_states: the kernel also stores each scan's conv'd x in scan order and
+    each chunk's entry state (by TMA) and returns the conv'd B / C it read; the output is
+    bitwise the same. The saved x, B, C are the conv (SiLU) of the rows through the order,
+    rounded to bf16 once; the states are the reference scan's, from the saved conv outputs
+    (float64). Without the warp-specialized kernel, asking to save raises."""
+    from mlmamba_kernels.msc import _conv_fwd_ref, _saved_states
     a = make(rng, 2, H, W, k=k, kind=kind)
     plain = fused(a, merge)
-    out, cx, cbc = fused(a, merge, save_conv=True)
+    out, cx, cbc, st = fused(a, merge, save=True)
     assert torch.equal(out, plain)
     b, L, cd = a["xBC"].shape
     h = a["dt"].shape[2]
     assert cx.shape == (k, b, L, h, 64) and cbc.shape == (k, b, L, cd - h * 64)
+    assert st.shape == (k, b, (L + 63) // 64, h, 64, 128) and st.dtype == torch.bfloat16
     for i in range(k):
         u = _conv_fwd_ref(a["xBC"].double(), a["orders"][i], a["conv_weight"][i].double(),
                           a["conv_bias"][i].double())
         torch.testing.assert_close(cx[i].reshape(b, L, h * 64).double(), u[..., :h * 64],
                                    rtol=2**-8, atol=1e-5)
         torch.testing.assert_close(cbc[i].double(), u[..., h * 64:], rtol=2**-8, atol=1e-5)
+    want = _saved_states(cx.double(), cbc.double(), a["dt"].double(), a["A"].double(),
+                         a["dt_bias"].double(), a["orders"], 1, (0.0, float("inf")))
+    assert not st[:, :, 0].any()  # each scan starts from zero
+    for i in range(k):
+        assert rel_err(st[i], want[i]) < 1e-2
     monkeypatch.setenv("MLMAMBA_MSC_WS", "0")
-    out1, cx1, cbc1 = fused(a, merge, save_conv=True)
-    assert torch.equal(out1, plain) and cx1.numel() == 0 and cbc1.numel() == 0
+    with pytest.raises(RuntimeError, match="warp-specialized"):
+        fused(a, merge, save=True)
 
 
 @need
-@pytest.mark.parametrize("save_conv", [False, True])
-def test_opcheck(rng, save_conv):
-    a = make(rng, 1, 3, 5, h=2, k=2, kind="random")
+@pytest.mark.parametrize("save", [(False, False), (True, True), (False, True)])
+def test_opcheck(rng, save):
+    a = make(rng, 1, 9, 15, h=2, k=2, kind="random")
     args = (a["xBC"], a["dt"], a["A"], a["D"], a["conv_weight"], a["conv_bias"], a["dt_bias"],
-            a["orders"], 64, 1, 0.0, float("inf"), "mean", save_conv)
+            a["orders"], 64, 1, 0.0, float("inf"), "mean", *save)
     torch.library.opcheck(torch.ops.mlmamba.msc_scan_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 

@@ -85,12 +85,12 @@ def test_opcheck_conv(rng, channel_last, grad):
 
 
 @pytest.mark.parametrize("merge", ["mean", "none"])
-@pytest.mark.parametrize("save_conv", [False, True])
-def test_opcheck_msc(rng, merge, save_conv):
-    t, o = msc_inputs(rng, grad=True)
+@pytest.mark.parametrize("save", [(False, False), (True, False), (False, True), (True, True)])
+def test_opcheck_msc(rng, merge, save):
+    t, o = msc_inputs(rng, grad=True, H=9, W=8)
     torch.library.opcheck(ops.msc_scan_fwd, (t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"],
                           t["conv_bias"], t["dt_bias"], o["orders"], o["headdim"], o["ngroups"],
-                          0.0, float("inf"), merge, save_conv))
+                          0.0, float("inf"), merge, *save))
 
 
 # ---- autograd through the op equals autograd through the reference -----------------------
@@ -279,16 +279,18 @@ def test_msc_unfused_backward_equals_reference(rng, merge, bias):
 @pytest.mark.parametrize("merge", ["mean", "none"])
 def test_msc_backward_takes_the_saved_conv(rng, merge):
     # msc_scan_fwd(save_conv=True) returns each scan's conv outputs in scan order; the backward
-    # given them equals the one that recomputes them, and their shapes are the fake's
+    # given them equals the one that recomputes them, and their shapes are the fake's (the
+    # chunk states only spare the CUDA kernel a walk; test_msc_saved_states_reference)
     from mlmamba_kernels.msc import _fwd_fake, _fwd_ref, unfused_backward
     t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
     t = {k: v.double() for k, v in t.items()}
     fwd = (t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"], t["conv_bias"], t["dt_bias"],
            o["orders"], o["headdim"], o["ngroups"], 0.0, float("inf"), merge)
-    out, cx, cbc = _fwd_ref(*fwd, True)
-    fake = _fwd_fake(*fwd, True)
-    assert [x.shape for x in (out, cx, cbc)] == [x.shape for x in fake]
-    assert [x.numel() for x in _fwd_ref(*fwd)[1:]] == [0, 0]
+    out, cx, cbc, st = _fwd_ref(*fwd, True, True)
+    fake = _fwd_fake(*fwd, True, True)
+    assert [(x.shape, x.dtype) for x in (out, cx, cbc, st)] == [(x.shape, x.dtype) for x in fake]
+    assert [x.numel() for x in _fwd_ref(*fwd)[1:]] == [0, 0, 0]
+    assert st.shape == (4, 2, 1, 2, 4, 8) and not st.any()  # one chunk: each entry state is zero
     i, L, h, p = 2, 15, 2, 4  # scan 2's token 7 is the conv of its rows orders[2][4..7]
     rows = t["xBC"][:, o["orders"][i][4:8]]
     u = torch.nn.functional.silu(torch.einsum("blc,cl->bc", rows, t["conv_weight"][i])
@@ -297,8 +299,29 @@ def test_msc_backward_takes_the_saved_conv(rng, merge):
     torch.testing.assert_close(cbc[i, :, 7], u[:, h * p:], rtol=1e-12, atol=1e-12)
     dout = torch.randn(out.shape, generator=rng, dtype=torch.float64)
     args = (dout,) + fwd[:-1] + (merge,)
-    for gv, wv in zip(unfused_backward(*args, cx, cbc), unfused_backward(*args)):
+    for gv, wv in zip(unfused_backward(*args, cx, cbc, st), unfused_backward(*args)):
         torch.testing.assert_close(gv, wv, rtol=1e-12, atol=1e-12)
+
+
+def test_msc_saved_states_reference(rng):
+    # the reference of the saved chunk states: scan i's state entering chunk c is the state of
+    # the sequential recurrence after its first 64 c tokens
+    from mlmamba_kernels.msc import _fwd_ref
+    from mlmamba_kernels.reference import ssd as ssd_ref
+    t, o = msc_inputs(rng, k=4, H=10, W=13, n=8)  # L 130: chunks of 64, 64, 2
+    t = {k: v.double() for k, v in t.items()}
+    _, cx, cbc, st = _fwd_ref(t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"],
+                              t["conv_bias"], t["dt_bias"], o["orders"], 4, 1, 0.0,
+                              float("inf"), "mean", True, True)
+    assert st.shape == (4, 2, 3, 2, 4, 8) and st.dtype == torch.bfloat16
+    for i, c in ((0, 1), (3, 2)):
+        t_end = 64 * c
+        B, C = cbc[i].view(2, 130, 2, 1, 8).unbind(2)
+        want = ssd_ref.ssd_scan_naive(cx[i][:, :t_end], t["dt"][:, o["orders"][i][:t_end]],
+                                      t["A"][i], B[:, :t_end], C[:, :t_end],
+                                      dt_bias=t["dt_bias"][i], dt_softplus=True,
+                                      return_final_states=True)[1]
+        torch.testing.assert_close(st[i][:, c].double(), want, rtol=2**-7, atol=1e-6)
 
 
 def test_msc_unfused_backward_sums_through_msc_sum_rows(rng, monkeypatch):

@@ -77,11 +77,12 @@ def make_case(gen, b=2, l=200, h=4, p=64, g=2, n=64, dtype=torch.bfloat16, dt_dt
     return t, kw, dout, dfin
 
 
-def run_kernel(t, kw, dout, dfin):
+def run_kernel(t, kw, dout, dfin, chunk_states=None):
     lo, hi = kw["dt_limit"]
     return torch.ops.mlmamba.ssd_scan_bwd(
         dout, dfin, t["x"], t["dt"], t["A"], t["B"], t["C"], 256, t["D"], t["z"], t["dt_bias"],
-        t["initial_states"], kw["seq_idx"], kw["cu_seqlens"], kw["dt_softplus"], lo, hi)
+        t["initial_states"], kw["seq_idx"], kw["cu_seqlens"], kw["dt_softplus"], lo, hi,
+        chunk_states)
 
 
 def run_reference(t, kw, dout, dfin):
@@ -346,6 +347,48 @@ def test_states_wgmma(b, l, h, g, n, z, seq, ends, monkeypatch):
         if name in ("dx", "dB", "dC", "dz", "dinit") and r.numel():
             assert rel_err(a, r.double()) < 1e-2, name
     check(*case)
+
+
+def entry_states(t, kw):
+    """The state entering each 64-token chunk, (b, ceil(l / 64), h, p, n) bf16: the reference
+    scan's final state over the tokens before it."""
+    d = {k: (None if v is None else v.detach().double()) for k, v in t.items()}
+    b, l, h, p = d["x"].shape
+    s = [d["initial_states"] if d["initial_states"] is not None else
+         d["x"].new_zeros(b, h, p, d["B"].shape[-1])]
+    for c in range(64, l, 64):
+        s.append(ref.ssd_scan(d["x"][:, :c], d["dt"][:, :c], d["A"], d["B"][:, :c],
+                              d["C"][:, :c], 64, None, None, d["dt_bias"], d["initial_states"],
+                              None, None, kw["dt_softplus"], kw["dt_limit"], True)[1])
+    return torch.stack(s, 1).to(torch.bfloat16).contiguous()
+
+
+@needs_kernel
+@pytest.mark.skipif(not HAVE or torch.cuda.get_device_capability()[0] != 9, reason="sm_90 only")
+@pytest.mark.parametrize("b,l,h,g,n,z,ends", [
+    (2, 1000, 4, 2, 128, True, True),
+    (3, 257, 40, 1, 64, False, True),
+    (1, 40, 3, 1, 128, False, False)])
+def test_given_chunk_states(b, l, h, g, n, z, ends):
+    """chunk_states (the states entering each chunk, from a forward that kept them: msc_scan):
+    the sm_90a walk runs the adjoint alone and the chunk kernel reads the given states. The
+    gradients are close to those without (a state may differ in its last bit) and the caller's
+    tensor is not written; zero states in their place change the gradients (they are read)."""
+    case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=z, init=ends, dfinal=ends)
+    cs = entry_states(case[0], case[1])
+    keep = cs.clone()
+    want = run_kernel(*case)
+    got = run_kernel(*case, chunk_states=cs)
+    assert torch.equal(cs, keep)
+    for name, a, r in zip(NAMES, got, want):
+        if r.numel():
+            assert torch.isfinite(a).all(), name
+            assert rel_err(a, r.double()) < 1e-2, name
+    if l > 64:  # (dC reads S_prev; dx does not)
+        wrong = run_kernel(*case, chunk_states=torch.zeros_like(cs))
+        assert rel_err(wrong[NAMES.index("dC")], want[NAMES.index("dC")].double()) > 1e-2
+    with pytest.raises(RuntimeError, match="chunk_states must be a contiguous bfloat16"):
+        run_kernel(*case, chunk_states=cs[:, :-1] if l > 64 else cs.float())
 
 
 @needs_kernel

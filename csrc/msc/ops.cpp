@@ -72,16 +72,18 @@ at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
   return as_int;
 }
 
-using Outs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using Outs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// out, and where save_conv asks (and the warp-specialized kernel runs) each scan's conv
-// outputs in scan order for the backward: conv_x (k, b, L, h, p), conv_bc (k, b, L, 2 g n);
-// else both empty (the backward recomputes them).
+// out, and what the backward would recompute, each where asked (else an empty tensor): with
+// save_conv each scan's conv outputs in scan order, conv_x (k, b, L, h, p) and conv_bc
+// (k, b, L, 2 g n); with save_states each chunk's entry state, states (k, b, ceil(L / 64), h,
+// p, n) bf16 (the SSD backward's chunk_states). Only the warp-specialized kernel saves: asked
+// where it cannot run, this raises.
 Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at::Tensor& A,
                        const at::Tensor& D, const at::Tensor& conv_weight, const OptT& conv_bias,
                        const at::Tensor& dt_bias, const at::Tensor& orders, int64_t headdim,
                        int64_t ngroups, double dt_min, double dt_max, c10::string_view merge,
-                       bool save_conv) {
+                       bool save_conv, bool save_states) {
   const char* op = "msc_scan";
   MLM_CHECK(xBC_in.is_cuda() && xBC_in.dim() == 3, op,
             ": xBC must be a 3-dim (batch, seqlen, conv_dim) CUDA tensor, got ", xBC_in.sizes(),
@@ -130,11 +132,16 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   const bool none = merge == "none";
   at::Tensor out = none ? at::empty({k, b, L, h, headdim}, xBC_in.options())
                         : at::empty({b, L, h, headdim}, xBC_in.options());
-  // nothing saved: two empty tensors (outputs must not alias)
-  auto none_saved = [&]() -> Outs {
-    return {out, at::empty({0}, xBC_in.options()), at::empty({0}, xBC_in.options())};
-  };
-  if (b == 0 || L == 0 || h == 0) return none_saved();
+  const int64_t nchunks = (L + 63) / 64;
+  MLM_CHECK(k * b * nchunks * h <= INT_MAX, op, ": k * batch * chunks * nheads must be below 2^31");
+  // the saved tensors, or empty ones (outputs must not alias)
+  auto empty0 = [&]() { return at::empty({0}, xBC_in.options()); };
+  at::Tensor conv_x = save_conv ? at::empty({k, b, L, h, headdim}, xBC_in.options()) : empty0();
+  at::Tensor states =
+      save_states ? at::empty({k, b, nchunks, h, headdim, n}, xBC_in.options()) : empty0();
+  if (b == 0 || L == 0 || h == 0)
+    return {out, conv_x,
+            save_conv ? at::empty({k, b, L, 2 * ngroups * n}, xBC_in.options()) : empty0(), states};
   // 16-byte rows for cp.async: the last dim contiguous, other strides multiples of 8
   at::Tensor xBC = xBC_in;
   if (xBC.stride(2) != 1 || xBC.stride(1) % 8 || xBC.stride(0) % 8 ||
@@ -174,11 +181,14 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
     prm.tma = ssd::encode_tile_map(&prm.tm_B, bcv.select(2, 0)) &&
               ssd::encode_tile_map(&prm.tm_C, bcv.select(2, 1));
   }
-  at::Tensor conv_x;  // the conv'd x tiles, stored by the kernel through tm_x
-  if (save_conv) {
-    conv_x = at::empty({k, b, L, h, headdim}, xBC.options());
+  // the saved tensors' TMA maps: the conv'd x tiles through tm_x, the states through tm_S
+  if (save_conv)
     prm.msc.save_x = ssd::encode_tile_map(&prm.tm_x, conv_x.view({k * b, L, h, headdim}));
-  }
+  if (save_states)
+    prm.msc.save_states =
+        ssd::encode_tile_map(&prm.tm_S, states.view({k * b * nchunks * h, headdim, 1, n}));
+  MLM_CHECK(prm.msc.save_x == save_conv && prm.msc.save_states == save_states, op,
+            ": cannot encode the TMA maps of the saved tensors");
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
   const auto* bcp = static_cast<const at::BFloat16*>(bc.data_ptr());
   prm.x = base;
@@ -229,13 +239,14 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   // vs 1281 µs merge mean, 1115 vs 1253 none); MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel
   const char* ws_env = std::getenv("MLMAMBA_MSC_WS");
   const bool ws = !(ws_env && std::string(ws_env) == "0");
-  const char* why = ws ? ssd::launch_msc_fwd_ws(prm, static_cast<int>(n), stream) : "not asked for";
-  const bool saved = why == nullptr && prm.msc.save_x;  // only that kernel stores conv_x
+  const char* why = ws ? ssd::launch_msc_fwd_ws(prm, static_cast<int>(n), stream)
+                       : "MLMAMBA_MSC_WS=0 is set";
+  MLM_CHECK(why == nullptr || !(save_conv || save_states), op,
+            ": save_conv / save_states need the warp-specialized kernel, which cannot run: ", why);
   if (why != nullptr) why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n), stream);
   MLM_CHECK(why == nullptr, op, ": the fused CUDA kernel cannot run: ", why);
   MLM_CHECK_LAUNCH();
-  if (!saved) return none_saved();
-  return {out, conv_x, bc};
+  return {out, conv_x, save_conv ? bc : empty0(), states};
 }
 
 }  // namespace

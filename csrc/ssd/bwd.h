@@ -48,6 +48,7 @@ struct Params {
   bool vec_x, vec_o, vec_z, vec_B, vec_C;  // rows contiguous and 16-byte aligned: vector loads
   int ctas_per_sm;                          // resident step-2 blocks per SM (sizing head splits)
   bool onchip;  // step 2 keeps the dB/dC partials in shared memory across heads (bwd_chunk.cuh)
+  bool g_only;  // wsS holds the caller's chunk_states: the sm_90a walk runs the adjoint alone
   float dt_min, dt_max;
 
   // inputs (element strides, 64-bit)

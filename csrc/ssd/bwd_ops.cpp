@@ -50,7 +50,8 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
                         const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B_in,
                         const at::Tensor& C_in, int64_t chunk_size, const OptT& D, const OptT& z_in,
                         const OptT& dt_bias, const OptT& initial_states, const OptT& seq_idx_in,
-                        const OptT& cu_seqlens, bool dt_softplus, double dt_min, double dt_max) {
+                        const OptT& cu_seqlens, bool dt_softplus, double dt_min, double dt_max,
+                        const OptT& chunk_states) {
   MLM_CHECK(x.is_cuda(), kOp, ": x must be a CUDA tensor, got ", x.device());
   MLM_CHECK(x.dim() == 4, kOp, ": x must have 4 dims (batch, seqlen, nheads, headdim), got ",
             x.sizes());
@@ -100,6 +101,16 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   }
   if (initial_states) check_arg("initial_states", *initial_states, x, {nseq, h, p, n});
   if (dfinal) check_arg("dfinal_states", *dfinal, x, {nseq, h, p, n});
+  if (chunk_states) {
+    const auto& cs = *chunk_states;
+    const int64_t nch = (l + kQ - 1) / kQ;
+    MLM_CHECK(!varlen, kOp, ": chunk_states does not go with cu_seqlens");
+    MLM_CHECK(cs.is_cuda() && cs.device() == x.device() && cs.scalar_type() == at::kBFloat16 &&
+                  cs.is_contiguous() && cs.sizes() == at::IntArrayRef({b, nch, h, p, n}),
+              kOp, ": chunk_states must be a contiguous bfloat16 tensor of shape (", b, ", ", nch,
+              ", ", h, ", ", p, ", ", n, ") on ", x.device(), ", got ", cs.scalar_type(), " ",
+              cs.sizes(), " on ", cs.device(), (cs.is_contiguous() ? "" : ", not contiguous"));
+  }
 
   c10::cuda::CUDAGuard guard(x.device());
   const auto T = x.scalar_type();
@@ -217,11 +228,15 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     P.offs = offs.data_ptr<int>();
   }
 
-  // workspaces: per-chunk states (bf16), per-split dB/dC partials and per-chunk scalars (fp32)
+  // workspaces: per-chunk states (bf16), per-split dB/dC partials and per-chunk scalars (fp32).
+  // chunk_states (the states entering each chunk, from a forward that kept them: msc_scan) are
+  // S_prev where the sm_90a walk runs: it then walks the adjoint alone (P.g_only)
   auto bopt = x.options().dtype(at::kBFloat16);
   const int64_t wsn = int64_t(P.nslots) * h * p * P.npad;
-  at::Tensor wsS = at::empty({wsn}, bopt), wsG = at::empty({wsn}, bopt);
   const int tcode = code_of(T);
+  const bool take_states = chunk_states && prop.major == 9 && wg_shape_ok(P, tcode);
+  at::Tensor wsS = take_states ? chunk_states->view({wsn}) : at::empty({wsn}, bopt);
+  at::Tensor wsG = at::empty({wsn}, bopt);
 
   // TMA maps of the inputs and the state workspaces for the sm_90a kernels (steps 1 and 2),
   // where their shape applies; they need the last dim contiguous and 16-byte aligned rows
@@ -323,9 +338,20 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     MLM_CHECK_LAUNCH();
   }
   bool states_done = false;
-  if (wg && maps_ok && states_wg_ok(P, tcode))
+  if (wg && maps_ok && states_wg_ok(P, tcode)) {
+    P.g_only = take_states;
     states_done = launch_states_wg(P, maps, prop.multiProcessorCount, stream);
-  if (!states_done) launch_states(P, tcode, stages, stream);
+  }
+  if (!states_done) {
+    if (take_states) {  // the walk below writes S_prev too: not into the caller's tensor
+      wsS = at::empty({wsn}, bopt);
+      P.wsS = wsS.data_ptr();
+      if (maps_ok) maps_ok = ssd::encode_tile_map(&maps.wsS, wsS.view({int64_t(P.nslots) * h, p, 1, P.npad}));
+      MLM_CHECK(maps_ok || !chunk_wg, kOp, ": cannot encode the TMA map of the state workspace");
+      P.g_only = false;
+    }
+    launch_states(P, tcode, stages, stream);
+  }
   MLM_CHECK_LAUNCH();
   if (chunk_wg) launch_chunk_wg(P, maps, stream);
   else launch_chunk(P, tcode, stream);

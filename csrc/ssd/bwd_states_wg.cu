@@ -88,7 +88,9 @@ __global__ void __launch_bounds__(kThr, MB) states_wg_kernel(const __grid_consta
   constexpr int kStages = Lt::kStages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned char* sm = smem_raw + ((1024u - (ssd::smem_u32(smem_raw) & 1023u)) & 1023u);
-  const int dir = blockIdx.x & 1, s = blockIdx.x >> 1, hh = blockIdx.y;
+  // blockIdx.x: (sequence, direction), or the sequence alone where S_prev is given (g_only)
+  const int dir = P.g_only ? 1 : blockIdx.x & 1, s = P.g_only ? blockIdx.x : blockIdx.x >> 1;
+  const int hh = blockIdx.y;
   const int n0 = blockIdx.z * 64 * NP;
   const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int gg = hh / P.hpg, nk = P.nch, slot0 = s * P.nch;
@@ -217,7 +219,7 @@ bool launch_np(const Params& P, const StatesMaps& M, cudaStream_t st) {
     cudaGetLastError();
     return false;
   }
-  const dim3 grid(P.nseq * 2, P.h, P.npad / (64 * NP));
+  const dim3 grid(P.nseq * (P.g_only ? 1 : 2), P.h, P.npad / (64 * NP));
   kern<<<grid, kThr, smem, st>>>(P, M);
   return true;
 }
@@ -234,7 +236,7 @@ bool launch_states_wg(const Params& P, const StatesMaps& M, int num_sms, void* s
   if (!image) return false;
   auto st = static_cast<cudaStream_t>(stream);
   // 128 state columns in one tile where that still gives two CTAs per SM, else 64 per CTA
-  const bool np2 = P.npad == 128 && int64_t(P.nseq) * 2 * P.h >= 2LL * num_sms;
+  const bool np2 = P.npad == 128 && int64_t(P.nseq) * (P.g_only ? 1 : 2) * P.h >= 2LL * num_sms;
   // 3 stages and 2 outgoing tiles at 2 CTAs per SM (2 stages with z and 128 columns). Measured
   // against (H200, session 9): 2 stages, 1 tile, 3 CTAs/SM (-1..+2%) and 64 columns at 3
   // CTAs/SM (-0..+4%): docs/perf-log.md

@@ -29,6 +29,9 @@ struct MscParams {
   // warp-specialized kernel: store each chunk's conv'd X tile by TMA through tm_x, a map of
   // (nscans b, l, h, p) in scan order (the backward's saved x; the MSC mode loads no x by TMA)
   bool save_x;
+  // ... and each chunk's entry state (bf16, as WG0 hands it to WG1) through tm_S, a map of
+  // (nscans b nchunks h, p, 1, n): the SSD backward's S_prev workspace of each scan
+  bool save_states;
 };
 
 struct FwdParams {
@@ -74,6 +77,7 @@ struct FwdParams {
   // instead of cp.async; not with cu_seqlens (a box would run into the next sequence)
   bool tma;
   CUtensorMap tm_x, tm_B, tm_C;  // 64-byte aligned by their type
+  CUtensorMap tm_S;              // MSC: the saved chunk-entry states (MscParams::save_states)
   // sm_90 wgmma kernel, not MSC, not cu_seqlens: scratch for the chunk-vector pre-pass
   // (vec_cap bytes; nullptr: warp 0 computes each chunk's vectors in the walk). The launch
   // fills it (rows, heads, vec_nch chunks of kFwdVecBytes) and sets vecs; the walk then loads

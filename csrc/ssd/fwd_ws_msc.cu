@@ -4,7 +4,8 @@
 // another:
 //   WG0 (mask, state, loads): M = C B^T -> mask -> Mbuf; then chunk g + 1's positions and its
 //                 gathered loads (cp.async, completed on the stage's mbarrier) once WG1 is done
-//                 with g - 1; S = decay S + (w o X)^T B -> Sbuf (zeroed at each scan's start)
+//                 with g - 1; S = decay S + (w o X)^T B -> Sbuf (zeroed at each scan's start;
+//                 stored by TMA for the backward where asked: MscParams::save_states)
 //   WG1 (conv, output): the conv of the raw x rows in place into the X tile (stored by TMA
 //                 for the backward where asked: MscParams::save_x), Y = C S^T,
 //                 Y += M X, the epilogue with the scans' merge (msc_store)
@@ -141,12 +142,27 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   if (tid < NW) {
     // ================= WG0: the mask and the state =================
     setmaxnreg_inc<kWsRegsState>();
+    const bool save_s = p.msc.save_states;
+    // where asked: the state entering chunk gn (just written to Ss) to the saved states by
+    // TMA, at slot ((scan b + row) nchunks + chunk) h + head
+    auto store_saved_state = [&](int gn) {
+      bar_sync_n(kBarWg0, NW);  // every thread's part of Ss written and fenced
+      if (tid == 0) {
+        const int sc = gn / nchunks, c = gn - sc * nchunks;
+        const int slot = ((sc * static_cast<int>(p.nrows) + row) * nchunks + c) *
+                             static_cast<int>(p.nheads) + h;
+#pragma unroll
+        for (int np = 0; np < NP; ++np) tma_store_4d(&p.tm_S, smem_u32(Ss) + np * P * 128, 64 * np, 0, 0, slot);
+        bulk_commit();
+      }
+    };
     float sacc[NP][32];
     wg::zero_state(sacc);
     const uint32_t st_base = wg::state_store_base(Ss, wq, lane);
     const uint32_t m_base = wg::state_store_base(Ms, wq, lane);
     wg::store_state(sacc, st_base);  // scan 0's S_{-1}: sready's completion 0
     fence_async_smem();
+    if (save_s) store_saved_state(0);
     mbar_arrive(sready);
     if (total > 0) load_chunk(0);
     if (total > 1) load_chunk(1);
@@ -187,11 +203,17 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       if (gc + 1 == total) break;   // nobody reads the last state
       if ((gc + 1) % nchunks == 0) wg::zero_state(sacc);  // the next scan starts from zero
       wait_phase(sfree, gc & 1);    // WG1 has read the previous state (sfree completion gc)
+      if (save_s) {                 // ... and the previous state's store has read it
+        if (tid == 0) bulk_wait_read<0>();
+        bar_sync_n(kBarWg0, NW);
+      }
       __syncwarp();
       wg::store_state(sacc, st_base);
       fence_async_smem();
+      if (save_s) store_saved_state(gc + 1);
       mbar_arrive(sready);  // completion gc + 1
     }
+    if (save_s && tid == 0) bulk_wait_read<0>();  // Ss stays valid until the store has read it
     return;
   }
 

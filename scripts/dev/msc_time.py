@@ -3,8 +3,8 @@
     h32; kind: cross, bidirectional or random)
 MSC_TIME_WS=0,1 times each case under those MLMAMBA_MSC_WS values, interleaved (A/B).
 MSC_TIME_STEP=1 times fwd+bwd instead (merge mean, the grads of xBC and dt, as the bench), two
-rounds of the msc.SAVE_CONV values in MSC_TIME_SAVE (default 1,0) interleaved, each with its
-peak memory.
+rounds of the msc.SAVE values in MSC_TIME_SAVE (MLMAMBA_MSC_SAVE values separated by ";",
+default "conv,states;conv;none") interleaved, each with its peak memory.
 """
 import os
 import statistics
@@ -29,15 +29,16 @@ def step(a, dev, name):
     def f():
         return torch.autograd.grad(mk.msc_scan(**a), (a["xBC"], a["dt"]), dout)
     for rnd in range(2):
-        for save in os.environ.get("MSC_TIME_SAVE", "1,0").split(","):
-            msc.SAVE_CONV = save == "1"
+        for save in os.environ.get("MSC_TIME_SAVE", "conv,states;conv;none").split(";"):
+            os.environ["MLMAMBA_MSC_SAVE"] = save
+            msc.SAVE = msc._save_env()
             f()
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             f()
             peak = torch.cuda.max_memory_allocated() / 2**20
             us = statistics.median(_time_once(f, dev, 5, lead=True) * 1e6 for _ in range(5))
-            print(f"{name} fwd+bwd save_conv {save} round {rnd}: {us:.1f} us, peak {peak:.0f} MiB",
+            print(f"{name} fwd+bwd save {save} round {rnd}: {us:.1f} us, peak {peak:.0f} MiB",
                   flush=True)
 
 
