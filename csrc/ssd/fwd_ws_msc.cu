@@ -61,7 +61,9 @@ __device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
-template <int N>
+// SAVE: the variant that may store what the backward would recompute (MscParams::save_x /
+// save_states); without it that code is compiled out (its checks alone cost 1.5-2%: H200)
+template <int N, bool SAVE>
 __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_constant__ FwdParams p) {
   using Lt = WsMscLayout<N>;
   constexpr int NP = N / 64;
@@ -142,7 +144,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   if (tid < NW) {
     // ================= WG0: the mask and the state =================
     setmaxnreg_inc<kWsRegsState>();
-    const bool save_s = p.msc.save_states;
+    const bool save_s = SAVE && p.msc.save_states;
     // where asked: the state entering chunk gn (just written to Ss) to the saved states by
     // TMA, at slot ((scan b + row) nchunks + chunk) h + head
     auto store_saved_state = [&](int gn) {
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     msc_conv_inplace(X, LBs(s), cwsm, nvalid, wq, lane, [] { bar_sync_n(kBarWg1, NW); });
     fence_async_smem();       // the X tile and the landed B / C -> the async proxy
     bar_sync_n(kBarWg1, NW);  // the whole X tile written (WG1 reads it below)
-    if (p.msc.save_x && wt == 0) {  // the tile for the backward, by TMA (rows past len clipped)
+    if (SAVE && p.msc.save_x && wt == 0) {  // the tile for the backward, by TMA (rows past len clipped)
       tma_store_4d(&p.tm_x, smem_u32(X), 0, static_cast<int>(c0), h,
                    sc * static_cast<int>(p.nrows) + row);
       bulk_commit();
@@ -289,7 +291,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     mbar_arrive(mfree);  // completion gc
     // done with C, X and the vectors of stage s: WG0 loads chunk gc + 2 during the epilogue
     // (its positions sit in buffer (gc + 2) % 3; this chunk's stay until chunk gc + 1 is done)
-    if (p.msc.save_x && wt == 0) bulk_wait_read<0>();  // the X tile's store has read it
+    if (SAVE && p.msc.save_x && wt == 0) bulk_wait_read<0>();  // the X tile's store has read it
     mbar_arrive(empty0 + 8 * s);
 
     // ---- epilogue: + D x, merge ----
@@ -311,8 +313,11 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 
 template <int N>
 const char* launch_ws_msc(const FwdParams& p, cudaStream_t stream) {
-  return launch_ws_grid<ssd_fwd_ws_msc_kernel<N>>(p, WsMscLayout<N>::SMEM,
-                                                  "it needs the chunk-vector pre-pass", stream);
+  if (p.msc.save_x || p.msc.save_states)
+    return launch_ws_grid<ssd_fwd_ws_msc_kernel<N, true>>(p, WsMscLayout<N>::SMEM,
+                                                          "it needs the chunk-vector pre-pass", stream);
+  return launch_ws_grid<ssd_fwd_ws_msc_kernel<N, false>>(p, WsMscLayout<N>::SMEM,
+                                                         "it needs the chunk-vector pre-pass", stream);
 }
 
 }  // namespace
