@@ -133,7 +133,8 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   at::Tensor out = none ? at::empty({k, b, L, h, headdim}, xBC_in.options())
                         : at::empty({b, L, h, headdim}, xBC_in.options());
   const int64_t nchunks = (L + 63) / 64;
-  MLM_CHECK(k * b * nchunks * h <= INT_MAX, op, ": k * batch * chunks * nheads must be below 2^31");
+  MLM_CHECK(!save_states || k * b * nchunks * h <= INT_MAX, op,
+            ": save_states takes k * batch * chunks * nheads below 2^31");
   // the saved tensors, or empty ones (outputs must not alias)
   auto empty0 = [&]() { return at::empty({0}, xBC_in.options()); };
   at::Tensor conv_x = save_conv ? at::empty({k, b, L, h, headdim}, xBC_in.options()) : empty0();

@@ -346,7 +346,8 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     if (take_states) {  // the walk below writes S_prev too: not into the caller's tensor
       wsS = at::empty({wsn}, bopt);
       P.wsS = wsS.data_ptr();
-      if (maps_ok) maps_ok = ssd::encode_tile_map(&maps.wsS, wsS.view({int64_t(P.nslots) * h, p, 1, P.npad}));
+      if (maps_ok)
+        maps_ok = ssd::encode_tile_map(&maps.wsS, wsS.view({int64_t(P.nslots) * h, p, 1, P.npad}));
       MLM_CHECK(maps_ok || !chunk_wg, kOp, ": cannot encode the TMA map of the state workspace");
       P.g_only = false;
     }

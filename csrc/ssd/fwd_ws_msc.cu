@@ -154,7 +154,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
         const int slot = ((sc * static_cast<int>(p.nrows) + row) * nchunks + c) *
                              static_cast<int>(p.nheads) + h;
 #pragma unroll
-        for (int np = 0; np < NP; ++np) tma_store_4d(&p.tm_S, smem_u32(Ss) + np * P * 128, 64 * np, 0, 0, slot);
+        for (int np = 0; np < NP; ++np)
+          tma_store_4d(&p.tm_S, smem_u32(Ss) + np * P * 128, 64 * np, 0, 0, slot);
         bulk_commit();
       }
     };
