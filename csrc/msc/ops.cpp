@@ -183,11 +183,12 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
               ssd::encode_tile_map(&prm.tm_C, bcv.select(2, 1));
   }
   // the saved tensors' TMA maps: the conv'd x tiles through tm_x, the states through tm_S
+  // (16-row boxes: a warp's rows of the state tile)
   if (save_conv)
     prm.msc.save_x = ssd::encode_tile_map(&prm.tm_x, conv_x.view({k * b, L, h, headdim}));
   if (save_states)
     prm.msc.save_states =
-        ssd::encode_tile_map(&prm.tm_S, states.view({k * b * nchunks * h, headdim, 1, n}));
+        ssd::encode_tile_map(&prm.tm_S, states.view({k * b * nchunks * h, headdim, 1, n}), 16);
   MLM_CHECK(prm.msc.save_x == save_conv && prm.msc.save_states == save_states, op,
             ": cannot encode the TMA maps of the saved tensors");
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());

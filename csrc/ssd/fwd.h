@@ -30,7 +30,8 @@ struct MscParams {
   // (nscans b, l, h, p) in scan order (the backward's saved x; the MSC mode loads no x by TMA)
   bool save_x;
   // ... and each chunk's entry state (bf16, as WG0 hands it to WG1) through tm_S, a map of
-  // (nscans b nchunks h, p, 1, n): the SSD backward's S_prev workspace of each scan
+  // (nscans b nchunks h, p, 1, n) with 64 x 16 boxes: the SSD backward's S_prev workspace of
+  // each scan
   bool save_states;
 };
 

@@ -22,7 +22,7 @@ namespace ssd {
 // A 4-D bf16 map of t (b, l, j, cols) as (cols, l, j, b) with 64 x 64 boxes and the 128-byte
 // swizzle of the wgmma tiles; reads past the end fill zeros. Strides of size-1 dims are free in
 // torch: any multiple of 16 bytes does.
-bool encode_tile_map(CUtensorMap* map, const at::Tensor& t) {
+bool encode_tile_map(CUtensorMap* map, const at::Tensor& t, int box_rows) {
   const auto enc = tensor_map_encoder();
   if (!enc) return false;
   cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.size(3)), static_cast<cuuint64_t>(t.size(1)),
@@ -34,7 +34,7 @@ bool encode_tile_map(CUtensorMap* map, const at::Tensor& t) {
     strides[k] = t.size(d) == 1 ? 16 : static_cast<cuuint64_t>(t.stride(d)) * 2;
     if (strides[k] % 16) return false;
   }
-  cuuint32_t box[4] = {64, 64, 1, 1}, estr[4] = {1, 1, 1, 1};
+  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1}, estr[4] = {1, 1, 1, 1};
   return enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, t.data_ptr(), dims, strides, box, estr,
              CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;

@@ -146,16 +146,18 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     setmaxnreg_inc<kWsRegsState>();
     const bool save_s = SAVE && p.msc.save_states;
     // where asked: the state entering chunk gn (just written to Ss) to the saved states by
-    // TMA, at slot ((scan b + row) nchunks + chunk) h + head
+    // TMA at slot ((scan b + row) nchunks + chunk) h + head, each warp its own 16 rows (which
+    // only its lanes write: no barrier across the warpgroup)
     auto store_saved_state = [&](int gn) {
-      bar_sync_n(kBarWg0, NW);  // every thread's part of Ss written and fenced
-      if (tid == 0) {
+      __syncwarp();  // the lanes' writes, each fenced, before lane 0's copy reads them
+      if (lane == 0) {
         const int sc = gn / nchunks, c = gn - sc * nchunks;
         const int slot = ((sc * static_cast<int>(p.nrows) + row) * nchunks + c) *
                              static_cast<int>(p.nheads) + h;
 #pragma unroll
         for (int np = 0; np < NP; ++np)
-          tma_store_4d(&p.tm_S, smem_u32(Ss) + np * P * 128, 64 * np, 0, 0, slot);
+          tma_store_4d(&p.tm_S, smem_u32(Ss) + np * P * 128 + wq * 16 * 128, 64 * np, 16 * wq,
+                       0, slot);
         bulk_commit();
       }
     };
@@ -206,17 +208,14 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
       if (gc + 1 == total) break;   // nobody reads the last state
       if ((gc + 1) % nchunks == 0) wg::zero_state(sacc);  // the next scan starts from zero
       wait_phase(sfree, gc & 1);    // WG1 has read the previous state (sfree completion gc)
-      if (save_s) {                 // ... and the previous state's store has read it
-        if (tid == 0) bulk_wait_read<0>();
-        bar_sync_n(kBarWg0, NW);
-      }
+      if (save_s && lane == 0) bulk_wait_read<0>();  // ... and the warp's previous store
       __syncwarp();
       wg::store_state(sacc, st_base);
       fence_async_smem();
       if (save_s) store_saved_state(gc + 1);
       mbar_arrive(sready);  // completion gc + 1
     }
-    if (save_s && tid == 0) bulk_wait_read<0>();  // Ss stays valid until the store has read it
+    if (save_s && lane == 0) bulk_wait_read<0>();  // Ss stays valid until the stores read it
     return;
   }
 

@@ -44,9 +44,10 @@ inline FwdParams fwd_params(int64_t seqlen, int64_t nheads, int64_t headdim, int
   return p;
 }
 
-// A 4-D bf16 map of t (b, l, j, cols) as (cols, l, j, b) with 64 x 64 boxes and the 128-byte
-// swizzle of the wgmma tiles, zeros past the ends (fwd_ops.cpp); false where it cannot encode.
-bool encode_tile_map(CUtensorMap* map, const at::Tensor& t);
+// A 4-D bf16 map of t (b, l, j, cols) as (cols, l, j, b) with 64 x box_rows boxes and the
+// 128-byte swizzle of the wgmma tiles, zeros past the ends (fwd_ops.cpp); false where it
+// cannot encode.
+bool encode_tile_map(CUtensorMap* map, const at::Tensor& t, int box_rows = 64);
 
 // The buffer of the wgmma forward's chunk-vector pre-pass for rows x heads x chunks, on
 // opts' device; sets p.vec_buf / p.vec_cap (the tensor keeps it alive until the launches are
