@@ -141,8 +141,11 @@ def test_saved_only_under_autograd(rng, monkeypatch):
     monkeypatch.setattr(msc_mod, "SAVE", frozenset(["states"]))
     with _SaveFlags() as some:
         mk.msc_scan(**leaf)
+    monkeypatch.setattr(msc_mod, "WS_KERNEL", False)  # MLMAMBA_MSC_WS=0 at import: none
+    with _SaveFlags() as no_ws:
+        mk.msc_scan(**leaf)
     assert on.flags == [(False, False), (True, True)] and off.flags == [(False, False)]
-    assert some.flags == [(False, True)]
+    assert some.flags == [(False, True)] and no_ws.flags == [(False, False)]
 
 
 @need
