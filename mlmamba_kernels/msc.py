@@ -114,7 +114,7 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     if dev.type == "cuda" and not fused:
         return composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
                                  headdim, ngroups, (lo, hi), merge)
-    save = WS_KERNEL and torch.is_grad_enabled() and any(
+    save = fused and WS_KERNEL and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad
         for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
     with nvtx_range(op):

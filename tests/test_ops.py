@@ -156,6 +156,27 @@ def test_compile_fullgraph(rng):
         torch.testing.assert_close(a, b2)
 
 
+def test_compile_msc_op_with_saved_outputs(rng):
+    # msc_scan_fwd with its saved (non-differentiable) outputs under torch.compile and
+    # autograd, as the CUDA path calls it: the same values and gradients as eager
+    t, o = msc_inputs(rng, grad=True, H=9, W=8)
+    names = ("xBC", "dt", "A", "D", "conv_weight", "conv_bias", "dt_bias")
+
+    def f(*a):
+        out, cx, cbc, st = ops.msc_scan_fwd(*a, o["orders"], o["headdim"], o["ngroups"], 0.0,
+                                            float("inf"), "mean", True, True)
+        return out.square().sum(), cx, st
+
+    args = [t[k] for k in names]
+    eager = f(*args)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    assert not compiled[1].requires_grad and not compiled[2].requires_grad
+    for a, b2 in zip(compiled, eager):
+        torch.testing.assert_close(a, b2)
+    for a, b2 in zip(torch.autograd.grad(compiled[0], args), torch.autograd.grad(eager[0], args)):
+        torch.testing.assert_close(a, b2)
+
+
 # ---- bad input: a clear error naming the argument ----------------------------------------
 
 def test_ssd_errors(rng):
