@@ -77,6 +77,8 @@ def msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ng
     conv_bias (k,conv_dim) or None, A, D, dt_bias (k,h); orders (k,L) int64 permutations.
     Scan i runs causal_conv1d(silu) then ssd_scan (dt_softplus) along orders[i]; the output
     lands at raster positions. merge "mean" | "sum" -> (b,L,h,p); None -> (k,b,L,h,p).
+    Under autograd the fused CUDA kernel keeps each scan's conv outputs and chunk states for
+    the backward (k b L (h p + 2 g n) + k b ceil(L/64) h p n bf16 elements; MLMAMBA_MSC_SAVE).
     """
     op = "msc_scan"
     ck.check_tensor(op, "xBC", xBC, ndim=3)
