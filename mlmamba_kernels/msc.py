@@ -9,6 +9,7 @@ from ._registry import (empty, no_double_backward, none_if_empty, nvtx_range, or
                         reference_vjp, register_reference)
 from .reference import conv1d as conv_ref
 from .reference import msc as ref
+from .reference import ssd as ssd_ref
 
 MERGES = ("mean", "sum", None, "none")
 
@@ -153,7 +154,6 @@ def _saved_conv(xBC, conv_weight, conv_bias, orders, h, p):
 def _saved_states(conv_x, conv_bc, dt, A, dt_bias, orders, ngroups, dt_limit):
     """Each chunk's entry state of each scan, as msc_scan_fwd saves them: (k, b, ceil(L / 64),
     h, p, n) bf16 (the reference scan's final state over the tokens before the chunk)."""
-    from .reference import ssd as ssd_ref
     k, b, L, h, p = conv_x.shape
     n = conv_bc.shape[-1] // (2 * ngroups)
     per_scan = []
