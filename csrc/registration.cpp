@@ -37,6 +37,7 @@ TORCH_LIBRARY(mlmamba, m) {
         "Tensor? conv_bc=None, Tensor? states=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor");
+  m.def("msc_gather_rows(Tensor src, Tensor rows, float scale=1.0) -> Tensor");
   m.def("msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor");
   m.def("msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, Tensor[] dout) "
         "-> (Tensor, Tensor, Tensor)");

@@ -18,8 +18,8 @@ _OPS = {
     "ssd_state_update": ("ssd_state_update",),
     "causal_conv1d": ("causal_conv1d_fwd", "causal_conv1d_bwd"),
     "causal_conv1d_update": ("causal_conv1d_update",),
-    "msc_scan": ("msc_scan_fwd", "msc_scan_bwd", "msc_sum_rows", "msc_conv_fwd",
-                 "msc_conv_bwd"),
+    "msc_scan": ("msc_scan_fwd", "msc_scan_bwd", "msc_sum_rows", "msc_gather_rows",
+                 "msc_conv_fwd", "msc_conv_bwd"),
 }
 
 

@@ -36,6 +36,7 @@ SCHEMAS = {
     "Tensor? conv_bc=None, Tensor? states=None) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "msc_sum_rows": "msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor",
+    "msc_gather_rows": "msc_gather_rows(Tensor src, Tensor rows, float scale=1.0) -> Tensor",
     "msc_conv_fwd": "msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor",
     "msc_conv_bwd": "msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, "
     "Tensor[] dout) -> (Tensor, Tensor, Tensor)",

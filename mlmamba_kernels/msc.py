@@ -1,4 +1,5 @@
 """msc_scan (the fused multi-order 2D scan) and scan_orders: public functions and ops."""
+import contextlib
 import os
 
 import torch
@@ -143,30 +144,32 @@ def composed_msc_scan(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, he
 # ---- reference kernels of the ops -------------------------------------------------------
 
 def _saved_conv(xBC, conv_weight, conv_bias, orders, h, p):
-    """Each scan's conv outputs in scan order, as msc_scan_fwd saves them: conv_x
-    (k, b, L, h, p) and conv_bc (k, b, L, 2 g n)."""
+    """Each scan's conv outputs in scan order, as msc_scan_fwd saves them, the scans side by
+    side: conv_x (b, L, k, h, p) and conv_bc (b, L, 2, k, g n) (B, then C)."""
     u = torch.stack([_conv_fwd_ref(xBC, o, conv_weight[i], None if conv_bias is None else
-                                   conv_bias[i]) for i, o in enumerate(orders)])
-    b, L = xBC.shape[:2]
-    return u[..., :h * p].reshape(-1, b, L, h, p).contiguous(), u[..., h * p:].contiguous()
+                                   conv_bias[i]) for i, o in enumerate(orders)], dim=2)
+    b, L, k, _ = u.shape
+    gn = (u.shape[3] - h * p) // 2
+    return (u[..., :h * p].reshape(b, L, k, h, p).contiguous(),
+            torch.stack((u[..., h * p:h * p + gn], u[..., h * p + gn:]), dim=2).contiguous())
 
 
 def _saved_states(conv_x, conv_bc, dt, A, dt_bias, orders, ngroups, dt_limit):
-    """Each chunk's entry state of each scan, as msc_scan_fwd saves them: (k, b, ceil(L / 64),
+    """Each chunk's entry state of each scan, as msc_scan_fwd saves them: (b, ceil(L / 64), k,
     h, p, n) bf16 (the reference scan's final state over the tokens before the chunk)."""
-    k, b, L, h, p = conv_x.shape
-    n = conv_bc.shape[-1] // (2 * ngroups)
+    b, L, k, h, p = conv_x.shape
+    n = conv_bc.shape[-1] // ngroups
     per_scan = []
     for i in range(k):
-        x, dts = conv_x[i], dt[:, orders[i]]
-        B, C = conv_bc[i].view(b, L, 2, ngroups, n).unbind(2)
+        x, dts = conv_x[:, :, i], dt[:, orders[i]]
+        B, C = conv_bc[:, :, :, i].reshape(b, L, 2, ngroups, n).unbind(2)
         s = [x.new_zeros(b, h, p, n)]
         for t in range(64, L, 64):
             s.append(ssd_ref.ssd_scan(x[:, :t], dts[:, :t], A[i], B[:, :t], C[:, :t], 64,
                                       dt_bias=dt_bias[i], dt_softplus=True, dt_limit=dt_limit,
                                       return_final_states=True)[1].to(x.dtype))
         per_scan.append(torch.stack(s, 1))
-    return torch.stack(per_scan).to(torch.bfloat16)
+    return torch.stack(per_scan, 2).to(torch.bfloat16)
 
 
 def _fwd_ref(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups, dt_min,
@@ -262,22 +265,29 @@ def _conv_bwd_fake(xBC, rows, weight, bias, dout):
             or_empty(None if bias is None else torch.empty_like(bias), xBC))
 
 
-def _gather(t, rows, fast, scale=1.0):
-    """t[:, rows] * scale (rows: int32 scan positions -> raster rows): msc_sum_rows with one
-    scan (a row gather in 16-byte pieces, one index read per row; exact for scale 1) when fast,
-    else _take_rows."""
-    if not fast:
-        g = _take_rows(t, rows.long())
-        return g if scale == 1.0 else g * scale
-    t3 = t.reshape(t.shape[0], t.shape[1], -1)
-    return torch.ops.mlmamba.msc_sum_rows([t3], rows.view(1, -1), scale).view(t.shape)
+def _gather_rows_ref(src, rows, scale=1.0):
+    """msc_gather_rows' reference: out (b, L, k, cols), out[:, t, i] = src_i[:, rows[i, t]]
+    times scale (src_i: src[i] of a (k, b, L, cols) src, else src) in fp32 (float64 for
+    float64) with one rounding; zeros where rows holds a position outside range(L)."""
+    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    srcs = src.unbind(0) if src.dim() == 4 else [src] * rows.shape[0]
+    out = torch.stack([_rows_of(t, r) for t, r in zip(srcs, rows)], dim=2).to(acc)
+    return out.mul_(torch.tensor(scale, dtype=acc)).to(src.dtype)
+
+
+register_reference("msc_gather_rows", _gather_rows_ref)
+
+
+@torch.library.register_fake("mlmamba::msc_gather_rows")
+def _gather_rows_fake(src, rows, scale=1.0):
+    return src.new_empty(src.shape[-3], src.shape[-2], rows.shape[0], src.shape[-1])
 
 
 _STREAMS = {}
 
 
 def _side_streams(device, k):
-    """min(k, MLMAMBA_MSC_STREAMS (default 4)) CUDA streams for the per-scan backwards, made
+    """min(k, MLMAMBA_MSC_STREAMS (default 4)) CUDA streams for the per-scan conv backwards, made
     once per device; none (one stream) on the CPU or when that is 1."""
     env = os.environ.get("MLMAMBA_MSC_STREAMS", "") or "4"
     if not env.isdigit() or int(env) < 1:
@@ -294,108 +304,97 @@ def _side_streams(device, k):
 
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                      ngroups, dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
-    """msc_scan's CUDA backward (until a fused one exists): the conv and scan backward ops, one
-    scan after another. Each scan's conv outputs come from the forward (conv_x, conv_bc: see
-    msc_scan_fwd; with its chunk states, `states`, the scan backward's walk runs the adjoint
-    alone) or are recomputed reading xBC through its order
-    (msc_conv_fwd: the scan's inputs; the scan's own forward is not), dy and dt are gathered by
-    the order (msc_sum_rows with one scan), and msc_conv_bwd reads xBC through the order too.
-    The gradients of xBC and dt stay in scan order and `msc_sum_rows` sums them over the scans
-    through the inverse orders, in scan order in fp32 with one rounding (deterministic); above
-    SUM_ROWS_MAX_SCANS scans (or for float64) they are gathered back and summed here, with the
-    same arithmetic. The mean's 1/k rides in the dy gathers (or divides dout once)."""
+    """msc_scan's CUDA backward (until a fused one exists). The k scans' SSDs run as one SSD
+    backward of k h heads and k g groups, the scans side by side in scan order: x, B, C from
+    the forward (conv_x, conv_bc; else recomputed through each order by msc_conv_fwd and laid
+    out so), dout and dt gathered through the orders by one msc_gather_rows each, the chunk
+    states where the forward kept them (the SSD backward's walk then runs the adjoint alone).
+    Then each scan's conv backward (msc_conv_bwd, xBC read through the order), on side streams
+    (MLMAMBA_MSC_STREAMS). The gradients of xBC and dt stay in scan order and msc_sum_rows
+    sums them over the scans through the inverse orders, in scan order in fp32 with one
+    rounding (deterministic); above SUM_ROWS_MAX_SCANS scans they are gathered back and summed
+    here with the same arithmetic. Merge mean's 1/k rides in dout's gather on CUDA (as a
+    multiply by its fp32 reciprocal: the value of dout / k there); the CPU divides."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
-    n = (cd - h * p) // (2 * g)
-    acc = torch.float64 if xBC.dtype == torch.float64 else torch.float32
-    f32 = dict(dtype=acc, device=xBC.device)
-    dA, dD, ddtb = (torch.zeros(k, h, **f32) for _ in range(3))
-    dw = torch.zeros(conv_weight.shape, **f32)
-    db = None if conv_bias is None else torch.zeros(k, cd, **f32)
-    idx_all = orders.to(device=xBC.device, dtype=torch.int64)
-    inv_all = torch.empty_like(idx_all).scatter_(
-        1, idx_all, torch.arange(L, device=xBC.device).expand(k, L).contiguous())
-    rows = idx_all.to(torch.int32)
-    # MLMAMBA_MSC_SUM_ROWS=0: indexing gathers and the running sums (developer A/B)
-    fast = acc == torch.float32 and os.environ.get("MLMAMBA_MSC_SUM_ROWS", "1") != "0"
-    fused_sum = fast and k <= SUM_ROWS_MAX_SCANS
-    # the conv through the order (msc_conv_fwd / _bwd; MLMAMBA_MSC_CONV_ROWS=0: gathered rows
-    # and causal_conv1d, developer A/B); the dout pieces need h p and g n multiples of 4
-    conv_rows = (fast and (h * p) % 4 == 0 and (g * n) % 4 == 0
-                 and os.environ.get("MLMAMBA_MSC_CONV_ROWS", "1") != "0")
-    gxs_all, gdt_all, dxBC, ddt = [], [], None, None
-    # merge mean's 1 / k: on CUDA in the fast path each scan's dy gather multiplies by
-    # fp32(1 / k) before its one rounding, the value of dout / k there (CUDA divides a tensor
-    # by a Python scalar as a multiply by its fp32 reciprocal; the CPU divides), without a
-    # pass over dout
+    gn = (cd - h * p) // 2
+    n = gn // g
+    order64 = orders.to(device=xBC.device, dtype=torch.int64)
+    rows = order64.to(torch.int32)
+    inv = torch.empty_like(rows).scatter_(
+        1, order64, torch.arange(L, device=xBC.device, dtype=torch.int32).expand(k, L))
     dy_scale = 1.0
-    if merge == "mean" and fast and MEAN_IN_DY_GATHER and dout.is_cuda:
+    if merge == "mean" and MEAN_IN_DY_GATHER and dout.is_cuda:
         dy_scale = float(torch.tensor(1.0, dtype=torch.float32) / k)
     elif merge == "mean":
         dout = dout / k
+    bias = [None if conv_bias is None else conv_bias[i] for i in range(k)]
 
     saved = conv_x is not None and conv_x.numel() > 0
 
-    def one_scan(i):
-        bias = None if conv_bias is None else conv_bias[i]
-        if not conv_rows:
-            xs = _gather(xBC, rows[i], fast).transpose(1, 2)    # (b, cd, L) channel-last
-        if saved:  # the forward's conv outputs, scan order
-            x, (B, C) = conv_x[i], conv_bc[i].view(b, L, 2, g * n).unbind(2)
-        elif conv_rows:  # the conv reads xBC's rows through the order: no gathered copy
-            x, B, C = torch.split(ops.msc_conv_fwd(xBC, rows[i], conv_weight[i], bias),
-                                  [h * p, g * n, g * n], dim=-1)
-        else:
-            u = ops.causal_conv1d_fwd(xs, conv_weight[i], bias, None, None, True,
-                                      False)[0].transpose(1, 2)
-            x, B, C = torch.split(u, [h * p, g * n, g * n], dim=-1)
-        dy = dout[i] if merge == "none" else dout
-        dy, dts = _gather(dy, rows[i], fast, dy_scale), _gather(dt, rows[i], fast)
-        gx, gdt, gA, gB, gC, gD, _, gdtb, _ = ops.ssd_scan_bwd(
-            dy, None, x.reshape(b, L, h, p), dts, A[i], B.reshape(b, L, g, n),
-            C.reshape(b, L, g, n), ref._CHUNK, D[i], None, dt_bias[i], None, None, None, True,
-            dt_min, dt_max, None if states is None else states[i])
-        du = [gx.reshape(b, L, h * p).to(xBC.dtype), gB.reshape(b, L, g * n).to(xBC.dtype),
-              gC.reshape(b, L, g * n).to(xBC.dtype)]
-        if conv_rows:  # dout in its three pieces, x through the order; dx in scan order
-            gxs, gw, gb = ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias, du)
-        else:
-            gxs, gw, gb, _ = ops.causal_conv1d_bwd(xs, conv_weight[i], bias, None, None,
-                                                   torch.cat(du, dim=-1).transpose(1, 2), None,
-                                                   True)
-            gxs = gxs.transpose(1, 2)                           # (b, L, cd), scan order
-        dA[i], dD[i], ddtb[i], dw[i] = gA, gD, gdtb, gw
-        if db is not None:
-            db[i] = gb
-        return gxs, gdt
+    def ssd_part(lo, hi):
+        """Scans lo..hi-1 side by side in scan order as one SSD backward of (hi - lo) h heads and
+        (hi - lo) g groups: per scan its conv backward's dout pieces (dx, dB, dC) and its ddt,
+        and the (hi - lo) h gradients of A, D, dt_bias."""
+        m = hi - lo
+        src = dout.reshape(k, b, L, h * p)[lo:hi] if merge == "none" else dout.reshape(b, L, h * p)
+        dy = ops.msc_gather_rows(src, rows[lo:hi], dy_scale).view(b, L, m * h, p)
+        dts = ops.msc_gather_rows(dt, rows[lo:hi]).view(b, L, m * h)
+        if saved:  # the forward's: x (b, L, k, h, p), B / C (b, L, 2, k, g n)
+            x, bc = conv_x[:, :, lo:hi], conv_bc[:, :, :, lo:hi]
+        elif m == 1:  # recomputed through the order; views of the conv's output
+            u = ops.msc_conv_fwd(xBC, rows[lo], conv_weight[lo], bias[lo])
+            x, bc = u[..., :h * p], u[..., h * p:].unflatten(-1, (2, 1, gn))
+        else:  # recomputed, laid out as the forward saves them
+            x, bc = xBC.new_empty(b, L, m, h * p), xBC.new_empty(b, L, 2, m, gn)
+            for j in range(m):
+                u = ops.msc_conv_fwd(xBC, rows[lo + j], conv_weight[lo + j], bias[lo + j])
+                x[:, :, j], bc[:, :, :, j] = u[..., :h * p], u[..., h * p:].unflatten(-1, (2, gn))
+        B, C = bc.reshape(b, L, 2, m * g, n).unbind(2)
+        cs = None if states is None else states.view(b, -1, m * h, p, n)
+        gx, gdt, dA, gB, gC, dD, _, ddtb, _ = ops.ssd_scan_bwd(
+            dy, None, x.reshape(b, L, m * h, p), dts, A[lo:hi].reshape(m * h), B, C, ref._CHUNK,
+            D[lo:hi].reshape(m * h), None, dt_bias[lo:hi].reshape(m * h), None, None, None,
+            True, dt_min, dt_max, cs)
+        gx, gdt = gx.reshape(b, L, m, h * p).to(xBC.dtype), gdt.reshape(b, L, m, h)
+        gB, gC = (t.reshape(b, L, m, gn).to(xBC.dtype) for t in (gB, gC))
+        return ([([gx[:, :, j], gB[:, :, j], gC[:, :, j]], gdt[:, :, j]) for j in range(m)],
+                [dA, dD, ddtb])
 
-    # the scans are independent until the sums: with msc_sum_rows they may run on side streams
-    # (MLMAMBA_MSC_STREAMS), scan i on stream i % n, one scan's tails overlapping another's
-    streams = _side_streams(xBC.device, k) if fused_sum else []
+    # with the forward's saved tensors (its layout) all scans run as one SSD; else scan by
+    # scan (the least memory: MLMAMBA_MSC_SAVE=none). Then each scan's conv backward, dout in
+    # its three pieces, x through the order, dx in scan order. The scans are independent
+    # until the sums: scan i's part on side stream i % n (MLMAMBA_MSC_STREAMS)
+    batched = saved or states is not None
+    pieces, params = ssd_part(0, k) if batched else ([], [])
+    streams = _side_streams(xBC.device, k)
     main = torch.cuda.current_stream(xBC.device) if streams else None
     for st in streams:
         st.wait_stream(main)
+    convs = []
     for i in range(k):
-        if streams:
-            with torch.cuda.stream(streams[i % len(streams)]):
-                gxs, gdt = one_scan(i)
-        else:
-            gxs, gdt = one_scan(i)
-        if fused_sum:
-            gxs_all.append(gxs)
-            gdt_all.append(gdt)
-        else:  # running sums in raster order: the same arithmetic as msc_sum_rows
-            gxs, gdt = _take_rows(gxs, inv_all[i]), _take_rows(gdt, inv_all[i])
-            dxBC = gxs.to(acc) if i == 0 else dxBC.add_(gxs)
-            ddt = gdt.to(acc) if i == 0 else ddt.add_(gdt)
+        with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
+            if not batched:
+                pc, pr = ssd_part(i, i + 1)
+                pieces, params = pieces + pc, params + pr
+            convs.append(ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias[i], pieces[i][0]))
     for st in streams:
         main.wait_stream(st)
-    for t in (gxs_all + gdt_all) if streams else ():
+    gxs, gdts = [c[0] for c in convs], [pc[1] for pc in pieces]
+    for t in [u for c in convs for u in c] + gdts + params if streams else ():
         t.record_stream(main)  # made on a side stream, read and freed on main
-    if fused_sum:
-        inv32 = inv_all.to(torch.int32)
-        dxBC, ddt = ops.msc_sum_rows(gxs_all, inv32), ops.msc_sum_rows(gdt_all, inv32)
+    if k <= SUM_ROWS_MAX_SCANS:
+        dxBC, ddt = ops.msc_sum_rows(gxs, inv), ops.msc_sum_rows(gdts, inv)
+    else:  # running sums in raster order: the same arithmetic as msc_sum_rows
+        acc, inv64 = torch.float64 if xBC.dtype == torch.float64 else torch.float32, inv.long()
+        dxBC = ddt = None
+        for i in range(k):
+            u, v = _take_rows(gxs[i], inv64[i]).to(acc), _take_rows(gdts[i], inv64[i]).to(acc)
+            dxBC, ddt = (u, v) if i == 0 else (dxBC.add_(u), ddt.add_(v))
+    dA, dD, ddtb = (torch.cat(params[j::3]).reshape(k, h) for j in range(3))
+    dw = torch.stack([c[1] for c in convs])
+    db = None if conv_bias is None else torch.stack([c[2] for c in convs])
     return (dxBC.to(xBC.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dD.to(D.dtype),
             dw.to(conv_weight.dtype), or_empty(None if db is None else db.to(conv_bias.dtype), xBC),
             ddtb.to(dt_bias.dtype))
@@ -423,9 +422,9 @@ def _fwd_fake(xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, n
     h, k = dt.shape[2], orders.shape[0]
     shape = (b, L, h, headdim) if merge != "none" else (k, b, L, h, headdim)
     n = (cd - h * headdim) // (2 * ngroups)
-    conv = ((xBC.new_empty((k, b, L, h, headdim)), xBC.new_empty((k, b, L, cd - h * headdim)))
+    conv = ((xBC.new_empty((b, L, k, h, headdim)), xBC.new_empty((b, L, 2, k, ngroups * n)))
             if save_conv else (empty(xBC), empty(xBC)))
-    states = (xBC.new_empty((k, b, (L + 63) // 64, h, headdim, n), dtype=torch.bfloat16)
+    states = (xBC.new_empty((b, (L + 63) // 64, k, h, headdim, n), dtype=torch.bfloat16)
               if save_states else empty(xBC))
     return (xBC.new_empty(shape),) + conv + (states,)
 

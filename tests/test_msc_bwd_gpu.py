@@ -78,22 +78,6 @@ def test_backward_matches_reference(rng, kind, H, W, k, merge):
 
 
 @need
-@pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("random", 5, 3, 8)])
-def test_backward_gathered_conv_matches_reference(rng, monkeypatch, kind, H, W, k):
-    """MLMAMBA_MSC_CONV_ROWS=0: the conv on gathered rows (causal_conv1d) instead of
-    msc_conv_fwd / _bwd through the order; the two agree."""
-    a = make(rng, 2, H, W, k, kind)
-    dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng))
-    dout = dout.to(torch.bfloat16)
-    rows = grads(a, "mean", dout)
-    monkeypatch.setenv("MLMAMBA_MSC_CONV_ROWS", "0")
-    gathered = grads(a, "mean", dout)
-    for name, g, r, w in zip(NAMES, gathered, rows, ref_grads(a, "mean", dout)):
-        assert rel_err(g, w) < 5e-2, name
-        assert rel_err(r, g.double()) < 2e-2, name
-
-
-@need
 @pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
                                         ("random", 5, 3, 8)])
 @pytest.mark.parametrize("merge", ["mean", None])
@@ -151,7 +135,7 @@ def test_saved_only_under_autograd(rng, monkeypatch):
 @need
 @pytest.mark.parametrize("nstreams", ["2", "4"])
 def test_backward_on_side_streams_equals_one_stream(rng, monkeypatch, nstreams):
-    """The per-scan backwards on side streams (MLMAMBA_MSC_STREAMS) give bitwise the
+    """The per-scan conv backwards on side streams (MLMAMBA_MSC_STREAMS) give bitwise the
     one-stream result, also when the caller's stream is not the default one."""
     a = make(rng, 3, 24, 24, 4, "cross")
     dout = torch.randn(out_shape(a, "mean"), device=DEV, generator=cuda_gen(rng))
@@ -289,3 +273,55 @@ def test_sum_rows_opcheck(rng):
     for args in ((src, inv), (src, inv, 0.25)):
         torch.library.opcheck(torch.ops.mlmamba.msc_sum_rows.default, args,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@need
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k,cols,layout", [(1, 16, "contig"), (4, 2048, "contig"),
+                                           (4, 2048, "per_scan"), (3, 13, "contig"),
+                                           (2, 40, "slice"), (9, 32, "per_scan_strided")])
+def test_gather_rows_equals_reference(rng, dtype, k, cols, layout):
+    """msc_gather_rows: out[:, t, i] = src_i[:, rows[i, t]], exact at scale 1 (-0 kept), src
+    shared or one per scan, strided or offset rows; a position outside range(L) reads zeros;
+    at scale fp32(1 / k) it equals dout / k gathered (merge mean's fold)."""
+    b, L = 3, 37
+    cg = cuda_gen(rng)
+    shape = (k, b, L, cols + 8) if layout.startswith("per_scan") else (b, L, cols + 8)
+    t = torch.randn(shape, device=DEV, generator=cg).to(dtype)
+    t[..., 0, :3, :] = -0.0
+    if layout == "slice":
+        src = t[..., 1:cols + 1]
+    elif layout == "per_scan_strided":
+        src = t.transpose(0, 1).contiguous().transpose(0, 1)[..., :cols]
+    else:
+        src = t[..., :cols].contiguous()
+    rows = torch.stack([torch.randperm(L, generator=rng) for _ in range(k)]).to(DEV, torch.int32)
+    got = torch.ops.mlmamba.msc_gather_rows(src, rows)
+    assert got.shape == (b, L, k, cols) and got.is_contiguous() and got.dtype == dtype
+    for i in range(k):
+        want = (src[i] if src.dim() == 4 else src)[:, rows[i].long()]
+        assert torch.equal(got[:, :, i], want) and torch.equal(got[:, :, i].signbit(), want.signbit())
+    scale = float(torch.tensor(1.0, dtype=torch.float32) / 3)
+    got = torch.ops.mlmamba.msc_gather_rows(src, rows, scale)
+    assert torch.equal(got[:, :, k - 1], ((src[k - 1] if src.dim() == 4 else src) / 3)[:, rows[k - 1].long()])
+    bad = rows.clone()
+    bad[0, 5] = L
+    got = torch.ops.mlmamba.msc_gather_rows(src, bad)
+    assert not got[:, 5, 0].any() and torch.equal(got, msc_mod._gather_rows_ref(src, bad))
+
+
+@need
+def test_gather_rows_errors_and_opcheck(rng):
+    f = torch.ops.mlmamba.msc_gather_rows
+    g = torch.randn(2, 5, 8, device=DEV)
+    rows = torch.stack([torch.randperm(5), torch.randperm(5)]).to(DEV, torch.int32)
+    with pytest.raises(RuntimeError, match="rows must be a contiguous 2-dim"):
+        f(g, rows.long())
+    with pytest.raises(RuntimeError, match=r"src must have shape \(2, batch, 5, cols\)"):
+        f(g.expand(3, 2, 5, 8), rows)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        f(g.double(), rows)
+    with pytest.raises(RuntimeError, match="src must be a"):
+        f(g[0], rows)
+    for args in ((g.bfloat16(), rows), (g.expand(2, 2, 5, 8), rows, 0.25)):
+        torch.library.opcheck(f.default, args, test_utils=("test_schema", "test_faketensor"))

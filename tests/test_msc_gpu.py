@@ -255,19 +255,21 @@ def test_saved_conv_and_states(rng, monkeypatch, kind, H, W, k, merge):
     assert torch.equal(out, plain)
     b, L, cd = a["xBC"].shape
     h = a["dt"].shape[2]
-    assert cx.shape == (k, b, L, h, 64) and cbc.shape == (k, b, L, cd - h * 64)
-    assert st.shape == (k, b, (L + 63) // 64, h, 64, 128) and st.dtype == torch.bfloat16
+    # the scans side by side (one SSD of k h heads and k groups for the backward)
+    assert cx.shape == (b, L, k, h, 64) and cbc.shape == (b, L, 2, k, (cd - h * 64) // 2)
+    assert st.shape == (b, (L + 63) // 64, k, h, 64, 128) and st.dtype == torch.bfloat16
     for i in range(k):
         u = _conv_fwd_ref(a["xBC"].double(), a["orders"][i], a["conv_weight"][i].double(),
                           a["conv_bias"][i].double())
-        torch.testing.assert_close(cx[i].reshape(b, L, h * 64).double(), u[..., :h * 64],
+        torch.testing.assert_close(cx[:, :, i].reshape(b, L, h * 64).double(), u[..., :h * 64],
                                    rtol=2**-8, atol=1e-5)
-        torch.testing.assert_close(cbc[i].double(), u[..., h * 64:], rtol=2**-8, atol=1e-5)
+        torch.testing.assert_close(cbc[:, :, :, i].reshape(b, L, -1).double(), u[..., h * 64:],
+                                   rtol=2**-8, atol=1e-5)
     want = _saved_states(cx.double(), cbc.double(), a["dt"].double(), a["A"].double(),
                          a["dt_bias"].double(), a["orders"], 1, (0.0, float("inf")))
-    assert not st[:, :, 0].any()  # each scan starts from zero
+    assert not st[:, 0].any()  # each scan starts from zero
     for i in range(k):
-        assert rel_err(st[i], want[i]) < 1e-2
+        assert rel_err(st[:, :, i], want[:, :, i]) < 1e-2
     monkeypatch.setenv("MLMAMBA_MSC_WS", "0")
     with pytest.raises(RuntimeError, match="warp-specialized"):
         fused(a, merge, save=True)

@@ -280,8 +280,9 @@ def test_composed_msc_equals_reference(rng, merge):
 @pytest.mark.parametrize("merge", ["mean", "sum", "none"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_msc_unfused_backward_equals_reference(rng, merge, bias):
-    # the CUDA backward of msc_scan (conv and scan backward ops, scan by scan); on CPU the ops
-    # run their references, so it must equal autograd through the reference msc_scan
+    # the CUDA backward of msc_scan (the gather, scan, conv backward and sum ops; the scans as
+    # one SSD of k h heads); on CPU the ops run their references, so it must equal autograd
+    # through the reference msc_scan
     from mlmamba_kernels.msc import _bwd_ref, unfused_backward
     t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
     t = {k: v.double() for k, v in t.items()}
@@ -311,17 +312,25 @@ def test_msc_backward_takes_the_saved_conv(rng, merge):
     fake = _fwd_fake(*fwd, True, True)
     assert [(x.shape, x.dtype) for x in (out, cx, cbc, st)] == [(x.shape, x.dtype) for x in fake]
     assert [x.numel() for x in _fwd_ref(*fwd)[1:]] == [0, 0, 0]
-    assert st.shape == (4, 2, 1, 2, 4, 8) and not st.any()  # one chunk: each entry state is zero
+    # the scans side by side: x (b, L, k, h, p), B / C (b, L, 2, k, g n), states (b, chunks,
+    # k, h, p, n)
+    assert cx.shape == (2, 15, 4, 2, 4) and cbc.shape == (2, 15, 2, 4, 8)
+    assert st.shape == (2, 1, 4, 2, 4, 8) and not st.any()  # one chunk: each entry state is zero
     i, L, h, p = 2, 15, 2, 4  # scan 2's token 7 is the conv of its rows orders[2][4..7]
     rows = t["xBC"][:, o["orders"][i][4:8]]
     u = torch.nn.functional.silu(torch.einsum("blc,cl->bc", rows, t["conv_weight"][i])
                                  + t["conv_bias"][i])
-    torch.testing.assert_close(cx[i, :, 7].reshape(2, h * p), u[:, :h * p], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(cbc[i, :, 7], u[:, h * p:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cx[:, 7, i].reshape(2, h * p), u[:, :h * p], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cbc[:, 7, :, i].reshape(2, 16), u[:, h * p:], rtol=1e-12,
+                               atol=1e-12)
     dout = torch.randn(out.shape, generator=rng, dtype=torch.float64)
     args = (dout,) + fwd[:-1] + (merge,)
-    for gv, wv in zip(unfused_backward(*args, cx, cbc, st), unfused_backward(*args)):
-        torch.testing.assert_close(gv, wv, rtol=1e-12, atol=1e-12)
+    # the scans as one SSD (given the saved conv, or the states alone: the conv recomputed in
+    # the saved layout) and scan by scan (nothing saved)
+    want = unfused_backward(*args)
+    for got in (unfused_backward(*args, cx, cbc, st), unfused_backward(*args, None, None, st)):
+        for gv, wv in zip(got, want):
+            torch.testing.assert_close(gv, wv, rtol=1e-12, atol=1e-12)
 
 
 def test_msc_saved_states_reference(rng):
@@ -334,15 +343,15 @@ def test_msc_saved_states_reference(rng):
     _, cx, cbc, st = _fwd_ref(t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"],
                               t["conv_bias"], t["dt_bias"], o["orders"], 4, 1, 0.0,
                               float("inf"), "mean", True, True)
-    assert st.shape == (4, 2, 3, 2, 4, 8) and st.dtype == torch.bfloat16
+    assert st.shape == (2, 3, 4, 2, 4, 8) and st.dtype == torch.bfloat16
     for i, c in ((0, 1), (3, 2)):
         t_end = 64 * c
-        B, C = cbc[i].view(2, 130, 2, 1, 8).unbind(2)
-        want = ssd_ref.ssd_scan_naive(cx[i][:, :t_end], t["dt"][:, o["orders"][i][:t_end]],
+        B, C = cbc[:, :, :, i].reshape(2, 130, 2, 1, 8).unbind(2)
+        want = ssd_ref.ssd_scan_naive(cx[:, :t_end, i], t["dt"][:, o["orders"][i][:t_end]],
                                       t["A"][i], B[:, :t_end], C[:, :t_end],
                                       dt_bias=t["dt_bias"][i], dt_softplus=True,
                                       return_final_states=True)[1]
-        torch.testing.assert_close(st[i][:, c].double(), want, rtol=2**-7, atol=1e-6)
+        torch.testing.assert_close(st[:, c, i].double(), want, rtol=2**-7, atol=1e-6)
 
 
 def test_msc_unfused_backward_sums_through_msc_sum_rows(rng, monkeypatch):
@@ -374,10 +383,29 @@ def test_msc_sum_rows_reference(rng):
     torch.library.opcheck(ops.msc_sum_rows, (src, inv, 0.5))
 
 
+def test_msc_gather_rows_reference(rng):
+    # out[:, t, i] = src_i[:, rows[i, t]] * scale, src shared or one per scan; a position
+    # outside range(L) reads a zero row
+    src = torch.randn(2, 6, 5, generator=rng)
+    rows = torch.stack([torch.randperm(6, generator=rng) for _ in range(3)]).to(torch.int32)
+    rows[1, 2] = 9
+    got = ops.msc_gather_rows(src, rows, 0.5)
+    assert got.shape == (2, 6, 3, 5)
+    for i in range(3):
+        for t in range(6):
+            r = int(rows[i, t])
+            assert torch.equal(got[:, t, i], src[:, r] * 0.5 if r < 6 else torch.zeros(2, 5))
+    per = torch.randn(3, 2, 6, 5, generator=rng, dtype=torch.float64)
+    got = ops.msc_gather_rows(per, rows)
+    assert torch.equal(got[:, 4, 2], per[2][:, rows[2, 4].long()])
+    torch.library.opcheck(ops.msc_gather_rows, (src, rows, 0.5))
+    torch.library.opcheck(ops.msc_gather_rows, (per, rows))
+
+
 def test_msc_conv_references(rng, monkeypatch):
     # msc_conv_fwd / _bwd (CPU: their references) equal causal_conv1d on the gathered rows, an
-    # entry outside range(L) reading a zero row; the unfused backward gives the same gradients
-    # with them as with the gathered conv (MLMAMBA_MSC_CONV_ROWS=0)
+    # entry outside range(L) reading a zero row; the backward given the saved conv (the scans
+    # as one SSD) equals the one recomputing it through msc_conv_fwd (scan by scan)
     x = torch.randn(2, 9, 12, generator=rng, dtype=torch.float64)
     w, b = torch.randn(12, 4, generator=rng), torch.randn(12, generator=rng)
     rows = torch.randperm(9, generator=rng).to(torch.int32)
@@ -401,9 +429,9 @@ def test_msc_conv_references(rng, monkeypatch):
     args = (torch.randn(2, 15, 2, 4, generator=rng), t["xBC"], t["dt"], t["A"], t["D"],
             t["conv_weight"], t["conv_bias"], t["dt_bias"], o["orders"], o["headdim"],
             o["ngroups"], 0.0, float("inf"), "mean")
-    got = m.unfused_backward(*args)
-    monkeypatch.setenv("MLMAMBA_MSC_CONV_ROWS", "0")
-    for gv, wv in zip(got, m.unfused_backward(*args)):
+    got = m.unfused_backward(*args)  # scan by scan
+    _, cx, cbc, _ = m._fwd_ref(*args[1:], True, False)
+    for gv, wv in zip(got, m.unfused_backward(*args, cx, cbc)):  # the scans as one SSD
         torch.testing.assert_close(gv, wv, rtol=1e-5, atol=1e-6)
     monkeypatch.setenv("MLMAMBA_MSC_STREAMS", "two")
     with pytest.raises(ValueError, match="MLMAMBA_MSC_STREAMS must be a positive integer"):

@@ -1,6 +1,7 @@
 // B and C of each msc_scan scan, conv'd once (width 4, SiLU, fp32) along the scan's order and
 // stored in scan order (row t: scan token t; zeros where the order has no valid position), so
-// the heads of a group share them and the scan kernel loads them as plain tiles (msc.h).
+// the heads of a group share them and the scan kernel loads them as plain tiles (msc.h): out
+// (b, L, 2, k, g n), B then C, the scans side by side (the SSD backward takes them as k g groups).
 // Thread: 8 channels of kSeg consecutive scan tokens, with its 32 weights and the conv window
 // in registers: one 16-byte row load per token (the window's 3 look-back rows first).
 #include "common/device_utils.cuh"
@@ -35,12 +36,14 @@ __global__ void __launch_bounds__(kThreads) bc_conv_kernel(const BcConvParams p)
   const int s = blockIdx.z;
   const int* order = p.orders + s * p.seqlen;
   const __nv_bfloat16* rows = p.xBC + bi * p.x_b + p.col0;
-  __nv_bfloat16* out = p.out + (s * p.batch + bi) * p.seqlen * p.nch;
+  const int half = p.nch / 2;  // B's channels, then C's (a multiple of 8: c8 stays in one)
+  __nv_bfloat16* out = p.out + bi * p.seqlen * p.nch * p.nscans + s * half;
   for (int e = threadIdx.x; e < per * cpr; e += kThreads) {
     const int64_t t0 = (static_cast<int64_t>(blockIdx.x) * per + e / cpr) * kSeg;
     if (t0 >= p.seqlen) continue;
     const int c8 = 8 * (e % cpr);
     const int64_t gc = p.col0 + c8;
+    const int64_t oc = c8 < half ? c8 : static_cast<int64_t>(p.nscans) * half + c8 - half;
     float w[4][8], bias[8];
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
@@ -78,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) bc_conv_kernel(const BcConvParams p)
       }
       // a token without a valid position reads zeros in the scan (as its gathered row did)
       const bool ok = pos >= 0 && pos < p.seqlen;
-      *reinterpret_cast<uint4*>(out + t * p.nch + c8) =
+      *reinterpret_cast<uint4*>(out + t * p.nch * p.nscans + oc) =
           ok ? make_uint4(pack_bf16(acc[0], acc[1]), pack_bf16(acc[2], acc[3]),
                           pack_bf16(acc[4], acc[5]), pack_bf16(acc[6], acc[7]))
              : make_uint4(0u, 0u, 0u, 0u);

@@ -75,10 +75,11 @@ at::Tensor checked_orders(const at::Tensor& orders, int64_t L) {
 using Outs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // out, and what the backward would recompute, each where asked (else an empty tensor): with
-// save_conv each scan's conv outputs in scan order, conv_x (k, b, L, h, p) and conv_bc
-// (k, b, L, 2 g n); with save_states each chunk's entry state, states (k, b, ceil(L / 64), h,
-// p, n) bf16 (the SSD backward's chunk_states). Only the warp-specialized kernel saves: asked
-// where it cannot run, this raises.
+// save_conv each scan's conv outputs in scan order, conv_x (b, L, k, h, p) and conv_bc
+// (b, L, 2, k, g n) (B, then C); with save_states each chunk's entry state, states (b,
+// ceil(L / 64), k, h, p, n) bf16. The scans sit side by side: viewed as one SSD of k h heads
+// and k g groups, they are its backward's x, B, C and chunk_states. Only the warp-specialized
+// kernel saves: asked where it cannot run, this raises.
 Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at::Tensor& A,
                        const at::Tensor& D, const at::Tensor& conv_weight, const OptT& conv_bias,
                        const at::Tensor& dt_bias, const at::Tensor& orders, int64_t headdim,
@@ -137,12 +138,12 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
             ": save_states takes k * batch * chunks * nheads below 2^31");
   // the saved tensors, or empty ones (outputs must not alias)
   auto empty0 = [&]() { return at::empty({0}, xBC_in.options()); };
-  at::Tensor conv_x = save_conv ? at::empty({k, b, L, h, headdim}, xBC_in.options()) : empty0();
+  at::Tensor conv_x = save_conv ? at::empty({b, L, k, h, headdim}, xBC_in.options()) : empty0();
   at::Tensor states =
-      save_states ? at::empty({k, b, nchunks, h, headdim, n}, xBC_in.options()) : empty0();
+      save_states ? at::empty({b, nchunks, k, h, headdim, n}, xBC_in.options()) : empty0();
   if (b == 0 || L == 0 || h == 0)
     return {out, conv_x,
-            save_conv ? at::empty({k, b, L, 2 * ngroups * n}, xBC_in.options()) : empty0(), states};
+            save_conv ? at::empty({b, L, 2, k, ngroups * n}, xBC_in.options()) : empty0(), states};
   // 16-byte rows for cp.async: the last dim contiguous, other strides multiples of 8
   at::Tensor xBC = xBC_in;
   if (xBC.stride(2) != 1 || xBC.stride(1) % 8 || xBC.stride(0) % 8 ||
@@ -157,7 +158,7 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   if (!none && k > 1) acc = at::empty({b, L, h, headdim}, xBC.options().dtype(at::kFloat));
 
   const int64_t nbc = 2 * ngroups * n;
-  at::Tensor bc = at::empty({k, b, L, nbc}, xBC.options());
+  at::Tensor bc = at::empty({b, L, 2, k, ngroups * n}, xBC.options());
   msc::BcConvParams bp{};
   bp.xBC = reinterpret_cast<const __nv_bfloat16*>(xBC.data_ptr());
   bp.x_b = xBC.stride(0);
@@ -177,29 +178,29 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   MLM_CHECK_LAUNCH();
 
   ssd::FwdParams prm = ssd::fwd_params(L, h, headdim, ngroups, b);
-  {  // TMA maps of the conv'd B and C as (k b, L, g, n) for the warp-specialized kernel
-    const at::Tensor bcv = bc.view({k * b, L, 2, ngroups, n});
+  {  // TMA maps of the conv'd B and C as (b, L, k g, n) for the warp-specialized kernel
+    const at::Tensor bcv = bc.view({b, L, 2, k * ngroups, n});
     prm.tma = ssd::encode_tile_map(&prm.tm_B, bcv.select(2, 0)) &&
               ssd::encode_tile_map(&prm.tm_C, bcv.select(2, 1));
   }
   // the saved tensors' TMA maps: the conv'd x tiles through tm_x, the states through tm_S
   // (16-row boxes: a warp's rows of the state tile)
   if (save_conv)
-    prm.msc.save_x = ssd::encode_tile_map(&prm.tm_x, conv_x.view({k * b, L, h, headdim}));
+    prm.msc.save_x = ssd::encode_tile_map(&prm.tm_x, conv_x.view({b, L, k * h, headdim}));
   if (save_states)
     prm.msc.save_states =
-        ssd::encode_tile_map(&prm.tm_S, states.view({k * b * nchunks * h, headdim, 1, n}), 16);
+        ssd::encode_tile_map(&prm.tm_S, states.view({b * nchunks * k * h, headdim, 1, n}), 16);
   MLM_CHECK(prm.msc.save_x == save_conv && prm.msc.save_states == save_states, op,
             ": cannot encode the TMA maps of the saved tensors");
   const auto* base = static_cast<const at::BFloat16*>(xBC.data_ptr());
   const auto* bcp = static_cast<const at::BFloat16*>(bc.data_ptr());
   prm.x = base;
   prm.B = bcp;
-  prm.C = bcp + ngroups * n;
+  prm.C = bcp + k * ngroups * n;
   prm.x_b = xBC.stride(0);
   prm.x_l = xBC.stride(1);
-  prm.B_b = prm.C_b = L * nbc;
-  prm.B_l = prm.C_l = nbc;
+  prm.B_b = prm.C_b = L * k * nbc;
+  prm.B_l = prm.C_l = k * nbc;
   prm.x_h = headdim;
   prm.x_p = prm.B_n = prm.C_n = 1;
   prm.B_g = prm.C_g = n;
@@ -226,7 +227,7 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   prm.msc.acc = acc.defined() ? acc.data_ptr<float>() : nullptr;
   prm.msc.merge = none ? 0 : merge == "sum" ? 1 : 2;
   prm.msc.out_s = none ? out.stride(0) : 0;
-  prm.msc.bc_s = b * L * nbc;
+  prm.msc.bc_s = ngroups * n;
   // acc rows to L2 at their chunk's top: H200 call 4 (docs/perf-log.md), 1281-1292 µs against
   // 1329-1334 a chunk ahead and 1337-1351 without. Developer A/B: MLMAMBA_MSC_PREFETCH=0/1/2.
   const char* pf_env = std::getenv("MLMAMBA_MSC_PREFETCH");

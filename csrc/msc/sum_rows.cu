@@ -4,6 +4,8 @@
 // result equals gathering each scan's rows back and summing them in that order, times scale
 // (fp32, before the rounding). With one scan and scale 1 it is an exact row gather (msc.py
 // uses it so for the scans' inputs, and with scale 1 / k for merge mean's dout).
+// msc_gather_rows is the same kernel with one scan per blockIdx.y: scan s reads its own index
+// row and source (src_s apart) and writes its own column block (out_s apart).
 #include <algorithm>
 
 #include "common/device_utils.cuh"
@@ -31,17 +33,18 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams 
   const int per_block = kThreads / tpr, sub = threadIdx.x % tpr;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / tpr;
        row < rows; row += static_cast<int64_t>(gridDim.x) * per_block) {
-    const int64_t r = row % p.seqlen, bi = row / p.seqlen;
+    const int64_t r = row % p.seqlen, bi = row / p.seqlen, s = blockIdx.y;
+    const int* inv = p.inv + s * p.seqlen;
     // nullptr adds nothing: past nscans, or a position outside range(L) (orders not checked
     // under graph capture may hold one)
     const T* src[K];
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-      const int pos = i < p.nscans ? p.inv[i * p.seqlen + r] : -1;
+      const int pos = i < p.nscans ? inv[i * p.seqlen + r] : -1;
       src[i] = pos < 0 || pos >= p.seqlen ? nullptr
-               : static_cast<const T*>(p.src[i]) + bi * p.src_b[i] + pos * p.src_l[i];
+               : static_cast<const T*>(p.src[i]) + s * p.src_s + bi * p.src_b[i] + pos * p.src_l[i];
     }
-    T* out = static_cast<T*>(p.out) + bi * p.out_b + r * p.out_l;
+    T* out = static_cast<T*>(p.out) + s * p.out_s + bi * p.out_b + r * p.out_l;
     for (int64_t c = sub; c < per_row; c += tpr) {
       P in[K];
 #pragma unroll
@@ -66,7 +69,7 @@ __global__ void __launch_bounds__(kThreads) sum_rows_kernel(const SumRowsParams 
 
 template <typename T, int V>
 void launch_k(const SumRowsParams& p, int tpr, int64_t blocks, cudaStream_t stream) {
-  const unsigned g = static_cast<unsigned>(blocks);
+  const dim3 g(static_cast<unsigned>(blocks), static_cast<unsigned>(p.ngather));
   if (p.nscans <= 2) sum_rows_kernel<T, V, 2><<<g, kThreads, 0, stream>>>(p, tpr);
   else if (p.nscans <= 4) sum_rows_kernel<T, V, 4><<<g, kThreads, 0, stream>>>(p, tpr);
   else sum_rows_kernel<T, V, kMaxSumScans><<<g, kThreads, 0, stream>>>(p, tpr);
@@ -79,7 +82,8 @@ void launch_typed(const SumRowsParams& p, bool wide, int sms, cudaStream_t strea
   int tpr = 1;
   while (tpr < 32 && tpr < per_row) tpr *= 2;
   const int64_t rows = p.batch * p.seqlen, per_block = kThreads / tpr;
-  const int64_t blocks = std::min<int64_t>((rows + per_block - 1) / per_block, 32LL * sms);
+  const int64_t blocks = std::min<int64_t>((rows + per_block - 1) / per_block,
+                                          std::max<int64_t>(32LL * sms / p.ngather, 1));
   if (blocks == 0) return;
   if (wide) launch_k<T, V>(p, tpr, blocks, stream);
   else launch_k<T, 1>(p, tpr, blocks, stream);

@@ -13,7 +13,7 @@ namespace ssd {
 // rows are read and written through orders[s]; x is the causal conv (width 4, SiLU) of the
 // raster rows of xBC along that order, computed in the kernel's chunk load (x of FwdParams
 // points into xBC); B and C point to the per-scan conv'd B, C in scan order (bc_s apart; the
-// warp-specialized kernel loads them by TMA through tm_B / tm_C over (nscans b, l, g, n));
+// warp-specialized kernel loads them by TMA through tm_B / tm_C over (b, l, nscans g, n));
 // A, D, dt_bias hold (nscans, h) fp32.
 struct MscParams {
   int nscans;                 // 0: a plain ssd_scan launch
@@ -27,11 +27,12 @@ struct MscParams {
   int64_t bc_s;               // scan stride of B and C
   int prefetch;               // acc rows to L2: 0 no, 1 at their chunk's top, 2 a chunk ahead
   // warp-specialized kernel: store each chunk's conv'd X tile by TMA through tm_x, a map of
-  // (nscans b, l, h, p) in scan order (the backward's saved x; the MSC mode loads no x by TMA)
+  // (b, l, nscans h, p) in scan order (the backward's saved x, the scans side by side as one
+  // SSD of nscans h heads; the MSC mode loads no x by TMA)
   bool save_x;
   // ... and each chunk's entry state (bf16, as WG0 hands it to WG1) through tm_S, a map of
-  // (nscans b nchunks h, p, 1, n) with 64 x 16 boxes: the SSD backward's S_prev workspace of
-  // each scan
+  // (b nchunks nscans h, p, 1, n) with 64 x 16 boxes: the S_prev workspace of that SSD's
+  // backward
   bool save_states;
 };
 

@@ -126,17 +126,17 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     msc_issue_raw_inplace<P, NW>(smem_u32(Xs(s)), smem_u32(LBs(s)), ord, rows, p.x_l, h * p.x_h, tid);
     cp_async_arrive(full0 + 8 * s);
     if (tid == 0) {  // after the barrier: the positions go with this arrival
-      // B, C (conv'd per scan, in scan order: rows of map row sc * b + row) by TMA, the
-      // vectors by a bulk copy, counted in bytes on the same barrier
+      // B, C (conv'd per scan, in scan order: group sc g + grp of the map's (b, l, k g, n)) by
+      // TMA, the vectors by a bulk copy, counted in bytes on the same barrier
       const uint32_t bar = full0 + 8 * s;
       mbar_arrive_expect_tx(bar, 2 * Lt::BC_B + kVecBytes);
       const int64_t v = ((static_cast<int64_t>(sc) * p.nrows + row) * p.nheads + h) * p.vec_nch + c;
       bulk_load(smem_u32(vec0 + s * kVecBytes), p.vecs + v * kVecBytes, kVecBytes, bar);
-      const int tok = c * Q, hb = sc * static_cast<int>(p.nrows) + row;
+      const int tok = c * Q, sg = sc * static_cast<int>(p.ngroups) + grp;
 #pragma unroll
       for (int np = 0; np < NP; ++np) {
-        tma_load_4d(smem_u32(Bs(s)) + np * Q * 128, &p.tm_B, 64 * np, tok, grp, hb, bar);
-        tma_load_4d(smem_u32(Cs(s)) + np * Q * 128, &p.tm_C, 64 * np, tok, grp, hb, bar);
+        tma_load_4d(smem_u32(Bs(s)) + np * Q * 128, &p.tm_B, 64 * np, tok, sg, row, bar);
+        tma_load_4d(smem_u32(Cs(s)) + np * Q * 128, &p.tm_C, 64 * np, tok, sg, row, bar);
       }
     }
   };
@@ -146,14 +146,13 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     setmaxnreg_inc<kWsRegsState>();
     const bool save_s = SAVE && p.msc.save_states;
     // where asked: the state entering chunk gn (just written to Ss) to the saved states by
-    // TMA at slot ((scan b + row) nchunks + chunk) h + head, each warp its own 16 rows (which
+    // TMA at slot ((row nchunks + chunk) k + scan) h + head, each warp its own 16 rows (which
     // only its lanes write: no barrier across the warpgroup)
     auto store_saved_state = [&](int gn) {
       __syncwarp();  // the lanes' writes, each fenced, before lane 0's copy reads them
       if (lane == 0) {
         const int sc = gn / nchunks, c = gn - sc * nchunks;
-        const int slot = ((sc * static_cast<int>(p.nrows) + row) * nchunks + c) *
-                             static_cast<int>(p.nheads) + h;
+        const int slot = ((row * nchunks + c) * nscans + sc) * static_cast<int>(p.nheads) + h;
 #pragma unroll
         for (int np = 0; np < NP; ++np)
           tma_store_4d(&p.tm_S, smem_u32(Ss) + np * P * 128 + wq * 16 * 128, 64 * np, 16 * wq,
@@ -247,8 +246,8 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     fence_async_smem();       // the X tile and the landed B / C -> the async proxy
     bar_sync_n(kBarWg1, NW);  // the whole X tile written (WG1 reads it below)
     if (SAVE && p.msc.save_x && wt == 0) {  // the tile for the backward, by TMA (rows past len clipped)
-      tma_store_4d(&p.tm_x, smem_u32(X), 0, static_cast<int>(c0), h,
-                   sc * static_cast<int>(p.nrows) + row);
+      tma_store_4d(&p.tm_x, smem_u32(X), 0, static_cast<int>(c0),
+                   sc * static_cast<int>(p.nheads) + h, row);
       bulk_commit();
     }
     wait_phase(sready, gc & 1);  // the state WG1 reads (completion gc)
