@@ -304,13 +304,14 @@ def _side_streams(device, k):
 
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                      ngroups, dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
-    """msc_scan's CUDA backward (until a fused one exists). The k scans' SSDs run as one SSD
-    backward of k h heads and k g groups, the scans side by side in scan order: x, B, C from
-    the forward (conv_x, conv_bc; else recomputed through each order by msc_conv_fwd and laid
-    out so), dout and dt gathered through the orders by one msc_gather_rows each, the chunk
-    states where the forward kept them (the SSD backward's walk then runs the adjoint alone).
-    Then each scan's conv backward (msc_conv_bwd, xBC read through the order), on side streams
-    (MLMAMBA_MSC_STREAMS). The gradients of xBC and dt stay in scan order and msc_sum_rows
+    """msc_scan's CUDA backward (until a fused one exists). Where the forward saved its conv
+    outputs or chunk states, the k scans' SSDs run as one SSD backward of k h heads and k g
+    groups, the scans side by side in scan order as the forward lays them out: x, B, C (conv_x,
+    conv_bc; else recomputed through each order by msc_conv_fwd and laid out so), the chunk
+    states (the SSD backward's walk then runs the adjoint alone), dout and dt gathered through
+    the orders by one msc_gather_rows each. With nothing saved (MLMAMBA_MSC_SAVE=none, the
+    least memory) the same runs scan by scan. Then each scan's conv backward (msc_conv_bwd,
+    xBC read through the order); scan i's part on side stream i % n (MLMAMBA_MSC_STREAMS). The gradients of xBC and dt stay in scan order and msc_sum_rows
     sums them over the scans through the inverse orders, in scan order in fp32 with one
     rounding (deterministic); above SUM_ROWS_MAX_SCANS scans they are gathered back and summed
     here with the same arithmetic. Merge mean's 1/k rides in dout's gather on CUDA (as a
@@ -363,25 +364,30 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
                 [dA, dD, ddtb])
 
     # with the forward's saved tensors (its layout) all scans run as one SSD; else scan by
-    # scan (the least memory: MLMAMBA_MSC_SAVE=none). Then each scan's conv backward, dout in
-    # its three pieces, x through the order, dx in scan order. The scans are independent
-    # until the sums: scan i's part on side stream i % n (MLMAMBA_MSC_STREAMS)
+    # scan. Then each scan's conv backward: dout in its three pieces, x through the order, dx
+    # in scan order. The scans are independent until the sums
     batched = saved or states is not None
     pieces, params = ssd_part(0, k) if batched else ([], [])
     streams = _side_streams(xBC.device, k)
     main = torch.cuda.current_stream(xBC.device) if streams else None
     for st in streams:
         st.wait_stream(main)
-    convs = []
+    convs, gdts = [], []
     for i in range(k):
         with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
             if not batched:
                 pc, pr = ssd_part(i, i + 1)
-                pieces, params = pieces + pc, params + pr
-            convs.append(ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias[i], pieces[i][0]))
+                pieces += pc
+                params += pr
+                del pc
+            du, gdt = pieces[i]
+            pieces[i] = None  # its dout pieces freed once enqueued (scan by scan: the least memory)
+            convs.append(ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias[i], du))
+            gdts.append(gdt)
+            del du
     for st in streams:
         main.wait_stream(st)
-    gxs, gdts = [c[0] for c in convs], [pc[1] for pc in pieces]
+    gxs = [c[0] for c in convs]
     for t in [u for c in convs for u in c] + gdts + params if streams else ():
         t.record_stream(main)  # made on a side stream, read and freed on main
     if k <= SUM_ROWS_MAX_SCANS:
