@@ -175,6 +175,16 @@ def test_backward_bitwise_deterministic_and_equal_to_running_sums(rng, monkeypat
         assert torch.equal(x, z), name
 
 
+def laid_out(t, layout, cols):
+    """t[..., :cols]: contiguous ("contig"), with offset rows ("slice": the one-element path),
+    or with its first two dims' strides swapped ("strided")."""
+    if layout == "slice":
+        return t[..., 1:cols + 1]
+    if layout == "strided":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)[..., :cols]
+    return t[..., :cols].contiguous()
+
+
 @need
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k,cols,layout", [(1, 16, "contig"), (3, 2304, "contig"),
@@ -183,16 +193,8 @@ def test_backward_bitwise_deterministic_and_equal_to_running_sums(rng, monkeypat
 def test_sum_rows_equals_reference(rng, dtype, k, cols, layout):
     b, L = 3, 37
     cg = cuda_gen(rng)
-    src = []
-    for _ in range(k):
-        t = torch.randn(b, L, cols + 8, device=DEV, generator=cg).to(dtype)
-        if layout == "slice":
-            t = t[..., 1:cols + 1]          # offset rows: the one-element path
-        elif layout == "strided":
-            t = t.transpose(0, 1).contiguous().transpose(0, 1)[..., :cols]
-        else:
-            t = t[..., :cols].contiguous()
-        src.append(t)
+    src = [laid_out(torch.randn(b, L, cols + 8, device=DEV, generator=cg).to(dtype), layout,
+                    cols) for _ in range(k)]
     inv = torch.stack([torch.randperm(L, generator=rng) for _ in range(k)]).to(DEV, torch.int32)
     got = torch.ops.mlmamba.msc_sum_rows(src, inv)
     want = msc_mod._sum_rows_ref(src, inv)
@@ -277,24 +279,22 @@ def test_sum_rows_opcheck(rng):
 
 @need
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("k,cols,layout", [(1, 16, "contig"), (4, 2048, "contig"),
-                                           (4, 2048, "per_scan"), (3, 13, "contig"),
-                                           (2, 40, "slice"), (9, 32, "per_scan_strided")])
-def test_gather_rows_equals_reference(rng, dtype, k, cols, layout):
+@pytest.mark.parametrize("k,cols,per_scan,layout", [(1, 16, False, "contig"),
+                                                    (4, 2048, False, "contig"),
+                                                    (4, 2048, True, "contig"),
+                                                    (3, 13, False, "contig"),
+                                                    (2, 40, False, "slice"),
+                                                    (9, 32, True, "strided")])
+def test_gather_rows_equals_reference(rng, dtype, k, cols, per_scan, layout):
     """msc_gather_rows: out[:, t, i] = src_i[:, rows[i, t]], exact at scale 1 (-0 kept), src
     shared or one per scan, strided or offset rows; a position outside range(L) reads zeros;
     at scale fp32(1 / k) it equals dout / k gathered (merge mean's fold)."""
     b, L = 3, 37
     cg = cuda_gen(rng)
-    shape = (k, b, L, cols + 8) if layout.startswith("per_scan") else (b, L, cols + 8)
+    shape = (k, b, L, cols + 8) if per_scan else (b, L, cols + 8)
     t = torch.randn(shape, device=DEV, generator=cg).to(dtype)
     t[..., 0, :3, :] = -0.0
-    if layout == "slice":
-        src = t[..., 1:cols + 1]
-    elif layout == "per_scan_strided":
-        src = t.transpose(0, 1).contiguous().transpose(0, 1)[..., :cols]
-    else:
-        src = t[..., :cols].contiguous()
+    src = laid_out(t, layout, cols)
     rows = torch.stack([torch.randperm(L, generator=rng) for _ in range(k)]).to(DEV, torch.int32)
     got = torch.ops.mlmamba.msc_gather_rows(src, rows)
     assert got.shape == (b, L, k, cols) and got.is_contiguous() and got.dtype == dtype
