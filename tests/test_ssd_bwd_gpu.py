@@ -369,11 +369,15 @@ def entry_states(t, kw):
     (2, 1000, 4, 2, 128, True, True),
     (3, 257, 40, 1, 64, False, True),
     (1, 40, 3, 1, 128, False, False)])
-def test_given_chunk_states(b, l, h, g, n, z, ends):
+@pytest.mark.parametrize("walk", ["", "s2"])
+def test_given_chunk_states(monkeypatch, b, l, h, g, n, z, ends, walk):
     """chunk_states (the states entering each chunk, from a forward that kept them: msc_scan):
     the sm_90a walk runs the adjoint alone and the chunk kernel reads the given states. The
     gradients are close to those without (a state may differ in its last bit) and the caller's
-    tensor is not written; zero states in their place change the gradients (they are read)."""
+    tensor is not written; zero states in their place change the gradients (they are read).
+    walk s2 (MLMAMBA_SSD_BWD_STATES): the mma.sync walk, which cannot take them, writes a
+    workspace of its own and the given states are ignored."""
+    monkeypatch.setenv("MLMAMBA_SSD_BWD_STATES", walk)
     case = make_case(_gen(), b=b, l=l, h=h, g=g, p=64, n=n, z=z, init=ends, dfinal=ends)
     cs = entry_states(case[0], case[1])
     keep = cs.clone()
@@ -386,7 +390,8 @@ def test_given_chunk_states(b, l, h, g, n, z, ends):
             assert rel_err(a, r.double()) < 1e-2, name
     if l > 64:  # (dC reads S_prev; dx does not)
         wrong = run_kernel(*case, chunk_states=torch.zeros_like(cs))
-        assert rel_err(wrong[NAMES.index("dC")], want[NAMES.index("dC")].double()) > 1e-2
+        err = rel_err(wrong[NAMES.index("dC")], want[NAMES.index("dC")].double())
+        assert err < 1e-2 if walk else err > 1e-2
     with pytest.raises(RuntimeError, match="chunk_states must be a contiguous bfloat16"):
         run_kernel(*case, chunk_states=cs[:, :-1] if l > 64 else cs.float())
 

@@ -242,11 +242,11 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
   // where their shape applies; they need the last dim contiguous and 16-byte aligned rows
   StatesMaps maps{};
   bool maps_ok = false;
+  auto enc = [](CUtensorMap* m, const at::Tensor& t) {
+    return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
+  };
+  const auto ws4 = [&](const at::Tensor& w) { return w.view({int64_t(P.nslots) * h, p, 1, P.npad}); };
   if (prop.major == 9 && wg_shape_ok(P, tcode)) {
-    auto enc = [](CUtensorMap* m, const at::Tensor& t) {
-      return t.dim() == 4 && t.stride(3) == 1 && rows16(t) && ssd::encode_tile_map(m, t);
-    };
-    const auto ws4 = [&](const at::Tensor& w) { return w.view({int64_t(P.nslots) * h, p, 1, P.npad}); };
     maps_ok = enc(&maps.x, x) && enc(&maps.o, dout) && (!z_in || enc(&maps.z, z)) &&
               enc(&maps.B, B) && enc(&maps.C, C) && enc(&maps.wsS, ws4(wsS)) &&
               enc(&maps.wsG, ws4(wsG));
@@ -346,8 +346,7 @@ Grads ssd_scan_bwd_cuda(const at::Tensor& dout_in, const OptT& dfinal, const at:
     if (take_states) {  // the walk below writes S_prev too: not into the caller's tensor
       wsS = at::empty({wsn}, bopt);
       P.wsS = wsS.data_ptr();
-      if (maps_ok)
-        maps_ok = ssd::encode_tile_map(&maps.wsS, wsS.view({int64_t(P.nslots) * h, p, 1, P.npad}));
+      if (maps_ok) maps_ok = enc(&maps.wsS, ws4(wsS));
       MLM_CHECK(maps_ok || !chunk_wg, kOp, ": cannot encode the TMA map of the state workspace");
       P.g_only = false;
     }
