@@ -2,6 +2,8 @@
 kernel table by GPU time, plus CPU vs GPU time per call.
     python3 scripts/dev/msc_prof.py [cross|bidirectional|random] [bwd]
 MSC_MERGE=mean|sum|none picks the merge (default: msc_scan's).
+MSC_PROF_STACK=1 adds a table by self CPU time with each op's Python stack (where the host
+time of a step goes).
 """
 import os
 import sys
@@ -47,11 +49,16 @@ def main():
     torch.cuda.synchronize()
     print(f"{name} {'fwd+bwd' if bwd else 'fwd'}: {e0.elapsed_time(e1) / 10 * 1e3:.1f} us/call "
           f"(events), CPU enqueue {cpu:.1f} us/call")
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    stack = os.environ.get("MSC_PROF_STACK") == "1"
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], with_stack=stack,
+                 record_shapes=stack) as prof:
         for _ in range(5):
             f()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    if stack:
+        print(prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total",
+                                                          row_limit=15))
 
 
 if __name__ == "__main__":
