@@ -287,8 +287,8 @@ _STREAMS = {}
 
 
 def _side_streams(device, k):
-    """min(k, MLMAMBA_MSC_STREAMS (default 4)) CUDA streams for the per-scan conv backwards, made
-    once per device; none (one stream) on the CPU or when that is 1."""
+    """min(k, MLMAMBA_MSC_STREAMS (default 4)) CUDA streams for the backward's per-scan parts,
+    made once per device; none (one stream) on the CPU or when that is 1."""
     env = os.environ.get("MLMAMBA_MSC_STREAMS", "") or "4"
     if not env.isdigit() or int(env) < 1:
         raise ValueError(f"msc_scan: environment variable MLMAMBA_MSC_STREAMS must be a "
@@ -311,10 +311,10 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     states (the SSD backward's walk then runs the adjoint alone), dout and dt gathered through
     the orders by one msc_gather_rows each. With nothing saved (MLMAMBA_MSC_SAVE=none, the
     least memory) the same runs scan by scan. Then each scan's conv backward (msc_conv_bwd,
-    xBC read through the order); scan i's part on side stream i % n (MLMAMBA_MSC_STREAMS). The gradients of xBC and dt stay in scan order and msc_sum_rows
-    sums them over the scans through the inverse orders, in scan order in fp32 with one
-    rounding (deterministic); above SUM_ROWS_MAX_SCANS scans they are gathered back and summed
-    here with the same arithmetic. Merge mean's 1/k rides in dout's gather on CUDA (as a
+    xBC read through the order); scan i's part on side stream i % n (MLMAMBA_MSC_STREAMS).
+    The gradients of xBC and dt stay in scan order and msc_sum_rows sums them over the scans
+    through the inverse orders, in scan order in fp32 with one rounding (deterministic); above
+    SUM_ROWS_MAX_SCANS scans they are gathered back and summed here with the same arithmetic. Merge mean's 1/k rides in dout's gather on CUDA (as a
     multiply by its fp32 reciprocal: the value of dout / k there); the CPU divides."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape

@@ -298,12 +298,14 @@ def test_gather_rows_equals_reference(rng, dtype, k, cols, per_scan, layout):
     rows = torch.stack([torch.randperm(L, generator=rng) for _ in range(k)]).to(DEV, torch.int32)
     got = torch.ops.mlmamba.msc_gather_rows(src, rows)
     assert got.shape == (b, L, k, cols) and got.is_contiguous() and got.dtype == dtype
+    of = lambda i: src[i] if per_scan else src  # noqa: E731
     for i in range(k):
-        want = (src[i] if src.dim() == 4 else src)[:, rows[i].long()]
-        assert torch.equal(got[:, :, i], want) and torch.equal(got[:, :, i].signbit(), want.signbit())
+        want = of(i)[:, rows[i].long()]
+        assert torch.equal(got[:, :, i], want)
+        assert torch.equal(got[:, :, i].signbit(), want.signbit())
     scale = float(torch.tensor(1.0, dtype=torch.float32) / 3)
     got = torch.ops.mlmamba.msc_gather_rows(src, rows, scale)
-    assert torch.equal(got[:, :, k - 1], ((src[k - 1] if src.dim() == 4 else src) / 3)[:, rows[k - 1].long()])
+    assert torch.equal(got[:, :, k - 1], (of(k - 1) / 3)[:, rows[k - 1].long()])
     bad = rows.clone()
     bad[0, 5] = L
     got = torch.ops.mlmamba.msc_gather_rows(src, bad)

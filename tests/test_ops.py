@@ -320,7 +320,8 @@ def test_msc_backward_takes_the_saved_conv(rng, merge):
     rows = t["xBC"][:, o["orders"][i][4:8]]
     u = torch.nn.functional.silu(torch.einsum("blc,cl->bc", rows, t["conv_weight"][i])
                                  + t["conv_bias"][i])
-    torch.testing.assert_close(cx[:, 7, i].reshape(2, h * p), u[:, :h * p], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cx[:, 7, i].reshape(2, h * p), u[:, :h * p], rtol=1e-12,
+                               atol=1e-12)
     torch.testing.assert_close(cbc[:, 7, :, i].reshape(2, 16), u[:, h * p:], rtol=1e-12,
                                atol=1e-12)
     dout = torch.randn(out.shape, generator=rng, dtype=torch.float64)

@@ -55,7 +55,8 @@ def main():
         for _ in range(5):
             f()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                    max_name_column_width=70))
     if stack:
         print(prof.key_averages(group_by_stack_n=6).table(sort_by="self_cpu_time_total",
                                                           row_limit=15))
