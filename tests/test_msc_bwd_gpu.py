@@ -283,12 +283,14 @@ def test_sum_rows_opcheck(rng):
                                                     (4, 2048, False, "contig"),
                                                     (4, 2048, True, "contig"),
                                                     (3, 13, False, "contig"),
+                                                    (3, 520, False, "slice"),
                                                     (2, 40, False, "slice"),
                                                     (9, 32, True, "strided")])
 def test_gather_rows_equals_reference(rng, dtype, k, cols, per_scan, layout):
     """msc_gather_rows: out[:, t, i] = src_i[:, rows[i, t]], exact at scale 1 (-0 kept), src
-    shared or one per scan, strided or offset rows; a position outside range(L) reads zeros;
-    at scale fp32(1 / k) it equals dout / k gathered (merge mean's fold)."""
+    shared (read by source row, k > 1) or one per scan, strided or offset rows; a position
+    outside range(L) reads zeros and a repeated one its row; at scale fp32(1 / k) it equals
+    dout / k gathered (merge mean's fold)."""
     b, L = 3, 37
     cg = cuda_gen(rng)
     shape = (k, b, L, cols + 8) if per_scan else (b, L, cols + 8)
@@ -308,8 +310,11 @@ def test_gather_rows_equals_reference(rng, dtype, k, cols, per_scan, layout):
     assert torch.equal(got[:, :, k - 1], (of(k - 1) / 3)[:, rows[k - 1].long()])
     bad = rows.clone()
     bad[0, 5] = L
+    bad[k - 1, 7], bad[k - 1, 9] = -1, bad[k - 1, 8]  # a hole, a duplicate (not a permutation)
+    bad[k - 1, 20:24] = bad[k - 1, 2]
     got = torch.ops.mlmamba.msc_gather_rows(src, bad)
-    assert not got[:, 5, 0].any() and torch.equal(got, msc_mod._gather_rows_ref(src, bad))
+    want = msc_mod._gather_rows_ref(src, bad)
+    assert not got[:, 5, 0].any() and torch.equal(got, want)
 
 
 @need

@@ -43,6 +43,10 @@ struct SumRowsParams {
   float scale;  // multiplies the fp32 sum before its rounding
   int ngather = 1;            // gather mode's scans (grid y); 1 for a sum
   int64_t src_s = 0, out_s = 0;  // gather mode: scan strides of src[0] (0: shared) and out
+  // gather mode with a shared src: (k, L) int32 workspace set to -1; the kernels then read
+  // each source row once and write it to its position in every scan (inv holds the orders)
+  int* inv_ws = nullptr;
+  const int* rows = nullptr;  // set by the launcher there: the orders
 };
 
 // dtype: 0 float32, 1 float16, 2 bfloat16; wide: cols, strides and pointers allow 16-byte

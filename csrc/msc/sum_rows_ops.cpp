@@ -124,6 +124,13 @@ at::Tensor msc_gather_rows_cuda(const at::Tensor& src_in, const at::Tensor& rows
   p.scale = static_cast<float>(scale);
   const bool wide = c % V == 0 && p.src_b[0] % V == 0 && p.src_l[0] % V == 0 &&
                     p.src_s % V == 0 && reinterpret_cast<uintptr_t>(p.src[0]) % 16 == 0;
+  // a source shared by several scans, rows of 1 KB or more: read once by source row (rows
+  // inverted on the device; short rows, e.g. dt's, gather faster by output row)
+  at::Tensor inv_ws;
+  if (!per_scan && k > 1 && c * src.element_size() >= 1024) {
+    inv_ws = at::full({k, L}, -1, rows.options());
+    p.inv_ws = inv_ws.data_ptr<int>();
+  }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   launch_sum_rows(p, ssd::dtype_code(dt), wide, sms, at::cuda::getCurrentCUDAStream());
   MLM_CHECK_LAUNCH();
