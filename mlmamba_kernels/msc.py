@@ -1,6 +1,7 @@
 """msc_scan (the fused multi-order 2D scan) and scan_orders: public functions and ops."""
 import contextlib
 import os
+import struct
 
 import torch
 
@@ -302,6 +303,36 @@ def _side_streams(device, k):
     return pool[:n]
 
 
+_ORDERS = []  # (orders, version, rows, inv), the most recent first
+
+
+def _rows_and_inverse(orders, device):
+    """The (k, L) orders as int32 on device (rows) and their inverse permutations (inv: inv[i,
+    orders[i, t]] = t), remembered for the last 8 orders tensors at their version (a step's
+    backward then makes neither again); not while a CUDA graph is captured."""
+    live = not orders.is_inference() and not (
+        device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if live:
+        for e in _ORDERS:
+            if e[0] is orders and e[1] == orders._version and e[2].device == device:
+                return e[2], e[3]
+    order64 = orders.to(device=device, dtype=torch.int64)
+    rows = order64.to(torch.int32)
+    k, L = rows.shape
+    inv = torch.empty_like(rows).scatter_(
+        1, order64, torch.arange(L, device=device, dtype=torch.int32).expand(k, L))
+    if live:
+        _ORDERS.insert(0, (orders, orders._version, rows, inv))
+        del _ORDERS[8:]
+    return rows, inv
+
+
+def _recip32(k):
+    """fp32(1 / k), the reciprocal torch multiplies by on CUDA for a division by k (a double
+    division rounded to fp32 equals the fp32 division: no double-rounding error)."""
+    return struct.unpack("f", struct.pack("f", 1.0 / k))[0]
+
+
 def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                      ngroups, dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
     """msc_scan's CUDA backward (until a fused one exists). Where the forward saved its conv
@@ -321,13 +352,10 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
     gn = (cd - h * p) // 2
     n = gn // g
-    order64 = orders.to(device=xBC.device, dtype=torch.int64)
-    rows = order64.to(torch.int32)
-    inv = torch.empty_like(rows).scatter_(
-        1, order64, torch.arange(L, device=xBC.device, dtype=torch.int32).expand(k, L))
+    rows, inv = _rows_and_inverse(orders, xBC.device)
     dy_scale = 1.0
     if merge == "mean" and MEAN_IN_DY_GATHER and dout.is_cuda:
-        dy_scale = float(torch.tensor(1.0, dtype=torch.float32) / k)
+        dy_scale = _recip32(k)
     elif merge == "mean":
         dout = dout / k
     bias = [None if conv_bias is None else conv_bias[i] for i in range(k)]
@@ -368,7 +396,9 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     # in scan order. The scans are independent until the sums
     batched = saved or states is not None
     pieces, params = ssd_part(0, k) if batched else ([], [])
-    streams = _side_streams(xBC.device, k)
+    # side streams only scan by scan (each scan's SSD then overlaps the conv backwards before
+    # it); after the one SSD they bought no GPU time and cost ~250 us of host time a step
+    streams = [] if batched else _side_streams(xBC.device, k)
     main = torch.cuda.current_stream(xBC.device) if streams else None
     for st in streams:
         st.wait_stream(main)

@@ -466,3 +466,22 @@ def test_state_update_dt_limit(rng):
     torch.testing.assert_close(s1, s2, rtol=1e-12, atol=1e-12)
     y3 = mk.ssd_state_update(state.clone(), *args, **kw)
     assert not torch.allclose(y1, y3)  # the clamp is active on these inputs
+
+
+def test_msc_rows_and_inverse_cache(rng):
+    # the backward's int32 orders and inverse permutations, remembered per orders tensor and
+    # version (an in-place edit recomputes them); fp32(1 / k) as torch's fp32 division
+    from mlmamba_kernels import msc as m
+    orders = torch.stack([torch.randperm(11, generator=rng) for _ in range(3)])
+    rows, inv = m._rows_and_inverse(orders, orders.device)
+    assert rows.dtype == torch.int32 and torch.equal(rows, orders.int())
+    for i in range(3):
+        assert torch.equal(inv[i][rows[i].long()], torch.arange(11, dtype=torch.int32))
+    again = m._rows_and_inverse(orders, orders.device)
+    assert again[0] is rows and again[1] is inv
+    orders[0] = orders[0].flip(0)
+    rows2, inv2 = m._rows_and_inverse(orders, orders.device)
+    assert rows2 is not rows and torch.equal(rows2, orders.int())
+    assert m._rows_and_inverse(orders.clone(), orders.device)[0] is not rows2
+    for k in range(1, 65):
+        assert m._recip32(k) == float(torch.tensor(1.0, dtype=torch.float32) / k)
