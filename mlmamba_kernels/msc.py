@@ -341,11 +341,13 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     conv_bc; else recomputed through each order by msc_conv_fwd and laid out so), the chunk
     states (the SSD backward's walk then runs the adjoint alone), dout and dt gathered through
     the orders by one msc_gather_rows each. With nothing saved (MLMAMBA_MSC_SAVE=none, the
-    least memory) the same runs scan by scan. Then each scan's conv backward (msc_conv_bwd,
-    xBC read through the order); scan i's part on side stream i % n (MLMAMBA_MSC_STREAMS).
-    The gradients of xBC and dt stay in scan order and msc_sum_rows sums them over the scans
-    through the inverse orders, in scan order in fp32 with one rounding (deterministic); above
-    SUM_ROWS_MAX_SCANS scans they are gathered back and summed here with the same arithmetic. Merge mean's 1/k rides in dout's gather on CUDA (as a
+    least memory) the same runs scan by scan, scan i's part on side stream i % n
+    (MLMAMBA_MSC_STREAMS). Then each scan's conv backward (msc_conv_bwd, xBC read through the
+    order). The gradients of xBC and dt stay in scan order and msc_sum_rows sums them over the
+    scans through the inverse orders, in scan order in fp32 with one rounding
+    (deterministic); above SUM_ROWS_MAX_SCANS scans they are gathered back and summed here
+    with the same arithmetic. The int32 orders and their inverses are remembered per orders
+    tensor and version. Merge mean's 1/k rides in dout's gather on CUDA (as a
     multiply by its fp32 reciprocal: the value of dout / k there); the CPU divides."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
