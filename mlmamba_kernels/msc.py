@@ -303,26 +303,29 @@ def _side_streams(device, k):
     return pool[:n]
 
 
-_ORDERS = []  # (orders, version, rows, inv), the most recent first
+_ORDERS = []  # (orders, version, device, stream, rows, inv), the most recent first
 
 
 def _rows_and_inverse(orders, device):
     """The (k, L) orders as int32 on device (rows) and their inverse permutations (inv: inv[i,
     orders[i, t]] = t), remembered for the last 8 orders tensors at their version (a step's
-    backward then makes neither again); not while a CUDA graph is captured."""
-    live = not orders.is_inference() and not (
-        device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    backward then makes neither again) and reused on the stream that made them (an entry
+    dropped later is freed to that stream); not while a CUDA graph is captured."""
+    cuda = device.type == "cuda"
+    live = not orders.is_inference() and not (cuda and torch.cuda.is_current_stream_capturing())
+    stream = torch.cuda.current_stream(device) if cuda else None
+    key = (orders._version, device, stream) if live else None
     if live:
         for e in _ORDERS:
-            if e[0] is orders and e[1] == orders._version and e[2].device == device:
-                return e[2], e[3]
+            if e[0] is orders and e[1:4] == key:
+                return e[4], e[5]
     order64 = orders.to(device=device, dtype=torch.int64)
     rows = order64.to(torch.int32)
     k, L = rows.shape
     inv = torch.empty_like(rows).scatter_(
         1, order64, torch.arange(L, device=device, dtype=torch.int32).expand(k, L))
     if live:
-        _ORDERS.insert(0, (orders, orders._version, rows, inv))
+        _ORDERS.insert(0, (orders, *key, rows, inv))
         del _ORDERS[8:]
     return rows, inv
 
