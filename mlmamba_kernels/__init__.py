@@ -19,7 +19,7 @@ _OPS = {
     "causal_conv1d": ("causal_conv1d_fwd", "causal_conv1d_bwd"),
     "causal_conv1d_update": ("causal_conv1d_update",),
     "msc_scan": ("msc_scan_fwd", "msc_scan_bwd", "msc_sum_rows", "msc_gather_rows",
-                 "msc_conv_fwd", "msc_conv_bwd"),
+                 "msc_conv_fwd", "msc_conv_bwd", "msc_bwd_saved"),
 }
 
 

@@ -37,6 +37,11 @@ SCHEMAS = {
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "msc_sum_rows": "msc_sum_rows(Tensor[] grads, Tensor inv, float scale=1.0) -> Tensor",
     "msc_gather_rows": "msc_gather_rows(Tensor src, Tensor rows, float scale=1.0) -> Tensor",
+    "msc_bwd_saved": "msc_bwd_saved(Tensor dout, Tensor xBC, Tensor dt, Tensor A, Tensor D, "
+    "Tensor conv_weight, Tensor? conv_bias, Tensor dt_bias, Tensor rows, Tensor inv, "
+    "int headdim, int ngroups, float dt_min, float dt_max, str merge, float dy_scale, "
+    "Tensor? conv_x=None, Tensor? conv_bc=None, Tensor? states=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     "msc_conv_fwd": "msc_conv_fwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias) -> Tensor",
     "msc_conv_bwd": "msc_conv_bwd(Tensor xBC, Tensor rows, Tensor weight, Tensor? bias, "
     "Tensor[] dout) -> (Tensor, Tensor, Tensor)",

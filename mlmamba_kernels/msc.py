@@ -441,11 +441,48 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
             ddtb.to(dt_bias.dtype))
 
 
+# the saved modes' CUDA backward in C++ (msc_bwd_saved; tests: False, the same ops from Python)
+CPP_BWD = True
+
+
+def _bwd_saved_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, rows, inv, headdim,
+                   ngroups, dt_min, dt_max, merge, dy_scale, conv_x=None, conv_bc=None,
+                   states=None):
+    """msc_bwd_saved's reference: unfused_backward with dout times dy_scale (merge mean's fp32
+    1/k: then summed), the orders rows (inv, their inverses, recomputed)."""
+    if merge == "mean":
+        dout, merge = dout * dy_scale, "sum"
+    elif dy_scale != 1.0:
+        dout = dout * dy_scale
+    return unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, rows.long(),
+                            headdim, ngroups, dt_min, dt_max, merge, conv_x, conv_bc, states)
+
+
+register_reference("msc_bwd_saved", _bwd_saved_ref)
+
+
+@torch.library.register_fake("mlmamba::msc_bwd_saved")
+def _bwd_saved_fake(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, rows, inv, headdim,
+                    ngroups, dt_min, dt_max, merge, dy_scale, conv_x=None, conv_bc=None,
+                    states=None):
+    return tuple(or_empty(None if t is None else
+                          torch.empty_like(t, memory_format=torch.contiguous_format), xBC)
+                 for t in (xBC, dt, A, D, conv_weight, conv_bias, dt_bias))
+
+
 def _bwd_cuda(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim, ngroups,
               dt_min, dt_max, merge, conv_x=None, conv_bc=None, states=None):
     if xBC.dtype == torch.float64:
         return _bwd_ref(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders, headdim,
                         ngroups, dt_min, dt_max, merge)
+    saved = (conv_x is not None and conv_x.numel() > 0) or (states is not None and
+                                                             states.numel() > 0)
+    if saved and CPP_BWD and MEAN_IN_DY_GATHER and has_cuda_kernel("msc_bwd_saved"):
+        rows, inv = _rows_and_inverse(orders, xBC.device)
+        scale = _recip32(orders.shape[0]) if merge == "mean" else 1.0
+        return torch.ops.mlmamba.msc_bwd_saved(
+            dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, rows, inv, headdim, ngroups,
+            dt_min, dt_max, merge, scale, conv_x, conv_bc, states)
     return unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, orders,
                             headdim, ngroups, dt_min, dt_max, merge, conv_x, conv_bc, states)
 

@@ -98,6 +98,25 @@ def test_backward_recomputing_matches_saved(rng, monkeypatch, kind, H, W, k, mer
         assert rel_err(s, r.double()) < 1e-2, name
 
 
+@need
+@pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
+                                        ("random", 5, 3, 9)])
+@pytest.mark.parametrize("merge", ["mean", "sum", None])
+@pytest.mark.parametrize("save", [("conv", "states"), ("states",), ("conv",)])
+def test_cpp_backward_equals_python(rng, monkeypatch, kind, H, W, k, merge, save):
+    """The saved modes' backward in C++ (msc_bwd_saved) runs the Python path's ops in its
+    order: bitwise the same gradients."""
+    a = make(rng, 2, H, W, k, kind)
+    dout = torch.randn(out_shape(a, merge), device=DEV, generator=cuda_gen(rng))
+    dout = dout.to(torch.bfloat16)
+    monkeypatch.setattr(msc_mod, "SAVE", frozenset(save))
+    cpp = grads(a, merge, dout)
+    monkeypatch.setattr(msc_mod, "CPP_BWD", False)
+    py = grads(a, merge, dout)
+    for name, x, y in zip(NAMES, cpp, py):
+        assert torch.equal(x, y), name
+
+
 class _SaveFlags(TorchDispatchMode):
     """Records the (save_conv, save_states) arguments of each msc_scan_fwd call."""
 

@@ -485,3 +485,22 @@ def test_msc_rows_and_inverse_cache(rng):
     assert m._rows_and_inverse(orders.clone(), orders.device)[0] is not rows2
     for k in range(1, 65):
         assert m._recip32(k) == float(torch.tensor(1.0, dtype=torch.float32) / k)
+
+
+def test_msc_bwd_saved_reference(rng):
+    # msc_bwd_saved (CPU: its reference) is the batched unfused_backward given the orders as
+    # int32 rows (and their inverses), merge mean's 1/k as dy_scale
+    from mlmamba_kernels import msc as m
+    t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
+    t = {kk: v.double() for kk, v in t.items()}
+    dout = torch.randn(2, 15, 2, 4, generator=rng, dtype=torch.float64)
+    args = (t["xBC"], t["dt"], t["A"], t["D"], t["conv_weight"], t["conv_bias"], t["dt_bias"],
+            o["orders"], o["headdim"], o["ngroups"], 0.0, float("inf"), "mean")
+    _, cx, cbc, _ = m._fwd_ref(*args, True, False)
+    want = m.unfused_backward(dout, *args, cx, cbc)
+    rows, inv = m._rows_and_inverse(o["orders"], dout.device)
+    got = ops.msc_bwd_saved(dout, *args[:7], rows, inv, *args[8:], 0.25, cx, cbc, None)
+    for gv, wv in zip(got, want):
+        torch.testing.assert_close(gv, wv, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(ops.msc_bwd_saved,
+                          (dout, *args[:7], rows, inv, *args[8:], 0.25, cx, cbc, None))

@@ -4,7 +4,8 @@
 MSC_TIME_WS=0,1 times each case under those MLMAMBA_MSC_WS values, interleaved (A/B).
 MSC_TIME_STEP=1 times fwd+bwd instead (merge mean, the grads of xBC and dt, as the bench), two
 rounds of the msc.SAVE values in MSC_TIME_SAVE (MLMAMBA_MSC_SAVE values separated by ";",
-default "conv,states;conv;none") interleaved, each with its peak memory.
+default "conv,states;conv;none") interleaved, each with its peak memory; MSC_TIME_CPP=1,0 also
+interleaves msc.CPP_BWD (the saved modes' backward in C++ or in Python).
 """
 import os
 import statistics
@@ -30,16 +31,19 @@ def step(a, dev, name):
         return torch.autograd.grad(mk.msc_scan(**a), (a["xBC"], a["dt"]), dout)
     for rnd in range(2):
         for save in os.environ.get("MSC_TIME_SAVE", "conv,states;conv;none").split(";"):
-            os.environ["MLMAMBA_MSC_SAVE"] = save
-            msc.SAVE = msc._save_env()
-            f()
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            f()
-            peak = torch.cuda.max_memory_allocated() / 2**20
-            us = statistics.median(_time_once(f, dev, 5, lead=True) * 1e6 for _ in range(5))
-            print(f"{name} fwd+bwd save {save} round {rnd}: {us:.1f} us, peak {peak:.0f} MiB",
-                  flush=True)
+            for cpp in os.environ.get("MSC_TIME_CPP", "").split(","):
+                os.environ["MLMAMBA_MSC_SAVE"] = save
+                msc.SAVE = msc._save_env()
+                msc.CPP_BWD = cpp != "0"
+                f()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                f()
+                peak = torch.cuda.max_memory_allocated() / 2**20
+                us = statistics.median(_time_once(f, dev, 5, lead=True) * 1e6 for _ in range(5))
+                tag = f" cpp {cpp}" if cpp else ""
+                print(f"{name} fwd+bwd save {save}{tag} round {rnd}: {us:.1f} us, peak {peak:.0f}"
+                      " MiB", flush=True)
 
 
 def main():
