@@ -242,7 +242,13 @@ def _conv_fwd_ref(xBC, rows, weight, bias):
 
 def _conv_bwd_ref(xBC, rows, weight, bias, dout):
     """msc_conv_bwd's reference: the gradients of the conv of the gathered rows (dx in token
-    order: dx[:, t] belongs to the row token t reads), dweight, dbias."""
+    order: dx[:, t] belongs to the row token t reads), dweight, dbias. k scans (rows (k, L),
+    dout pieces (b, L, k, c)): each scan's, stacked."""
+    if rows.dim() == 2:
+        per = [_conv_bwd_ref(xBC, rows[i], weight[i], None if bias is None else bias[i],
+                             [g[:, :, i] for g in dout]) for i in range(rows.shape[0])]
+        return (torch.stack([r[0] for r in per]), torch.stack([r[1] for r in per]),
+                or_empty(None if bias is None else torch.stack([r[2] for r in per]), xBC))
     xs = _rows_of(xBC, rows)
     dx, dw, db = reference_vjp(
         lambda x_, w_, b_: (conv_ref.causal_conv1d(x_.transpose(1, 2), w_, b_, "silu"),),
@@ -261,6 +267,10 @@ def _conv_fwd_fake(xBC, rows, weight, bias):
 
 @torch.library.register_fake("mlmamba::msc_conv_bwd")
 def _conv_bwd_fake(xBC, rows, weight, bias, dout):
+    if rows.dim() == 2:
+        return (xBC.new_empty((rows.shape[0], *xBC.shape)),
+                torch.empty_like(weight, memory_format=torch.contiguous_format),
+                or_empty(None if bias is None else torch.empty_like(bias), xBC))
     return (torch.empty_like(xBC, memory_format=torch.contiguous_format),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             or_empty(None if bias is None else torch.empty_like(bias), xBC))
@@ -345,8 +355,8 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     states (the SSD backward's walk then runs the adjoint alone), dout and dt gathered through
     the orders by one msc_gather_rows each. With nothing saved (MLMAMBA_MSC_SAVE=none, the
     least memory) the same runs scan by scan, scan i's part on side stream i % n
-    (MLMAMBA_MSC_STREAMS). Then each scan's conv backward (msc_conv_bwd, xBC read through the
-    order). The gradients of xBC and dt stay in scan order and msc_sum_rows sums them over the
+    (MLMAMBA_MSC_STREAMS). Then the conv backward (msc_conv_bwd, xBC read through the orders:
+    one launch of the k scans after the one SSD, else each scan's). The gradients of xBC and dt stay in scan order and msc_sum_rows sums them over the
     scans through the inverse orders, in scan order in fp32 with one rounding
     (deterministic); above SUM_ROWS_MAX_SCANS scans they are gathered back and summed here
     with the same arithmetic. The int32 orders and their inverses are remembered per orders
@@ -369,8 +379,8 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
 
     def ssd_part(lo, hi):
         """Scans lo..hi-1 side by side in scan order as one SSD backward of (hi - lo) h heads and
-        (hi - lo) g groups: per scan its conv backward's dout pieces (dx, dB, dC) and its ddt,
-        and the (hi - lo) h gradients of A, D, dt_bias."""
+        (hi - lo) g groups: their conv backward's dout pieces dx, dB, dC (b, L, hi - lo, c), their
+        ddt (b, L, hi - lo, h), and the (hi - lo) h gradients of A, D, dt_bias."""
         m = hi - lo
         src = dout.reshape(k, b, L, h * p)[lo:hi] if merge == "none" else dout.reshape(b, L, h * p)
         dy = ops.msc_gather_rows(src, rows[lo:hi], dy_scale).view(b, L, m * h, p)
@@ -391,40 +401,41 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
             dy, None, x.reshape(b, L, m * h, p), dts, A[lo:hi].reshape(m * h), B, C, ref._CHUNK,
             D[lo:hi].reshape(m * h), None, dt_bias[lo:hi].reshape(m * h), None, None, None,
             True, dt_min, dt_max, cs)
-        gx, gdt = gx.reshape(b, L, m, h * p).to(xBC.dtype), gdt.reshape(b, L, m, h)
+        gx = gx.reshape(b, L, m, h * p).to(xBC.dtype)
         gB, gC = (t.reshape(b, L, m, gn).to(xBC.dtype) for t in (gB, gC))
-        return ([([gx[:, :, j], gB[:, :, j], gC[:, :, j]], gdt[:, :, j]) for j in range(m)],
-                [dA, dD, ddtb])
+        return [gx, gB, gC], gdt.reshape(b, L, m, h), [dA, dD, ddtb]
 
-    # with the forward's saved tensors (its layout) all scans run as one SSD; else scan by
-    # scan. Then each scan's conv backward: dout in its three pieces, x through the order, dx
-    # in scan order. The scans are independent until the sums
-    batched = saved or states is not None
-    pieces, params = ssd_part(0, k) if batched else ([], [])
-    # side streams only scan by scan (each scan's SSD then overlaps the conv backwards before
-    # it); after the one SSD they bought no GPU time and cost ~250 us of host time a step
-    streams = [] if batched else _side_streams(xBC.device, k)
-    main = torch.cuda.current_stream(xBC.device) if streams else None
-    for st in streams:
-        st.wait_stream(main)
-    convs, gdts = [], []
-    for i in range(k):
-        with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
-            if not batched:
-                pc, pr = ssd_part(i, i + 1)
-                pieces += pc
+    # with the forward's saved tensors (its layout) all scans run as one SSD and one conv
+    # backward of k scans; else scan by scan. The conv backward: dout in its three pieces, x
+    # through the order, dx in scan order. The scans are independent until the sums
+    if saved or states is not None:
+        du, gdt, params = ssd_part(0, k)
+        dxs, dw, db = ops.msc_conv_bwd(xBC, rows, conv_weight, conv_bias, du)
+        del du
+        gxs, gdts = list(dxs.unbind(0)), list(gdt.unbind(2))
+    else:
+        # on side streams: each scan's SSD overlaps the conv backwards before it
+        streams = _side_streams(xBC.device, k)
+        main = torch.cuda.current_stream(xBC.device) if streams else None
+        for st in streams:
+            st.wait_stream(main)
+        convs, gdts, params = [], [], []
+        for i in range(k):
+            with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
+                du, gdt, pr = ssd_part(i, i + 1)
                 params += pr
-                del pc
-            du, gdt = pieces[i]
-            pieces[i] = None  # its dout pieces freed once enqueued (scan by scan: the least memory)
-            convs.append(ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias[i], du))
-            gdts.append(gdt)
-            del du
-    for st in streams:
-        main.wait_stream(st)
-    gxs = [c[0] for c in convs]
-    for t in [u for c in convs for u in c] + gdts + params if streams else ():
-        t.record_stream(main)  # made on a side stream, read and freed on main
+                # its dout pieces freed once enqueued (scan by scan: the least memory)
+                convs.append(ops.msc_conv_bwd(xBC, rows[i], conv_weight[i], bias[i],
+                                              [t[:, :, 0] for t in du]))
+                gdts.append(gdt[:, :, 0])
+                del du
+        for st in streams:
+            main.wait_stream(st)
+        for t in [u for c in convs for u in c] + gdts + params if streams else ():
+            t.record_stream(main)  # made on a side stream, read and freed on main
+        gxs = [c[0] for c in convs]
+        dw = torch.stack([c[1] for c in convs])
+        db = None if conv_bias is None else torch.stack([c[2] for c in convs])
     if k <= SUM_ROWS_MAX_SCANS:
         dxBC, ddt = ops.msc_sum_rows(gxs, inv), ops.msc_sum_rows(gdts, inv)
     else:  # running sums in raster order: the same arithmetic as msc_sum_rows
@@ -434,8 +445,7 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
             u, v = _take_rows(gxs[i], inv64[i]).to(acc), _take_rows(gdts[i], inv64[i]).to(acc)
             dxBC, ddt = (u, v) if i == 0 else (dxBC.add_(u), ddt.add_(v))
     dA, dD, ddtb = (torch.cat(params[j::3]).reshape(k, h) for j in range(3))
-    dw = torch.stack([c[1] for c in convs])
-    db = None if conv_bias is None else torch.stack([c[2] for c in convs])
+    db = None if conv_bias is None else db
     return (dxBC.to(xBC.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dD.to(D.dtype),
             dw.to(conv_weight.dtype), or_empty(None if db is None else db.to(conv_bias.dtype), xBC),
             ddtb.to(dt_bias.dtype))

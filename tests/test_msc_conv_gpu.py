@@ -115,6 +115,50 @@ def test_identity_rows_equal_causal_conv1d(rng, monkeypatch, impl):
 
 
 @need
+@pytest.mark.parametrize("k,b,L,d,splits,rows,bias,wdtype", [
+    (4, 32, 576, 2304, [2048, 128, 128], "perm", True, None),   # msc's cross case
+    (2, 3, 729, 336, [320, 8, 8], "holes", False, None),        # bidirectional-like, odd L
+    (3, 2, 33, 16, [8, 0, 8], "perm", True, torch.float32),     # an empty piece, fp32 weights
+    (5, 1, 7, 37, [36, 1], "holes", True, None)])
+def test_k_scans_equal_scan_by_scan(rng, k, b, L, d, splits, rows, bias, wdtype):
+    """rows (k, L), weight (k, d, w), bias (k, d), pieces (b, L, k, c): the k scans in one
+    launch. dx is bitwise each scan's alone (its arithmetic does not depend on the launch's
+    chunks); dweight / dbias sum the same terms in other chunks: within a rounding of their
+    dtype of the scan-by-scan sums, and held to the float64 reference."""
+    scans = [make(rng, b, L, d, 4, torch.bfloat16, rows=rows, bias=bias, wdtype=wdtype)
+             for _ in range(k)]
+    xBC = scans[0]["xBC"]
+    R = torch.stack([s["rows"] for s in scans])
+    Wt = torch.stack([s["weight"] for s in scans])
+    Bs = torch.stack([s["bias"] for s in scans]) if bias else None
+    g = torch.randn(b, L, k, d, device=DEV, generator=cuda_gen(rng)).to(torch.bfloat16)
+    torch.empty(1 << 24, device=DEV).fill_(float("nan"))
+    dx, dw, db = torch.ops.mlmamba.msc_conv_bwd(xBC, R, Wt, Bs, pieces_of(g, splits, "slice"))
+    assert dx.shape == (k, b, L, d) and dw.shape == Wt.shape
+    assert db.shape == (Bs.shape if bias else (0,))
+    for i in range(k):
+        one = torch.ops.mlmamba.msc_conv_bwd(xBC, R[i], Wt[i], None if Bs is None else Bs[i],
+                                             pieces_of(g[:, :, i], splits, "contig"))
+        assert torch.equal(dx[i], one[0]), i
+        tol = dict(rtol=1e-5, atol=1e-4) if Wt.dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+        torch.testing.assert_close(dw[i], one[1], **tol)
+        want = msc_mod._conv_bwd_ref(xBC.double(), R[i], Wt[i].double(),
+                                     None if Bs is None else Bs[i].double(),
+                                     [g[:, :, i].double()])
+        close_sum("dweight", dw[i], want[1].to(dw.dtype), Wt.dtype)
+        if bias:
+            torch.testing.assert_close(db[i], one[2], **tol)
+            close_sum("dbias", db[i], want[2].to(db.dtype), Bs.dtype)
+    again = torch.ops.mlmamba.msc_conv_bwd(xBC, R, Wt, Bs, pieces_of(g, splits, "slice"))
+    for x, y in zip((dx, dw, db), again):
+        assert torch.equal(x, y)
+    with pytest.raises(RuntimeError, match=r"weight must be a float tensor of shape \("):
+        torch.ops.mlmamba.msc_conv_bwd(xBC, R, Wt[0], Bs, pieces_of(g, splits, "slice"))
+    with pytest.raises(RuntimeError, match=r"dout\[0\] must be a"):
+        torch.ops.mlmamba.msc_conv_bwd(xBC, R, Wt, Bs, [g[:, :, 0]])
+
+
+@need
 def test_backward_bitwise_deterministic(rng):
     a = make(rng, 4, 576, 2304, 4, torch.bfloat16)
     g = torch.randn(4, 576, 2304, device=DEV, generator=cuda_gen(rng)).to(torch.bfloat16)

@@ -425,6 +425,16 @@ def test_msc_conv_references(rng, monkeypatch):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     torch.library.opcheck(ops.msc_conv_fwd, (x, rows, w.double(), b.double()))
     torch.library.opcheck(ops.msc_conv_bwd, (x, rows, w.double(), None, [g]))
+    # k scans at once: rows (k, L), weight (k, d, w), bias (k, d), pieces (b, L, k, c)
+    R = torch.stack([rows, rows.flip(0)])
+    W2, B2 = torch.stack([w, 2 * w]).double(), torch.stack([b, -b]).double()
+    g2 = torch.randn(2, 9, 2, 12, generator=rng, dtype=torch.float64)
+    dx2, dw2, db2 = ops.msc_conv_bwd(x, R, W2, B2, [g2[..., :8], g2[..., 8:]])
+    for i in range(2):
+        one = ops.msc_conv_bwd(x, R[i], W2[i], B2[i], [g2[:, :, i]])
+        for got, ref in zip((dx2[i], dw2[i], db2[i]), one):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.library.opcheck(ops.msc_conv_bwd, (x, R, W2, B2, [g2[..., :8], g2[..., 8:]]))
     from mlmamba_kernels import msc as m
     t, o = msc_inputs(rng, k=4, H=3, W=5, n=8)
     args = (torch.randn(2, 15, 2, 4, generator=rng), t["xBC"], t["dt"], t["A"], t["D"],

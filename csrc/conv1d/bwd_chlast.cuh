@@ -42,12 +42,22 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
   if (flat && !active) return;
   const int64_t t1 = !active ? t0 : (t0 + p.chunk < L ? t0 + p.chunk : L);
   const int64_t nc = D - c0;
-  const R* xb = static_cast<const R*>(p.x) + b * p.x_b + c0;
-  const R* dob = static_cast<const R*>(p.dout) + b * p.dout_b + c0;
+  // k scans in one launch (rows mode, p.scan_rows): scan z, its batch row bx (conv1d.h)
+  int64_t z = 0, bx = b;
+  if constexpr (kRows) {
+    if (p.scan_rows > 0) {
+      z = b / p.scan_rows;
+      bx = b - z * p.scan_rows;
+    }
+  }
+  const int64_t roff = z * L;  // this scan's rows
+  const R* xb = static_cast<const R*>(p.x) + bx * p.x_b + c0;
+  const R* dob = static_cast<const R*>(p.dout) + bx * p.dout_b + z * p.dout_s + c0;
   int64_t dl = p.dout_l;  // dout's row stride for this lane's channels
   if (p.dpiece[0] != nullptr && c0 >= p.dsplit[0]) {  // dout in pieces (conv1d.h)
     const int i = c0 >= p.dsplit[1] ? 1 : 0;
-    dob = static_cast<const R*>(p.dpiece[i]) + b * p.dpiece_b[i] + (c0 - p.dsplit[i]);
+    dob = static_cast<const R*>(p.dpiece[i]) + bx * p.dpiece_b[i] + z * p.dpiece_s[i] +
+          (c0 - p.dsplit[i]);
     dl = p.dpiece_l[i];
   }
   R* dxb = static_cast<R*>(p.out) + b * p.out_b + c0;
@@ -58,7 +68,7 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
   const int64_t u_first = (t0 == 0 && p.dinit != nullptr) ? -H : t0;
 
   float wr[W][C], bias[C], dw[W][C] = {}, db[C] = {};
-  load_channel_weights<W, C>(p, c0, nc, wr, bias);
+  load_channel_weights<W, C>(ScanWeights(p, z), c0, nc, wr, bias);
   float xw[H + RW][C], gw[H + RW][C];
   int sw[H + RW];
   const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l) && vec_ok<C>(dob, dl);
@@ -72,7 +82,7 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
   if (active && t0 >= H && vec_in) {  // the common case: straight-line loads
     #pragma unroll
     for (int j = 0; j < H; ++j) {
-      load_vec<C>(x_row<kRows>(xb, p, t0 - H + j, zero), xw[j]);
+      load_vec<C>(x_row<kRows>(xb, p, t0 - H + j, zero, roff), xw[j]);
       zero_if(zero, xw[j]);
     }
     #pragma unroll
@@ -82,7 +92,7 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
     for (int j = 0; j < H; ++j) {
       const int64_t q = t0 - H + j;
       if (q >= 0 && q < L) {  // q >= L only for an idle warp
-        load_checked<C>(x_row<kRows>(xb, p, q, zero), nc, xw[j]);
+        load_checked<C>(x_row<kRows>(xb, p, q, zero, roff), nc, xw[j]);
         zero_if(zero, xw[j]);
         sw[j] = has_seq ? sr[q] : 0;
       } else {
@@ -106,7 +116,7 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
     if (vec_in && tq + RW <= t_stop) {
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
-        cp_async_x_row<kRows, C>(&ring[q][0][r][tid][0], xb, p, tq + r);
+        cp_async_x_row<kRows, C>(&ring[q][0][r][tid][0], xb, p, tq + r, roff);
         cp_async_whole<C, R>(&ring[q][1][r][tid][0], dob + (tq + r) * dl);
       }
     }
@@ -129,7 +139,7 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
       #pragma unroll
       for (int r = 0; r < RW; ++r) {
         if (tg + r < t_stop) {
-          load_checked<C>(x_row<kRows>(xb, p, tg + r, zero), nc, xw[H + r]);
+          load_checked<C>(x_row<kRows>(xb, p, tg + r, zero, roff), nc, xw[H + r]);
           zero_if(zero, xw[H + r]);
           load_checked<C>(dob + (tg + r) * dl, nc, dv[r]);
         } else {

@@ -70,6 +70,11 @@ struct ConvParams {
   // is set; dout holds channels [0, dsplit[0]). Splits are multiples of 4 (one lane's run).
   const void* dpiece[2];
   int64_t dsplit[2], dpiece_b[2], dpiece_l[2];
+  // Rows mode, backward: k scans in one launch where scan_rows > 0. Batch row b of the launch
+  // is row b % scan_rows of scan z = b / scan_rows: x's row b % scan_rows, rows + z seqlen,
+  // weight / bias + z w_s / bias_ss elements, dout / dpiece[i] + z dout_s / dpiece_s[i]
+  // elements; out and the dweight slots in b's order (each scan's contiguous).
+  int64_t scan_rows, w_s, bias_ss, dout_s, dpiece_s[2];
 };
 
 void fwd_lcontig(const ConvParams& p, int xdtype, cudaStream_t s);
@@ -126,7 +131,9 @@ void bwd_lcontig_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 int64_t bwd_chlast_pipe_slots(const ConvParams& p, int xdtype);
 void bwd_chlast_pipe(const ConvParams& p, int xdtype, cudaStream_t s);
 // Sums the partial workspace in a fixed order into dweight (d, w) and dbias (d,).
-void reduce_dweight(const ConvParams& p, int64_t nslots, void* dweight, void* dbias, cudaStream_t s);
+// nslots per scan; scans > 1: a k-scan launch's (ConvParams::scan_rows), dweight (k, d, w)
+void reduce_dweight(const ConvParams& p, int64_t nslots, void* dweight, void* dbias, cudaStream_t s,
+                    int64_t scans = 1);
 
 inline bool aligned16(const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; }
 
@@ -258,6 +265,24 @@ __device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0
   for (int i = 0; i < C; ++i)
     bias[i] = i < n && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
 }
+
+// load_channel_weights' fields for scan z of a k-scan launch (ConvParams::scan_rows): the
+// weight and bias moved by z w_s and z bias_ss elements
+struct ScanWeights {
+  const void* weight;
+  int64_t w_d, w_k;
+  int w_dtype;
+  const void* bias;
+  int64_t bias_s;
+  int bias_dtype;
+  __device__ __forceinline__ ScanWeights(const ConvParams& p, int64_t z)
+      : weight(static_cast<const char*>(p.weight) + z * p.w_s * (p.w_dtype == kF32 ? 4 : 2)),
+        w_d(p.w_d), w_k(p.w_k), w_dtype(p.w_dtype),
+        bias(p.bias == nullptr ? nullptr
+                               : static_cast<const char*>(p.bias) +
+                                     z * p.bias_ss * (p.bias_dtype == kF32 ? 4 : 2)),
+        bias_s(p.bias_s), bias_dtype(p.bias_dtype) {}
+};
 
 __device__ __forceinline__ void store_any(void* p, int64_t i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
@@ -401,12 +426,12 @@ __device__ __forceinline__ void load_seq8(const int* p, int64_t n, int fill, int
 // x row of token q (rows mode: rows[q], an entry outside [0, seqlen) gives row 0 and *zero)
 template <bool kRows, typename R>
 __device__ __forceinline__ const R* x_row(const R* xb, const ConvParams& p, int64_t q,
-                                          bool& zero) {
+                                          bool& zero, int64_t roff = 0) {
   if constexpr (!kRows) {
     zero = false;
     return xb + q * p.x_l;
   } else {
-    const int r = __ldg(p.rows + q);
+    const int r = __ldg(p.rows + roff + q);
     zero = r < 0 || r >= p.seqlen;
     return xb + (zero ? 0 : static_cast<int64_t>(r)) * p.x_l;
   }

@@ -55,9 +55,10 @@ __device__ __forceinline__ void cp_async_whole(void* dst, const R* src) {
 // x's row q (C elements of this lane's channels from xb) into dst by cp.async; in rows mode
 // through p.rows (x_row), a row out of range zero-filled.
 template <bool kRows, int C, typename R>
-__device__ __forceinline__ void cp_async_x_row(void* dst, const R* xb, const ConvParams& p, int64_t q) {
+__device__ __forceinline__ void cp_async_x_row(void* dst, const R* xb, const ConvParams& p, int64_t q,
+                                               int64_t roff = 0) {
   bool zero;
-  const R* src = x_row<kRows>(xb, p, q, zero);
+  const R* src = x_row<kRows>(xb, p, q, zero, roff);
   if (kRows) cp_async_run<C, R>(dst, src, zero ? 0 : C);
   else cp_async_whole<C, R>(dst, src);
 }

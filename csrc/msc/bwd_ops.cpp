@@ -1,8 +1,8 @@
 // Host glue of msc_bwd_saved: msc_scan's CUDA backward where the forward saved its conv outputs
 // or chunk states, the batched path of mlmamba_kernels/msc.py's unfused_backward in C++ (the
 // same ops in the same order, without ~30 Python-level tensor ops a step): dout and dt
-// gathered through the orders, the k scans' SSDs as one ssd_scan_bwd of k h heads, each scan's
-// msc_conv_bwd, msc_sum_rows through the inverse orders. The ops are called through the
+// gathered through the orders, the k scans' SSDs as one ssd_scan_bwd of k h heads, one
+// msc_conv_bwd of the k scans, msc_sum_rows through the inverse orders. The ops are called through the
 // dispatcher. Schema: csrc/registration.cpp; reference: mlmamba_kernels/msc.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -107,26 +107,20 @@ Grads7 msc_bwd_saved_cuda(const Tensor& dout, const Tensor& xBC, const Tensor& d
   const Tensor gB = std::get<3>(r).reshape({b, L, k, gn}).to(T);
   const Tensor gC = std::get<4>(r).reshape({b, L, k, gn}).to(T);
 
-  // each scan's conv backward (x through the order, dx in scan order), then the sums
+  // the k scans' conv backward in one launch (x through the orders, dx (k, b, L, d) in scan
+  // order), then the sums
   static const auto conv_bwd = handle<std::tuple<Tensor, Tensor, Tensor>(
       const Tensor&, const Tensor&, const Tensor&, const OptT&, at::TensorList)>(
       "mlmamba::msc_conv_bwd");
-  std::vector<Tensor> gxs, gdts, dws, dbs;
-  for (int64_t i = 0; i < k; ++i) {
-    auto c = conv_bwd.call(xBC, rows[i], cw[i], cb ? OptT((*cb)[i]) : OptT(),
-                           {gx.select(2, i), gB.select(2, i), gC.select(2, i)});
-    gxs.push_back(std::get<0>(c));
-    dws.push_back(std::get<1>(c));
-    dbs.push_back(std::get<2>(c));
-    gdts.push_back(gdt.select(2, i));
-  }
-  const Tensor dxBC = sum_rows(gxs, inv), ddt = sum_rows(gdts, inv);
+  const auto c = conv_bwd.call(xBC, rows, cw, cb, {gx, gB, gC});
+  const Tensor dxBC = sum_rows(std::get<0>(c).unbind(0), inv);
+  const Tensor ddt = sum_rows(gdt.unbind(2), inv);
   return {dxBC.to(T),
           ddt.to(dt.scalar_type()),
           std::get<2>(r).reshape({k, h}).to(A.scalar_type()),
           std::get<5>(r).reshape({k, h}).to(D.scalar_type()),
-          at::stack(dws).to(cw.scalar_type()),
-          cb ? at::stack(dbs).to(cb->scalar_type()) : at::empty({0}, xBC.options()),
+          std::get<1>(c).to(cw.scalar_type()),
+          cb ? std::get<2>(c).to(cb->scalar_type()) : at::empty({0}, xBC.options()),
           std::get<7>(r).reshape({k, h}).to(dtb.scalar_type())};
 }
 
