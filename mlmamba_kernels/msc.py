@@ -356,10 +356,10 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     the orders by one msc_gather_rows each. With nothing saved (MLMAMBA_MSC_SAVE=none, the
     least memory) the same runs scan by scan, scan i's part on side stream i % n
     (MLMAMBA_MSC_STREAMS). Then the conv backward (msc_conv_bwd, xBC read through the orders:
-    one launch of the k scans after the one SSD, else each scan's). The gradients of xBC and dt stay in scan order and msc_sum_rows sums them over the
-    scans through the inverse orders, in scan order in fp32 with one rounding
-    (deterministic); above SUM_ROWS_MAX_SCANS scans they are gathered back and summed here
-    with the same arithmetic. The int32 orders and their inverses are remembered per orders
+    one launch of the k scans after the one SSD, else each scan's). The gradients of xBC and dt
+    stay in scan order and msc_sum_rows sums them over the scans through the inverse orders, in
+    scan order in fp32 with one rounding (deterministic); above SUM_ROWS_MAX_SCANS scans they
+    are gathered back and summed here with the same arithmetic. The int32 orders and their inverses are remembered per orders
     tensor and version. Merge mean's 1/k rides in dout's gather on CUDA (as a
     multiply by its fp32 reciprocal: the value of dout / k there); the CPU divides."""
     ops = torch.ops.mlmamba
@@ -411,6 +411,7 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     if saved or states is not None:
         du, gdt, params = ssd_part(0, k)
         dxs, dw, db = ops.msc_conv_bwd(xBC, rows, conv_weight, conv_bias, du)
+        db = None if conv_bias is None else db  # (the op's empty tensor)
         del du
         gxs, gdts = list(dxs.unbind(0)), list(gdt.unbind(2))
     else:
@@ -421,7 +422,8 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
             st.wait_stream(main)
         convs, gdts, params = [], [], []
         for i in range(k):
-            with torch.cuda.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext():
+            stream = streams[i % len(streams)] if streams else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 du, gdt, pr = ssd_part(i, i + 1)
                 params += pr
                 # its dout pieces freed once enqueued (scan by scan: the least memory)
@@ -445,7 +447,6 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
             u, v = _take_rows(gxs[i], inv64[i]).to(acc), _take_rows(gdts[i], inv64[i]).to(acc)
             dxBC, ddt = (u, v) if i == 0 else (dxBC.add_(u), ddt.add_(v))
     dA, dD, ddtb = (torch.cat(params[j::3]).reshape(k, h) for j in range(3))
-    db = None if conv_bias is None else db
     return (dxBC.to(xBC.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dD.to(D.dtype),
             dw.to(conv_weight.dtype), or_empty(None if db is None else db.to(conv_bias.dtype), xBC),
             ddtb.to(dt_bias.dtype))

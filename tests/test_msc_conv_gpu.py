@@ -140,7 +140,8 @@ def test_k_scans_equal_scan_by_scan(rng, k, b, L, d, splits, rows, bias, wdtype)
         one = torch.ops.mlmamba.msc_conv_bwd(xBC, R[i], Wt[i], None if Bs is None else Bs[i],
                                              pieces_of(g[:, :, i], splits, "contig"))
         assert torch.equal(dx[i], one[0]), i
-        tol = dict(rtol=1e-5, atol=1e-4) if Wt.dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+        tol = (dict(rtol=1e-5, atol=1e-4) if Wt.dtype == torch.float32
+               else dict(rtol=2**-7, atol=1e-3))
         torch.testing.assert_close(dw[i], one[1], **tol)
         want = msc_mod._conv_bwd_ref(xBC.double(), R[i], Wt[i].double(),
                                      None if Bs is None else Bs[i].double(),

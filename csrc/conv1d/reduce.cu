@@ -38,8 +38,9 @@ void reduce_dweight(const ConvParams& p, int64_t nslots, void* dweight, void* db
                     int64_t scans) {
   const int64_t blocks = (p.dim * (p.width + 1) + 31) / 32;
   MLM_CHECK(scans >= 1 && scans < 65536, "reduce_dweight: too many scans");
-  reduce_dweight_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(scans)), dim3(32, 8), 0, s>>>(
-      p.partial, nslots, p.dim, p.width, dweight, p.w_dtype, dbias, p.bias_dtype);
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(scans));
+  reduce_dweight_kernel<<<grid, dim3(32, 8), 0, s>>>(p.partial, nslots, p.dim, p.width, dweight,
+                                                     p.w_dtype, dbias, p.bias_dtype);
   MLM_CHECK_LAUNCH();
 }
 

@@ -2,8 +2,8 @@
 // or chunk states, the batched path of mlmamba_kernels/msc.py's unfused_backward in C++ (the
 // same ops in the same order, without ~30 Python-level tensor ops a step): dout and dt
 // gathered through the orders, the k scans' SSDs as one ssd_scan_bwd of k h heads, one
-// msc_conv_bwd of the k scans, msc_sum_rows through the inverse orders. The ops are called through the
-// dispatcher. Schema: csrc/registration.cpp; reference: mlmamba_kernels/msc.py.
+// msc_conv_bwd of the k scans, msc_sum_rows through the inverse orders. The ops are called
+// through the dispatcher. Schema: csrc/registration.cpp; reference: mlmamba_kernels/msc.py.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -134,7 +134,8 @@ std::tuple<Tensor, Tensor, Tensor> msc_conv_bwd_cuda(const Tensor& xBC_in, const
   Tensor dx = k > 0 ? at::empty({k, b, L, d}, xBC.options()) : at::empty({b, L, d}, xBC.options());
   Tensor dweight = at::empty(weight.sizes(), weight.options());
   const bool has_bias = present(bias);
-  Tensor dbias = has_bias ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, xBC.options());
+  Tensor dbias =
+      has_bias ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, xBC.options());
   if (d == 0) return {dx, dweight, dbias};
   if (b == 0 || L == 0) {
     dweight.zero_();
