@@ -12,6 +12,7 @@ if torch.cuda.is_available():
     from mlmamba_kernels import _loader
     from mlmamba_kernels import msc as msc_mod
     from mlmamba_kernels.reference import msc as ref
+    from mlmamba_kernels.reference.conv1d import causal_conv1d as ref_conv
 
     HAVE = _loader.has_cuda_kernel("msc_sum_rows")
 else:
@@ -49,10 +50,36 @@ def grads(a, merge, dout):
     return torch.autograd.grad(out, [leaves[k] for k in NAMES], dout)
 
 
-def ref_grads(a, merge, dout):
+def ref_grads(a, merge, dout, conv=None):
     d = {k: a[k].detach().double().requires_grad_(True) for k in NAMES}
-    out = ref.msc_scan(**{**a, **d}, merge=merge)
+    out = ref.msc_scan(**{**a, **d}, merge=merge, **({"conv": conv} if conv else {}))
     return torch.autograd.grad(out, [d[k] for k in NAMES], dout.double())
+
+
+def conv_rounded(x, weight, bias, activation):
+    """The reference conv with its output rounded to bf16, as the kernels store it (straight
+    through in the backward)."""
+    y = ref_conv(x, weight, bias, activation)
+    return y + (y.to(torch.bfloat16).to(y.dtype) - y).detach()
+
+
+def check_grads(a, merge, dout, got, want):
+    """Each gradient's relative error under 5e-2 (the bf16 bound), or, where over, under 4 sens:
+    sens is how far one bf16 rounding of the conv activations (as the kernels store them)
+    moves that gradient of the float64 reference, i.e. the problem's conditioning. Independent
+    roundings of that size add in quadrature and the kernels round ~4-8 operand sets on each
+    path (activations, masked scores, states, scaled tiles): 4 sens bounds them. A 1-token
+    grid's ddt is a product of two 64-term dot products that can cancel: a large sens. A wrong
+    kernel errs at O(1) whatever sens is."""
+    errs = {name: rel_err(g, w) for name, g, w in zip(NAMES, got, want)}
+    bounds = dict.fromkeys(NAMES, 5e-2)
+    if max(errs.values()) >= 5e-2:
+        rounded = ref_grads(a, merge, dout, conv=conv_rounded)
+        for i, name in enumerate(NAMES):
+            if errs[name] >= 5e-2:
+                bounds[name] = max(5e-2, 4 * rel_err(rounded[i], want[i]))
+    bad = {name: (errs[name], bounds[name]) for name in NAMES if not errs[name] < bounds[name]}
+    assert not bad, f"(error, bound) of each gradient over its bound: {bad}"
 
 
 def out_shape(a, merge):
@@ -72,9 +99,10 @@ def test_backward_matches_reference(rng, kind, H, W, k, merge):
     a = make(rng, 2, H, W, k, kind)
     dout = torch.randn(out_shape(a, merge), device=DEV, generator=cuda_gen(rng))
     dout = dout.to(torch.bfloat16)
-    for name, g, w in zip(NAMES, grads(a, merge, dout), ref_grads(a, merge, dout)):
+    got, want = grads(a, merge, dout), ref_grads(a, merge, dout)
+    for name, g in zip(NAMES, got):
         assert g.dtype == a[name].dtype and g.shape == a[name].shape, name
-        assert rel_err(g, w) < 5e-2, name
+    check_grads(a, merge, dout, got, want)
 
 
 @need

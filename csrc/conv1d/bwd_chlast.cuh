@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(128, bwd_chlast_blocks_per_sm(W)) bwd_chlast_k
   const int64_t u_first = (t0 == 0 && p.dinit != nullptr) ? -H : t0;
 
   float wr[W][C], bias[C], dw[W][C] = {}, db[C] = {};
-  load_channel_weights<W, C>(ScanWeights(p, z), c0, nc, wr, bias);
+  load_channel_weights<W, C>(p, c0, nc, wr, bias, z * p.w_s, z * p.bias_ss);
   float xw[H + RW][C], gw[H + RW][C];
   int sw[H + RW];
   const bool vec_in = nc >= C && vec_ok<C>(xb, p.x_l) && vec_ok<C>(dob, dl);

@@ -239,13 +239,14 @@ __device__ __forceinline__ void load_any_n(const void* p, int64_t i0, int64_t st
 // their bias; zeros for channels i >= n (past d: n = d - c0, or 0 for an idle lane). One branch
 // on the weights' dtype around all their loads, then the conversions: with load_any per weight
 // the compiler put a branch around each load and its conversion, so the loads waited one after
-// another (ncu of the TMA forward, docs/perf-log.md, causal_conv1d v14).
+// another (ncu of the TMA forward, docs/perf-log.md, causal_conv1d v14). woff / boff: element
+// offsets of the weight and bias (scan z of a k-scan launch: z w_s, z bias_ss).
 template <int W, int C, typename Params>
 __device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0, int64_t n, float (&wr)[W][C],
-                                                     float (&bias)[C]) {
+                                                     float (&bias)[C], int64_t woff = 0, int64_t boff = 0) {
   auto all = [&](auto zero, auto to_float) {
     using V = decltype(zero);
-    const V* w = static_cast<const V*>(p.weight);
+    const V* w = static_cast<const V*>(p.weight) + woff;
     V raw[W][C];
     #pragma unroll
     for (int i = 0; i < C; ++i) {
@@ -263,26 +264,8 @@ __device__ __forceinline__ void load_channel_weights(const Params& p, int64_t c0
   else all(static_cast<unsigned short>(0), [](unsigned short v) { return __uint_as_float(static_cast<uint32_t>(v) << 16); });
   #pragma unroll
   for (int i = 0; i < C; ++i)
-    bias[i] = i < n && p.bias != nullptr ? load_any(p.bias, (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
+    bias[i] = i < n && p.bias != nullptr ? load_any(p.bias, boff + (c0 + i) * p.bias_s, p.bias_dtype) : 0.f;
 }
-
-// load_channel_weights' fields for scan z of a k-scan launch (ConvParams::scan_rows): the
-// weight and bias moved by z w_s and z bias_ss elements
-struct ScanWeights {
-  const void* weight;
-  int64_t w_d, w_k;
-  int w_dtype;
-  const void* bias;
-  int64_t bias_s;
-  int bias_dtype;
-  __device__ __forceinline__ ScanWeights(const ConvParams& p, int64_t z)
-      : weight(static_cast<const char*>(p.weight) + z * p.w_s * (p.w_dtype == kF32 ? 4 : 2)),
-        w_d(p.w_d), w_k(p.w_k), w_dtype(p.w_dtype),
-        bias(p.bias == nullptr ? nullptr
-                               : static_cast<const char*>(p.bias) +
-                                     z * p.bias_ss * (p.bias_dtype == kF32 ? 4 : 2)),
-        bias_s(p.bias_s), bias_dtype(p.bias_dtype) {}
-};
 
 __device__ __forceinline__ void store_any(void* p, int64_t i, int dt, float v) {
   if (dt == kF32) static_cast<float*>(p)[i] = v;
