@@ -276,6 +276,27 @@ def test_saved_conv_and_states(rng, monkeypatch, kind, H, W, k, merge):
 
 
 @need
+@pytest.mark.parametrize("kind,H,W,k", [("cross", 24, 24, 4), ("bidirectional", 27, 27, 2),
+                                        ("random", 5, 3, 3), ("random", 1, 7, 8),
+                                        ("cross", 9, 15, 4)])
+@pytest.mark.parametrize("save", [False, True])
+def test_split_by_scan(rng, monkeypatch, kind, H, W, k, save):
+    """merge none: a CTA per (row, head, scan) (the default) gives bitwise the outputs (and
+    the saved conv outputs and states) of a CTA per (row, head) running the k scans in turn
+    (MLMAMBA_MSC_SPLIT=0); merge mean ignores the setting."""
+    a = make(rng, 3, H, W, k=k, kind=kind)
+    monkeypatch.setenv("MLMAMBA_MSC_SPLIT", "0")
+    base = fused(a, None, save=save)
+    mean = fused(a, "mean")
+    monkeypatch.delenv("MLMAMBA_MSC_SPLIT")
+    got = fused(a, None, save=save)
+    for g, w in zip(got if save else (got,), base if save else (base,)):
+        assert torch.equal(g, w)
+    assert rel_err(got[0] if save else got, reference(a, None)) < TOL
+    assert torch.equal(fused(a, "mean"), mean)
+
+
+@need
 @pytest.mark.parametrize("save", [(False, False), (True, True), (False, True)])
 def test_opcheck(rng, save):
     a = make(rng, 1, 9, 15, h=2, k=2, kind="random")

@@ -242,8 +242,14 @@ Outs msc_scan_fwd_cuda(const at::Tensor& xBC_in, const at::Tensor& dt, const at:
   // vs 1281 µs merge mean, 1115 vs 1253 none); MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel
   const char* ws_env = std::getenv("MLMAMBA_MSC_WS");
   const bool ws = !(ws_env && std::string(ws_env) == "0");
+  // merge none: a CTA per (row, head, scan), the scans being independent (H200, session 30:
+  // -20% at bidirectional b1 h80, -33% at cross b1, 1-2% at 8-10 waves of (row, head) CTAs;
+  // never slower in 15 cases). MLMAMBA_MSC_SPLIT=0 keeps a CTA per (row, head) (A/B).
+  const char* split_env = std::getenv("MLMAMBA_MSC_SPLIT");
+  prm.msc.split = none && k > 1 && k <= 65535 && !(split_env && std::string(split_env) == "0");
   const char* why = ws ? ssd::launch_msc_fwd_ws(prm, static_cast<int>(n), stream)
                        : "MLMAMBA_MSC_WS=0 is set";
+  prm.msc.split = false;  // the one-warpgroup kernel runs the k scans in each CTA
   MLM_CHECK(why == nullptr || !(save_conv || save_states), op,
             ": save_conv / save_states need the warp-specialized kernel, which cannot run: ", why);
   if (why != nullptr) why = ssd::launch_msc_fwd_wgmma(prm, static_cast<int>(n), stream);

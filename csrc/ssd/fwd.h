@@ -34,6 +34,10 @@ struct MscParams {
   // (b nchunks nscans h, p, 1, n) with 64 x 16 boxes: the S_prev workspace of that SSD's
   // backward
   bool save_states;
+  // warp-specialized kernel, merge 0 only: one CTA per (row, head, scan) instead of per (row,
+  // head) running the k scans one after another (without a merge the scans are independent;
+  // k times the CTAs: the connector at batch 1 fills k times the SMs)
+  bool split;
 };
 
 struct FwdParams {

@@ -1,7 +1,7 @@
 // msc_scan forward on the warp-specialized kernel (sm_90a; the default where it can run,
 // MLMAMBA_MSC_WS=0 keeps the one-warpgroup kernel; docs/perf-log.md "msc_scan"). The split of
 // fwd_ws.cu (v11) for the k scans of a patch grid, one CTA per (row, head), one scan after
-// another:
+// another (merge none may split them: a CTA per (row, head, scan), MscParams::split):
 //   WG0 (mask, state, loads): M = C B^T -> mask -> Mbuf; then chunk g + 1's positions and its
 //                 gathered loads (cp.async, completed on the stage's mbarrier) once WG1 is done
 //                 with g - 1; S = decay S + (w o X)^T B -> Sbuf (zeroed at each scan's start;
@@ -89,7 +89,9 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   const int64_t bidx = row, len = p.seqlen;
   const int nchunks = static_cast<int>((len + Q - 1) / Q);
   const int nscans = p.msc.nscans;
-  const int total = nscans * nchunks;  // chunks over all scans
+  // MscParams::split: this CTA runs scan sc0 alone; sc0 + gn / nchunks is chunk gn's scan
+  const int sc0 = p.msc.split ? static_cast<int>(blockIdx.z) : 0;
+  const int total = (p.msc.split ? 1 : nscans) * nchunks;  // this CTA's chunks over its scans
 
   if (tid == 0) {
     mbar_init(full0, NW + 1);
@@ -111,14 +113,15 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
   // barrier. Addresses are rebuilt from p at each call.
   MscPos nxt;
   auto load_chunk = [&](int gn) {
-    const int s = gn & 1, sc = gn / nchunks, c = gn - sc * nchunks;
+    const int ls = gn / nchunks, sc = sc0 + ls, c = gn - ls * nchunks, s = gn & 1;
     int* ord = ordsm + (gn % 3) * kMscOrd;
     if (wq == 0) {
-      if (gn == 0) nxt = msc_load_positions(p.msc.orders, len, 0, lane);
+      if (gn == 0) nxt = msc_load_positions(p.msc.orders + sc0 * p.seqlen, len, 0, lane);
       msc_store_positions(ord, nxt, len, lane);
       if (gn + 1 < total) {
         const int sn = (gn + 1) / nchunks, cn = gn + 1 - sn * nchunks;
-        nxt = msc_load_positions(p.msc.orders + sn * p.seqlen, len, static_cast<int64_t>(cn) * Q, lane);
+        nxt = msc_load_positions(p.msc.orders + (sc0 + sn) * p.seqlen, len,
+                                 static_cast<int64_t>(cn) * Q, lane);
       }
     }
     bar_sync_n(kBarWg0, NW);  // the positions, for every WG0 thread
@@ -151,7 +154,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
     auto store_saved_state = [&](int gn) {
       __syncwarp();  // the lanes' writes, each fenced, before lane 0's copy reads them
       if (lane == 0) {
-        const int sc = gn / nchunks, c = gn - sc * nchunks;
+        const int ls = gn / nchunks, sc = sc0 + ls, c = gn - ls * nchunks;
         const int slot = ((row * nchunks + c) * nscans + sc) * static_cast<int>(p.nheads) + h;
 #pragma unroll
         for (int np = 0; np < NP; ++np)
@@ -225,7 +228,7 @@ __global__ void __launch_bounds__(NT, 2) ssd_fwd_ws_msc_kernel(const __grid_cons
 
 #pragma unroll 1
   for (int gc = 0; gc < total; ++gc) {
-    const int s = gc & 1, sc = gc / nchunks, c = gc - sc * nchunks;
+    const int ls = gc / nchunks, sc = sc0 + ls, c = gc - ls * nchunks, s = gc & 1;
     const int64_t c0 = static_cast<int64_t>(c) * Q;
     const int nvalid = static_cast<int>(len - c0 < Q ? len - c0 : Q);
     const ChunkVecs cv(vec0 + s * kVecBytes);

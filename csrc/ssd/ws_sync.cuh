@@ -45,7 +45,8 @@ const char* launch_ws_grid(const FwdParams& p, int smem, const char* no_vecs, cu
   }
   const FwdParams q = p.vecs ? p : ssd_fwd_vectors(p, stream);  // unless the caller made it
   if (!q.vecs) return no_vecs;
-  const dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows));
+  const unsigned scans = p.msc.split ? static_cast<unsigned>(p.msc.nscans) : 1u;
+  const dim3 grid(static_cast<unsigned>(p.nheads), static_cast<unsigned>(p.nrows), scans);
   kKernel<<<grid, kWsThreads, smem, stream>>>(q);
   return nullptr;
 }
