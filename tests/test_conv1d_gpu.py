@@ -60,10 +60,15 @@ def close(name, out, want, dtype):
                              f"got {o[tuple(i)].item():.6g}, want {w[tuple(i)].item():.6g}")
 
 
-def close_sum(name, out, want, dtype):
+def close_sum(name, out, want, dtype, terms=None):
+    """A sum over tokens (dweight, dbias): relative error under TOL_SUM; where over, judged at
+    the scale of its terms (`terms`: their norm), since a sum of random-sign terms can cancel
+    far below them while its rounding errs at their scale (the SSD tests judge dA so)."""
     assert out.shape == want.shape and out.dtype == dtype, f"{name}: {out.shape} {out.dtype}"
     o, w = out.double(), want.double()
     err = ((o - w).norm() / w.norm().clamp_min(1e-30)).item()
+    if err > TOL_SUM[dtype] and terms is not None:
+        err = ((o - w).norm() / max(w.norm().item(), terms, 1e-30)).item()
     assert err <= TOL_SUM[dtype], f"{name}: relative error {err:.3g} > {TOL_SUM[dtype]:.3g}"
 
 
@@ -114,14 +119,25 @@ def reference_fwd_bwd(kw, silu, dout, dfinal):
     return out.detach(), fin.detach(), gd
 
 
-def check_case(kw, silu, dtype, with_final=True):
+def token_grads(kw, silu, dout):
+    """float64 gradient of the loss at the conv's pre-activation, per token: the terms that
+    dbias sums (and, times x, dweight's)."""
+    k = {n: (v.double() if v is not None and v.is_floating_point() else v) for n, v in kw.items()}
+    pre = ref.causal_conv1d(k["x"], k["weight"], k["bias"], None, k["initial_states"], False,
+                            k["seq_idx"])
+    sig = torch.sigmoid(pre)
+    return dout.double() * (sig * (1 + pre * (1 - sig)) if silu else 1.0)
+
+
+def check_case(kw, silu, dtype, g, with_final=True):
+    """dout and dfinal come from g (the test's seed), so that a failure replays."""
     x = kw["x"]
     b, d, l = x.shape
     w = kw["weight"].shape[1]
     out, fin = ops().causal_conv1d_fwd(x, kw["weight"], kw["bias"], kw["initial_states"],
                                        kw["seq_idx"], silu, with_final)
-    dout = torch.randn_like(out)
-    dfinal = torch.randn(b, d, w - 1, device=DEV, dtype=dtype)
+    dout = torch.empty_like(out).copy_(torch.randn(out.shape, device=DEV, generator=g))
+    dfinal = torch.randn(b, d, w - 1, device=DEV, generator=g).to(dtype)
     want, want_fin, gd = reference_fwd_bwd(kw, silu, dout, dfinal if with_final else
                                            torch.zeros_like(dfinal))
     close("out", out, want, dtype)
@@ -137,9 +153,13 @@ def check_case(kw, silu, dtype, with_final=True):
         dfinal if with_final else None, silu)
     close("dx", dx, gd["x"], dtype)
     assert (dx.stride(1) == 1) == (out.stride(1) == 1) or l == 1 or d == 1
-    close_sum("dweight", dw, gd["weight"], kw["weight"].dtype)
+    gt = token_grads(kw, silu, dout)
+    xmax = x.double().abs().max().item()
+    if kw["initial_states"] is not None:
+        xmax = max(xmax, kw["initial_states"].double().abs().max().item())
+    close_sum("dweight", dw, gd["weight"], kw["weight"].dtype, gt.norm().item() * xmax)
     if kw["bias"] is not None:
-        close_sum("dbias", db, gd["bias"], kw["bias"].dtype)
+        close_sum("dbias", db, gd["bias"], kw["bias"].dtype, gt.norm().item())
     else:
         assert db.numel() == 0
     if kw["initial_states"] is not None:
@@ -170,7 +190,7 @@ def test_fwd_bwd_matches_reference(rng, monkeypatch, dtype, width, layout, feat)
         d = (37, 64)[i % 2]  # odd channel count, and one that takes the 16-byte paths
         kw = inputs(g, 2, d, l, width, dtype, layout, bias=bias, init=init, seq=seq)
         try:
-            check_case(kw, silu=(i % 3 != 0), dtype=dtype, with_final=final)
+            check_case(kw, g=g, silu=(i % 3 != 0), dtype=dtype, with_final=final)
         except AssertionError as e:
             raise AssertionError(f"l={l} d={d}: {e}") from None
 
@@ -235,7 +255,7 @@ def test_each_impl_matches_reference(rng, monkeypatch, dtype, width, layout, imp
                                    (5, 16, 200), (2, 264, 301), (1, 16, 6144), (1, 8, 6144))):
         kw = inputs(g, b, d, l, width, dtype, layout, bias=i != 3, init=i % 2 == 1)
         try:
-            check_case(kw, silu=i % 2 == 0, dtype=dtype, with_final=i != 4)
+            check_case(kw, g=g, silu=i % 2 == 0, dtype=dtype, with_final=i != 4)
         except AssertionError as e:
             raise AssertionError(f"b={b} d={d} l={l}: {e}") from None
 
@@ -255,7 +275,7 @@ def test_noncontiguous_inputs(rng, dtype, layout):
     g = gen(rng)
     for l, d, w in ((1, 5, 4), (129, 37, 4), (1000, 29, 3), (513, 264, 8)):
         kw = inputs(g, 3, d, l, w, dtype, layout, bias=True, init=True, seq=True)
-        check_case(kw, silu=True, dtype=dtype)
+        check_case(kw, g=g, silu=True, dtype=dtype)
 
 
 @need
@@ -265,7 +285,7 @@ def test_mixed_weight_dtype(rng, dtype, wdtype):
     g = gen(rng)
     for layout in ("l", "cl"):
         kw = inputs(g, 2, 40, 300, 4, dtype, layout, bias=True, init=True, wdtype=wdtype)
-        check_case(kw, silu=True, dtype=dtype)
+        check_case(kw, g=g, silu=True, dtype=dtype)
 
 
 @need
@@ -290,7 +310,7 @@ def test_final_states_across_tiles(rng, monkeypatch, dtype, width, layout, impl)
         kw = inputs(g, b, d, l, width, dtype, layout, bias=True, init=True)
         kw["x"] = x
         try:
-            check_case(kw, silu=True, dtype=dtype)
+            check_case(kw, g=g, silu=True, dtype=dtype)
         except AssertionError as e:
             raise AssertionError(f"l={l}: {e}") from None
 
@@ -310,7 +330,7 @@ def test_rows_off_16_byte_boundaries(rng, monkeypatch, dtype):
         width = (2, 3, 4, 5, 8)[i % 5]
         kw = inputs(g, 2, 24, l, width, dtype, "l", bias=i % 3 != 0, init=i % 2 == 0)
         try:
-            check_case(kw, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
+            check_case(kw, g=g, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
         except AssertionError as e:
             raise AssertionError(f"l={l} w={width}: {e}") from None
 
@@ -340,7 +360,7 @@ def test_short_rows_several_a_warp(rng, monkeypatch, dtype):
         if stride != l:  # rows padded apart
             kw["x"] = torch.randn(3, 13, stride, device=DEV, generator=g).to(dtype)[..., :l]
         try:
-            check_case(kw, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
+            check_case(kw, g=g, silu=i % 4 != 1, dtype=dtype, with_final=i % 3 != 2)
         except AssertionError as e:
             raise AssertionError(f"l={l} w={width}: {e}") from None
         x, silu = kw["x"], i % 4 != 1
@@ -367,7 +387,7 @@ def test_single_channel_and_long_rows(rng):
     for b, d, l in ((1, 1, 5000), (2, 1, 3), (1, 3, 20000)):
         for layout in ("l", "cl"):
             kw = inputs(g, b, d, l, 4, torch.float32, layout, bias=True, init=True, seq=True)
-            check_case(kw, silu=True, dtype=torch.float32)
+            check_case(kw, g=g, silu=True, dtype=torch.float32)
 
 
 @need
