@@ -359,9 +359,10 @@ def unfused_backward(dout, xBC, dt, A, D, conv_weight, conv_bias, dt_bias, order
     one launch of the k scans after the one SSD, else each scan's). The gradients of xBC and dt
     stay in scan order and msc_sum_rows sums them over the scans through the inverse orders, in
     scan order in fp32 with one rounding (deterministic); above SUM_ROWS_MAX_SCANS scans they
-    are gathered back and summed here with the same arithmetic. The int32 orders and their inverses are remembered per orders
-    tensor and version. Merge mean's 1/k rides in dout's gather on CUDA (as a
-    multiply by its fp32 reciprocal: the value of dout / k there); the CPU divides."""
+    are gathered back and summed here with the same arithmetic. The int32 orders and their
+    inverses are remembered per orders tensor and version. Merge mean's 1/k rides in dout's
+    gather on CUDA (as a multiply by its fp32 reciprocal: the value of dout / k there); the CPU
+    divides."""
     ops = torch.ops.mlmamba
     b, L, cd = xBC.shape
     k, h, p, g = orders.shape[0], dt.shape[2], headdim, ngroups
